@@ -1,0 +1,169 @@
+"""Registration of the ``aether`` torch ops (done once, at import of ``aether_compile``).
+
+* ``aether::attention`` — certified block-sparse attention, SDPA's argument order, returns out.
+  Has a fake (meta) implementation and autograd, so torch.compile traces straight through it.
+* ``aether::attention_with_stats`` — the same computation, also returning the per-row
+  log-sum-exp and the bool map of computed blocks (for ``return_stats`` and tests).
+* ``aether::attention_backward`` — gradients of the function the forward computed (attention
+  restricted to the kept blocks; those blocks are recomputed, the selection is deterministic).
+
+Implementation choice per call: the Triton kernels on CUDA (or under TRITON_INTERPRET=1 when a
+caller asks for them directly), otherwise the plain-torch reference, which has the same semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from aether_compile.kernels import reference as _ref
+from aether_compile.kernels import triton_attention as _tri
+from aether_compile.kernels.certificate import num_blocks
+
+# Default eps per dtype: the largest eps whose output error stays inside that dtype's own
+# rounding noise (SDPA in the dtype vs float64); measured by benchmarks/calibrate_eps.py,
+# table in README. float64 is the oracle dtype and defaults to exact (dense) attention.
+DEFAULT_EPS = {
+    torch.float16: 1e-3,
+    torch.bfloat16: 4e-3,
+    torch.float32: 1e-5,
+    torch.float64: 0.0,
+}
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    return DEFAULT_EPS.get(dtype, 0.0)
+
+
+def resolve_blocks(query: Tensor, value: Tensor, block_m: Optional[int], block_n: Optional[int]):
+    """Tile sizes a call will use; the fake implementation and both backends agree on them."""
+    dm, dn = _tri.default_blocks(max(query.shape[-1], value.shape[-1]), "cuda")
+    return block_m or dm, block_n or dn
+
+
+def use_triton(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    if query.device.type == "cuda":
+        return _tri.unsupported_reason(query, key, value) is None
+    return False
+
+
+def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
+                 block_m=None, block_n=None):
+    """(out, lse, kept) with eps resolved; shared by every op below."""
+    eps = default_eps(query.dtype) if eps is None else float(eps)
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    B, H, L, _ = query.shape
+    S = key.shape[-2]
+    if L == 0 or S == 0:  # SDPA gives zeros when there are no keys
+        out = query.new_zeros(B, H, L, value.shape[-1])
+        lse = torch.full((B, H, L), -math.inf, device=query.device, dtype=torch.float32)
+        kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
+                           dtype=torch.bool, device=query.device)
+        return out, lse, kept
+    impl = _tri.triton_attention if use_triton(query, key, value) else _ref.reference_attention
+    return impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
+
+
+def _fake_outputs(query, key, value, block_m=None, block_n=None):
+    B, H, L, _ = query.shape
+    S = key.shape[-2]
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    out = query.new_empty(B, H, L, value.shape[-1])
+    lse = query.new_empty(B, H, L, dtype=torch.float32)
+    kept = query.new_empty(B, H, num_blocks(L, block_m), num_blocks(S, block_n), dtype=torch.bool)
+    return out, lse, kept
+
+
+# -- aether::attention_with_stats -----------------------------------------------------------------
+@torch.library.custom_op("aether::attention_with_stats", mutates_args=())
+def attention_with_stats(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                         is_causal: bool = False, scale: Optional[float] = None,
+                         enable_gqa: bool = False, eps: Optional[float] = None,
+                         block_m: Optional[int] = None, block_n: Optional[int] = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    return forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
+                        block_m, block_n)
+
+
+@attention_with_stats.register_fake
+def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, eps=None,
+      block_m=None, block_n=None):
+    return _fake_outputs(query, key, value, block_m, block_n)
+
+
+# -- aether::attention ---------------------------------------------------------------------------
+@torch.library.custom_op("aether::attention", mutates_args=())
+def attention_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                 is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+                 eps: Optional[float] = None) -> Tensor:
+    return forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps)[0]
+
+
+@attention_op.register_fake
+def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, eps=None):
+    return _fake_outputs(query, key, value)[0]
+
+
+# -- aether::attention_backward ------------------------------------------------------------------
+def _restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n):
+    """Differentiable plain-torch attention over the kept blocks only (what the forward computed)."""
+    B, H, L, E = q.shape
+    S = k.shape[-2]
+    scale = E ** -0.5 if scale is None else scale
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    s = (q * scale) @ k.transpose(-1, -2)
+    bias = _ref.additive_bias(attn_mask, is_causal, L, S, s.dtype, s.device)
+    if bias is not None:
+        s = s + bias
+    keep = kept.repeat_interleave(block_m, 2)[:, :, :L].repeat_interleave(block_n, 3)[..., :S]
+    s = s.masked_fill(~keep, -math.inf)
+    row_empty = (s == -math.inf).all(-1, keepdim=True)  # no unmasked key: output 0, as SDPA
+    p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
+    return p @ v
+
+
+@torch.library.custom_op("aether::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                       attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                       scale: Optional[float] = None, enable_gqa: bool = False,
+                       eps: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    _, _, kept = forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps)
+    block_m, block_n = resolve_blocks(query, value, None, None)
+    cdt = _ref.compute_dtype_for(query.dtype)
+    with torch.enable_grad():
+        q, k, v = (t.detach().to(cdt).requires_grad_() for t in (query, key, value))
+        out = _restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out.to(cdt))
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
+@attention_backward.register_fake
+def _(grad_out, query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+      eps=None):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale, enable_gqa, eps = inputs
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.params = (is_causal, scale, enable_gqa, eps)
+    ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _backward(ctx, grad_out):
+    query, key, value, attn_mask = ctx.saved_tensors
+    if ctx.mask_needs_grad:
+        raise RuntimeError(
+            "aether.attention does not compute the gradient of attn_mask; pass a mask that does "
+            "not require grad (detach it) or use torch.nn.functional.scaled_dot_product_attention")
+    dq, dk, dv = torch.ops.aether.attention_backward(grad_out.contiguous(), query, key, value,
+                                                     attn_mask, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""The pruning certificate: constants and the visit plan, shared by the reference and the Triton path.
+
+For query row i let Z_i = sum_k exp(s_ik). If every skipped key block j has an upper bound
+u_j >= max_{k in j} s_ik and n_j keys, the skipped mass is at most sum_{j skipped} n_j exp(u_j).
+Blocks are visited best-first (descending u); the visit stops as soon as, for every row of the tile,
+
+    sum_{j not yet visited} n_j exp(u_j)  <=  EPS_MARGIN * eps * Z_i^visited.
+
+Because Z_i^visited <= Z_i, each row's dropped mass is <= eps of its total: a guarantee, not an
+estimate. eps = 0 never stops early, so it is dense attention.
+
+Bounds (per query row q' = scale * q, per key block with centroid mu, radius r, box centre c and
+half-width h; see ``reference.block_geometry``):
+
+    ball = q'.mu + |q'| r          (Cauchy-Schwarz)
+    box  = q'.c + |q'|.h           (= sum_d max(q'_d lo_d, q'_d hi_d), Quest's bound)
+    u    = min(ball, box) + slack
+
+The Triton kernel evaluates the dot products on fp16 tensor cores over unit-normalised vectors;
+``BOUND_REL_SLACK`` covers that rounding (2 * 2^-11 input rounding + fp32 accumulation, with room),
+scaled by the magnitudes |q'| (|mu| + r) and |q'| (|c| + |h|). The reference adds the same slack so
+that both implement one function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Relative slack added to every bound, in units of |q'| * (norms of the block's summaries).
+BOUND_REL_SLACK = 1.5e-3
+# The stop test compares against EPS_MARGIN * eps: room for fp32 rounding of the running
+# normaliser and of the scores themselves.
+EPS_MARGIN = 0.98
+# Radii are inflated by this relative amount to absorb fp32 rounding in ||k - mu||.
+RADIUS_INFLATE = 1e-5
+
+LOG2E = 1.4426950408889634
+
+
+def num_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def keys_per_block(S: int, block_n: int, device) -> torch.Tensor:
+    """Number of real keys in each key block (the last one may be partial). float32 [nKB]."""
+    nkb = num_blocks(S, block_n)
+    counts = torch.full((nkb,), float(block_n), device=device, dtype=torch.float32)
+    if nkb:
+        counts[-1] = S - (nkb - 1) * block_n
+    return counts
+
+
+def causal_priority_block(L: int, S: int, block_m: int, block_n: int, device) -> torch.Tensor:
+    """For each query tile, the key block holding key index t * block_m: with SDPA's top-left
+    causal alignment every row of the tile attends that key, so visiting it first gives every row a
+    positive normaliser at once. -1 where the tile starts past the last key. int64 [nQT]."""
+    nqt = num_blocks(L, block_m)
+    first_row = torch.arange(nqt, device=device, dtype=torch.int64) * block_m
+    blk = torch.div(first_row, block_n, rounding_mode="floor")
+    return torch.where(first_row < S, blk, torch.full_like(blk, -1))
+
+
+def plan_visits(bounds: torch.Tensor, S: int, block_m: int, block_n: int, is_causal: bool,
+                L: int):
+    """Best-first visit order for every query tile.
+
+    bounds: [B, H, nQT, nKB] float32 upper bounds (natural-log units, scale and mask included;
+    -inf for blocks that cannot hold an unmasked key).
+
+    Returns (order int32 [B, H, nQT, nKB], tail_log2 float32 [B, H, nQT, nKB], n_live int32
+    [B, H, nQT]): ``tail_log2[..., p]`` is log2 of the bounded mass of the blocks order[p:], and
+    only the first ``n_live`` entries of ``order`` name live blocks. Pure tensor ops: no host sync.
+    """
+    B, H, nqt, nkb = bounds.shape
+    device = bounds.device
+    # A NaN bound (NaN in q or k) must be visited, never skipped: treat it as +inf.
+    bounds = torch.nan_to_num(bounds, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    sort_key = bounds
+    if is_causal and nkb:
+        prio = causal_priority_block(L, S, block_m, block_n, device)  # [nQT]
+        is_prio = torch.arange(nkb, device=device)[None, :] == prio[:, None]  # [nQT, nKB]
+        is_prio = is_prio & (bounds > -math.inf)
+        sort_key = torch.where(is_prio, torch.full_like(bounds, math.inf), bounds)
+    sort_key, order = torch.sort(sort_key, dim=-1, descending=True, stable=True)
+    sorted_bounds = torch.gather(bounds, -1, order)
+    log_mass = sorted_bounds + torch.log(keys_per_block(S, block_n, device))[order]
+    # Suffix log-sum-exp: tail[p] = log sum_{q >= p} exp(log_mass[q]).
+    tail = torch.logcumsumexp(log_mass.flip(-1), dim=-1).flip(-1)
+    n_live = (bounds > -math.inf).sum(-1, dtype=torch.int32)
+    return order.to(torch.int32).contiguous(), (tail * LOG2E).contiguous(), n_live.contiguous()
+
+
+def stop_threshold_log2(eps: float) -> float:
+    """log2(EPS_MARGIN * eps); -inf for eps == 0 (never stop early: dense)."""
+    if eps <= 0.0:
+        return -math.inf
+    return math.log2(EPS_MARGIN * eps)

@@ -1,0 +1,382 @@
+"""Triton kernels of certified block-sparse attention (forward).
+
+Pipeline, all on device with no host synchronisation:
+  1. ``_geometry_kernel``: per key block, centroid mu, radius r, box centre c and half-width h,
+     stored as fp16 unit vectors plus fp32 norms (so the bound matmuls run on tensor cores).
+  2. ``_mask_stats_kernel`` (masks only): per (query tile, key block), the mask's maximum
+     (-inf: all masked, so the block is skipped outright).
+  3. ``_bounds_kernel``: per query tile and key block, max over rows of min(ball, box) + slack,
+     plus the mask maximum; causal blocks past the diagonal get -inf.
+  4. ``certificate.plan_visits`` (torch ops): best-first order and the suffix bound mass.
+  5. ``_attention_kernel``: online-softmax attention over blocks in that order, stopping once the
+     remaining bounded mass is <= eps * the normaliser so far for every row of the tile.
+
+The same semantics in plain torch live in ``reference.py``; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .certificate import (
+    BOUND_REL_SLACK,
+    LOG2E,
+    RADIUS_INFLATE,
+    num_blocks,
+    plan_visits,
+    stop_threshold_log2,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def unsupported_reason(query, key, value) -> str | None:
+    """Why the Triton path cannot run these inputs, or None."""
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} not in {SUPPORTED_DTYPES}"
+    for name, t in (("query/key", query), ("value", value)):
+        d = t.shape[-1]
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            return f"{name} head dim {d} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if query.device.type != "cuda" and not INTERPRET:
+        return f"device {query.device.type} (Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Key-block geometry
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _geometry_kernel(
+    K, Geo16, GeoNorm,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    S, D, n_kb, H_KV,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+):
+    # One program per (batch, kv head, key block). Geo16: [B*Hkv*nKB, 3, D_PAD] fp16 unit vectors
+    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|).
+    pid = tl.program_id(0).to(tl.int64)
+    j = pid % n_kb
+    bh = pid // n_kb
+    b = bh // H_KV
+    h = bh % H_KV
+    o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, D_PAD)
+    m_n = o_n < S
+    m_d = o_d < D
+    p_k = K + b * stride_kb + h * stride_kh + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BN, D]
+    count = tl.sum(m_n.to(tl.float32), 0)
+    b_mu = tl.sum(b_k, 0) / count  # [D]
+    diff = tl.where(m_n[:, None] & m_d[None, :], b_k - b_mu[None, :], 0.0)
+    radius = tl.sqrt(tl.max(tl.sum(diff * diff, 1), 0)) * (1.0 + RADIUS_INFLATE)
+    lo = tl.min(tl.where(m_n[:, None], b_k, float("inf")), 0)
+    hi = tl.max(tl.where(m_n[:, None], b_k, -float("inf")), 0)
+    b_c = tl.where(m_d, (lo + hi) * 0.5, 0.0)
+    b_h = tl.where(m_d, (hi - lo) * 0.5, 0.0)
+    n_mu = tl.sqrt(tl.sum(b_mu * b_mu, 0))
+    n_c = tl.sqrt(tl.sum(b_c * b_c, 0))
+    n_h = tl.sqrt(tl.sum(b_h * b_h, 0))
+    p_g = Geo16 + pid * 3 * D_PAD + o_d
+    tl.store(p_g, (b_mu / tl.where(n_mu > 0, n_mu, 1.0)).to(tl.float16))
+    tl.store(p_g + D_PAD, (b_c / tl.where(n_c > 0, n_c, 1.0)).to(tl.float16))
+    tl.store(p_g + 2 * D_PAD, (b_h / tl.where(n_h > 0, n_h, 1.0)).to(tl.float16))
+    p_n = GeoNorm + pid * 4
+    tl.store(p_n, n_mu)
+    tl.store(p_n + 1, radius)
+    tl.store(p_n + 2, n_c)
+    tl.store(p_n + 3, n_h)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Mask block statistics
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mask_stats_kernel(
+    Mask, MaskMax,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    L, S, n_qt, n_kb, H_M,
+    IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (mask batch, mask head, query tile); loops over key blocks.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H_M
+    h = bh % H_M
+    o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < L
+    base = Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
+    for j in range(0, n_kb):
+        o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = m_m[:, None] & (o_n[None, :] < S)
+        if IS_BOOL:
+            keep = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=0)
+            any_keep = tl.max(tl.max((keep != 0).to(tl.int32), 1), 0)
+            mx = tl.where(any_keep > 0, 0.0, -float("inf"))
+        else:
+            add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
+            mx = tl.max(tl.max(add.to(tl.float32), 1), 0)
+        tl.store(MaskMax + pid * n_kb + j, mx)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Bounds of each (query tile, key block)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bounds_kernel(
+    Q, Geo16, GeoNorm, MaskMax, Bounds,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_xb, stride_xh,  # MaskMax strides over (batch, head); 0 where broadcast
+    sm_scale, L, S, D, n_qt, n_kb, H, GROUP,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, D_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H
+    h = bh % H
+    g = b * (H // GROUP) + h // GROUP  # flat (batch, kv head)
+    o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D_PAD)
+    m_m = o_m < L
+    p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
+    b_q = b_q * sm_scale  # q' = scale * q: the bound is then on the score itself, any sign of scale
+    qn = tl.sqrt(tl.sum(b_q * b_q, 1))  # [BM]
+    q_unit = b_q / tl.where(qn > 0, qn, 1.0)[:, None]
+    qa_unit = tl.abs(q_unit).to(tl.float16)
+    q_unit = q_unit.to(tl.float16)
+    last_row = tl.minimum(t * BLOCK_M + BLOCK_M, L) - 1
+    for j0 in range(0, n_kb, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        m_j = o_j < n_kb
+        p_g = Geo16 + (g * n_kb + o_j)[:, None] * (3 * D_PAD) + o_d[None, :]
+        g_mu = tl.load(p_g, mask=m_j[:, None], other=0.0)
+        g_c = tl.load(p_g + D_PAD, mask=m_j[:, None], other=0.0)
+        g_h = tl.load(p_g + 2 * D_PAD, mask=m_j[:, None], other=0.0)
+        p_n = GeoNorm + (g * n_kb + o_j) * 4
+        n_mu = tl.load(p_n, mask=m_j, other=0.0)
+        rad = tl.load(p_n + 1, mask=m_j, other=0.0)
+        n_c = tl.load(p_n + 2, mask=m_j, other=0.0)
+        n_h = tl.load(p_n + 3, mask=m_j, other=0.0)
+        dot_mu = tl.dot(q_unit, tl.trans(g_mu))  # [BM, BJ], fp16 in, fp32 accumulate
+        dot_c = tl.dot(q_unit, tl.trans(g_c))
+        dot_h = tl.dot(qa_unit, tl.trans(g_h))
+        ball = n_mu[None, :] * dot_mu + rad[None, :] + SLACK * (n_mu + rad)[None, :]
+        box = n_c[None, :] * dot_c + n_h[None, :] * dot_h + SLACK * (n_c + n_h)[None, :]
+        rb = qn[:, None] * tl.minimum(ball, box)
+        rb = tl.where(m_m[:, None], rb, -float("inf"))
+        u = tl.max(rb, 0)  # [BJ]
+        if HAS_MASK:
+            mmax = tl.load(MaskMax + b * stride_xb + h * stride_xh + t * n_kb + o_j, mask=m_j,
+                           other=-float("inf"))
+            u = u + mmax
+        if IS_CAUSAL:
+            u = tl.where(o_j * BLOCK_N > last_row, -float("inf"), u)
+        tl.store(Bounds + pid * n_kb + o_j, u, mask=m_j)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Best-first attention with the certificate's stop
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_kernel(
+    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    sm_scale_log2, stop_log2, L, S, D, DV, n_qt, n_kb, H, GROUP,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D_PAD)
+    o_dv = tl.arange(0, DV_PAD)
+    o_n0 = tl.arange(0, BLOCK_N)
+    m_m = o_m < L
+    p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, D]
+    if DOT_UPCAST:
+        b_q = b_q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    plan = pid * n_kb
+    n_live = tl.load(NLive + pid)
+    p = n_live * 0
+    go = n_live > 0
+    while go:
+        j = tl.load(Order + plan + p).to(tl.int64)
+        o_n = j * BLOCK_N + o_n0
+        m_n = o_n < S
+        p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
+        if DOT_UPCAST:
+            b_kt = b_kt.to(tl.float32)
+        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2  # [BM, BN]
+        keep = m_n[None, :]
+        if IS_CAUSAL:
+            keep = keep & (o_n[None, :] <= o_m[:, None])
+        if HAS_MASK:
+            m_valid = m_m[:, None] & m_n[None, :]
+            if MASK_IS_BOOL:
+                mk = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0)
+                keep = keep & (mk != 0)
+            else:
+                add = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0.0)
+                s = s + add.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        b_p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
+        b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
+        if DOT_UPCAST:
+            b_v = b_v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        tl.store(Kept + plan + j, 1)
+        p += 1
+        # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser so far.
+        tail = tl.load(TailLog2 + plan + p, mask=p < n_live, other=-float("inf"))
+        ok = (tail <= stop_log2 + m_i + tl.log2(l_i)) | (o_m >= L)
+        go = (p < n_live) & (tl.min(ok.to(tl.int32), 0) == 0)
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no unmasked key give 0, as SDPA's math
+    p_o = Out + b * stride_ob + h * stride_oh + o_m[:, None] * stride_om + o_dv[None, :] * stride_od
+    tl.store(p_o, out.to(Out.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                   -float("inf"))
+    tl.store(Lse + bh * L + o_m, lse, mask=m_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def _pad_pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def default_blocks(head_dim: int, device_type: str) -> tuple[int, int]:
+    """(block_m, block_n) tiles for the attention kernel; geometry uses block_n keys."""
+    if device_type != "cuda":  # interpreter: small tiles keep CPU tests quick yet multi-block
+        return 16, 16
+    if head_dim <= 128:
+        return 128, 64
+    return 64, 32
+
+
+def _launch_config(block_m: int, d_pad: int, dv_pad: int, device_type: str):
+    if device_type != "cuda":
+        return {}
+    warps = 8 if block_m >= 128 else 4
+    stages = 3 if max(d_pad, dv_pad) <= 128 else 2
+    return {"num_warps": warps, "num_stages": stages}
+
+
+def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch.Tensor:
+    """A broadcastable SDPA mask as a 4-D view [Bm, Hm, L, S] (Bm in {1, B}, Hm in {1, H});
+    broadcast row/key dims become stride-0 views, nothing is copied."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    Bm = B if m.shape[0] != 1 else 1
+    Hm = H if m.shape[1] != 1 else 1
+    m = m.expand(Bm, Hm, L, S)
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    return m
+
+
+def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                     enable_gqa=False, eps=0.0, block_m=None, block_n=None):
+    """Certified block-sparse attention on the Triton path.
+
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    B, H, L, D = query.shape
+    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    dev = query.device
+    d_block_m, d_block_n = default_blocks(max(D, DV), dev.type)
+    block_m = block_m or d_block_m
+    block_n = block_n or d_block_n
+    scale = D ** -0.5 if scale is None else float(scale)
+    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    d_pad, dv_pad = _pad_pow2(D), _pad_pow2(DV)
+    group = H // Hkv
+    cfg = _launch_config(block_m, d_pad, dv_pad, dev.type)
+
+    # 1. geometry
+    geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
+    geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
+    _geometry_kernel[(B * Hkv * nkb,)](
+        key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
+        BLOCK_N=block_n, D_PAD=d_pad)
+
+    # 2. mask statistics
+    has_mask = attn_mask is not None
+    if has_mask:
+        mask4 = mask_as_4d(attn_mask, B, H, L, S)
+        Bm, Hm = mask4.shape[:2]
+        mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
+        _mask_stats_kernel[(Bm * Hm * nqt,)](
+            mask4, mask_max, *mask4.stride(), L, S, nqt, nkb, Hm,
+            IS_BOOL=mask4.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n)
+        mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
+        mask_elem_strides = [st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
+    else:
+        mask4 = mask_max = query  # unused placeholders
+        mask_strides = (0, 0)
+        mask_elem_strides = [0, 0, 0, 0]
+
+    # 3. bounds
+    bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
+    block_j = 64 if dev.type == "cuda" else 16
+    _bounds_kernel[(B * H * nqt,)](
+        query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
+        scale, L, S, D, nqt, nkb, H, group,
+        HAS_MASK=has_mask, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=block_j, D_PAD=d_pad, **cfg)
+
+    # 4. plan
+    order, tail_log2, n_live = plan_visits(bounds, S, block_m, block_n, is_causal, L)
+
+    # 5. attention
+    out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
+    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    kept = torch.zeros(B, H, nqt, nkb, device=dev, dtype=torch.uint8)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    _attention_kernel[(B * H * nqt,)](
+        query, key, value, mask4, out, lse, kept, order, tail_log2, n_live,
+        *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
+        scale * LOG2E, stop_threshold_log2(eps), L, S, D, DV, nqt, nkb, H, group,
+        HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
+        IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, DV_PAD=dv_pad,
+        DOT_PRECISION=precision,
+        # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, **cfg)
+    return out, lse, kept.view(torch.bool)
