@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import aether_compile
+from aether_compile.kernels.reference import dropped_mass
 from aether_compile.workloads import clustered_qkv
 
 
@@ -33,28 +34,13 @@ def _time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def dropped_mass_per_row(q, k, kept, block_m, block_n, chunk=1024):
-    """Max over rows of the softmax mass on skipped blocks, recomputed in float64 in row chunks."""
-    B, H, L, E = q.shape
-    S = k.shape[-2]
-    worst = 0.0
-    kf = k.double()
-    key_block = torch.arange(S, device=q.device) // block_n
-    for r0 in range(0, L, chunk):
-        rows = torch.arange(r0, min(L, r0 + chunk), device=q.device)
-        p = torch.softmax(q[:, :, rows].double() @ kf.transpose(-1, -2) * E ** -0.5, -1)
-        keep = kept[:, :, rows // block_m][..., key_block]
-        worst = max(worst, float((p * ~keep).sum(-1).max()))
-    return worst
-
-
 def run_op_demo(n: int, heads: int, dim: int, dtype: torch.dtype, device: str) -> None:
     q, k, v = clustered_qkv(1, heads, n, dim, dtype=dtype, device=device, seed=0)
     out, stats = aether_compile.attention(q, k, v, return_stats=True)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     err = float((out.double() - ref).norm() / ref.norm())
     sdpa_err = float((F.scaled_dot_product_attention(q, k, v).double() - ref).norm() / ref.norm())
-    dropped = dropped_mass_per_row(q, k, stats.kept_blocks, stats.block_m, stats.block_n)
+    dropped = float(dropped_mass(q, k, stats.kept_blocks, stats.block_m, stats.block_n).max())
     print(f"clustered attention: B=1 H={heads} N={n} D={dim} {dtype} on {device}")
     print(f"  kept blocks      {stats.kept_fraction:.1%}  (tiles {stats.block_m}x{stats.block_n})")
     print(f"  certified bound  every row's dropped mass <= eps = {stats.eps:g}")

@@ -108,25 +108,6 @@ def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa
 
 
 # -- aether::attention_backward ------------------------------------------------------------------
-def _restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n):
-    """Differentiable plain-torch attention over the kept blocks only (what the forward computed)."""
-    B, H, L, E = q.shape
-    S = k.shape[-2]
-    scale = E ** -0.5 if scale is None else scale
-    if k.shape[1] != H:
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    s = (q * scale) @ k.transpose(-1, -2)
-    bias = _ref.additive_bias(attn_mask, is_causal, L, S, s.dtype, s.device)
-    if bias is not None:
-        s = s + bias
-    keep = kept.repeat_interleave(block_m, 2)[:, :, :L].repeat_interleave(block_n, 3)[..., :S]
-    s = s.masked_fill(~keep, -math.inf)
-    row_empty = (s == -math.inf).all(-1, keepdim=True)  # no unmasked key: output 0, as SDPA
-    p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
-    return p @ v
-
-
 @torch.library.custom_op("aether::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                        attn_mask: Optional[Tensor] = None, is_causal: bool = False,
@@ -137,7 +118,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     cdt = _ref.compute_dtype_for(query.dtype)
     with torch.enable_grad():
         q, k, v = (t.detach().to(cdt).requires_grad_() for t in (query, key, value))
-        out = _restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n)
+        out = _ref.restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out.to(cdt))
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 

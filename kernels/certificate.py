@@ -37,6 +37,10 @@ EPS_MARGIN = 0.98
 RADIUS_INFLATE = 1e-5
 
 LOG2E = 1.4426950408889634
+# Finite additive-mask values are clamped from below to this (−inf stays −inf): HF's
+# finfo(float32).min would overflow to −inf once scaled by log2(e) in the kernel and turn a row
+# that SDPA averages uniformly into an empty one. Below it every key weight is 0 anyway.
+MASK_FLOOR = -1e30
 
 
 def num_blocks(n: int, block: int) -> int:

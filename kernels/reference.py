@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .certificate import (
     BOUND_REL_SLACK,
     LOG2E,
+    MASK_FLOOR,
     RADIUS_INFLATE,
     num_blocks,
     plan_visits,
@@ -95,6 +96,7 @@ def additive_bias(attn_mask, is_causal: bool, L: int, S: int, dtype, device) -> 
             bias = bias.masked_fill(~attn_mask.to(device), -math.inf)
         else:
             bias = attn_mask.to(device=device, dtype=dtype)
+            bias = torch.where(bias == -math.inf, bias, bias.clamp_min(MASK_FLOOR))
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
     if is_causal:
@@ -181,3 +183,50 @@ def _simulate_stop(scores, order, tail_log2, n_live, eps, block_m, block_n):
     visited = torch.arange(nkb, device=scores.device) < stop.unsqueeze(-1)  # sorted positions
     kept = torch.zeros(B, H, nqt, nkb, dtype=torch.bool, device=scores.device)
     return kept.scatter(-1, order.long(), visited)
+
+
+def dropped_mass(query, key, kept, block_m, block_n, attn_mask=None, is_causal=False, scale=None,
+                 row_chunk=512):
+    """Each row's softmax mass on the blocks ``kept`` marks as skipped, as a fraction of the row's
+    total, recomputed exactly in float64 (in row chunks, so it runs at 32K). [B, H, L] float64;
+    rows with no unmasked key give 0. This is what the certificate bounds by eps."""
+    B, H, L, E = query.shape
+    S = key.shape[-2]
+    scale = E ** -0.5 if scale is None else scale
+    k = key.double()
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    key_block = torch.arange(S, device=query.device) // block_n
+    bias = additive_bias(attn_mask, is_causal, L, S, torch.float64, query.device)
+    out = torch.empty(B, H, L, dtype=torch.float64, device=query.device)
+    for r0 in range(0, L, row_chunk):
+        rows = torch.arange(r0, min(L, r0 + row_chunk), device=query.device)
+        s = (query[:, :, rows].double() * scale) @ k.transpose(-1, -2)
+        if bias is not None:
+            b = bias.expand(*bias.shape[:2], L, S)[:, :, rows]
+            s = s + b
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+        skipped = ~kept[:, :, rows // block_m][..., key_block]
+        out[:, :, rows] = (p * skipped).sum(-1)
+    return out
+
+
+def restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n):
+    """Differentiable plain-torch attention over the ``kept`` blocks only: the function the op
+    computes for a given block selection. Rows with no unmasked kept key give 0, as SDPA."""
+    B, H, L, E = q.shape
+    S = k.shape[-2]
+    scale = E ** -0.5 if scale is None else scale
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    s = (q * scale) @ k.transpose(-1, -2)
+    bias = additive_bias(attn_mask, is_causal, L, S, s.dtype, s.device)
+    if bias is not None:
+        s = s + bias
+    keep = kept.repeat_interleave(block_m, 2)[:, :, :L].repeat_interleave(block_n, 3)[..., :S]
+    s = s.masked_fill(~keep, -math.inf)
+    row_empty = (s == -math.inf).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
+    return p @ v

@@ -26,11 +26,16 @@ import triton.language as tl
 from .certificate import (
     BOUND_REL_SLACK,
     LOG2E,
+    MASK_FLOOR,
     RADIUS_INFLATE,
     num_blocks,
     plan_visits,
     stop_threshold_log2,
 )
+
+# Globals read inside @triton.jit must be constexpr.
+_MASK_FLOOR = tl.constexpr(MASK_FLOOR)
+_RADIUS_INFLATE = tl.constexpr(RADIUS_INFLATE)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,7 +81,7 @@ def _geometry_kernel(
     count = tl.sum(m_n.to(tl.float32), 0)
     b_mu = tl.sum(b_k, 0) / count  # [D]
     diff = tl.where(m_n[:, None] & m_d[None, :], b_k - b_mu[None, :], 0.0)
-    radius = tl.sqrt(tl.max(tl.sum(diff * diff, 1), 0)) * (1.0 + RADIUS_INFLATE)
+    radius = tl.sqrt(tl.max(tl.sum(diff * diff, 1), 0)) * (1.0 + _RADIUS_INFLATE)
     lo = tl.min(tl.where(m_n[:, None], b_k, float("inf")), 0)
     hi = tl.max(tl.where(m_n[:, None], b_k, -float("inf")), 0)
     b_c = tl.where(m_d, (lo + hi) * 0.5, 0.0)
@@ -123,7 +128,9 @@ def _mask_stats_kernel(
             mx = tl.where(any_keep > 0, 0.0, -float("inf"))
         else:
             add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
-            mx = tl.max(tl.max(add.to(tl.float32), 1), 0)
+            add = add.to(tl.float32)
+            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+            mx = tl.max(tl.max(add, 1), 0)
         tl.store(MaskMax + pid * n_kb + j, mx)
 
 
@@ -246,7 +253,9 @@ def _attention_kernel(
                 keep = keep & (mk != 0)
             else:
                 add = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0.0)
-                s = s + add.to(tl.float32) * 1.4426950408889634
+                add = add.to(tl.float32)
+                add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+                s = s + add * 1.4426950408889634
         s = tl.where(keep, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
