@@ -212,15 +212,10 @@ def dropped_mass(query, key, kept, block_m, block_n, attn_mask=None, is_causal=F
     return out
 
 
-def restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n):
-    """Differentiable plain-torch attention over the ``kept`` blocks only: the function the op
-    computes for a given block selection. Rows with no unmasked kept key give 0, as SDPA."""
+def _restricted_probs(q, k, attn_mask, is_causal, scale, kept, block_m, block_n):
+    """Softmax probabilities [B, H, L, S] over the kept blocks (kv heads already expanded)."""
     B, H, L, E = q.shape
     S = k.shape[-2]
-    scale = E ** -0.5 if scale is None else scale
-    if k.shape[1] != H:
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
     s = (q * scale) @ k.transpose(-1, -2)
     bias = additive_bias(attn_mask, is_causal, L, S, s.dtype, s.device)
     if bias is not None:
@@ -228,5 +223,37 @@ def restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, bl
     keep = kept.repeat_interleave(block_m, 2)[:, :, :L].repeat_interleave(block_n, 3)[..., :S]
     s = s.masked_fill(~keep, -math.inf)
     row_empty = (s == -math.inf).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
-    return p @ v
+    return torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
+
+
+def _expand_kv(t, H):
+    return t if t.shape[1] == H else t.repeat_interleave(H // t.shape[1], dim=1)
+
+
+def restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n):
+    """Differentiable plain-torch attention over the ``kept`` blocks only: the function the op
+    computes for a given block selection. Rows with no unmasked kept key give 0, as SDPA."""
+    H, E = q.shape[1], q.shape[-1]
+    scale = E ** -0.5 if scale is None else scale
+    p = _restricted_probs(q, _expand_kv(k, H), attn_mask, is_causal, scale, kept, block_m, block_n)
+    return p @ _expand_kv(v, H)
+
+
+def restricted_attention_backward(grad_out, q, k, v, attn_mask, is_causal, scale, kept, block_m,
+                                  block_n):
+    """(dq, dk, dv) of ``restricted_attention`` by the explicit softmax-attention formulas (usable
+    where autograd is off, e.g. inside an op's implementation). GQA sums over each kv group."""
+    B, H, L, E = q.shape
+    Hkv = k.shape[1]
+    scale = E ** -0.5 if scale is None else scale
+    ke, ve = _expand_kv(k, H), _expand_kv(v, H)
+    p = _restricted_probs(q, ke, attn_mask, is_causal, scale, kept, block_m, block_n)
+    dv = p.transpose(-1, -2) @ grad_out
+    dp = grad_out @ ve.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ ke) * scale
+    dk = (ds.transpose(-1, -2) @ q) * scale
+    if Hkv != H:
+        dk = dk.view(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
+        dv = dv.view(B, Hkv, H // Hkv, *dv.shape[2:]).sum(2)
+    return dq, dk, dv

@@ -16,8 +16,8 @@ The same semantics in plain torch live in ``reference.py``; tests compare the tw
 
 from __future__ import annotations
 
-import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -322,11 +322,29 @@ def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch
     return m
 
 
-def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                     enable_gqa=False, eps=0.0, block_m=None, block_n=None):
-    """Certified block-sparse attention on the Triton path.
+class VisitPlan(NamedTuple):
+    """Everything the attention kernel needs besides q, k, v: shapes, tiles and the visit order."""
 
-    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    B: int
+    H: int
+    L: int
+    S: int
+    D: int
+    DV: int
+    group: int
+    scale: float
+    block_m: int
+    block_n: int
+    is_causal: bool
+    mask4: torch.Tensor | None  # the mask as a 4-D (broadcast) view, bool as uint8
+    order: torch.Tensor  # int32 [B, H, nQT, nKB]
+    tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
+    n_live: torch.Tensor  # int32 [B, H, nQT]
+
+
+def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                   block_m=None, block_n=None) -> VisitPlan:
+    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     dev = query.device
@@ -335,20 +353,18 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
     block_n = block_n or d_block_n
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
-    d_pad, dv_pad = _pad_pow2(D), _pad_pow2(DV)
-    group = H // Hkv
-    cfg = _launch_config(block_m, d_pad, dv_pad, dev.type)
+    d_pad = _pad_pow2(D)
+    cfg = _launch_config(block_m, d_pad, _pad_pow2(DV), dev.type)
 
-    # 1. geometry
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
     _geometry_kernel[(B * Hkv * nkb,)](
         key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
         BLOCK_N=block_n, D_PAD=d_pad)
 
-    # 2. mask statistics
-    has_mask = attn_mask is not None
-    if has_mask:
+    mask4 = None
+    mask_max, mask_strides = query, (0, 0)  # placeholders when there is no mask
+    if attn_mask is not None:
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
         Bm, Hm = mask4.shape[:2]
         mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
@@ -356,36 +372,51 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
             mask4, mask_max, *mask4.stride(), L, S, nqt, nkb, Hm,
             IS_BOOL=mask4.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
-        mask_elem_strides = [st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
-    else:
-        mask4 = mask_max = query  # unused placeholders
-        mask_strides = (0, 0)
-        mask_elem_strides = [0, 0, 0, 0]
 
-    # 3. bounds
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
-    block_j = 64 if dev.type == "cuda" else 16
     _bounds_kernel[(B * H * nqt,)](
         query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
-        scale, L, S, D, nqt, nkb, H, group,
-        HAS_MASK=has_mask, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=block_j, D_PAD=d_pad, **cfg)
+        scale, L, S, D, nqt, nkb, H, H // Hkv,
+        HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=64 if dev.type == "cuda" else 16, D_PAD=d_pad,
+        **cfg)
 
-    # 4. plan
     order, tail_log2, n_live = plan_visits(bounds, S, block_m, block_n, is_causal, L)
+    return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
+                     order, tail_log2, n_live)
 
-    # 5. attention
+
+def run_attention(query, key, value, plan: VisitPlan, eps: float):
+    """Stage 5: best-first attention with the certificate's stop. Returns (out, lse, kept)."""
+    B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
+    dev = query.device
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    d_pad, dv_pad = _pad_pow2(D), _pad_pow2(DV)
+    mask4 = plan.mask4
+    has_mask = mask4 is not None
+    mask_elem_strides = ([st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
+                         if has_mask else [0, 0, 0, 0])
     out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
     lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
     kept = torch.zeros(B, H, nqt, nkb, device=dev, dtype=torch.uint8)
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
     _attention_kernel[(B * H * nqt,)](
-        query, key, value, mask4, out, lse, kept, order, tail_log2, n_live,
+        query, key, value, mask4 if has_mask else query, out, lse, kept, plan.order,
+        plan.tail_log2, plan.n_live,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
-        scale * LOG2E, stop_threshold_log2(eps), L, S, D, DV, nqt, nkb, H, group,
+        plan.scale * LOG2E, stop_threshold_log2(eps), L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
-        IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, DV_PAD=dv_pad,
-        DOT_PRECISION=precision,
+        IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
+        DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
-        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, **cfg)
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16,
+        **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse, kept.view(torch.bool)
+
+
+def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                     enable_gqa=False, eps=0.0, block_m=None, block_n=None):
+    """Certified block-sparse attention on the Triton path.
+
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+    return run_attention(query, key, value, plan, eps)

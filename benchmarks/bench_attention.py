@@ -1,0 +1,196 @@
+"""Benchmark the aether op against dense anchors on one GPU; writes JSON (and prints a table).
+
+    python benchmarks/bench_attention.py --suite issue2 --out benchmarks/results
+
+Suites:
+  issue2     clustered W2 at 32K (and 16K) plus uniform W1 at 32K, B=1 H=16 D=128, fp16 and bf16:
+             kept fraction, certified eps, measured max dropped mass, error, time against SDPA
+             flash / cuDNN / efficient, FlexAttention dense and Flex given our kept blocks.
+  calibrate  output error against float64 for a grid of eps per dtype and workload, next to
+             SDPA's own rounding error in that dtype: the data behind DEFAULT_EPS.
+Every row records card, torch and triton versions, and the git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import aether_compile
+from aether_compile.kernels.reference import dropped_mass
+from aether_compile.kernels.triton_attention import plan_attention, run_attention
+from aether_compile.ops import default_eps
+from aether_compile.workloads import WORKLOADS
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from helpers import chunked_oracle, rel_err  # noqa: E402
+
+
+def env_record() -> dict:
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                         cwd=os.path.dirname(__file__)).strip()
+    except Exception:  # the device copy may have no .git
+        commit = os.environ.get("AETHER_COMMIT", "unknown")
+    return {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def sdpa_anchors(q, k, v, is_causal) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                times[name] = bench_ms(lambda: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=is_causal))
+        except RuntimeError:
+            times[name] = None
+    return times
+
+
+_flex_compiled = None
+
+
+def flex_anchors(q, k, v, kept, block_m, block_n) -> dict:
+    """FlexAttention dense, and Flex given exactly our kept blocks (kernel quality apart from
+    block selection)."""
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError:
+        return {"flex_dense": None, "flex_same_blocks": None}
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    out = {}
+    try:
+        out["flex_dense"] = bench_ms(lambda: _flex_compiled(q, k, v))
+    except Exception as e:  # noqa: BLE001  (report, keep benchmarking)
+        out["flex_dense"] = None
+        out["flex_error"] = repr(e)[:200]
+    try:
+        kept_i = kept.to(torch.int32)
+        num = kept_i.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(-kept_i, dim=-1, stable=True).to(torch.int32)
+        bm = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx,
+                                      BLOCK_SIZE=(block_m, block_n))
+        out["flex_same_blocks"] = bench_ms(lambda: _flex_compiled(q, k, v, block_mask=bm))
+    except Exception as e:  # noqa: BLE001
+        out["flex_same_blocks"] = None
+        out["flex_blocks_error"] = repr(e)[:200]
+    return out
+
+
+def run_case(workload, N, dtype, is_causal, H=16, D=128, eps=None, check=True, flex=False):
+    q, k, v = WORKLOADS[workload](1, H, N, D, dtype=dtype, device="cuda", seed=0)
+    eps = default_eps(dtype) if eps is None else eps
+    out, stats = aether_compile.attention(q, k, v, is_causal=is_causal, eps=eps, return_stats=True)
+    row = {"workload": workload, "N": N, "H": H, "D": D, "dtype": str(dtype).split(".")[-1],
+           "causal": is_causal, "eps": eps, "block_m": stats.block_m, "block_n": stats.block_n,
+           "kept_fraction": stats.kept_fraction}
+    if check:
+        row["max_dropped_mass"] = float(dropped_mass(q, k, stats.kept_blocks, stats.block_m,
+                                                     stats.block_n, is_causal=is_causal).max())
+        dense = chunked_oracle(q, k, v, None, is_causal)
+        row["rel_err_vs_fp64"] = rel_err(out, dense)
+        row["sdpa_rel_err_vs_fp64"] = rel_err(F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal), dense)
+        del dense
+    row["t_aether_ms"] = bench_ms(lambda: aether_compile.attention(q, k, v, is_causal=is_causal,
+                                                                   eps=eps))
+    row["t_plan_ms"] = bench_ms(lambda: plan_attention(q, k, v, None, is_causal))
+    plan = plan_attention(q, k, v, None, is_causal)
+    row["t_attention_kernel_ms"] = bench_ms(lambda: run_attention(q, k, v, plan, eps))
+    row.update({f"t_sdpa_{n}_ms": t for n, t in sdpa_anchors(q, k, v, is_causal).items()})
+    if flex:
+        row.update({f"t_{n}_ms" if n.startswith("flex_") and "error" not in n else n: t
+                    for n, t in flex_anchors(q, k, v, stats.kept_blocks, stats.block_m,
+                                             stats.block_n).items()})
+    dense_times = [row[f"t_sdpa_{n}_ms"] for n in ("flash", "cudnn", "efficient")
+                   if row.get(f"t_sdpa_{n}_ms")]
+    row["fastest_dense_ms"] = min(dense_times)
+    row["speedup_vs_fastest_dense"] = row["fastest_dense_ms"] / row["t_aether_ms"]
+    row["plan_frac_of_dense"] = row["t_plan_ms"] / row["fastest_dense_ms"]
+    return row
+
+
+def suite_issue2(progress):
+    rows = []
+    cases = [("clustered", 32768, torch.float16, False, True),
+             ("clustered", 32768, torch.bfloat16, False, True),
+             ("clustered", 16384, torch.float16, False, False),
+             ("uniform", 32768, torch.float16, False, False),
+             ("uniform", 32768, torch.float16, True, False)]
+    for i, (w, n, dt, causal, flex) in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] {w} N={n} {dt} causal={causal}")
+        rows.append(run_case(w, n, dt, causal, flex=flex))
+    return rows
+
+
+def suite_calibrate(progress):
+    rows = []
+    grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    for dt in (torch.float16, torch.bfloat16):
+        for w, causal in (("clustered", False), ("uniform", False), ("sink_local", True)):
+            q, k, v = WORKLOADS[w](1, 4, 8192, 128, dtype=dt, device="cuda", seed=1)
+            dense = chunked_oracle(q, k, v, None, causal)
+            noise = rel_err(F.scaled_dot_product_attention(q, k, v, is_causal=causal), dense)
+            for eps in grid:
+                out, st = aether_compile.attention(q, k, v, is_causal=causal, eps=eps,
+                                                   return_stats=True)
+                rows.append({"dtype": str(dt).split(".")[-1], "workload": w, "causal": causal,
+                             "eps": eps, "rel_err": rel_err(out, dense), "sdpa_noise": noise,
+                             "kept_fraction": st.kept_fraction})
+            progress(f"calibrate {dt} {w}: noise {noise:.2e}")
+    return rows
+
+
+def print_table(rows):
+    if not rows:
+        return
+    keys = [k for k in rows[0] if not k.endswith("error")]
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k))
+                         for k in keys))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=["issue2", "calibrate"], nargs="+", default=["issue2"])
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks need a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    record = env_record()
+    for suite in args.suite:
+        rows = {"issue2": suite_issue2, "calibrate": suite_calibrate}[suite](
+            lambda msg: print(msg, flush=True))
+        path = os.path.join(args.out, f"{suite}_{record['card'].replace(' ', '_')}.json")
+        with open(path, "w") as f:
+            json.dump({"env": record, "rows": rows}, f, indent=1)
+        print(f"\n== {suite} -> {path}")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""GPU-only: the Triton op at 4K-32K in fp16 and bf16, numerics and the certificate, grid and
+int64 limits. Run on an H100: python -m pytest -q -m gpu tests/test_gpu_attention.py"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aether_compile
+from aether_compile.kernels.reference import dropped_mass
+from aether_compile.workloads import WORKLOADS
+
+from helpers import REL_TOL, chunked_oracle, rel_err
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+CASES = [
+    # (workload, N, S, is_causal, H, Hkv, mask)
+    ("clustered", 4096, None, False, 2, 2, None),
+    ("clustered", 16384, None, False, 2, 2, None),
+    ("clustered", 32768, None, False, 2, 2, None),
+    ("clustered", 8192, None, True, 4, 2, None),
+    ("uniform", 4096, None, True, 2, 2, None),
+    ("clustered", 4096, 6000, False, 2, 1, "key_padding"),
+    ("sink_local", 8192, None, True, 2, 2, None),
+    ("adversarial", 4096, None, False, 2, 2, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("workload,N,S,is_causal,H,Hkv,mask", CASES,
+                         ids=[f"{c[0]}-N{c[1]}-S{c[2]}-{'causal' if c[3] else 'full'}-H{c[4]}-"
+                              f"Hkv{c[5]}-{c[6]}" for c in CASES])
+def test_numerics_and_certificate(dtype, workload, N, S, is_causal, H, Hkv, mask):
+    kw = {"block_n": 64} if workload == "adversarial" else {}
+    q, k, v = WORKLOADS[workload](1, H, N, 128, dtype=dtype, device="cuda", seed=N, **kw)
+    S = S or N
+    if S != N or Hkv != H:  # keys of another length / fewer heads, same workload family
+        _, k, v = WORKLOADS[workload](1, Hkv, S, 128, dtype=dtype, device="cuda", seed=N, **kw)
+    attn_mask = None
+    if mask == "key_padding":
+        attn_mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device="cuda")
+        attn_mask[..., S - 1000:] = False
+    out, stats = aether_compile.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=H != Hkv, return_stats=True)
+    assert not out.isnan().any()
+    dropped = dropped_mass(q, k, stats.kept_blocks, stats.block_m, stats.block_n,
+                           attn_mask=attn_mask, is_causal=is_causal)
+    assert float(dropped.max()) <= stats.eps
+    restricted = chunked_oracle(q, k, v, attn_mask, is_causal, stats.kept_blocks, stats.block_m,
+                                stats.block_n)
+    assert rel_err(out, restricted) < REL_TOL[dtype]
+    dense = chunked_oracle(q, k, v, attn_mask, is_causal)
+    sdpa_noise = rel_err(F.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+        attn_mask=attn_mask, is_causal=is_causal), dense)
+    # the default eps keeps the op within (a small multiple of) the dtype's own rounding noise
+    assert rel_err(out, dense) < max(2 * sdpa_noise, REL_TOL[dtype])
+
+
+def test_eps0_is_dense_and_deterministic():
+    q, k, v = WORKLOADS["clustered"](1, 4, 8192, 128, dtype=torch.float16, device="cuda")
+    a = aether_compile.attention(q, k, v, eps=0.0)
+    b = aether_compile.attention(q, k, v, eps=0.0)
+    assert torch.equal(a, b)
+    assert rel_err(a, chunked_oracle(q, k, v)) < REL_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("D", [16, 64, 80, 256])
+def test_head_dims(D):
+    q, k, v = WORKLOADS["clustered"](2, 2, 2048, D, dtype=torch.bfloat16, device="cuda")
+    out = aether_compile.attention(q, k, v, is_causal=True)
+    assert rel_err(out, chunked_oracle(q, k, v, None, True)) < REL_TOL[torch.bfloat16]
+
+
+def test_batch_heads_beyond_grid_limit_and_int64_offsets():
+    """B*H = 140000 > 65535 and more than 2^31 elements per tensor."""
+    BH, L, D = 140_000, 128, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, BH, L, D, device="cuda", dtype=torch.float16, generator=g)
+    assert q.numel() > 2 ** 31
+    out = aether_compile.attention(q, q, q, eps=0.0)
+    for sl in (slice(0, 8), slice(BH - 8, BH)):
+        ref = F.scaled_dot_product_attention(q[:, sl], q[:, sl], q[:, sl])
+        assert rel_err(out[:, sl], ref) < 5e-3

@@ -1,0 +1,155 @@
+"""The public function and the registered torch ops: SDPA contract, errors, stats, opcheck,
+autograd, torch.compile."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aether_compile
+from aether_compile.kernels.reference import dropped_mass
+from aether_compile.ops import DEFAULT_EPS
+from aether_compile.workloads import clustered_qkv
+
+from helpers import dense_oracle, rel_err
+
+
+def _qkv(B=2, H=4, Hkv=4, L=50, S=50, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, L, D, generator=g, dtype=dtype),
+            torch.randn(B, Hkv, S, D, generator=g, dtype=dtype),
+            torch.randn(B, Hkv, S, D, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("L,S", [(50, 50), (30, 70), (70, 30)])
+def test_matches_sdpa_float64(is_causal, L, S):
+    q, k, v = _qkv(L=L, S=S, H=4, Hkv=2, dtype=torch.float64)
+    out = aether_compile.attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    assert rel_err(out, ref) < 1e-12  # float64 defaults to eps = 0
+
+
+def test_scale_and_mask_broadcast_forms():
+    q, k, v = _qkv(dtype=torch.float64)
+    for mask in (torch.rand(50, 50) > 0.3, torch.randn(4, 1, 50, dtype=torch.float64),
+                 torch.randn(2, 1, 1, 50, dtype=torch.float64)):
+        out = aether_compile.attention(q, k, v, attn_mask=mask, scale=0.3)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        assert rel_err(out, ref) < 1e-12
+
+
+def test_return_stats_certifies_every_row():
+    q, k, v = clustered_qkv(1, 2, 1024, 32, run=64, centers=8, seed=1)
+    out, stats = aether_compile.attention(q, k, v, eps=1e-2, return_stats=True)
+    assert stats.eps == 1e-2
+    assert stats.kept_blocks.dtype == torch.bool
+    assert stats.kept_blocks.shape == (1, 2, math.ceil(1024 / stats.block_m),
+                                       math.ceil(1024 / stats.block_n))
+    assert 0.0 < stats.kept_fraction < 1.0
+    d = dropped_mass(q, k, stats.kept_blocks, stats.block_m, stats.block_n)
+    assert float(d.max()) <= 1e-2
+
+
+def test_default_eps_per_dtype():
+    q, k, v = _qkv(dtype=torch.float16)
+    _, stats = aether_compile.attention(q, k, v, return_stats=True)
+    assert stats.eps == DEFAULT_EPS[torch.float16] > 0
+    _, stats = aether_compile.attention(q.double(), k.double(), v.double(), return_stats=True)
+    assert stats.eps == 0.0
+
+
+def test_dropout_falls_back_to_sdpa():
+    q, k, v = _qkv()
+    torch.manual_seed(0)
+    a = aether_compile.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="return_stats"):
+        aether_compile.attention(q, k, v, dropout_p=0.5, return_stats=True)
+
+
+def test_empty_sequences_like_sdpa():
+    q, k, v = _qkv(L=0)
+    assert aether_compile.attention(q, k, v).shape == (2, 4, 0, 16)
+    q, k, v = _qkv(S=0)
+    out = aether_compile.attention(q, k, v)
+    assert out.shape == (2, 4, 50, 16) and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v: (q[0], k, v), "query must be 4-D"),
+    (lambda q, k, v: (q, k[..., :8], v), "query head dim 16 != key head dim 8"),
+    (lambda q, k, v: (q, k.double(), v), "share a dtype"),
+    (lambda q, k, v: (q.int(), k, v), "floating-point"),
+    (lambda q, k, v: (q, k[:, :, :10], v), "key length 10 != value length 50"),
+    (lambda q, k, v: (q, k[:, :3], v[:, :3]), "enable_gqa"),
+])
+def test_errors_name_the_bad_value(bad, match):
+    q, k, v = _qkv()
+    with pytest.raises((ValueError, TypeError), match=match):
+        aether_compile.attention(*bad(q, k, v))
+
+
+def test_error_bad_mask_shape_and_eps():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 50\)"):
+        aether_compile.attention(q, k, v, attn_mask=torch.ones(3, 50, dtype=torch.bool))
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        aether_compile.attention(q, k, v, eps=-1.0)
+    with pytest.raises(ValueError, match="divisible"):
+        aether_compile.attention(*_qkv(H=4, Hkv=3), enable_gqa=True)
+
+
+def test_opcheck():
+    q, k, v = _qkv(B=1, H=2, Hkv=2, L=20, S=24)
+    mask = torch.rand(20, 24) > 0.2
+    for args in [(q, k, v), (q, k, v, mask, False, 0.5, False, 1e-3), (q, k, v, None, True)]:
+        torch.library.opcheck(torch.ops.aether.attention.default, args)
+    torch.library.opcheck(torch.ops.aether.attention_with_stats.default, (q, k, v))
+
+
+def test_fake_matches_real_shape_and_strides():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _qkv(L=30, S=40, H=4, Hkv=2)
+    real = torch.ops.aether.attention(q, k, v, None, False, None, True)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = torch.ops.aether.attention(fq, fk, fv, None, False, None, True)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradients_match_float64_autograd_at_eps0(is_causal):
+    q, k, v = _qkv(B=1, H=4, Hkv=2, L=40, S=40, dtype=torch.float64)
+    mask = torch.rand(40, 40) > 0.2
+    mask[:, 0] = True
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = aether_compile.attention(*inputs, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = dense_oracle(*ref_in, attn_mask=mask, is_causal=is_causal)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_in)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-10
+
+
+def test_mask_requiring_grad_gives_clear_error():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    mask = torch.zeros(50, 50, requires_grad=True)
+    out = aether_compile.attention(q, k, v, attn_mask=mask)
+    with pytest.raises(RuntimeError, match="gradient of attn_mask"):
+        out.sum().backward()
+
+
+def test_torch_compile_traces_through_the_op():
+    q, k, v = _qkv()
+
+    def f(q, k, v):
+        return torch.ops.aether.attention(q * 2, k, v, None, True) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(q, k, v), f(q, k, v))
