@@ -116,10 +116,9 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     _, _, kept = forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps)
     block_m, block_n = resolve_blocks(query, value, None, None)
     cdt = _ref.compute_dtype_for(query.dtype)
-    with torch.enable_grad():
-        q, k, v = (t.detach().to(cdt).requires_grad_() for t in (query, key, value))
-        out = _ref.restricted_attention(q, k, v, attn_mask, is_causal, scale, kept, block_m, block_n)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out.to(cdt))
+    dq, dk, dv = _ref.restricted_attention_backward(
+        grad_out.to(cdt), query.to(cdt), key.to(cdt), value.to(cdt), attn_mask, is_causal, scale,
+        kept, block_m, block_n)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
