@@ -1,1 +1,96 @@
-"""FX passes that find attention in captured graphs and rewrite it to ``torch.ops.aether.*``."""
+"""FX passes that find attention in captured graphs and rewrite it to ``torch.ops.aether.*``.
+
+``rewrite_attention(gm, options)`` is the whole pass: one matcher per spelling family (``sdpa``,
+``softmax``, ``mha``), shared checks that decline with a reason (``checks``), one rewrite routine
+(``common.apply``). Every site found is counted in ``torch._dynamo.utils.counters["aether"]``,
+logged on ``aether_compile.passes`` and handed to the listeners (``explain`` subscribes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch.fx import GraphModule
+
+from aether_compile._compat import module_path, source_line
+
+from . import mha, sdpa, softmax
+from .common import apply, check_common
+from .site import DENSE, SPARSE, Decline, Site
+
+log = logging.getLogger("aether_compile.passes")
+
+MATCHERS = (sdpa, softmax, mha)
+_listeners: list[Callable[[Site], None]] = []
+
+__all__ = ["rewrite_attention", "Site", "Decline", "SPARSE", "DENSE", "add_listener",
+           "remove_listener"]
+
+
+def add_listener(fn: Callable[[Site], None]) -> None:
+    _listeners.append(fn)
+
+
+def remove_listener(fn: Callable[[Site], None]) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)
+
+
+def _record(site: Site) -> None:
+    from torch._dynamo.utils import counters
+
+    counters["aether"][site.code] += 1
+    counters["aether"]["sites"] += 1
+    (log.info if site.rewritten else log.warning)(
+        "aether: %s %s at %s [%s]: %s", site.decision, site.pattern, site.module or "<top>",
+        site.source, site.reason)
+    for fn in list(_listeners):
+        fn(site)
+
+
+def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
+    module, module_type = module_path(node)
+    where = dict(module=module, module_type=module_type, source=source_line(node), node=node.name)
+    try:
+        m = matcher.match(node)
+        if m is None:
+            return None
+        problem = check_common(m, options, module, module_type)
+        if problem is not None:
+            raise problem
+        apply(gm, m, options)
+    except Decline as d:
+        return Site(getattr(matcher, "PATTERN", matcher.__name__), DENSE, d.message, d.code, **where)
+    except Exception as e:  # a bug in a matcher must never break the user's compile
+        log.exception("aether: matcher %s failed on %s", matcher.__name__, node.name)
+        return Site(getattr(matcher, "PATTERN", matcher.__name__), DENSE,
+                    f"internal error: {type(e).__name__}: {e}", "internal_error", **where)
+    desc = f"mask={m.mask_kind}" + (", gqa" if m.enable_gqa else "") + (
+        f", scale={m.scale:.4g}" if m.scale is not None else "")
+    return Site(m.pattern, SPARSE, desc, "rewritten", **where)
+
+
+def rewrite_attention(gm: GraphModule, options) -> list[Site]:
+    """Rewrite every supported attention site of ``gm`` in place; return all sites found."""
+    from aether_compile.options import AetherOptions
+
+    options = AetherOptions.coerce(options)
+    sites: list[Site] = []
+    try:
+        anchors = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        for node in anchors:
+            if node._erased:
+                continue
+            for matcher in MATCHERS:
+                site = _site_for(gm, node, matcher, options)
+                if site is not None:
+                    sites.append(site)
+                    _record(site)
+                    break
+        if any(s.rewritten for s in sites):
+            gm.graph.lint()
+            gm.recompile()
+    except Exception:  # leave whatever is consistent; compilation goes on
+        log.exception("aether: pass failed; remaining attention left as is")
+    return sites

@@ -1,0 +1,135 @@
+"""Every torch-version difference the rewrite depends on (2.11 and 2.13), in one place.
+
+* ``pre_grad_custom_pass`` holds one callable on 2.11; on 2.13 it may also hold a list/tuple, and a
+  pass with ``uuid()`` runs "late" (after the AOT cache lookup) instead of "early".
+* ``registry.set_default_backend`` exists on 2.13 only (unused here, noted for completeness).
+* Dynamo's ``nn_module_stack`` paths look like ``L['self'].encoder.layer[0]`` (2.13) or
+  ``L__self___encoder_layer_0`` style names (older); ``module_path`` normalises both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+TORCH_VERSION = tuple(int(x) for x in re.findall(r"\d+", torch.__version__.split("+")[0])[:2])
+PRE_GRAD_PASS_MAY_BE_LIST = TORCH_VERSION >= (2, 13)
+
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402  (both versions)
+
+try:  # 2.13 (and 2.11)
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+except ImportError:  # pragma: no cover - older torch
+    import hashlib
+
+    def get_hash_for_files(paths: tuple[str, ...], extra: str = "") -> bytes:
+        hasher = hashlib.sha256()
+        hasher.update(extra.encode("utf-8"))
+        for path in paths:
+            with open(path, "rb") as f:
+                hasher.update(f.read())
+        return hasher.digest()
+
+
+def custom_passes(value: Any) -> list[Callable]:
+    """The passes a ``pre_grad_custom_pass`` config value stands for (None, callable or list)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for p in value if p is not None]
+    return [value]
+
+
+def sdpa_targets() -> tuple:
+    """Callables that spell SDPA in a Dynamo torch-IR graph."""
+    return tuple({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
+
+
+def mha_forward_targets() -> tuple:
+    """Dynamo keeps ``F.multi_head_attention_forward`` as one opaque call (both versions)."""
+    return (F.multi_head_attention_forward,)
+
+
+def register_backend_once(name: str, fn: Callable) -> None:
+    """Register a Dynamo backend unless the name is taken (registry asserts on duplicates)."""
+    from torch._dynamo.backends import registry
+
+    if name in registry._COMPILER_FNS:
+        return
+    try:
+        registry.register_backend(compiler_fn=fn, name=name)
+    except AssertionError:  # raced with the entry-point loader
+        pass
+
+
+def mode_options(mode: Optional[str], dynamic: Optional[bool] = None) -> dict:
+    """Inductor config implied by ``torch.compile(mode=...)``."""
+    if mode is None or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode, dynamic))
+
+
+def compile_fx(gm, example_inputs, config_patches: dict):
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs, config_patches=config_patches or None)
+
+
+def aot_eager(gm, example_inputs):
+    from torch._dynamo.backends.debugging import aot_eager as _aot_eager
+
+    return _aot_eager(gm, example_inputs)
+
+
+def detect_fake_mode(values: Iterable):
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(list(values))
+
+
+def size_hint(x) -> Optional[int]:
+    """An int for an int or a backed SymInt (its hint), else None; never adds a guard."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            return int(x.node.hint) if x.node.hint is not None else None
+        except Exception:  # unbacked
+            return None
+    return None
+
+
+def module_path(node: torch.fx.Node) -> tuple[str, str]:
+    """(dotted module path, module class name) of the innermost module a node came from."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = re.sub(r"^L\[?'?self'?\]?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\._modules\.|\._modules\[", ".", path)
+    return path.strip("."), cls_name
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """``file:line  code`` of the innermost user frame in the node's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', trace)
+    if not frames:
+        return ""
+    file, line, code = frames[-1]
+    return f"{file.rsplit('/', 2)[-2:][0] + '/' if '/' in file else ''}{file.rsplit('/', 1)[-1]}:{line}  {code.strip()}"
+
+
+def run_and_get_code(fn, *args, **kwargs):
+    from torch._inductor.utils import run_and_get_code as _run
+
+    return _run(fn, *args, **kwargs)

@@ -1,0 +1,52 @@
+"""The ``aether`` torch.compile backend: rewrite attention in Dynamo's graph, then Inductor.
+
+``torch.compile(model, backend="aether")`` works without importing this package: pyproject declares
+the entry point ``aether = aether_compile.backend:aether_backend`` in ``torch_dynamo_backends``,
+and Dynamo registers it on first lookup. The rewrite runs on the torch-IR graph before AOT
+autograd, so training graphs trace through the op's autograd.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from . import _compat
+from .options import AetherOptions
+
+log = logging.getLogger("aether_compile")
+
+
+def split_options(options: Any) -> tuple[AetherOptions, dict]:
+    """(AetherOptions, inductor config) from ``options=``: an AetherOptions, or a dict mixing our
+    fields (or an ``"aether"`` entry holding them) with Inductor config keys."""
+    if options is None:
+        return AetherOptions(), {}
+    if isinstance(options, AetherOptions):
+        return options, {}
+    options = dict(options)
+    ours = options.pop("aether", None)
+    fields = {k: options.pop(k) for k in list(options) if k in AetherOptions.field_names()}
+    aether = AetherOptions.coerce(ours, **fields)
+    return aether, options
+
+
+def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: Any = None):
+    """Dynamo backend. ``mode`` as torch.compile's (Inductor modes); ``options`` see
+    ``split_options``."""
+    from aether_compile import ops  # noqa: F401  (registers torch.ops.aether.*)
+    from aether_compile.passes import rewrite_attention
+
+    aether, inductor_options = split_options(options)
+    rewrite_attention(gm, aether)
+    if aether.compiler == "eager":
+        return gm.forward
+    if aether.compiler == "aot_eager":
+        return _compat.aot_eager(gm, example_inputs)
+    patches = {**_compat.mode_options(mode), **inductor_options}
+    return _compat.compile_fx(gm, example_inputs, patches)
+
+
+def register() -> None:
+    """Register ``aether`` with Dynamo unless already registered (idempotent)."""
+    _compat.register_backend_once("aether", aether_backend)

@@ -1,0 +1,71 @@
+"""``AetherOptions``: every knob of the rewrite in one frozen dataclass.
+
+Accepted by ``torch.compile(..., backend="aether", options=...)``, ``aether_compile.enable(**options)``
+and ``aether_compile.explain(..., options=...)``, as the dataclass or as a dict of its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class AetherOptions:
+    """How attention sites are rewritten to ``torch.ops.aether.attention``.
+
+    eps: certificate tolerance passed to the op (None = the dtype default, 0 = exact/dense).
+    min_seq_len: shortest key length that takes the sparse op; shorter sites stay dense (0 = always).
+    allow_cpu: rewrite CPU tensors too (the op runs its plain-torch reference there).
+    exclude: module paths (``encoder.layer.0.attention``, fnmatch patterns such as ``*.crossattention``
+        or a module class name) whose attention is left dense.
+    compiler: what runs the rewritten graph in the ``aether`` backend: "inductor" (default),
+        "aot_eager" or "eager" (debugging, fast tests).
+    """
+
+    eps: Optional[float] = None
+    min_seq_len: int = 0
+    allow_cpu: bool = False
+    exclude: tuple[str, ...] = ()
+    compiler: str = "inductor"
+
+    def __post_init__(self):
+        if self.eps is not None and not float(self.eps) >= 0.0:
+            raise ValueError(f"eps must be None or >= 0, got {self.eps}")
+        if int(self.min_seq_len) < 0:
+            raise ValueError(f"min_seq_len must be >= 0, got {self.min_seq_len}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        else:
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def coerce(cls, options: Any = None, **overrides) -> "AetherOptions":
+        """AetherOptions from None, an AetherOptions, or a mapping of its fields (plus overrides)."""
+        if options is None:
+            base = cls()
+        elif isinstance(options, cls):
+            base = options
+        elif isinstance(options, Mapping):
+            unknown = set(options) - cls.field_names()
+            if unknown:
+                raise TypeError(f"unknown aether option(s) {sorted(unknown)}; known: "
+                                f"{sorted(cls.field_names())}")
+            base = cls(**options)
+        else:
+            raise TypeError(f"options must be None, a dict or AetherOptions, got "
+                            f"{type(options).__name__}")
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    def key(self) -> str:
+        """Stable text form, part of the pass's uuid (FX graph cache key)."""
+        return repr(dataclasses.astuple(self))

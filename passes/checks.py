@@ -1,0 +1,109 @@
+"""Predicates shared by the matchers. Each returns None (fine) or a ``Decline`` with a reason."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from aether_compile._compat import size_hint
+
+from .site import Decline
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIM_RANGE = (16, 256)
+# A fill value at or below this acts as "masked out": exp(-1e4 - max) is 0 in every float dtype.
+MASKED_FILL_MAX = -1e4
+
+
+def device(q, allow_cpu: bool) -> Optional[Decline]:
+    if q.device.type == "cuda":
+        return None
+    if q.device.type == "cpu" and allow_cpu:
+        return None
+    if q.device.type == "cpu":
+        return Decline("device", "device is cpu, not CUDA (pass allow_cpu=True to run the reference "
+                                  "on CPU)")
+    return Decline("device", f"device {q.device.type} is not supported")
+
+
+def dtypes(q, k, v) -> Optional[Decline]:
+    if not (q.dtype == k.dtype == v.dtype):
+        return Decline("dtype", f"query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        return Decline("dtype", f"dtype {q.dtype} unsupported (fp16, bf16, fp32)")
+    return None
+
+
+def head_dims(q, v) -> Optional[Decline]:
+    lo, hi = HEAD_DIM_RANGE
+    for name, t in (("head dim", q), ("value head dim", v)):
+        d = size_hint(t.shape[-1])
+        if d is None or not lo <= d <= hi:
+            return Decline("head_dim", f"{name} {t.shape[-1]} outside {lo}..{hi}")
+    return None
+
+
+def seq_len(k, min_seq_len: int) -> Optional[Decline]:
+    if min_seq_len <= 0:
+        return None
+    s = size_hint(k.shape[-2])
+    if s is not None and s < min_seq_len:
+        return Decline("min_seq_len", f"key length {s} < min_seq_len={min_seq_len}")
+    return None
+
+
+def excluded(module: str, module_type: str, patterns) -> Optional[Decline]:
+    for pat in patterns:
+        if (module == pat or module.startswith(pat + ".") or fnmatch.fnmatchcase(module, pat)
+                or (module_type and module_type == pat)):
+            return Decline("excluded", f"module {module or module_type!r} excluded by {pat!r}")
+    return None
+
+
+def constant_scale(value) -> Optional[float]:
+    """The Python number a scale argument holds, else None (tensor, SymFloat, node)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def fill_masks_out(value) -> bool:
+    """True when masked_fill/where writes a value that removes the key (-inf, finfo.min, -1e4...)."""
+    v = constant_scale(value)
+    return v is not None and (v == -math.inf or v <= MASKED_FILL_MAX)
+
+
+def dropout(p, training) -> Optional[Decline]:
+    """Dropout is identity when p == 0 or not training; otherwise the site stays dense."""
+    if training is False:
+        return None
+    pv = constant_scale(p)
+    if pv is None:
+        return Decline("dropout", f"dropout probability {p!r} is not a constant")
+    if pv == 0.0:
+        return None
+    if training is True:
+        return Decline("dropout", f"dropout p={pv:g} in training")
+    return Decline("dropout", f"dropout p={pv:g} with non-constant training flag")
+
+
+def mask_shape(mask, scores_shape) -> Optional[Decline]:
+    """A mask must broadcast to the scores without growing them, and be bool or floating."""
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return Decline("mask", f"mask dtype {mask.dtype} (bool or floating point expected)")
+    if mask.dim() > len(scores_shape):
+        return Decline("mask", f"mask of shape {tuple(mask.shape)} has more dims than the scores")
+    try:
+        out = torch.broadcast_shapes(tuple(mask.shape), tuple(scores_shape))
+    except RuntimeError:
+        return Decline("mask", f"mask of shape {tuple(mask.shape)} does not broadcast to scores "
+                               f"{tuple(scores_shape)}")
+    if len(out) != len(scores_shape) or any(
+            size_hint(a) != size_hint(b) for a, b in zip(out, scores_shape)):
+        return Decline("mask", f"mask of shape {tuple(mask.shape)} broadcasts scores beyond "
+                               f"{tuple(scores_shape)}")
+    return None
