@@ -17,3 +17,10 @@ from . import ops  # noqa: F401  (registers the torch.ops.aether.* ops)
 from .attention import AttentionStats, attention
 
 __all__ = ["AttentionStats", "attention", "__version__"]
+
+from .backend import aether_backend  # noqa: E402
+from .context import AetherPass, enable  # noqa: E402
+from .explain import ExplainReport, explain  # noqa: E402
+from .options import AetherOptions  # noqa: E402
+
+__all__ += ["AetherOptions", "AetherPass", "ExplainReport", "aether_backend", "enable", "explain"]

@@ -133,3 +133,30 @@ def run_and_get_code(fn, *args, **kwargs):
     from torch._inductor.utils import run_and_get_code as _run
 
     return _run(fn, *args, **kwargs)
+
+
+def recompile_limit_patch(limit: int):
+    """Dynamo config patch raising the per-code recompile limit (renamed from cache_size_limit)."""
+    import torch._dynamo.config as dcfg
+
+    name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+    return dcfg.patch(**{name: max(limit, getattr(dcfg, name))})
+
+
+def graph_module_of(graph_or_gm):
+    """Custom passes get an ``fx.Graph`` (both versions); older code passed the GraphModule."""
+    if isinstance(graph_or_gm, torch.fx.GraphModule):
+        return graph_or_gm
+    return graph_or_gm.owning_module
+
+
+def set_pre_grad_pass(value) -> None:
+    import torch._inductor.config as icfg
+
+    icfg.pre_grad_custom_pass = value
+
+
+def get_pre_grad_pass():
+    import torch._inductor.config as icfg
+
+    return icfg.pre_grad_custom_pass

@@ -22,6 +22,7 @@ from .site import DENSE, SPARSE, Decline, Site
 log = logging.getLogger("aether_compile.passes")
 
 MATCHERS = (sdpa, softmax, mha)
+_QUIET_CODES = ("device", "min_seq_len", "excluded")  # expected, by configuration: info level
 _listeners: list[Callable[[Site], None]] = []
 
 __all__ = ["rewrite_attention", "Site", "Decline", "SPARSE", "DENSE", "add_listener",
@@ -42,7 +43,8 @@ def _record(site: Site) -> None:
 
     counters["aether"][site.code] += 1
     counters["aether"]["sites"] += 1
-    (log.info if site.rewritten else log.warning)(
+    quiet = site.rewritten or site.code in _QUIET_CODES
+    (log.info if quiet else log.warning)(
         "aether: %s %s at %s [%s]: %s", site.decision, site.pattern, site.module or "<top>",
         site.source, site.reason)
     for fn in list(_listeners):

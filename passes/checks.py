@@ -25,8 +25,7 @@ def device(q, allow_cpu: bool) -> Optional[Decline]:
     if q.device.type == "cpu" and allow_cpu:
         return None
     if q.device.type == "cpu":
-        return Decline("device", "device is cpu, not CUDA (pass allow_cpu=True to run the reference "
-                                  "on CPU)")
+        return Decline("device", "device cpu is not CUDA (allow_cpu=False)")
     return Decline("device", f"device {q.device.type} is not supported")
 
 
