@@ -257,3 +257,26 @@ def restricted_attention_backward(grad_out, q, k, v, attn_mask, is_causal, scale
         dk = dk.view(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
         dv = dv.view(B, Hkv, H // Hkv, *dv.shape[2:]).sum(2)
     return dq, dk, dv
+
+
+def chunked_attention_fp64(q, k, v, attn_mask=None, is_causal=False, kept=None, block_m=None,
+                           block_n=None, scale=None, row_chunk=1024):
+    """Float64 attention (restricted to ``kept`` blocks when given) in row chunks, so an oracle
+    fits in memory at 32K tokens. Rows with no unmasked key give 0."""
+    B, H, L, E = q.shape
+    S = k.shape[-2]
+    scale = E ** -0.5 if scale is None else scale
+    kd, vd = _expand_kv(k.double(), H), _expand_kv(v.double(), H)
+    bias = additive_bias(attn_mask, is_causal, L, S, torch.float64, q.device)
+    out = torch.empty(B, H, L, v.shape[-1], dtype=torch.float64, device=q.device)
+    key_block = torch.arange(S, device=q.device) // (block_n or 1)
+    for r0 in range(0, L, row_chunk):
+        rows = torch.arange(r0, min(L, r0 + row_chunk), device=q.device)
+        s = (q[:, :, rows].double() * scale) @ kd.transpose(-1, -2)
+        if bias is not None:
+            s = s + bias.expand(*bias.shape[:2], L, S)[:, :, rows]
+        if kept is not None:
+            s = s.masked_fill(~kept[:, :, rows // block_m][..., key_block], -math.inf)
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        out[:, :, rows] = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)) @ vd
+    return out

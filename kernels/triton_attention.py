@@ -308,6 +308,16 @@ def _launch_config(block_m: int, d_pad: int, dv_pad: int, device_type: str):
     return {"num_warps": warps, "num_stages": stages}
 
 
+def _bounds_config(d_pad: int, device_type: str) -> dict:
+    """Key blocks per bounds-kernel step; at head dim 256 three [BLOCK_J, 256] fp16 summaries per
+    stage must fit in shared memory."""
+    if device_type != "cuda":
+        return {"BLOCK_J": 16}
+    if d_pad > 128:
+        return {"BLOCK_J": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_J": 64, "num_warps": 8, "num_stages": 2}
+
+
 def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch.Tensor:
     """A broadcastable SDPA mask as a 4-D view [Bm, Hm, L, S] (Bm in {1, B}, Hm in {1, H});
     broadcast row/key dims become stride-0 views, nothing is copied."""
@@ -354,7 +364,6 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = _pad_pow2(D)
-    cfg = _launch_config(block_m, d_pad, _pad_pow2(DV), dev.type)
 
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
@@ -378,8 +387,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=64 if dev.type == "cuda" else 16, D_PAD=d_pad,
-        **cfg)
+        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, **_bounds_config(d_pad, dev.type))
 
     order, tail_log2, n_live = plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,

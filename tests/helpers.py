@@ -72,27 +72,8 @@ SMALL_WORKLOAD_KW = {
 }
 
 
-def chunked_oracle(q, k, v, attn_mask=None, is_causal=False, kept=None, block_m=None, block_n=None,
-                   row_chunk=1024):
-    """Float64 attention (restricted to ``kept`` blocks when given) computed in row chunks, so it
-    fits in memory at 32K tokens."""
-    from aether_compile.kernels.reference import additive_bias
+def chunked_oracle(q, k, v, attn_mask=None, is_causal=False, kept=None, block_m=None, block_n=None):
+    """Float64 attention (restricted to ``kept`` when given), row-chunked for 32K tokens."""
+    from aether_compile.kernels.reference import chunked_attention_fp64
 
-    B, H, L, E = q.shape
-    S = k.shape[-2]
-    kd, vd = k.double(), v.double()
-    if kd.shape[1] != H:
-        kd, vd = kd.repeat_interleave(H // kd.shape[1], 1), vd.repeat_interleave(H // vd.shape[1], 1)
-    bias = additive_bias(attn_mask, is_causal, L, S, torch.float64, q.device)
-    out = torch.empty(B, H, L, v.shape[-1], dtype=torch.float64, device=q.device)
-    key_block = torch.arange(S, device=q.device) // (block_n or 1)
-    for r0 in range(0, L, row_chunk):
-        rows = torch.arange(r0, min(L, r0 + row_chunk), device=q.device)
-        s = (q[:, :, rows].double() * E ** -0.5) @ kd.transpose(-1, -2)
-        if bias is not None:
-            s = s + bias.expand(*bias.shape[:2], L, S)[:, :, rows]
-        if kept is not None:
-            s = s.masked_fill(~kept[:, :, rows // block_m][..., key_block], -math.inf)
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        out[:, :, rows] = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)) @ vd
-    return out
+    return chunked_attention_fp64(q, k, v, attn_mask, is_causal, kept, block_m, block_n)
