@@ -17,17 +17,20 @@ from .spellings import ev, scale_args, unrepeat_kv
 @dataclass
 class Operand:
     """A tensor the op reads: ``node`` permuted by ``perm`` (if any), then the last two dims
-    swapped when ``transpose``."""
+    swapped when ``transpose``, then dim 0 split into (-1, ``heads``) when ``heads``."""
 
     node: Node
     perm: Optional[tuple[int, ...]] = None
     transpose: bool = False
+    heads: Optional[int] = None
 
     def value(self) -> torch.Tensor:
         t = ev(self.node)
         if self.perm is not None:
             t = t.permute(*self.perm)
-        return t.transpose(-2, -1) if self.transpose else t
+        if self.transpose:
+            t = t.transpose(-2, -1)
+        return t.unflatten(0, (-1, self.heads)) if self.heads else t
 
     def build(self, b: Builder) -> Node:
         n = self.node
@@ -35,6 +38,8 @@ class Operand:
             n = b.method("permute", n, *self.perm)
         if self.transpose:
             n = b.method("transpose", n, -2, -1)
+        if self.heads:
+            n = b.method("unflatten", n, 0, (-1, self.heads))
         return n
 
 

@@ -61,7 +61,8 @@ def _qk(a: Node, b: Node, form: str, node: Node, k_perm=None) -> Optional[Scores
 def _leaf(node: Node) -> Optional[Scores]:
     mm = matmul_args(node)
     if mm is not None:
-        return _qk(mm[0], mm[1], "matmul", node)
+        bmm = node.target in (torch.bmm, "bmm", torch.Tensor.bmm)
+        return _qk(mm[0], mm[1], "bmm" if bmm else "matmul", node)
     es = einsum_args(node)
     if es is not None:
         eq, (a, b) = es
@@ -165,7 +166,28 @@ def parse_scores(node: Node, depth: int = 0) -> Optional[Scores]:
     x = passthrough_input(node)
     if x is not None:
         return extend(parse_scores(x, nxt))
-    return None
+    return _split_heads(node, nxt)
+
+
+def _split_heads(node: Node, depth: int) -> Optional[Scores]:
+    """[B*H, L, S] scores viewed as [B, H, L, S] (GPT-2's baddbmm path), before any mask."""
+    if not (node.op == "call_method" and node.target in ("view", "reshape")
+            or node.op == "call_function" and node.target is torch.reshape):
+        return None
+    x = node.args[0]
+    out = ev(node)
+    s = parse_scores(x, depth) if is_tensor_node(x) else None
+    if s is None or len(s.shape) != 3 or out.dim() != 4 or s.q.heads or \
+            any(op[0] != "scale" for op in s.ops):
+        return None
+    H = out.shape[1]
+    if not isinstance(H, int) or tuple(out.shape[2:]) != tuple(s.shape[1:]):
+        return None
+    s.q = Operand(s.q.node, s.q.perm, s.q.transpose, H)
+    s.k = Operand(s.k.node, s.k.perm, s.k.transpose, H)
+    s.shape = tuple(out.shape)
+    s.nodes.append(node)
+    return s
 
 
 def mask_builder(ops):
@@ -248,7 +270,11 @@ def match(node: Node) -> Optional[AttentionMatch]:
     use = parse_probs(node)
     problems += use.problems
     q = s.q
-    k, v, gqa = unrepeat_pair(s.k, use.v, None) if nd == 4 else (s.k, use.v, False)
+    v = use.v
+    if s.q.heads:  # scores were split into heads: v must already be [B, H, S, Ev]
+        if ev(v.node).dim() != 4:
+            raise Decline("shape", "scores split into heads but v is not 4-D")
+    k, v, gqa = unrepeat_pair(s.k, v, None) if nd == 4 else (s.k, v, False)
     scale = s.scale
     for op in s.ops:
         if op[0] == "scale":

