@@ -8,7 +8,7 @@ import aether_compile
 
 
 def max_err(outs, refs) -> float:
-    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(outs, refs))
+    return max(float((a.detach().double() - b.detach().double()).abs().max()) for a, b in zip(outs, refs))
 
 
 def run_case(case, options, grad=False):

@@ -1,0 +1,179 @@
+"""backend="aether", enable(), explain(), AetherOptions, and the pass's safety net."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch._inductor.config as icfg
+from torch._dynamo.utils import counters
+
+import aether_compile
+from aether_compile import AetherOptions, passes
+from aether_compile.backend import split_options
+from aether_compile.context import AetherPass
+from tests.models import spellings as S
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+
+
+def _block():
+    torch.manual_seed(0)
+    return S.NanoGPTBlock(flash=False).eval(), torch.randn(2, 20, 32)
+
+
+# -- options -------------------------------------------------------------------------------------
+def test_options_frozen_and_coerced():
+    o = AetherOptions.coerce({"eps": 1e-3, "exclude": "encoder.*"})
+    assert o.exclude == ("encoder.*",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.eps = 0.0
+    with pytest.raises(TypeError, match="unknown aether option"):
+        AetherOptions.coerce({"epsilon": 1.0})
+    with pytest.raises(ValueError):
+        AetherOptions(eps=-1.0)
+    assert AetherOptions.coerce(o, min_seq_len=64).min_seq_len == 64
+
+
+def test_backend_options_split():
+    ours, inductor = split_options({"eps": 0.0, "allow_cpu": True, "max_autotune": False})
+    assert ours == AetherOptions(eps=0.0, allow_cpu=True)
+    assert inductor == {"max_autotune": False}
+    ours, inductor = split_options({"aether": AetherOptions(min_seq_len=8), "trace.enabled": False})
+    assert ours.min_seq_len == 8 and inductor == {"trace.enabled": False}
+
+
+# -- backend -------------------------------------------------------------------------------------
+def test_backend_by_name_and_idempotent_registration():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("aether") is aether_compile.aether_backend  # entry point
+    aether_compile.backend.register()
+    aether_compile.backend.register()  # no duplicate-name assertion
+    assert "aether" in torch._dynamo.list_backends()
+
+
+def test_backend_mode_and_options_through_torch_compile():
+    model, x = _block()
+    compiled = torch.compile(model, backend="aether",
+                             options={"allow_cpu": True, "eps": 0.0, "compiler": "aot_eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counters["aether"]["rewritten"] == 1
+    torch._dynamo.reset()
+    with torch.no_grad():  # mode= reaches the backend (Inductor); CPU without allow_cpu: dense
+        torch.testing.assert_close(torch.compile(model, backend="aether", mode="default")(x),
+                                   model(x), rtol=1e-5, atol=1e-5)
+    assert counters["aether"]["device"] == 1
+
+
+# -- enable() ------------------------------------------------------------------------------------
+class _UserPass(AetherPass.__mro__[1]):  # a CustomGraphPass of the user's
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return b"user-pass"
+
+
+def test_enable_chains_restores_and_nests():
+    user = _UserPass()
+    icfg.pre_grad_custom_pass = user
+    try:
+        with aether_compile.enable(allow_cpu=True) as outer:
+            p_outer = icfg.pre_grad_custom_pass
+            assert isinstance(p_outer, AetherPass) and p_outer.chained is user
+            with aether_compile.enable(allow_cpu=True, eps=0.0):
+                inner = icfg.pre_grad_custom_pass
+                assert inner.chained is user and inner.options.eps == 0.0  # not double-rewritten
+            assert icfg.pre_grad_custom_pass is p_outer
+            assert outer.options.allow_cpu
+        assert icfg.pre_grad_custom_pass is user
+        with pytest.raises(RuntimeError):
+            with aether_compile.enable():
+                raise RuntimeError("boom")
+        assert icfg.pre_grad_custom_pass is user
+    finally:
+        icfg.pre_grad_custom_pass = None
+
+
+def test_enable_as_decorator_rewrites_default_inductor_compile():
+    model, x = _block()
+    user = _UserPass()
+    icfg.pre_grad_custom_pass = user
+
+    @aether_compile.enable(allow_cpu=True, eps=0.0)
+    def run():
+        # caches off: a cache hit (keyed on the pass's uuid) would skip the pass and its counters
+        with torch.no_grad(), icfg.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            return torch.compile(model)(x)
+
+    try:
+        out = run()
+    finally:
+        icfg.pre_grad_custom_pass = None
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert counters["aether"]["rewritten"] == 1
+    assert user.calls >= 1  # the chained pass ran too
+
+
+def test_pass_uuid_depends_on_options_and_chained_pass():
+    a = AetherPass(AetherOptions(eps=1e-3)).uuid()
+    assert a and a == AetherPass(AetherOptions(eps=1e-3)).uuid()
+    assert a != AetherPass(AetherOptions(eps=1e-4)).uuid()
+    assert a != AetherPass(AetherOptions(eps=1e-3), chained=_UserPass()).uuid()
+    assert AetherPass(chained=lambda g: None).uuid() is None  # uncacheable chained pass
+
+
+# -- explain() -----------------------------------------------------------------------------------
+def test_explain_table_and_counters():
+    model, x = _block()
+    with torch.no_grad():
+        report = aether_compile.explain(model, x, options=AetherOptions(compiler="eager"))
+    assert [(s.decision, s.code, s.module) for s in report.sites] == [("dense", "device", "attn")]
+    assert "spellings.py" in report.sites[0].source
+    text = str(report)
+    assert "attn" in text and "device cpu is not CUDA" in text and "fallbacks: device=1" in text
+    assert report.counters == {"device": 1}
+
+
+# -- safety net ----------------------------------------------------------------------------------
+def test_internal_error_leaves_graph_and_compile_goes_on(monkeypatch):
+    def broken(node):
+        if passes.softmax.softmax_args(node) is not None:
+            raise KeyError("matcher bug")
+        return None
+
+    monkeypatch.setattr(passes.softmax, "match", broken)
+    model, x = _block()
+    with torch.no_grad():
+        report = aether_compile.explain(model, x, options=dict(allow_cpu=True, compiler="aot_eager"))
+        torch.testing.assert_close(report.output, model(x))
+    assert [s.code for s in report.sites] == ["internal_error"]
+    assert "matcher bug" in report.sites[0].reason
+
+
+def test_rewrite_failure_rolls_back(monkeypatch):
+    """A failure while inserting the replacement restores the graph (no half-built nodes)."""
+    from passes import common  # noqa: F401  (same module object as aether_compile.passes.common)
+
+    def boom(*a, **k):
+        raise RuntimeError("fake-mode trouble")
+
+    monkeypatch.setattr(aether_compile.passes.common.Builder, "fn", boom)
+    model, x = _block()
+    with torch.no_grad():
+        report = aether_compile.explain(model, x, options=dict(allow_cpu=True, compiler="eager"))
+        torch.testing.assert_close(report.output, model(x))
+    assert [s.code for s in report.sites] == ["internal_error"]

@@ -1,0 +1,126 @@
+"""One small module per attention spelling (tests/models/spellings.py), and the declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models import spellings as S
+from tests.models.harness import run_case
+from tests.models.zoo import Case
+
+OPTIONS = dict(allow_cpu=True, eps=0.0, compiler="aot_eager")
+B, L = 2, 24
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+def _x(C=32, seed=0):
+    return torch.randn(B, L, C, generator=torch.Generator().manual_seed(seed))
+
+
+def _keep():
+    keep = torch.rand(B, 1, L, L, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[..., 0] = True  # no fully masked row (eager gives NaN there, the op 0)
+    return keep
+
+
+REWRITTEN = {
+    "matmul-div-additive-mask": (S.MatmulDivMask, lambda: (_x(), torch.randn(B, 1, L, L)),
+                                 "softmax-matmul(matmul)", "mask=additive"),
+    "scale-on-q-dropout-eval": (S.ScaleOnQ, lambda: (_x(),), "softmax-matmul(matmul)", "mask=none"),
+    "split-scale-fp32-softmax": (S.SplitScale, lambda: (_x(),), "softmax-matmul(matmul)",
+                                 "mask=none"),
+    "einsum-masked-fill-finfo-min": (S.EinsumMaskedFill, lambda: (_x(), _keep()),
+                                     "softmax-matmul(einsum)", "mask=bool"),
+    "bmm-3d-where-causal": (S.BmmWhere, lambda: (_x(),), "softmax-matmul(bmm)", "mask=bool"),
+    "baddbmm-gpt2-upcast": (S.Baddbmm, lambda: (_x(),), "softmax-matmul(baddbmm)", "mask=none"),
+    "repeat-interleave-gqa": (S.RepeatInterleaveGQA, lambda: (_x(64),), "softmax-matmul(matmul)",
+                              "gqa"),
+    "sdpa-all-args": (S.SdpaAllArgs, lambda: (_x(64), _keep()), "sdpa", "gqa"),
+}
+
+
+@pytest.mark.parametrize("case", list(REWRITTEN), ids=list(REWRITTEN))
+def test_spelling_rewritten(case):
+    cls, inputs, pattern, reason_part = REWRITTEN[case]
+    torch.manual_seed(0)
+    model = cls().eval()
+    report, err = run_case(Case(model, inputs(), sites=1, out=lambda o: (o,)), OPTIONS)
+    assert [s.decision for s in report.sites] == ["sparse"], str(report)
+    assert report.sites[0].pattern == pattern
+    assert reason_part in report.sites[0].reason
+    assert err < 1e-5
+
+
+DECLINED = {
+    "tensor-scale": (S.TensorScale, lambda: (_x(),), "scale"),
+    "fill-zero-mask": (S.FillZero, lambda: (_x(), _keep()), "mask"),
+    "returns-weights": (S.ReturnsWeights, lambda: (_x(),), "weights_used"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECLINED), ids=list(DECLINED))
+def test_spelling_declined(case):
+    cls, inputs, code = DECLINED[case]
+    torch.manual_seed(0)
+    model = cls().eval()
+    out = (lambda o: o) if cls is S.ReturnsWeights else (lambda o: (o,))
+    report, err = run_case(Case(model, inputs(), sites=1, out=out), OPTIONS)
+    assert [(s.decision, s.code) for s in report.sites] == [("dense", code)], str(report)
+    assert err == 0.0  # graph left as it was
+
+
+def test_dropout_in_training_stays_dense():
+    torch.manual_seed(0)
+    model = S.ScaleOnQ().train()
+    report, _ = run_case(Case(model, (_x(),), sites=1, out=lambda o: (o,)), OPTIONS, grad=True)
+    assert [(s.decision, s.code) for s in report.sites] == [("dense", "dropout")]
+    assert "training" in report.sites[0].reason
+
+
+def test_sdpa_dropout_in_training_stays_dense():
+    torch.manual_seed(0)
+    model = S.NanoGPTBlock(flash=True, dropout=0.1).train()
+    report, _ = run_case(Case(model, (_x(),), sites=1, out=lambda o: (o,)), OPTIONS, grad=True)
+    assert [(s.decision, s.code) for s in report.sites] == [("dense", "dropout")]
+
+
+def test_cpu_without_allow_cpu_stays_dense():
+    torch.manual_seed(0)
+    model = S.MatmulDivMask().eval()
+    report, err = run_case(Case(model, (_x(), torch.randn(B, 1, L, L)), sites=1,
+                                out=lambda o: (o,)), dict(OPTIONS, allow_cpu=False))
+    assert [(s.decision, s.code) for s in report.sites] == [("dense", "device")]
+    assert "allow_cpu" in report.sites[0].reason
+    assert err == 0.0
+
+
+def test_min_seq_len_and_exclude():
+    torch.manual_seed(0)
+    model = S.NanoGPTBlock(flash=False).eval()
+    report, _ = run_case(Case(model, (_x(),), sites=1, out=lambda o: (o,)),
+                         dict(OPTIONS, min_seq_len=L + 1))
+    assert [s.code for s in report.sites] == ["min_seq_len"]
+    torch._dynamo.reset()
+    report, _ = run_case(Case(model, (_x(),), sites=1, out=lambda o: (o,)),
+                         dict(OPTIONS, exclude=("attn",)))
+    assert [s.code for s in report.sites] == ["excluded"]
+    assert report.sites[0].module == "attn"
+
+
+def test_output_attentions_hf_stays_dense():
+    """HF eager attention with output_attentions=True returns the weights: no rewrite."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models import zoo
+
+    case = zoo.hf_case("bert", "eager")
+    case.kwargs["output_attentions"] = True
+    report, err = run_case(case, OPTIONS)
+    assert [s.code for s in report.sites] == ["weights_used"] * 2, str(report)
+    assert err == 0.0
+    del transformers
