@@ -58,10 +58,16 @@ def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
         m = matcher.match(node)
         if m is None:
             return None
-        problem = check_common(m, options, module, module_type)
-        if problem is not None:
-            raise problem
-        apply(gm, m, options)
+        if hasattr(m, "check"):  # matcher with its own replacement (mha)
+            problem = m.check(options, module, module_type)
+            if problem is not None:
+                raise problem
+            m.apply(gm, options)
+        else:
+            problem = check_common(m, options, module, module_type)
+            if problem is not None:
+                raise problem
+            apply(gm, m, options)
     except Decline as d:
         return Site(getattr(matcher, "PATTERN", matcher.__name__), DENSE, d.message, d.code, **where)
     except Exception as e:  # a bug in a matcher must never break the user's compile

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models import spellings as S
-from tests.models.harness import run_case
+from tests.models.harness import run_case, xfail_op_backward_strides
 from tests.models.zoo import Case
 
 OPTIONS = dict(allow_cpu=True, eps=0.0, compiler="aot_eager")
@@ -124,3 +124,61 @@ def test_output_attentions_hf_stays_dense():
     assert [s.code for s in report.sites] == ["weights_used"] * 2, str(report)
     assert err == 0.0
     del transformers
+
+
+# -- nn.MultiheadAttention (torchvision's ViT uses it with need_weights=False) -------------------
+class _MHA(torch.nn.Module):
+    def __init__(self, batch_first, need_weights=False):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 2, batch_first=batch_first)
+        self.need_weights = need_weights
+
+    def forward(self, x, **masks):
+        out, w = self.attn(x, x, x, need_weights=self.need_weights, **masks)
+        return (out, w) if self.need_weights else out
+
+
+def _mha_masks(kind, N=2, T=12):
+    kpm = torch.zeros(N, T, dtype=torch.bool)
+    kpm[1, 8:] = True  # True = padding in MHA's convention
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # True = masked out
+    return {"none": {}, "key_padding": {"key_padding_mask": kpm}, "causal": {"attn_mask": causal},
+            "both": {"attn_mask": causal, "key_padding_mask": kpm}}[kind]
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("kind", ["none", "key_padding", "causal", "both"])
+def test_multihead_attention_rewritten(batch_first, kind):
+    torch.manual_seed(0)
+    model = _MHA(batch_first).eval()
+    x = torch.randn(2, 12, 32) if batch_first else torch.randn(12, 2, 32)
+    report, err = run_case(Case(model, (x,), _mha_masks(kind), sites=1, out=lambda o: (o,)),
+                           OPTIONS)
+    assert [(s.pattern, s.decision) for s in report.sites] == [("mha", "sparse")], str(report)
+    assert err < 1e-5
+
+
+@xfail_op_backward_strides
+def test_multihead_attention_training_backward():
+    torch.manual_seed(0)
+    model = _MHA(True).train()  # dropout 0: rewritten in training too
+    x = torch.randn(2, 12, 32)
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grad = model.attn.in_proj_weight.grad.clone()
+    model.zero_grad()
+    import aether_compile
+
+    report = aether_compile.explain(model, x, options=OPTIONS)
+    assert [s.decision for s in report.sites] == ["sparse"]
+    report.output.square().sum().backward()
+    torch.testing.assert_close(model.attn.in_proj_weight.grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_multihead_attention_weights_returned_stays_dense():
+    torch.manual_seed(0)
+    model = _MHA(True, need_weights=True).eval()
+    report, err = run_case(Case(model, (torch.randn(2, 12, 32),), sites=1, out=lambda o: o),
+                           OPTIONS)
+    assert [(s.pattern, s.code) for s in report.sites] == [("mha", "weights_used")]
+    assert err == 0.0

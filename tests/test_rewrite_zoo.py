@@ -16,7 +16,8 @@ import torch
 from aether_compile._compat import run_and_get_code
 from tests.helpers import rel_err
 from tests.models import spellings, zoo
-from tests.models.harness import assert_all_rewritten, max_err, run_case
+from tests.models.harness import (assert_all_rewritten, max_err, run_case,
+                                  xfail_op_backward_strides)
 
 pytest.importorskip("transformers")
 
@@ -56,9 +57,7 @@ def test_hf_inductor_code_has_op(name, impl):
     assert max_err(case.out(out), ref) < CPU_TOL
 
 
-@pytest.mark.xfail(strict=False, reason="aether::attention_backward's fake returns empty_like(query) "
-                   "(input strides) but the real kernel returns contiguous grads; AOT's backward "
-                   "then views them wrongly (ops.py, owned by the lead)")
+@xfail_op_backward_strides
 def test_hf_training_backward_cpu():
     """Training graph (dropout 0): rewritten, and gradients match eager (op's autograd)."""
     import transformers
