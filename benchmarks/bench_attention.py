@@ -119,6 +119,9 @@ def run_case(workload, N, dtype, is_causal, H=16, D=128, eps=None, check=True, f
     row["t_plan_ms"] = bench_ms(lambda: plan_attention(q, k, v, None, is_causal))
     plan = plan_attention(q, k, v, None, is_causal)
     row["t_attention_kernel_ms"] = bench_ms(lambda: run_attention(q, k, v, plan, eps))
+    # the single-pass in-kernel stop: fewest blocks, unpipelined loop
+    row["t_attention_kernel_stop_ms"] = bench_ms(lambda: run_attention(q, k, v, plan, eps, "stop"))
+    row["kept_fraction_stop"] = float(run_attention(q, k, v, plan, eps, "stop")[2].float().mean())
     row.update({f"t_sdpa_{n}_ms": t for n, t in sdpa_anchors(q, k, v, is_causal).items()})
     if flex:
         row.update({f"t_{n}_ms" if n.startswith("flex_") and "error" not in n else n: t

@@ -9,7 +9,8 @@ Pipeline, all on device with no host synchronisation:
      plus the mask maximum; causal blocks past the diagonal get -inf.
   4. ``certificate.plan_visits`` (torch ops): best-first order and the suffix bound mass.
   5. ``_attention_kernel``: online-softmax attention over blocks in that order, stopping once the
-     remaining bounded mass is <= eps * the normaliser so far for every row of the tile.
+     remaining bounded mass is <= eps * the normaliser so far for every row of the tile — either
+     in-kernel ("stop" mode) or at a count fixed on device from a short exact probe ("twopass").
 
 The same semantics in plain torch live in ``reference.py``; tests compare the two.
 """
@@ -196,8 +197,50 @@ def _bounds_kernel(
 # 5. Best-first attention with the certificate's stop
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _visit_block(
+    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One key block of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
+    o_n = j * o_n0.shape[0] + o_n0
+    m_n = o_n < S
+    p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+    b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
+    if DOT_UPCAST:
+        b_kt = b_kt.to(tl.float32)
+    s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2  # [BM, BN]
+    keep = m_n[None, :]
+    if IS_CAUSAL:
+        keep = keep & (o_n[None, :] <= o_m[:, None])
+    if HAS_MASK:
+        m_valid = m_m[:, None] & m_n[None, :]
+        if MASK_IS_BOOL:
+            mk = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0)
+            keep = keep & (mk != 0)
+        else:
+            add = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0.0)
+            add = add.to(tl.float32)
+            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+            s = s + add * 1.4426950408889634
+    s = tl.where(keep, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    b_p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
+    b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
+    if DOT_UPCAST:
+        b_v = b_v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
-    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive,
+    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -206,8 +249,11 @@ def _attention_kernel(
     sm_scale_log2, stop_log2, L, S, D, DV, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FIXED_COUNT: tl.constexpr,
 ):
+    """FIXED_COUNT: visit exactly NVisit[tile] blocks of the order (a plain loop that Triton can
+    pipeline; the count comes from the certificate, see ``run_attention``). Otherwise visit
+    best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt
@@ -231,49 +277,30 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     plan = pid * n_kb
-    n_live = tl.load(NLive + pid)
-    p = n_live * 0
-    go = n_live > 0
-    while go:
-        j = tl.load(Order + plan + p).to(tl.int64)
-        o_n = j * BLOCK_N + o_n0
-        m_n = o_n < S
-        p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
-        b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
-        if DOT_UPCAST:
-            b_kt = b_kt.to(tl.float32)
-        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2  # [BM, BN]
-        keep = m_n[None, :]
-        if IS_CAUSAL:
-            keep = keep & (o_n[None, :] <= o_m[:, None])
-        if HAS_MASK:
-            m_valid = m_m[:, None] & m_n[None, :]
-            if MASK_IS_BOOL:
-                mk = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0)
-                keep = keep & (mk != 0)
-            else:
-                add = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0.0)
-                add = add.to(tl.float32)
-                add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
-                s = s + add * 1.4426950408889634
-        s = tl.where(keep, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        b_p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
-        b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
-        if DOT_UPCAST:
-            b_v = b_v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        tl.store(Kept + plan + j, 1)
-        p += 1
-        # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser so far.
-        tail = tl.load(TailLog2 + plan + p, mask=p < n_live, other=-float("inf"))
-        ok = (tail <= stop_log2 + m_i + tl.log2(l_i)) | (o_m >= L)
-        go = (p < n_live) & (tl.min(ok.to(tl.int32), 0) == 0)
+    if FIXED_COUNT:
+        n_visit = tl.load(NVisit + pid)
+        for p in range(0, n_visit):
+            j = tl.load(Order + plan + p).to(tl.int64)
+            m_i, l_i, acc = _visit_block(
+                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+    else:
+        n_live = tl.load(NLive + pid)
+        p = n_live * 0
+        go = n_live > 0
+        while go:
+            j = tl.load(Order + plan + p).to(tl.int64)
+            m_i, l_i, acc = _visit_block(
+                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+            tl.store(Kept + plan + j, 1)
+            p += 1
+            # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
+            tail = tl.load(TailLog2 + plan + p, mask=p < n_live, other=-float("inf"))
+            ok = (tail <= stop_log2 + m_i + tl.log2(l_i)) | (o_m >= L)
+            go = (p < n_live) & (tl.min(ok.to(tl.int32), 0) == 0)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no unmasked key give 0, as SDPA's math
@@ -394,8 +421,12 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
                      order, tail_log2, n_live)
 
 
-def run_attention(query, key, value, plan: VisitPlan, eps: float):
-    """Stage 5: best-first attention with the certificate's stop. Returns (out, lse, kept)."""
+# Blocks the two-pass forward computes exactly before fixing each tile's visit count.
+PROBE_BLOCKS = 8
+FORWARD_MODES = ("twopass", "stop")
+
+
+def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept):
     B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
     dev = query.device
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
@@ -406,25 +437,67 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float):
                          if has_mask else [0, 0, 0, 0])
     out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
     lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    kept = torch.zeros(B, H, nqt, nkb, device=dev, dtype=torch.uint8)
     _attention_kernel[(B * H * nqt,)](
-        query, key, value, mask4 if has_mask else query, out, lse, kept, plan.order,
-        plan.tail_log2, plan.n_live,
+        query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
+        plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
         plan.scale * LOG2E, stop_threshold_log2(eps), L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
         IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
-        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16,
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, FIXED_COUNT=n_visit is not None,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
-    return out, lse, kept.view(torch.bool)
+    return out, lse
+
+
+def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch.Tensor, eps):
+    """Per tile, how many blocks of the order to visit, from normalisers measured on the probe.
+
+    The probe computed the first ``probe`` blocks exactly: Z_probe <= Z of any superset, so
+    stopping at the first position p >= probe with tail[p] <= log2(margin * eps * min_rows
+    Z_probe) certifies every row. Tensor ops only (no host sync)."""
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    z = (probe_lse * LOG2E).masked_fill(torch.isnan(probe_lse), -float("inf"))
+    pad = nqt * plan.block_m - plan.L
+    z = torch.nn.functional.pad(z, (0, pad), value=float("inf"))  # padding rows don't bind
+    z_min = z.view(plan.B, plan.H, nqt, plan.block_m).amin(-1)
+    thr = stop_threshold_log2(eps) + z_min  # [B, H, nQT]
+    can_stop = plan.tail_log2 <= thr.unsqueeze(-1)
+    can_stop &= torch.arange(nkb, device=z.device) >= probe.unsqueeze(-1)
+    first = torch.where(can_stop.any(-1), can_stop.to(torch.int8).argmax(-1),
+                        torch.full_like(plan.n_live, nkb, dtype=torch.int64))
+    return torch.minimum(first, plan.n_live.long()).to(torch.int32)
+
+
+def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None):
+    """Stage 5: certified best-first attention. Returns (out, lse, kept).
+
+    mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
+    visit count follows from the certificate on device, then a pipelined fixed-count pass.
+    mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
+    fewest blocks, but the data-dependent loop is not software-pipelined)."""
+    mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"AETHER_FORWARD_MODE must be one of {FORWARD_MODES}, got {mode!r}")
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    if mode == "stop":
+        kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
+        out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
+        return out, lse, kept.view(torch.bool)
+    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
+    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
+    n_visit = certified_visit_count(plan, probe_lse, probe, eps)
+    out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None)
+    visited = torch.arange(nkb, device=query.device) < n_visit.unsqueeze(-1)
+    kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.bool)
+    return out, lse, kept.scatter(-1, plan.order.long(), visited)
 
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                     enable_gqa=False, eps=0.0, block_m=None, block_n=None):
+                     enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None):
     """Certified block-sparse attention on the Triton path.
 
     Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
     plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
-    return run_attention(query, key, value, plan, eps)
+    return run_attention(query, key, value, plan, eps, mode)
