@@ -75,7 +75,8 @@ def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
         return Site(getattr(matcher, "PATTERN", matcher.__name__), DENSE,
                     f"internal error: {type(e).__name__}: {e}", "internal_error", **where)
     desc = f"mask={m.mask_kind}" + (", gqa" if m.enable_gqa else "") + (
-        f", scale={m.scale:.4g}" if m.scale is not None else "")
+        f", scale={m.scale:.4g}" if m.scale is not None and not m.scale_nodes else "") + (
+        ", symbolic scale" if getattr(m, "scale_nodes", None) else "")
     return Site(m.pattern, SPARSE, desc, "rewritten", **where)
 
 

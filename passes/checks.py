@@ -70,6 +70,17 @@ def constant_scale(value) -> Optional[float]:
     return float(value)
 
 
+def symbolic_scalar(value) -> bool:
+    """A graph node holding a traced Python number (SymFloat/SymInt), e.g. a float module attribute
+    Dynamo lifted to an input under dynamic shapes (``scaling.item()``). Passed through as is."""
+    from torch.fx import Node
+
+    if not isinstance(value, Node):
+        return False
+    v = value.meta.get("example_value", value.meta.get("val"))
+    return isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
 def fill_masks_out(value) -> bool:
     """True when masked_fill/where writes a value that removes the key (-inf, finfo.min, -1e4...)."""
     v = constant_scale(value)

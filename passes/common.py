@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+import operator
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -54,7 +55,7 @@ class AttentionMatch:
     q: Operand
     k: Operand
     v: Operand
-    scale: Optional[float]
+    scale: Optional[float]  # constant part (None: SDPA's default 1/sqrt(E))
     is_causal: bool = False
     enable_gqa: bool = False
     mask: MaskBuilder = lambda b: None
@@ -63,6 +64,20 @@ class AttentionMatch:
     out_perm: Optional[tuple[int, ...]] = None
     problems: list[Decline] = field(default_factory=list)
     visited: list[Node] = field(default_factory=list)  # matched nodes, erased once dead
+    scale_nodes: list = field(default_factory=list)  # (symbolic scalar node, divide) factors
+
+
+def build_scale(b: Builder, const: Optional[float], factors) -> Any:
+    """The op's scale argument: a float, or a node multiplying symbolic factors by the constant."""
+    if not factors:
+        return None if const is None else float(const)
+    out = None
+    for node, div in factors:
+        f = b.fn(operator.truediv, 1.0, node) if div else node
+        out = f if out is None else b.fn(operator.mul, out, f)
+    if const is not None and const != 1.0:
+        out = b.fn(operator.mul, out, float(const))
+    return out
 
 
 def peel_scale(node: Node) -> tuple[Node, float]:
@@ -135,8 +150,9 @@ def apply(gm: GraphModule, m: AttentionMatch, options) -> None:
         if three_d:  # [B*H, L, E] -> [1, B*H, L, E]; a 3-D mask broadcasts over the new batch dim
             q, k, v = (b.method("unsqueeze", t, 0) for t in (q, k, v))
         mask = m.mask(b)
-        out = b.fn(torch.ops.aether.attention.default, q, k, v, mask, bool(m.is_causal),
-                   None if m.scale is None else float(m.scale), bool(m.enable_gqa), options.eps)
+        scale = build_scale(b, m.scale, m.scale_nodes)
+        out = b.fn(torch.ops.aether.attention.default, q, k, v, mask, bool(m.is_causal), scale,
+                   bool(m.enable_gqa), options.eps)
         if three_d:
             out = b.method("squeeze", out, 0)
         if m.out_perm is not None and list(m.out_perm) != list(range(len(m.out_perm))):

@@ -24,8 +24,10 @@ def match(node: Node) -> Optional[AttentionMatch]:
     if r is not None:
         problems.append(Decline("dropout", f"SDPA {r.message.replace(' in training', '')} "
                                            "(training)") if r.code == "dropout" else r)
-    scale = a["scale"]
-    if scale is not None:
+    scale, scale_nodes = a["scale"], []
+    if checks.symbolic_scalar(scale):
+        scale, scale_nodes = None, [(a["scale"], False)]
+    elif scale is not None:
         scale = checks.constant_scale(scale)
         if scale is None:
             problems.append(Decline("scale", f"non-constant scale {a['scale']}"))
@@ -49,5 +51,5 @@ def match(node: Node) -> Optional[AttentionMatch]:
         pattern=PATTERN, anchor=node, replace=node, q=q, k=k, v=v, scale=scale,
         is_causal=a["is_causal"] is True, enable_gqa=gqa,
         mask=(lambda b: mask) if mask_values else (lambda b: None),
-        mask_values=mask_values, mask_kind=kind, problems=problems,
+        mask_values=mask_values, mask_kind=kind, problems=problems, scale_nodes=scale_nodes,
         visited=[a["key"], a["value"]] if gqa and a["enable_gqa"] is not True else [])

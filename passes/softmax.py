@@ -127,6 +127,8 @@ def parse_scores(node: Node, depth: int = 0) -> Optional[Scores]:
     if r is not None:
         x, c, div = r
         s = parse_scores(x, nxt)
+        if checks.symbolic_scalar(c):
+            return extend(s, op=("symscale", c, div))
         cs = checks.constant_scale(c)
         if cs is None or cs == 0.0:
             return extend(s, problem=Decline("scale", f"non-constant scale {c}"))
@@ -178,7 +180,7 @@ def _split_heads(node: Node, depth: int) -> Optional[Scores]:
     out = ev(node)
     s = parse_scores(x, depth) if is_tensor_node(x) else None
     if s is None or len(s.shape) != 3 or out.dim() != 4 or s.q.heads or \
-            any(op[0] != "scale" for op in s.ops):
+            any(op[0] not in ("scale", "symscale") for op in s.ops):
         return None
     H = out.shape[1]
     if not isinstance(H, int) or tuple(out.shape[2:]) != tuple(s.shape[1:]):
@@ -198,6 +200,8 @@ def mask_builder(ops):
         for op in ops:
             if op[0] == "scale" and additive is not None:
                 additive = b.fn(operator.mul, additive, op[1])
+            elif op[0] == "symscale" and additive is not None:
+                additive = b.fn(operator.truediv if op[2] else operator.mul, additive, op[1])
             elif op[0] == "add":
                 additive = op[1] if additive is None else b.fn(operator.add, additive, op[1])
             elif op[0] == "drop":
@@ -285,5 +289,6 @@ def match(node: Node) -> Optional[AttentionMatch]:
     return AttentionMatch(
         pattern=f"{PATTERN}({s.form})", anchor=node, replace=use.pv, q=q, k=k, v=v, scale=scale,
         enable_gqa=gqa, mask=mask_builder(s.ops), mask_values=[ev(m) for m in masks],
+        scale_nodes=[(op[1], op[2]) for op in s.ops if op[0] == "symscale"],
         mask_kind="+".join(kinds) or "none", out_perm=use.out_perm, problems=problems,
         visited=[use.pv, *use.nodes, node, *s.nodes])

@@ -197,3 +197,31 @@ def test_torchvision_vit_b_16_gpu():
     report, err = run_case(zoo.Case(model, (x,), sites=12, out=lambda o: (o,)), GPU_OPTIONS)
     assert_all_rewritten(report, 12)
     assert err < 5e-2
+
+
+@pytest.mark.parametrize("name,impl", [("bert", "eager"), ("llama", "sdpa")])
+def test_hf_dynamic_shapes(name, impl):
+    """dynamic=True: sizes are symbols and float attributes such as ``scaling`` become traced
+    scalars (``.item()`` of a lifted input); the rewrite passes those through to the op."""
+    import functools
+
+    from aether_compile.backend import aether_backend
+    from aether_compile.passes import add_listener, remove_listener
+
+    sites = []
+    add_listener(sites.append)
+    try:
+        backend = functools.partial(aether_backend, options=CPU_OPTIONS)
+        compiled = None
+        for L in (16, 24, 30):
+            case = getattr(zoo, name)(impl, L=L)
+            if compiled is None:
+                model = case.model
+                compiled = torch.compile(model, backend=backend, dynamic=True)
+            with torch.no_grad():
+                err = max_err(case.out(compiled(*case.args, **case.kwargs)),
+                              case.out(model(*case.args, **case.kwargs)))
+            assert err < CPU_TOL, (L, err)
+    finally:
+        remove_listener(sites.append)
+    assert sites and all(s.rewritten for s in sites), sites
