@@ -111,8 +111,8 @@ def module_path(node: torch.fx.Node) -> tuple[str, str]:
         return "", ""
     path, cls = list(stack.values())[-1]
     cls_name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
-    path = re.sub(r"^L\[?'?self'?\]?", "", path)
+    # the compiled object itself: L['self'], or L['args'][0] under a (self, *args) wrapper
+    path = re.sub(r"^L\['(self|args)'\](\[0\])?", "", str(path))
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\._modules\.|\._modules\[", ".", path)

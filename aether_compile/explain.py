@@ -23,6 +23,7 @@ from .options import AetherOptions
 class ExplainReport:
     sites: list = field(default_factory=list)  # aether_compile.passes.Site
     output: Any = None  # what the compiled model returned
+    compiled: Any = None  # the torch.compile'd model (call it again without recompiling)
 
     @property
     def counters(self) -> Counter:
@@ -70,8 +71,9 @@ def explain(model, *args, options: Any = None, **kwargs) -> ExplainReport:
     backend = functools.partial(aether_backend, options={"aether": opts, **inductor})
     add_listener(report.sites.append)
     try:
+        report.compiled = torch.compile(model, backend=backend)
         with _compat.recompile_limit_patch(64):
-            report.output = torch.compile(model, backend=backend)(*args, **kwargs)
+            report.output = report.compiled(*args, **kwargs)
     finally:
         remove_listener(report.sites.append)
     return report
