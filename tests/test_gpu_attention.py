@@ -83,3 +83,15 @@ def test_batch_heads_beyond_grid_limit_and_int64_offsets():
     for sl in (slice(0, 8), slice(BH - 8, BH)):
         ref = F.scaled_dot_product_attention(q[:, sl], q[:, sl], q[:, sl])
         assert rel_err(out[:, sl], ref) < 5e-3
+
+
+def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
+    from aether_compile.kernels.triton_attention import triton_attention
+
+    q, k, v = WORKLOADS["clustered"](1, 2, 32768, 128, dtype=torch.float16, device="cuda")
+    _, _, kept_stop = triton_attention(q, k, v, eps=1e-3, mode="stop")
+    _, _, kept_two = triton_attention(q, k, v, eps=1e-3, mode="twopass")
+    assert torch.all(kept_two | ~kept_stop)
+    for kept in (kept_stop, kept_two):
+        d = dropped_mass(q, k, kept, 128, 64)
+        assert 0.0 < float(d.max()) <= 1e-3
