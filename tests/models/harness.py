@@ -15,15 +15,27 @@ xfail_op_backward_strides = pytest.mark.xfail(
 
 
 def max_err(outs, refs) -> float:
-    return max(float((a.detach().double() - b.detach().double()).abs().max()) for a, b in zip(outs, refs))
+    return max(float((a.detach().double() - b.detach().double()).abs().max())
+               for a, b in zip(outs, refs))
 
 
-def run_case(case, options, grad=False):
-    """(report, max abs error vs eager) for a zoo Case; eval/no_grad unless ``grad``."""
+def max_rel_err(outs, refs) -> float:
+    """Largest relative Frobenius error over the compared outputs."""
+    errs = []
+    for a, b in zip(outs, refs):
+        a, b = a.detach().double(), b.detach().double()
+        errs.append(float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return max(errs)
+
+
+def run_case(case, options, grad=False, rel=False):
+    """(report, max abs error vs eager — or max relative error with ``rel``) for a zoo Case;
+    eval/no_grad unless ``grad``."""
     with torch.set_grad_enabled(grad):
         ref = case.out(case.model(*case.args, **case.kwargs))
         report = aether_compile.explain(case.model, *case.args, options=options, **case.kwargs)
-    return report, max_err(case.out(report.output), ref)
+    outs = case.out(report.output)
+    return report, (max_rel_err(outs, ref) if rel else max_err(outs, ref))
 
 
 def assert_all_rewritten(report, expected_sites):

