@@ -67,6 +67,12 @@ def test_backend_mode_and_options_through_torch_compile():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert counters["aether"]["rewritten"] == 1
     torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aether",
+                             options=AetherOptions(allow_cpu=True, eps=0.0, compiler="eager"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counters["aether"]["rewritten"] == 2
+    torch._dynamo.reset()
     with torch.no_grad():  # mode= reaches the backend (Inductor); CPU without allow_cpu: dense
         torch.testing.assert_close(torch.compile(model, backend="aether", mode="default")(x),
                                    model(x), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,8 @@ def _keep():
 REWRITTEN = {
     "matmul-div-additive-mask": (S.MatmulDivMask, lambda: (_x(), torch.randn(B, 1, L, L)),
                                  "softmax-matmul(matmul)", "mask=additive"),
+    "mask-then-scale": (S.MaskThenScale, lambda: (_x(), torch.randn(B, 1, L, L)),
+                        "softmax-matmul(matmul)", "mask=additive"),
     "scale-on-q-dropout-eval": (S.ScaleOnQ, lambda: (_x(),), "softmax-matmul(matmul)", "mask=none"),
     "split-scale-fp32-softmax": (S.SplitScale, lambda: (_x(),), "softmax-matmul(matmul)",
                                  "mask=none"),

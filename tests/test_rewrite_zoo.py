@@ -218,3 +218,46 @@ def test_hf_dynamic_shapes(name, impl):
     finally:
         remove_listener(sites.append)
     assert sites and all(s.rewritten for s in sites), sites
+
+
+@pytest.mark.gpu
+def test_timm_vit_gpu():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
+                              depth=2, num_classes=10).eval().cuda().half()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    for fused in (True, False):
+        for blk in model.blocks:
+            blk.attn.fused_attn = fused
+        torch._dynamo.reset()
+        report, err = run_case(zoo.Case(model, (x,), sites=2, out=lambda o: (o,)), GPU_OPTIONS,
+                               rel=True)
+        assert_all_rewritten(report, 2)
+        assert err < GPU_REL_TOL
+
+
+@pytest.mark.gpu
+@xfail_op_backward_strides
+def test_hf_training_backward_gpu():
+    """Llama (GQA) training step in bf16 through Inductor: rewritten, gradients close to eager."""
+    import transformers
+
+    import aether_compile
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, use_cache=False,
+                                   attn_implementation="eager")
+    model = transformers.LlamaModel(cfg).train().cuda().to(torch.bfloat16)
+    ids = zoo._ids(2, 256, device="cuda")
+    model(input_ids=ids).last_hidden_state.float().square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    report = aether_compile.explain(model, input_ids=ids, options=GPU_OPTIONS)
+    assert_all_rewritten(report, 2)
+    report.output.last_hidden_state.float().square().mean().backward()
+    for n, p in model.named_parameters():
+        if n in ref:
+            assert rel_err(p.grad, ref[n]) < 3e-2, n

@@ -42,6 +42,15 @@ class MatmulDivMask(_Base):
         return self.merge(torch.softmax(s, dim=-1).matmul(v))
 
 
+class MaskThenScale(_Base):
+    """Mask added before the scale: softmax((q @ kᵀ + mask) * s) — the mask is scaled too."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = (torch.matmul(q, k.transpose(-2, -1)) + mask).mul(self.D ** -0.5)
+        return self.merge(F.softmax(s, -1) @ v)
+
+
 class ScaleOnQ(_Base):
     """timm's manual path: q * scale before the matmul, the .softmax method, dropout module."""
 
