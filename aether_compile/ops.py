@@ -1,11 +1,11 @@
 """Registration of the ``aether`` torch ops (done once, at import of ``aether_compile``).
 
 * ``aether::attention`` — certified block-sparse attention, SDPA's argument order, returns out.
-  Has a fake (meta) implementation and autograd, so torch.compile traces straight through it.
-* ``aether::attention_with_stats`` — the same computation, also returning the per-row
-  log-sum-exp and the bool map of computed blocks (for ``return_stats`` and tests).
+  CompositeImplicitAutograd over ``attention_with_stats``.
+* ``aether::attention_with_stats`` — returns (out, per-row log-sum-exp, bool map of computed
+  blocks); has the fake implementation and the autograd formula.
 * ``aether::attention_backward`` — gradients of the function the forward computed (attention
-  restricted to the kept blocks; those blocks are recomputed, the selection is deterministic).
+  restricted to the kept blocks), from the forward's lse and kept map: Triton on CUDA.
 
 Implementation choice per call: the Triton kernels on CUDA (or under TRITON_INTERPRET=1 when a
 caller asks for them directly), otherwise the plain-torch reference, which has the same semantics.
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from aether_compile.kernels import reference as _ref
 from aether_compile.kernels import triton_attention as _tri
+from aether_compile.kernels import triton_backward as _bwd
 from aether_compile.kernels.certificate import num_blocks
 
 # Default eps per dtype: the largest eps whose output error stays inside that dtype's own
@@ -94,27 +95,20 @@ def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa
     return _fake_outputs(query, key, value, block_m, block_n)
 
 
-# -- aether::attention ---------------------------------------------------------------------------
-@torch.library.custom_op("aether::attention", mutates_args=())
-def attention_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                 is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                 eps: Optional[float] = None) -> Tensor:
-    return forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps)[0]
-
-
-@attention_op.register_fake
-def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, eps=None):
-    return _fake_outputs(query, key, value)[0]
-
-
 # -- aether::attention_backward ------------------------------------------------------------------
 @torch.library.custom_op("aether::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-                       attn_mask: Optional[Tensor] = None, is_causal: bool = False,
-                       scale: Optional[float] = None, enable_gqa: bool = False,
-                       eps: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
-    _, _, kept = forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps)
-    block_m, block_n = resolve_blocks(query, value, None, None)
+def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                       lse: Tensor, kept: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False, scale: Optional[float] = None,
+                       block_m: Optional[int] = None, block_n: Optional[int] = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention restricted to the forward's kept blocks (exact for that function)."""
+    if query.shape[-2] == 0 or key.shape[-2] == 0:
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    if use_triton(query, key, value):
+        return _bwd.triton_attention_backward(grad_out, query, key, value, out, lse, kept,
+                                              attn_mask, is_causal, scale, block_m, block_n)
     cdt = _ref.compute_dtype_for(query.dtype)
     dq, dk, dv = _ref.restricted_attention_backward(
         grad_out.to(cdt), query.to(cdt), key.to(cdt), value.to(cdt), attn_mask, is_causal, scale,
@@ -123,27 +117,52 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
 
 
 @attention_backward.register_fake
-def _(grad_out, query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-      eps=None):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def _(grad_out, query, key, value, out, lse, kept, attn_mask=None, is_causal=False, scale=None,
+      block_m=None, block_n=None):
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            value.new_empty(value.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, is_causal, scale, enable_gqa, eps = inputs
-    ctx.save_for_backward(query, key, value, attn_mask)
-    ctx.params = (is_causal, scale, enable_gqa, eps)
+    query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n = inputs
+    out, lse, kept = output
+    # O(L + S) activations plus block-level metadata: no [L, S] buffer is kept for backward.
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, kept)
+    ctx.params = (is_causal, scale, block_m, block_n)
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
-def _backward(ctx, grad_out):
-    query, key, value, attn_mask = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_kept):
+    # lse and kept are statistics: the selection is piecewise constant (no gradient) and lse is
+    # not treated as differentiable.
+    query, key, value, attn_mask, out, lse, kept = ctx.saved_tensors
     if ctx.mask_needs_grad:
         raise RuntimeError(
             "aether.attention does not compute the gradient of attn_mask; pass a mask that does "
             "not require grad (detach it) or use torch.nn.functional.scaled_dot_product_attention")
-    dq, dk, dv = torch.ops.aether.attention_backward(grad_out.contiguous(), query, key, value,
-                                                     attn_mask, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None
+    is_causal, scale, block_m, block_n = ctx.params
+    dq, dk, dv = torch.ops.aether.attention_backward(
+        grad_out.contiguous(), query, key, value, out, lse, kept, attn_mask, is_causal, scale,
+        block_m, block_n)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
-attention_op.register_autograd(_backward, setup_context=_setup_context)
+attention_with_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- aether::attention ---------------------------------------------------------------------------
+# The drop-in op that rewritten graphs call. CompositeImplicitAutograd: it is a view on
+# attention_with_stats (which carries the fake, the kernels and autograd), so AOTAutograd traces
+# it into attention_with_stats + attention_backward and the forward's lse and kept blocks reach
+# the backward without recomputation.
+torch.library.define(
+    "aether::attention",
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
+    "float? scale=None, bool enable_gqa=False, float? eps=None) -> Tensor")
+
+
+@torch.library.impl("aether::attention", "CompositeImplicitAutograd")
+def attention_op(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                 eps=None):
+    return torch.ops.aether.attention_with_stats(query, key, value, attn_mask, is_causal, scale,
+                                                 enable_gqa, eps)[0]
