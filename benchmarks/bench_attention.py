@@ -6,6 +6,8 @@ Suites:
   issue2     clustered W2 at 32K (and 16K) plus uniform W1 at 32K, B=1 H=16 D=128, fp16 and bf16:
              kept fraction, certified eps, measured max dropped mass, error, time against SDPA
              flash / cuDNN / efficient, FlexAttention dense and Flex given our kept blocks.
+  backward   backward time against SDPA flash / cuDNN backward (clustered, 8K-32K), and peak
+             memory of forward + backward at 128K against flash.
   calibrate  output error against float64 for a grid of eps per dtype and workload, next to
              SDPA's own rounding error in that dtype: the data behind DEFAULT_EPS.
 Every row records card, torch and triton versions, and the git commit.
@@ -166,6 +168,61 @@ def suite_calibrate(progress):
     return rows
 
 
+def suite_backward(progress):
+    """Backward time against SDPA backward (flash, cuDNN) on clustered data, and peak memory of
+    forward + backward at 128K against flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    for N in (8192, 16384, 32768):
+        q, k, v = (t.requires_grad_() for t in WORKLOADS["clustered"](
+            1, 16, N, 128, dtype=torch.float16, device="cuda", seed=0))
+        do = torch.randn_like(q)
+        row = {"N": N, "dtype": "float16", "H": 16, "D": 128, "workload": "clustered"}
+        out, st = aether_compile.attention(q, k, v, return_stats=True)
+        row["kept_fraction"] = st.kept_fraction
+        out = aether_compile.attention(q, k, v)
+        row["t_aether_bwd_ms"] = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), do,
+                                                                      retain_graph=True))
+        for name, be in backends.items():
+            try:
+                with sdpa_kernel(be):
+                    o = F.scaled_dot_product_attention(q, k, v)
+                    row[f"t_sdpa_{name}_bwd_ms"] = bench_ms(
+                        lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+            except RuntimeError:
+                row[f"t_sdpa_{name}_bwd_ms"] = None
+        dense = [row[f"t_sdpa_{n}_bwd_ms"] for n in backends if row[f"t_sdpa_{n}_bwd_ms"]]
+        row["bwd_speedup_vs_fastest_dense"] = min(dense) / row["t_aether_bwd_ms"]
+        rows.append(row)
+        progress(f"backward N={N}: {row}")
+        del q, k, v, do, out
+    # peak memory of forward + backward at 128K
+    N = 131072
+    q, k, v = (t.requires_grad_() for t in WORKLOADS["clustered"](
+        1, 16, N, 128, dtype=torch.float16, device="cuda", seed=0))
+    do = torch.randn_like(q)
+    mem = {"N": N, "workload": "clustered", "measure": "peak_memory_fwd_bwd"}
+    for name, fn in (("aether", lambda: aether_compile.attention(q, k, v)),
+                     ("sdpa_flash", lambda: F.scaled_dot_product_attention(q, k, v))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            torch.autograd.grad(fn(), (q, k, v), do)
+            t1.record()
+        torch.cuda.synchronize()
+        mem[f"{name}_peak_extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        mem[f"{name}_fwd_bwd_ms_single_run"] = t0.elapsed_time(t1)
+    rows.append(mem)
+    progress(f"memory 128K: {mem}")
+    return rows
+
+
 def print_table(rows):
     if not rows:
         return
@@ -178,7 +235,8 @@ def print_table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=["issue2", "calibrate"], nargs="+", default=["issue2"])
+    ap.add_argument("--suite", choices=["issue2", "calibrate", "backward"], nargs="+",
+                    default=["issue2"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -186,7 +244,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     record = env_record()
     for suite in args.suite:
-        rows = {"issue2": suite_issue2, "calibrate": suite_calibrate}[suite](
+        rows = {"issue2": suite_issue2, "calibrate": suite_calibrate,
+                "backward": suite_backward}[suite](
             lambda msg: print(msg, flush=True))
         path = os.path.join(args.out, f"{suite}_{record['card'].replace(' ', '_')}.json")
         with open(path, "w") as f:
