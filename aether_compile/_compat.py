@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +84,6 @@ def aot_eager(gm, example_inputs):
     from torch._dynamo.backends.debugging import aot_eager as _aot_eager
 
     return _aot_eager(gm, example_inputs)
-
-
-def detect_fake_mode(values: Iterable):
-    from torch._guards import detect_fake_mode as _detect
-
-    return _detect(list(values))
 
 
 def size_hint(x) -> Optional[int]:

@@ -52,8 +52,12 @@ def _record(site: Site) -> None:
 
 
 def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
-    module, module_type = module_path(node)
-    where = dict(module=module, module_type=module_type, source=source_line(node), node=node.name)
+    try:
+        module, module_type = module_path(node)
+        source = source_line(node)
+    except Exception:  # metadata we could not read: the site is still handled
+        module, module_type, source = "", "", ""
+    where = dict(module=module, module_type=module_type, source=source, node=node.name)
     try:
         m = matcher.match(node)
         if m is None:

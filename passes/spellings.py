@@ -138,18 +138,16 @@ _CAST_METHODS = ("to", "type", "type_as", "float", "half", "bfloat16", "double",
 
 
 def passthrough_input(node: Node) -> Optional[Node]:
-    """The input of a dtype cast / contiguous / clone that leaves values (up to rounding) alone."""
-    if _method(node, *_CAST_METHODS):
-        if node.target == "to":
-            # .to(dtype) / .to(device?) / .to(other) — only dtype conversions on the same device
-            for a in list(node.args[1:]) + list(node.kwargs.values()):
-                if isinstance(a, Node) or isinstance(a, str) or isinstance(a, torch.device):
-                    if not (isinstance(a, Node) and is_tensor_node(a)
-                            and ev(a).device == ev(node.args[0]).device):
-                        return None
-        return node.args[0] if is_tensor_node(node.args[0]) else None
-    if _fn(node, torch.clone) or (_fn(node, torch.Tensor.contiguous)):
-        return node.args[0]
+    """The input of a dtype cast / contiguous / clone: same values up to rounding, same shape and
+    device (``.to(other_device)`` is not one)."""
+    if _method(node, *_CAST_METHODS) or _fn(node, torch.clone, torch.Tensor.contiguous):
+        x = node.args[0] if node.args else None
+        if not is_tensor_node(x) or not isinstance(ev(node), torch.Tensor):
+            return None
+        a, b = ev(x), ev(node)
+        if a.device != b.device or tuple(a.shape) != tuple(b.shape):
+            return None
+        return x
     return None
 
 

@@ -156,7 +156,10 @@ def test_multihead_attention_rewritten(batch_first, kind):
     x = torch.randn(2, 12, 32) if batch_first else torch.randn(12, 2, 32)
     report, err = run_case(Case(model, (x,), _mha_masks(kind), sites=1, out=lambda o: (o,)),
                            OPTIONS)
-    assert [(s.pattern, s.decision) for s in report.sites] == [("mha", "sparse")], str(report)
+    # torch 2.13 keeps F.multi_head_attention_forward opaque ("mha"); if a version inlines it,
+    # its SDPA call is matched instead
+    assert [s.decision for s in report.sites] == ["sparse"], str(report)
+    assert report.sites[0].pattern in ("mha", "sdpa")
     assert err < 1e-5
 
 
@@ -182,5 +185,5 @@ def test_multihead_attention_weights_returned_stays_dense():
     model = _MHA(True, need_weights=True).eval()
     report, err = run_case(Case(model, (torch.randn(2, 12, 32),), sites=1, out=lambda o: o),
                            OPTIONS)
-    assert [(s.pattern, s.code) for s in report.sites] == [("mha", "weights_used")]
+    assert [s.code for s in report.sites] == ["weights_used"], str(report)
     assert err == 0.0
