@@ -279,6 +279,9 @@ def match(node: Node) -> Optional[AttentionMatch]:
         if ev(v.node).dim() != 4:
             raise Decline("shape", "scores split into heads but v is not 4-D")
     k, v, gqa = unrepeat_pair(s.k, v, None) if nd == 4 else (s.k, v, False)
+    if nd == 4 and not gqa and k.value().shape[1] == 1 and v.value().shape[1] == 1 and \
+            q.value().shape[1] != 1:
+        gqa = True  # multi-query attention written with broadcasting: one kv head for all heads
     scale = s.scale
     for op in s.ops:
         if op[0] == "scale":

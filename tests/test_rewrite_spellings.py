@@ -43,6 +43,7 @@ REWRITTEN = {
     "baddbmm-gpt2-upcast": (S.Baddbmm, lambda: (_x(),), "softmax-matmul(baddbmm)", "mask=none"),
     "repeat-interleave-gqa": (S.RepeatInterleaveGQA, lambda: (_x(64),), "softmax-matmul(matmul)",
                               "gqa"),
+    "broadcast-mqa": (S.BroadcastMQA, lambda: (_x(64),), "softmax-matmul(matmul)", "gqa"),
     "sdpa-all-args": (S.SdpaAllArgs, lambda: (_x(64), _keep()), "sdpa", "gqa"),
 }
 

@@ -127,6 +127,17 @@ class RepeatInterleaveGQA(_Base):
         return self.merge(s.softmax(-1) @ v)
 
 
+class BroadcastMQA(_Base):
+    """Multi-query attention by broadcasting: k and v have one head, matmul broadcasts it."""
+
+    def __init__(self, **kw):
+        super().__init__(C=64, H=4, Hkv=1)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v)
+
+
 class SdpaAllArgs(_Base):
     """F.scaled_dot_product_attention with mask, scale and enable_gqa all given."""
 
