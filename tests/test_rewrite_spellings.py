@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models import spellings as S
-from tests.models.harness import run_case, xfail_op_backward_strides
+from tests.models.harness import run_case
 from tests.models.zoo import Case
 
 OPTIONS = dict(allow_cpu=True, eps=0.0, compiler="aot_eager")
@@ -164,7 +164,6 @@ def test_multihead_attention_rewritten(batch_first, kind):
     assert err < 1e-5
 
 
-@xfail_op_backward_strides
 def test_multihead_attention_training_backward():
     torch.manual_seed(0)
     model = _MHA(True).train()  # dropout 0: rewritten in training too

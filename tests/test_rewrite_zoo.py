@@ -16,8 +16,7 @@ import torch
 from aether_compile._compat import run_and_get_code
 from tests.helpers import rel_err
 from tests.models import spellings, zoo
-from tests.models.harness import (assert_all_rewritten, max_err, run_case,
-                                  xfail_op_backward_strides)
+from tests.models.harness import assert_all_rewritten, max_err, run_case
 
 pytest.importorskip("transformers")
 
@@ -57,7 +56,6 @@ def test_hf_inductor_code_has_op(name, impl):
     assert max_err(case.out(out), ref) < CPU_TOL
 
 
-@xfail_op_backward_strides
 def test_hf_training_backward_cpu():
     """Training graph (dropout 0): rewritten, and gradients match eager (op's autograd)."""
     import transformers
@@ -238,7 +236,6 @@ def test_timm_vit_gpu():
 
 
 @pytest.mark.gpu
-@xfail_op_backward_strides
 def test_hf_training_backward_gpu():
     """Llama (GQA) training step in bf16 through Inductor: rewritten, gradients close to eager."""
     import transformers

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import aether_compile
-
-# Remove once ops.py's attention_backward fake matches the real strides (see the reason).
-xfail_op_backward_strides = pytest.mark.xfail(
-    strict=False, reason="aether::attention_backward's fake returns empty_like(query) (input "
-    "strides) but the real implementation returns contiguous grads; AOT's backward graph then "
-    "views them with the wrong strides (ops.py, owned by the lead)")
-
 
 def max_err(outs, refs) -> float:
     return max(float((a.detach().double() - b.detach().double()).abs().max())
