@@ -24,6 +24,7 @@ log = logging.getLogger("aether_compile.passes")
 MATCHERS = (sdpa, softmax, mha)
 _QUIET_CODES = ("device", "min_seq_len", "excluded")  # expected, by configuration: info level
 _listeners: list[Callable[[Site], None]] = []
+_DONE = "aether_compile.rewritten"
 
 __all__ = ["rewrite_attention", "Site", "Decline", "SPARSE", "DENSE", "add_listener",
            "remove_listener"]
@@ -90,6 +91,11 @@ def rewrite_attention(gm: GraphModule, options) -> list[Site]:
 
     options = AetherOptions.coerce(options)
     sites: list[Site] = []
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        if meta.get(_DONE):  # backend="aether" inside enable(): the graph was already rewritten
+            return sites
+        meta[_DONE] = True
     try:
         anchors = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
         for node in anchors:

@@ -117,3 +117,12 @@ def mask_shape(mask, scores_shape) -> Optional[Decline]:
         return Decline("mask", f"mask of shape {tuple(mask.shape)} broadcasts scores beyond "
                                f"{tuple(scores_shape)}")
     return None
+
+
+def mask_grad(mask) -> Optional[Decline]:
+    """The op has no gradient for attn_mask: a bias that trains (T5's position bias) stays dense.
+    Dynamo compiles under the caller's grad mode (and guards on it), so no_grad graphs are fine."""
+    if mask.requires_grad and torch.is_grad_enabled():
+        return Decline("mask", "additive bias requires grad (learned bias); the op has no mask "
+                               "gradient")
+    return None

@@ -128,7 +128,7 @@ def check_common(m: AttentionMatch, options, module: str, module_type: str) -> O
         return Decline("dtype", f"attention output is {out.dtype} but query is {q.dtype}")
     scores = (*q.shape[:-1], k.shape[-2])
     for mv in m.mask_values:
-        r = checks.mask_shape(mv, scores)
+        r = checks.mask_shape(mv, scores) or checks.mask_grad(mv)
         if r is not None:
             return r
     return (checks.excluded(module, module_type, options.exclude)

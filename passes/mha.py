@@ -159,6 +159,8 @@ def match(node: Node) -> Optional[MhaMatch]:
             v = ev(m)
             if not isinstance(v, torch.Tensor) or not (v.dtype == torch.bool or v.is_floating_point()):
                 problems.append(Decline("mask", f"{name} of dtype {getattr(v, 'dtype', v)}"))
+            elif checks.mask_grad(v) is not None:
+                problems.append(checks.mask_grad(v))
             kinds.append(name)
     if not isinstance(ev(a["query"]), torch.Tensor) or ev(a["query"]).dim() not in (2, 3):
         problems.append(Decline("shape", "query is not [L, N, E] or [L, E]"))

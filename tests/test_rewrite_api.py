@@ -183,3 +183,20 @@ def test_rewrite_failure_rolls_back(monkeypatch):
         report = aether_compile.explain(model, x, options=dict(allow_cpu=True, compiler="eager"))
         torch.testing.assert_close(report.output, model(x))
     assert [s.code for s in report.sites] == ["internal_error"]
+
+
+def test_exclude_by_module_class_name():
+    model, x = _block()
+    with torch.no_grad():
+        report = aether_compile.explain(model, x, options=dict(
+            allow_cpu=True, compiler="eager", exclude=("NanoGPTAttention",)))
+    assert [s.code for s in report.sites] == ["excluded"]
+
+
+def test_backend_inside_enable_rewrites_once():
+    model, x = _block()
+    with aether_compile.enable(allow_cpu=True), torch.no_grad(), \
+            icfg.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(model, backend="aether", options={"allow_cpu": True})(x)
+    assert counters["aether"]["sites"] == 1

@@ -93,6 +93,32 @@ def test_sdpa_dropout_in_training_stays_dense():
     assert [(s.decision, s.code) for s in report.sites] == [("dense", "dropout")]
 
 
+def test_learned_bias_rewritten_in_inference_dense_in_training():
+    torch.manual_seed(0)
+    model = S.LearnedBias().eval()
+    report, err = run_case(Case(model, (_x(),), sites=1, out=lambda o: (o,)), OPTIONS)
+    assert [(s.decision, s.reason) for s in report.sites] == [("sparse", "mask=additive, scale=1")]
+    assert err < 1e-5
+    torch._dynamo.reset()
+    report, _ = run_case(Case(model.train(), (_x(),), sites=1, out=lambda o: (o,)), OPTIONS,
+                         grad=True)
+    assert [s.code for s in report.sites] == ["mask"]
+    assert "requires grad" in report.sites[0].reason
+
+
+def test_hf_bert_training_dropout_stays_dense():
+    pytest.importorskip("transformers")
+    from tests.models import zoo
+
+    for impl in zoo.HF_IMPLS:
+        torch._dynamo.reset()
+        case = zoo.hf_case("bert", impl)
+        case.model.train()
+        report, _ = run_case(case, OPTIONS, grad=True)
+        assert [s.code for s in report.sites] == ["dropout"] * 2, str(report)
+        assert "training" in report.sites[0].reason
+
+
 def test_cpu_without_allow_cpu_stays_dense():
     torch.manual_seed(0)
     model = S.MatmulDivMask().eval()

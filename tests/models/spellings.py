@@ -151,6 +151,18 @@ class SdpaAllArgs(_Base):
         return self.merge(y)
 
 
+class LearnedBias(_Base):
+    """T5-style: no scale, a learned position bias added to the scores."""
+
+    def __init__(self, L=24, **kw):
+        super().__init__(**kw)
+        self.bias = nn.Parameter(torch.randn(1, self.H, L, L) * 0.1)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2) + self.bias, -1) @ v)
+
+
 class TensorScale(_Base):
     """Scale held in a tensor: not a constant, stays dense."""
 
