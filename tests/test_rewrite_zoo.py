@@ -43,7 +43,7 @@ def test_hf_zoo_cpu(name, impl):
     assert err < CPU_TOL, f"max |aether - eager| = {err:.2e}\n{report}"
 
 
-@pytest.mark.parametrize("name,impl", [("bert", "eager"), ("llama", "sdpa")])
+@pytest.mark.parametrize("name,impl", [("bert", "eager"), ("llama", "sdpa"), ("whisper", "eager")])
 def test_hf_inductor_code_has_op(name, impl):
     """Through Inductor: the op is in the generated code and the numbers match."""
     case = zoo.hf_case(name, impl)
