@@ -39,12 +39,22 @@ class Scores:
     problems: list = field(default_factory=list)
 
 
+def _peel_upcast(node: Node) -> Node:
+    """x for x.float() of a half/bfloat16 x used once: products of half values are exact in
+    float32, so q.float() @ k.float() equals the op's fp32-accumulated product."""
+    x = passthrough_input(node) if len(node.users) == 1 else None
+    if x is not None and ev(x).dtype in (torch.float16, torch.bfloat16) and \
+            ev(node).dtype == torch.float32:
+        return x
+    return node
+
+
 def _qk(a: Node, b: Node, form: str, node: Node, k_perm=None) -> Optional[Scores]:
     """Scores for a @ b where b is kᵀ (k_perm None) or b permuted by k_perm is k."""
     if ev(a).dim() not in (3, 4) or ev(a).dim() != ev(b).dim():
         return None
-    a, fa = peel_scale(a)
-    b, fb = peel_scale(b)
+    a, fa = peel_scale(_peel_upcast(a))
+    b, fb = peel_scale(_peel_upcast(b))
     if k_perm is not None:
         k = Operand(b, k_perm)
     else:

@@ -71,6 +71,16 @@ def gpt2(impl, device="cpu", L=32):
                             attention_mask=_padding(2, L, device)), sites=2)
 
 
+def gpt2_upcast(impl, device="cpu", L=32):
+    """GPT-2 with reorder_and_upcast_attn (eager: baddbmm in fp32, alpha=scale) and
+    scale_attn_by_inverse_layer_idx (a different constant scale per layer)."""
+    m = _hf("GPT2Model", "GPT2Config", impl, vocab_size=99, n_embd=32, n_layer=2, n_head=2,
+            n_positions=64, use_cache=False, bos_token_id=2, eos_token_id=2,
+            reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)
+    return Case(m, (), dict(input_ids=_ids(2, L, device=device),
+                            attention_mask=_padding(2, L, device)), sites=2)
+
+
 def _decoder(cls, cfg, impl, device, L, mask=True, **extra):
     m = _hf(cls, cfg, impl, vocab_size=99, hidden_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
@@ -127,7 +137,7 @@ def whisper(impl, device="cpu", L=12):
 
 
 HF_MODELS = {
-    "bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "mistral": mistral,
+    "bert": bert, "roberta": roberta, "gpt2": gpt2, "gpt2_upcast": gpt2_upcast, "llama": llama, "mistral": mistral,
     "qwen2": qwen2, "vit": vit, "clip": clip, "whisper": whisper,
 }
 
