@@ -1,0 +1,132 @@
+"""Run the property checks of tests/test_properties.py outside pytest and count: cases run,
+violations, crashes (per implementation path), plus the worst error / tolerance and dropped mass /
+eps ratios seen. Writes JSON (merged by profile into the output file).
+
+    TRITON_INTERPRET=1 python benchmarks/run_reliability.py --profile large \\
+        --out benchmarks/results/reliability_cpu.json
+
+Profiles give cases per path: ci = op 150, Triton 25 per mode; large = op 10,000, Triton 1,000
+per mode (Triton runs through the interpreter on CPU). ``--op N --triton N`` override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import triton
+from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from property_cases import cases, check_case  # noqa: E402
+
+PROFILES = {"ci": {"op": 150, "twopass": 25, "stop": 25},
+            "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000}}
+
+
+def env_record() -> dict:
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                         cwd=os.path.dirname(__file__)).strip()
+    except Exception:
+        commit = "unknown"
+    return {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_path(path: str, n: int, seed: int, log_every: int = 500) -> dict:
+    """n random cases of one path (hypothesis-generated, never shrunk: every result is counted)."""
+    counts = collections.Counter()
+    failures = []
+    worst = {"rel_err_over_tol": 0.0, "dropped_over_eps": 0.0}
+    by_dtype = collections.Counter()
+    t0 = time.time()
+
+    @settings(max_examples=n, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), phases=["generate"])
+    @hypothesis_seed(seed)
+    @given(case=cases(path))
+    def prop(case):
+        res = check_case(case, path)
+        counts["cases"] += 1
+        by_dtype[str(case.dtype).split(".")[-1]] += 1
+        counts["with_mask"] += case.mask_dtype is not None
+        counts["causal"] += case.is_causal
+        counts["pruned"] += res.kept_fraction < 1.0 and res.crash is None
+        counts["zero_length"] += case.L == 0 or case.S == 0
+        if res.crash is not None:
+            counts["crashes"] += 1
+        elif res.violations:
+            counts["violations"] += 1
+        else:
+            for key in worst:
+                worst[key] = max(worst[key], getattr(res, key))
+        if not res.ok and len(failures) < 50:
+            failures.append({"case": case.id(), "crash": res.crash, "violations": res.violations})
+        if counts["cases"] % log_every == 0:
+            print(f"  {path}: {counts['cases']} cases, {counts['violations']} violations, "
+                  f"{counts['crashes']} crashes, {time.time() - t0:.0f}s", flush=True)
+
+    prop()
+    return {"cases": counts["cases"], "violations": counts["violations"],
+            "crashes": counts["crashes"], "pruned_cases": counts["pruned"],
+            "masked_cases": counts["with_mask"], "causal_cases": counts["causal"],
+            "zero_length_cases": counts["zero_length"], "by_dtype": dict(by_dtype),
+            "worst_rel_err_over_tol": worst["rel_err_over_tol"],
+            "worst_dropped_over_eps": worst["dropped_over_eps"],
+            "seconds": round(time.time() - t0, 1), "failures": failures}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="ci")
+    ap.add_argument("--op", type=int, help="op (CPU reference) cases; overrides the profile")
+    ap.add_argument("--triton", type=int, help="cases per Triton mode; overrides the profile")
+    ap.add_argument("--paths", default="op,twopass,stop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "reliability_cpu.json"))
+    args = ap.parse_args()
+    n = dict(PROFILES[args.profile])
+    if args.op is not None:
+        n["op"] = args.op
+    if args.triton is not None:
+        n["twopass"] = n["stop"] = args.triton
+    paths = [p for p in args.paths.split(",") if p]
+    if any(p != "op" for p in paths) and os.environ.get("TRITON_INTERPRET") != "1":
+        if not torch.cuda.is_available():
+            sys.exit("Triton paths on CPU need TRITON_INTERPRET=1 (or pass --paths op)")
+    record = {"env": env_record(), "paths": {}}
+    for path in paths:
+        print(f"{path}: {n[path]} cases", flush=True)
+        record["paths"][path] = run_path(path, n[path], args.seed)
+        r = record["paths"][path]
+        print(f"{path}: cases {r['cases']}, violations {r['violations']}, crashes {r['crashes']}, "
+              f"pruned {r['pruned_cases']}, worst err/tol {r['worst_rel_err_over_tol']:.3f}, "
+              f"worst dropped/eps {r['worst_dropped_over_eps']:.3f}, {r['seconds']}s", flush=True)
+    record["total"] = {k: sum(r[k] for r in record["paths"].values())
+                       for k in ("cases", "violations", "crashes")}
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    results[args.profile] = record
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    print(json.dumps(record["total"]))
+    return 0 if record["total"]["violations"] == record["total"]["crashes"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
