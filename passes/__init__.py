@@ -49,7 +49,10 @@ def _record(site: Site) -> None:
         "aether: %s %s at %s [%s]: %s", site.decision, site.pattern, site.module or "<top>",
         site.source, site.reason)
     for fn in list(_listeners):
-        fn(site)
+        try:
+            fn(site)
+        except Exception:  # a listener must not break the compile either
+            log.exception("aether: site listener %r failed", fn)
 
 
 def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
