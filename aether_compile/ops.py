@@ -14,6 +14,7 @@ caller asks for them directly), otherwise the plain-torch reference, which has t
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -64,8 +65,20 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
                            dtype=torch.bool, device=query.device)
         return out, lse, kept
-    impl = _tri.triton_attention if use_triton(query, key, value) else _ref.reference_attention
-    return impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
+    if use_triton(query, key, value):
+        return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                     eps, block_m, block_n, dense_fraction=dense_fraction())
+    return _ref.reference_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                    eps, block_m, block_n)
+
+
+def dense_fraction() -> float | None:
+    """The sparse/dense crossover for runtime dispatch; AETHER_DENSE_FRACTION=off disables it
+    (benchmarks use that to time the sparse kernel alone)."""
+    env = os.environ.get("AETHER_DENSE_FRACTION")
+    if env is None:
+        return _tri.DENSE_FRACTION
+    return None if env.lower() in ("off", "none", "") else float(env)
 
 
 def _fake_outputs(query, key, value, block_m=None, block_n=None):

@@ -101,40 +101,92 @@ def flex_anchors(q, k, v, kept, block_m, block_n) -> dict:
     return out
 
 
-def run_case(workload, N, dtype, is_causal, H=16, D=128, eps=None, check=True, flex=False):
-    q, k, v = WORKLOADS[workload](1, H, N, D, dtype=dtype, device="cuda", seed=0)
+def _expand_kv(q, k, v):
+    """SDPA anchors get the kv heads repeated for GQA (what a dense model without GQA kernels
+    does); the repeat is outside the timed region."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, 1).contiguous(), v.repeat_interleave(rep, 1).contiguous()
+
+
+def run_case(workload, N, dtype, is_causal, H=16, D=128, eps=None, check=True, flex=False,
+             kv_heads=None, fwd_bwd=False):
+    kw = {"kv_heads": kv_heads} if kv_heads else {}
+    q, k, v = WORKLOADS[workload](1, H, N, D, dtype=dtype, device="cuda", seed=0, **kw)
+    gqa = k.shape[1] != q.shape[1]
     eps = default_eps(dtype) if eps is None else eps
-    out, stats = aether_compile.attention(q, k, v, is_causal=is_causal, eps=eps, return_stats=True)
-    row = {"workload": workload, "N": N, "H": H, "D": D, "dtype": str(dtype).split(".")[-1],
-           "causal": is_causal, "eps": eps, "block_m": stats.block_m, "block_n": stats.block_n,
+    out, stats = aether_compile.attention(q, k, v, is_causal=is_causal, eps=eps, enable_gqa=gqa,
+                                          return_stats=True)
+    row = {"workload": workload, "N": N, "H": H, "Hkv": k.shape[1], "D": D,
+           "dtype": str(dtype).split(".")[-1], "causal": is_causal, "eps": eps,
+           "block_m": stats.block_m, "block_n": stats.block_n,
            "kept_fraction": stats.kept_fraction}
     if check:
         row["max_dropped_mass"] = float(dropped_mass(q, k, stats.kept_blocks, stats.block_m,
                                                      stats.block_n, is_causal=is_causal).max())
         dense = chunked_oracle(q, k, v, None, is_causal)
         row["rel_err_vs_fp64"] = rel_err(out, dense)
+        ke, ve = _expand_kv(q, k, v)
         row["sdpa_rel_err_vs_fp64"] = rel_err(F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal), dense)
+            q, ke, ve, is_causal=is_causal), dense)
         del dense
-    row["t_aether_ms"] = bench_ms(lambda: aether_compile.attention(q, k, v, is_causal=is_causal,
-                                                                   eps=eps))
+    del out
+    row["t_aether_ms"] = bench_ms(lambda: aether_compile.attention(
+        q, k, v, is_causal=is_causal, eps=eps, enable_gqa=gqa))
     row["t_plan_ms"] = bench_ms(lambda: plan_attention(q, k, v, None, is_causal))
     plan = plan_attention(q, k, v, None, is_causal)
+    # the sparse kernel alone (no dense dispatch), two-pass and in-kernel stop
     row["t_attention_kernel_ms"] = bench_ms(lambda: run_attention(q, k, v, plan, eps))
-    # the single-pass in-kernel stop: fewest blocks, unpipelined loop
     row["t_attention_kernel_stop_ms"] = bench_ms(lambda: run_attention(q, k, v, plan, eps, "stop"))
     row["kept_fraction_stop"] = float(run_attention(q, k, v, plan, eps, "stop")[2].float().mean())
-    row.update({f"t_sdpa_{n}_ms": t for n, t in sdpa_anchors(q, k, v, is_causal).items()})
+    row["sparse_ms"] = row["t_plan_ms"] + row["t_attention_kernel_ms"]
+    del plan
+    ke, ve = _expand_kv(q, k, v)
+    row.update({f"t_sdpa_{n}_ms": t for n, t in sdpa_anchors(q, ke, ve, is_causal).items()})
     if flex:
         row.update({f"t_{n}_ms" if n.startswith("flex_") and "error" not in n else n: t
-                    for n, t in flex_anchors(q, k, v, stats.kept_blocks, stats.block_m,
+                    for n, t in flex_anchors(q, ke, ve, stats.kept_blocks, stats.block_m,
                                              stats.block_n).items()})
     dense_times = [row[f"t_sdpa_{n}_ms"] for n in ("flash", "cudnn", "efficient")
                    if row.get(f"t_sdpa_{n}_ms")]
     row["fastest_dense_ms"] = min(dense_times)
     row["speedup_vs_fastest_dense"] = row["fastest_dense_ms"] / row["t_aether_ms"]
     row["plan_frac_of_dense"] = row["t_plan_ms"] / row["fastest_dense_ms"]
+    if fwd_bwd:
+        row.update(fwd_bwd_times(q, k, v, is_causal, gqa))
     return row
+
+
+def fwd_bwd_times(q, k, v, is_causal, gqa):
+    """Forward + backward, ours against SDPA flash (GQA expanded); OOM recorded, not raised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def ours():
+        o = aether_compile.attention(*leaves, is_causal=is_causal, enable_gqa=gqa)
+        torch.autograd.grad(o, leaves, do)
+
+    def flash():
+        ke, ve = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in leaves[1:])
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(leaves[0], ke, ve, is_causal=is_causal)
+        torch.autograd.grad(o, leaves, do)
+
+    for name, fn in (("aether", ours), ("sdpa_flash", flash)):
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            res[f"t_fwd_bwd_{name}_ms"] = float(triton.testing.do_bench(fn, warmup=1, rep=1,
+                                                                        return_mode="median"))
+            res[f"peak_extra_GiB_{name}"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        except torch.OutOfMemoryError:
+            res[f"t_fwd_bwd_{name}_ms"] = "OOM"
+        torch.cuda.empty_cache()
+    return res
 
 
 def suite_issue2(progress):
@@ -148,6 +200,69 @@ def suite_issue2(progress):
         progress(f"[{i + 1}/{len(cases)}] {w} N={n} {dt} causal={causal}")
         rows.append(run_case(w, n, dt, causal, flex=flex))
     return rows
+
+
+def suite_issue6(progress):
+    """Workloads W1-W4 of the performance issue (B = 1, H = 16, D = 128 unless said)."""
+    cases = []
+    for n in (4096, 16384, 32768):  # W1 uniform: nothing to prune
+        for causal in (False, True):
+            cases.append(dict(workload="uniform", N=n, dtype=torch.float16, is_causal=causal,
+                              check=n <= 16384))
+    cases.append(dict(workload="uniform", N=32768, dtype=torch.bfloat16, is_causal=False,
+                      check=False))
+    cases.append(dict(workload="uniform", N=16384, dtype=torch.float16, is_causal=False, D=64,
+                      check=False))
+    for n in (16384, 32768, 65536, 131072):  # W2 clustered
+        cases.append(dict(workload="clustered", N=n, dtype=torch.float16, is_causal=False,
+                          check=n <= 32768, flex=n in (32768, 131072)))
+    cases.append(dict(workload="clustered", N=32768, dtype=torch.bfloat16, is_causal=False,
+                      check=False, flex=True))
+    for n in (32768, 131072):  # W3 LLM-like, GQA 32/8, causal
+        cases.append(dict(workload="llm_like", N=n, dtype=torch.float16, is_causal=True, H=32,
+                          kv_heads=8, check=False))
+    # W4: 1M tokens, one kv head group (4 query heads over 1 kv head), clustered, causal
+    cases.append(dict(workload="clustered_gqa", N=1 << 20, dtype=torch.float16, is_causal=True,
+                      H=4, kv_heads=1, check=False, fwd_bwd=True))
+    rows = []
+    for i, c in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] {c}")
+        try:
+            rows.append(run_case(**c))
+        except torch.OutOfMemoryError as e:
+            rows.append({**{k: str(v) for k, v in c.items()}, "error": f"OOM: {e}"[:300]})
+        torch.cuda.empty_cache()
+        progress(f"    -> {rows[-1].get('speedup_vs_fastest_dense')}x, "
+                 f"kept {rows[-1].get('kept_fraction')}")
+    return rows
+
+
+def summarize_issue6(rows) -> dict:
+    def pick(**kw):
+        return [r for r in rows if all(r.get(k) == v for k, v in kw.items()) and "error" not in r]
+
+    w1 = pick(workload="uniform")
+    w2_32 = pick(workload="clustered", N=32768, dtype="float16")
+    w2_128 = pick(workload="clustered", N=131072)
+    w3 = pick(workload="llm_like", N=131072)
+    w4 = [r for r in rows if r.get("workload") == "clustered_gqa"]
+    flex = [r for r in rows if r.get("t_flex_same_blocks_ms")]
+    return {
+        "w1_min_ratio_vs_fastest_dense": min((r["speedup_vs_fastest_dense"] for r in w1),
+                                             default=None),
+        "w2_32k_speedup": w2_32[0]["speedup_vs_fastest_dense"] if w2_32 else None,
+        "w2_128k_speedup": w2_128[0]["speedup_vs_fastest_dense"] if w2_128 else None,
+        "kernel_vs_flex_same_blocks": min((r["t_flex_same_blocks_ms"] / r["t_attention_kernel_ms"]
+                                           for r in flex), default=None),
+        "overhead_frac_32k": w2_32[0]["plan_frac_of_dense"] if w2_32 else None,
+        "w3_128k_speedup_vs_flash_causal": (w3[0]["t_sdpa_flash_ms"] / w3[0]["t_aether_ms"]
+                                            if w3 else None),
+        "w4_runs": bool(w4) and "error" not in w4[0]
+        and w4[0].get("t_fwd_bwd_aether_ms") not in (None, "OOM"),
+        "e2e_dense_ratio": None,
+        "e2e_sparse_speedup": None,
+        "e2e_sparse_eps": None,
+    }
 
 
 def suite_calibrate(progress):
@@ -223,6 +338,40 @@ def suite_backward(progress):
     return rows
 
 
+def plot_issue6(rows, out_dir):
+    """time_vs_n.png (per workload, ours and the fastest dense) and speedup_vs_kept.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in rows if "error" not in r and isinstance(r.get("t_aether_ms"), float)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for wl in sorted({r["workload"] for r in ok}):
+        for causal in (False, True):
+            rs = sorted((r for r in ok if r["workload"] == wl and r["causal"] == causal
+                         and r["dtype"] == "float16" and r["D"] == 128), key=lambda r: r["N"])
+            if not rs:
+                continue
+            label = f"{wl}{' causal' if causal else ''}"
+            ax.plot([r["N"] for r in rs], [r["t_aether_ms"] for r in rs], "o-", label=f"aether {label}")
+            ax.plot([r["N"] for r in rs], [r["fastest_dense_ms"] for r in rs], "x--",
+                    label=f"fastest dense {label}")
+    ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms", title="time against N")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "time_vs_n.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["kept_fraction"] for r in ok], [r["speedup_vs_fastest_dense"] for r in ok])
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set(xlabel="kept fraction of blocks", ylabel="speedup vs fastest dense", xscale="log",
+           yscale="log", title="speedup against kept fraction")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "speedup_vs_kept.png"), dpi=120)
+
+
 def print_table(rows):
     if not rows:
         return
@@ -235,7 +384,7 @@ def print_table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=["issue2", "calibrate", "backward"], nargs="+",
+    ap.add_argument("--suite", choices=["issue2", "issue6", "calibrate", "backward"], nargs="+",
                     default=["issue2"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -244,12 +393,17 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     record = env_record()
     for suite in args.suite:
-        rows = {"issue2": suite_issue2, "calibrate": suite_calibrate,
+        rows = {"issue2": suite_issue2, "issue6": suite_issue6, "calibrate": suite_calibrate,
                 "backward": suite_backward}[suite](
             lambda msg: print(msg, flush=True))
         path = os.path.join(args.out, f"{suite}_{record['card'].replace(' ', '_')}.json")
+        result = {"env": record, "rows": rows}
+        if suite == "issue6":
+            result["summary"] = summarize_issue6(rows)
+            print(json.dumps(result["summary"], indent=1))
+            plot_issue6(rows, args.out)
         with open(path, "w") as f:
-            json.dump({"env": record, "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
         print(f"\n== {suite} -> {path}")
         print_table(rows)
 

@@ -95,3 +95,19 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
     for kept in (kept_stop, kept_two):
         d = dropped_mass(q, k, kept, 128, 64)
         assert 0.0 < float(d.max()) <= 1e-3
+
+
+def test_dense_dispatch_on_unprunable_data():
+    """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
+    SDPA kernel; stats say every live block was computed and gradients still flow."""
+    from aether_compile.kernels.triton_attention import triton_attention
+
+    q, k, v = WORKLOADS["uniform"](1, 4, 8192, 128, dtype=torch.float16, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, stats = aether_compile.attention(*leaves, return_stats=True)
+    assert stats.kept_fraction == 1.0
+    ref_out, ref_lse, _ = triton_attention(q, k, v, eps=0.0)  # the sparse kernel, dense
+    assert rel_err(out, ref_out) < 2e-3
+    assert torch.allclose(stats.lse, ref_lse, atol=2e-2)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
