@@ -136,7 +136,12 @@ GPU_REL_TOL = 5e-3  # fp16 vs fp16 eager, relative Frobenius
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,impl", [(n, i) for n in zoo.HF_MODELS for i in zoo.HF_IMPLS],
                          ids=HF_IDS)
-def test_hf_zoo_gpu(name, impl):
+def test_hf_zoo_gpu(name, impl, monkeypatch):
+    from aether_compile.kernels import triton_attention as tri
+
+    calls = []
+    real = tri.triton_attention
+    monkeypatch.setattr(tri, "triton_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     case = zoo.hf_case(name, impl, device="cuda", dtype=torch.float16)
     compiled = torch.compile(case.model, backend="aether", options=GPU_OPTIONS)
     from aether_compile.passes import add_listener, remove_listener
@@ -151,6 +156,7 @@ def test_hf_zoo_gpu(name, impl):
         remove_listener(sites.append)
     assert len(sites) == case.sites and all(s.rewritten for s in sites), sites
     assert any("aether.attention" in c for c in code)
+    assert calls, "the op did not take its Triton path"
     for a, b in zip(case.out(out), ref):
         assert rel_err(a, b) < GPU_REL_TOL
 
