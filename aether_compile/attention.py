@@ -56,6 +56,8 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
                          f"{key.device}, {value.device}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
+    if query.shape[-1] == 0:  # the default scale E ** -0.5 is undefined
+        raise ValueError(f"query/key head dim must be > 0, got shape {tuple(query.shape)}")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key length {key.shape[-2]} != value length {value.shape[-2]}")
     if key.shape[:2] != value.shape[:2]:
