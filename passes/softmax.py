@@ -186,7 +186,7 @@ def _split_heads(node: Node, depth: int) -> Optional[Scores]:
     if not (node.op == "call_method" and node.target in ("view", "reshape")
             or node.op == "call_function" and node.target is torch.reshape):
         return None
-    x = node.args[0]
+    x = node.args[0] if node.args else None
     out = ev(node)
     s = parse_scores(x, depth) if is_tensor_node(x) else None
     if s is None or len(s.shape) != 3 or out.dim() != 4 or s.q.heads or \

@@ -44,10 +44,10 @@ def is_tensor_node(x) -> bool:
 # -- matmul family -------------------------------------------------------------------------------
 def matmul_args(node: Node) -> Optional[tuple[Node, Node]]:
     """(a, b) for a @ b spelled matmul / @ / bmm (function, method or operator)."""
-    if _fn(node, torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm):
-        a, b = node.args[0], node.args[1]
-    elif _method(node, "matmul", "bmm", "__matmul__"):
-        a, b = node.args[0], node.args[1]
+    if _fn(node, torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm) \
+            or _method(node, "matmul", "bmm", "__matmul__"):
+        a = _get(node, 0, "input")
+        b = _get(node, 1, "other", node.kwargs.get("mat2"))
     else:
         return None
     if not (is_tensor_node(a) and is_tensor_node(b)):
@@ -73,6 +73,8 @@ def baddbmm_args(node: Node) -> Optional[Baddbmm]:
 
 def einsum_args(node: Node) -> Optional[tuple[str, list]]:
     if not _fn(node, torch.einsum, torch.functional.einsum):
+        return None
+    if not node.args:
         return None
     eq, *ops = node.args
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -170,7 +172,7 @@ def scale_args(node: Node) -> Optional[tuple[Node, Any, bool]]:
     """(tensor, factor, divide) for x * c, c * x, x / c in any spelling."""
     if _fn(node, operator.mul, operator.imul, torch.mul, torch.Tensor.mul) or \
             _method(node, "mul", "__mul__", "mul_", "__rmul__"):
-        a, b = node.args[0], node.args[1]
+        a, b = _get(node, 0, "input"), _get(node, 1, "other")
         if is_tensor_node(a) and not is_tensor_node(b):
             return a, b, False
         if is_tensor_node(b) and not is_tensor_node(a):
@@ -180,7 +182,7 @@ def scale_args(node: Node) -> Optional[tuple[Node, Any, bool]]:
            torch.Tensor.div) or _method(node, "div", "__truediv__", "div_", "true_divide"):
         if node.kwargs.get("rounding_mode") is not None:
             return None
-        a, b = node.args[0], node.args[1]
+        a, b = _get(node, 0, "input"), _get(node, 1, "other")
         if is_tensor_node(a) and not is_tensor_node(b):
             return a, b, True
     return None
@@ -190,7 +192,7 @@ def tensor_scale_args(node: Node) -> Optional[tuple[Node, Node]]:
     """(tensor, factor-tensor) for x * t / x / t with a 0-d or 1-element tensor factor."""
     if _fn(node, operator.mul, operator.truediv, torch.mul, torch.div) or \
             _method(node, "mul", "div", "__mul__", "__truediv__"):
-        a, b = node.args[0], node.args[1]
+        a, b = _get(node, 0, "input"), _get(node, 1, "other")
         if is_tensor_node(a) and is_tensor_node(b) and ev(b).numel() == 1:
             return a, b
         if is_tensor_node(a) and is_tensor_node(b) and ev(a).numel() == 1 and \
@@ -204,7 +206,7 @@ def add_args(node: Node) -> Optional[tuple[Any, Any]]:
             _method(node, "add", "__add__", "add_", "__radd__"):
         if node.kwargs.get("alpha", 1) != 1:
             return None
-        return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        return _get(node, 0, "input"), _get(node, 1, "other")
     return None
 
 
@@ -212,7 +214,7 @@ def masked_fill_args(node: Node) -> Optional[tuple[Node, Any, Any]]:
     """(x, mask, value) for x.masked_fill(mask, value) / torch.masked_fill."""
     if _fn(node, torch.masked_fill, torch.Tensor.masked_fill) or \
             _method(node, "masked_fill", "masked_fill_"):
-        return node.args[0], _get(node, 1, "mask"), _get(node, 2, "value")
+        return _get(node, 0, "input"), _get(node, 1, "mask"), _get(node, 2, "value")
     return None
 
 
@@ -235,10 +237,12 @@ def swaps_last_two(node: Node) -> Optional[Node]:
     if _fn(node, torch.permute) or _method(node, "permute"):
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
             else node.args[1:]
+        if not all(isinstance(d, int) for d in dims):
+            return None
         dims = [d % nd for d in dims]
         want = list(range(nd - 2)) + [nd - 1, nd - 2]
         return x if dims == want else None
-    if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
+    if node.op == "call_function" and node.target is getattr and node.args[1:2] == ("mT",):
         return x
     return None
 
@@ -265,7 +269,7 @@ def unrepeat_kv(node: Node) -> Optional[tuple[Node, int]]:
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         return None
     if _fn(node, torch.repeat_interleave) or _method(node, "repeat_interleave"):
-        x = node.args[0]
+        x = _get(node, 0, "input")
         reps = _get(node, 1, "repeats")
         dim = _get(node, 2, "dim")
         if is_tensor_node(x) and isinstance(reps, int) and dim in (1, -3) and ev(x).dim() == 4:
@@ -273,7 +277,7 @@ def unrepeat_kv(node: Node) -> Optional[tuple[Node, int]]:
         return None
     if not (_method(node, "reshape", "view") or _fn(node, torch.reshape)):
         return None
-    exp = node.args[0]
+    exp = node.args[0] if node.args else None
     if not (isinstance(exp, Node) and _method(exp, "expand") and len(exp.users) == 1):
         return None
     e = ev(exp)
@@ -289,8 +293,8 @@ def unrepeat_kv(node: Node) -> Optional[tuple[Node, int]]:
                 [i for i in idx if i is not Ellipsis][:3] == [full, full, None]:
             x = unsq.args[0]
     elif _method(unsq, "unsqueeze") or _fn(unsq, torch.unsqueeze):
-        if unsq.args[1] in (2, -3):
-            x = unsq.args[0]
+        if _get(unsq, 1, "dim") in (2, -3):
+            x = unsq.args[0] if unsq.args else None
     if not is_tensor_node(x):
         return None
     xs = ev(x)
