@@ -235,8 +235,23 @@ class ProbsUse:
     problems: list
 
 
-def parse_probs(sm: Node) -> ProbsUse:
-    """Follow the softmax through casts and dropout to the matmul with v; Decline otherwise."""
+def _feeds_matmul(node: Node, depth: int = 4) -> bool:
+    """Whether node reaches the left operand of a matmul / einsum within a few ops."""
+    for u in node.users:
+        mm = matmul_args(u)
+        es = einsum_args(u)
+        if (mm is not None and mm[0] is node) or (es is not None and es[1][0] is node):
+            return True
+        if depth > 0 and u.op in ("call_function", "call_method") and _feeds_matmul(u, depth - 1):
+            return True
+    return False
+
+
+def parse_probs(sm: Node) -> Optional[ProbsUse]:
+    """Follow the softmax through casts and dropout to the matmul with v. None when the
+    probabilities never meet a matmul (not attention); Decline when they do, but not only."""
+    if not _feeds_matmul(sm):
+        return None
     cur, nodes, problems = sm, [], []
     for _ in range(_MAX_CHAIN):
         users = list(cur.users)
@@ -282,6 +297,8 @@ def match(node: Node) -> Optional[AttentionMatch]:
     if any(len(n.users) != 1 for n in s.nodes):
         problems.append(Decline("weights_used", "attention scores are used elsewhere"))
     use = parse_probs(node)
+    if use is None:
+        return None
     problems += use.problems
     q = s.q
     v = use.v

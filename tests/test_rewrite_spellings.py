@@ -78,6 +78,14 @@ def test_spelling_declined(case):
     assert err == 0.0  # graph left as it was
 
 
+def test_softmax_that_is_not_attention_is_not_a_site():
+    torch.manual_seed(0)
+    model = S.NotAttention().eval()
+    report, err = run_case(Case(model, (_x(),), sites=0, out=lambda o: (o,)), OPTIONS)
+    assert report.sites == [], str(report)
+    assert err == 0.0
+
+
 def test_dropout_in_training_stays_dense():
     torch.manual_seed(0)
     model = S.ScaleOnQ().train()

@@ -238,3 +238,21 @@ class NanoGPTBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+class NotAttention(nn.Module):
+    """Softmaxes that are not attention: a classifier, an MoE router, a similarity softmax
+    that is reduced rather than multiplied with values. No site may be reported."""
+
+    def __init__(self, C=32, E=4):
+        super().__init__()
+        self.head = nn.Linear(C, 10)
+        self.router = nn.Linear(C, E)
+        self.experts = nn.Parameter(torch.randn(E, C, C) * 0.1)
+
+    def forward(self, x):
+        probs = self.head(x).softmax(-1)
+        gate = F.softmax(self.router(x), dim=-1)  # [B, L, E]
+        mixed = torch.einsum("ble,ecd,blc->bld", gate, self.experts, x)
+        sim = torch.softmax(x @ x.transpose(-1, -2) / 8.0, dim=-1)  # [B, L, L]
+        return probs.sum() + mixed.mean() + sim.amax(-1).mean()
