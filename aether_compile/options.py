@@ -19,6 +19,7 @@ class AetherOptions:
 
     eps: certificate tolerance passed to the op (None = the dtype default, 0 = exact/dense).
     min_seq_len: shortest key length that takes the sparse op; shorter sites stay dense (0 = always).
+        Decided per compiled graph: a graph with a symbolic (dynamic) length is always rewritten.
     allow_cpu: rewrite CPU tensors too (the op runs its plain-torch reference there).
     exclude: module paths (``encoder.layer.0.attention``, fnmatch patterns such as ``*.crossattention``
         or a module class name) whose attention is left dense.

@@ -47,7 +47,8 @@ def head_dims(q, v) -> Optional[Decline]:
 
 
 def seq_len(k, min_seq_len: int) -> Optional[Decline]:
-    if min_seq_len <= 0:
+    if min_seq_len <= 0 or not isinstance(k.shape[-2], int):
+        # a symbolic length serves every length: rewrite, and let the op dispatch at run time
         return None
     s = size_hint(k.shape[-2])
     if s is not None and s < min_seq_len:
