@@ -200,3 +200,17 @@ def test_backend_inside_enable_rewrites_once():
             torch._functorch.config.patch(enable_autograd_cache=False):
         torch.compile(model, backend="aether", options={"allow_cpu": True})(x)
     assert counters["aether"]["sites"] == 1
+
+
+def test_min_seq_len_static_vs_symbolic_length():
+    import functools
+
+    model, x = _block()
+    backend = functools.partial(aether_compile.aether_backend,
+                                options=dict(allow_cpu=True, compiler="eager", min_seq_len=1000))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+        assert counters["aether"]["min_seq_len"] == 1
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend, dynamic=True)(x)
+    assert counters["aether"]["rewritten"] == 1
