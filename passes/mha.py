@@ -1,4 +1,5 @@
-"""``nn.MultiheadAttention``: Dynamo keeps ``F.multi_head_attention_forward`` as one opaque call.
+"""``nn.MultiheadAttention``: Dynamo keeps ``F.multi_head_attention_forward`` (or, on MHA's
+inference fast path, ``torch._native_multi_head_attention``) as one opaque call.
 
 The call is replaced by ``mha_forward`` (in-projection, ``aether.attention``, out-projection),
 which AOT autograd traces through like any Python. Supported: the common self/cross-attention
@@ -91,12 +92,15 @@ class MhaMatch:
     mask_kind: str = "none"
     enable_gqa: bool = False
     scale: Optional[float] = None
+    native: bool = False  # torch._native_multi_head_attention (batch-first fast path)
 
     def check(self, options, module: str, module_type: str) -> Optional[Decline]:
         if self.problems:
             return self.problems[0]
         a = self.args
         q, k = ev(a["query"]), ev(a["key"])
+        if self.native and k.dim() == 3:
+            k = k.transpose(0, 1)  # [N, S, E] -> [S, N, E] like the functional form
         E, H = q.shape[-1], a["num_heads"]
         if not isinstance(H, int) or E % H:
             return Decline("shape", f"embed dim {E} not divisible by num_heads {H}")
@@ -113,10 +117,16 @@ class MhaMatch:
         a = self.args
         b = Builder(gm.graph, self.node, self.node, [ev(a["query"])])
         try:
-            new = b.fn(mha_forward, a["query"], a["key"], a["value"], a["num_heads"],
-                       a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"],
-                       a["out_proj_bias"], a["key_padding_mask"], a["attn_mask"],
-                       a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], options.eps)
+            if self.native:
+                new = b.fn(native_mha_forward, a["query"], a["key"], a["value"], a["num_heads"],
+                           a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"],
+                           a["out_proj_bias"], a["mask"], a["mask_type"], options.eps)
+            else:
+                new = b.fn(mha_forward, a["query"], a["key"], a["value"], a["num_heads"],
+                           a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"],
+                           a["out_proj_bias"], a["key_padding_mask"], a["attn_mask"],
+                           a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
+                           options.eps)
             want, got = ev(self.node)[0], ev(new)[0]
             if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
                 raise Decline("internal_error", f"replacement gives {tuple(got.shape)}, site "
@@ -131,7 +141,57 @@ class MhaMatch:
         erase_dead(gm.graph, [self.node])
 
 
+_NATIVE_PARAMS = ("query", "key", "value", "embed_dim", "num_head", "qkv_weight", "qkv_bias",
+                  "proj_weight", "proj_bias", "mask", "need_weights", "average_attn_weights",
+                  "mask_type")
+
+
+def native_mha_forward(query, key, value, num_heads: int, qkv_weight, qkv_bias, proj_weight,
+                       proj_bias, mask, mask_type, eps):
+    """torch._native_multi_head_attention (MHA's inference fast path; batch-first) on the op.
+    mask (bool, True = masked out): mask_type 0 -> [L, S], 1 -> key padding [N, S], 2 -> merged
+    [N, H, L, S]."""
+    attn_mask = key_padding_mask = None
+    if mask is not None:
+        if mask_type == 1:
+            key_padding_mask = mask
+        else:
+            attn_mask = mask
+    q, k, v = (t.transpose(0, 1) if t.dim() == 3 else t for t in (query, key, value))
+    out, _ = mha_forward(q, k, v, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                         key_padding_mask, attn_mask, None, None, None, eps)
+    return (out.transpose(0, 1) if out.dim() == 3 else out), None
+
+
+def _native_match(node: Node) -> Optional[MhaMatch]:
+    a = {"need_weights": True, "average_attn_weights": True, "mask_type": None, "mask": None}
+    a.update(zip(_NATIVE_PARAMS, node.args))
+    a.update(node.kwargs)
+    problems = []
+    if any(u.op == "call_function" and len(u.args) > 1 and u.args[1] == 1 and u.users
+           for u in node.users) and a["need_weights"] is not False:
+        problems.append(Decline("weights_used", "attention weights are returned (need_weights)"))
+    m = a["mask"]
+    if m is not None:
+        v = ev(m)
+        if not isinstance(v, torch.Tensor) or not (v.dtype == torch.bool or v.is_floating_point()) \
+                or \
+                a["mask_type"] not in (0, 1, 2) or (a["mask_type"] == 2 and v.dim() != 4):
+            problems.append(Decline("mask", f"native MHA mask {getattr(v, 'dtype', v)} "
+                                            f"type {a['mask_type']}"))
+    if not isinstance(ev(a["query"]), torch.Tensor) or ev(a["query"]).dim() != 3:
+        problems.append(Decline("shape", "query is not [N, L, E]"))
+    args = dict(query=a["query"], key=a["key"], value=a["value"], num_heads=a["num_head"],
+                in_proj_weight=a["qkv_weight"], in_proj_bias=a["qkv_bias"],
+                out_proj_weight=a["proj_weight"], out_proj_bias=a["proj_bias"], mask=a["mask"],
+                mask_type=a["mask_type"])
+    return MhaMatch(node, args, problems, mask_kind="native" if m is not None else "none",
+                    native=True)
+
+
 def match(node: Node) -> Optional[MhaMatch]:
+    if node.op == "call_function" and node.target is torch._native_multi_head_attention:
+        return _native_match(node)
     if not (node.op == "call_function" and node.target in mha_forward_targets()):
         return None
     a = dict(_DEFAULTS)

@@ -221,3 +221,26 @@ def test_multihead_attention_weights_returned_stays_dense():
                            OPTIONS)
     assert [s.code for s in report.sites] == ["weights_used"], str(report)
     assert err == 0.0
+
+
+@pytest.mark.parametrize("mask_type", [None, 0, 1], ids=["no-mask", "attn-mask", "key-padding"])
+def test_native_multihead_attention_fast_path_op(mask_type):
+    """MHA's inference fast path, torch._native_multi_head_attention, if a graph contains it."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 2, batch_first=True).eval()
+    mask = {None: None, 0: torch.ones(12, 12, dtype=torch.bool).triu(1),
+            1: torch.zeros(2, 12, dtype=torch.bool).index_fill(1, torch.arange(9, 12), True)}[
+        mask_type]
+    mask = mask if mask is None or mask_type != 1 else mask.clone()
+    if mask_type == 1:
+        mask[0] = False
+
+    def native(x):
+        return torch._native_multi_head_attention(
+            x, x, x, 32, 2, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+            mha.out_proj.bias, mask, False, True, mask_type)[0]
+
+    report, err = run_case(Case(native, (torch.randn(2, 12, 32),), sites=1, out=lambda o: (o,)),
+                           OPTIONS)
+    assert [(s.pattern, s.decision) for s in report.sites] == [("mha", "sparse")], str(report)
+    assert err < 1e-5
