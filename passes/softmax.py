@@ -283,12 +283,37 @@ def parse_probs(sm: Node) -> Optional[ProbsUse]:
     raise Decline("pattern", "softmax output chain too long")
 
 
+def _unparsed_qk(x: Node, depth: int = 8) -> Optional[Node]:
+    """When the scores could not be parsed but do come from q @ kᵀ a few ops back (e.g. Gemma-2's
+    tanh soft-capping): the first op on the way that the matcher does not know."""
+    blocker = None
+    for _ in range(depth):
+        if not is_tensor_node(x):
+            return None
+        if _leaf(x) is not None:
+            return blocker
+        known = (scale_args(x) or tensor_scale_args(x) or add_args(x) or masked_fill_args(x)
+                 or where_args(x) or passthrough_input(x))
+        if not known and blocker is None:
+            blocker = x
+        tensors = [a for a in x.all_input_nodes if is_tensor_node(a)]
+        if not tensors:
+            return None
+        x = max(tensors, key=lambda a: ev(a).numel())  # follow the scores, not the mask
+    return None
+
+
 def match(node: Node) -> Optional[AttentionMatch]:
     sm = softmax_args(node)
     if sm is None or not is_tensor_node(sm.input):
         return None
     s = parse_scores(sm.input)
     if s is None:
+        blocker = _unparsed_qk(sm.input)
+        if blocker is not None and _feeds_matmul(node):
+            name = blocker.target if isinstance(blocker.target, str) else \
+                getattr(blocker.target, "__name__", str(blocker.target))
+            raise Decline("pattern", f"scores pass through {name} (not a scale or a mask)")
         return None
     nd = len(s.shape)
     if not isinstance(sm.dim, int) or sm.dim % nd != nd - 1:

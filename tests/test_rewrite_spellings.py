@@ -86,6 +86,23 @@ def test_softmax_that_is_not_attention_is_not_a_site():
     assert err == 0.0
 
 
+def test_gemma2_softcapping_reported_dense():
+    """Gemma-2 soft-caps the scores with tanh: not expressible as SDPA, reported with the op."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models import zoo
+
+    model = zoo._hf("Gemma2Model", "Gemma2Config", "eager", vocab_size=99, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, intermediate_size=64, use_cache=False,
+                    attn_logit_softcapping=50.0)
+    case = Case(model, (), dict(input_ids=zoo._ids(2, 24)), sites=2)
+    report, err = run_case(case, OPTIONS)
+    assert [(s.code, s.reason) for s in report.sites] == [
+        ("pattern", "scores pass through tanh (not a scale or a mask)")] * 2, str(report)
+    assert err == 0.0
+    del transformers
+
+
 def test_dropout_in_training_stays_dense():
     torch.manual_seed(0)
     model = S.ScaleOnQ().train()
