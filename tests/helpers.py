@@ -69,6 +69,8 @@ SMALL_WORKLOAD_KW = {
     "sink_local": dict(window=16, strength=10.0),
     "adversarial": dict(block_n=32),
     "uniform": {},
+    "llm_like": dict(kv_heads=1, needles=2),
+    "clustered_gqa": dict(kv_heads=1, run=32, centers=8),
 }
 
 
