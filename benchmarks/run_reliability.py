@@ -5,8 +5,9 @@ eps ratios seen. Writes JSON (merged by profile into the output file).
     TRITON_INTERPRET=1 python benchmarks/run_reliability.py --profile large \\
         --out benchmarks/results/reliability_cpu.json
 
-Profiles give cases per path: ci = op 150, Triton 25 per mode; large = op 10,000, Triton 1,000
-per mode (Triton runs through the interpreter on CPU). ``--op N --triton N`` override them.
+Profiles give cases per path (``property_cases.PROFILE_CASES``): ci = op 200, Triton 30 per mode;
+large = op 10,000, Triton 1,000 per mode (Triton runs through the interpreter on CPU).
+``--op N --triton N`` override them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ import triton
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from property_cases import cases, check_case  # noqa: E402
-
-PROFILES = {"ci": {"op": 150, "twopass": 25, "stop": 25},
-            "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000}}
+from property_cases import PROFILE_CASES as PROFILES, cases, check_case  # noqa: E402
 
 
 def env_record() -> dict:
@@ -86,6 +84,18 @@ def run_path(path: str, n: int, seed: int, log_every: int = 500) -> dict:
             "seconds": round(time.time() - t0, 1), "failures": failures}
 
 
+def write(out: str, profile: str, record: dict) -> None:
+    results = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            results = json.load(f)
+    results[profile] = record
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="ci")
@@ -105,7 +115,7 @@ def main():
     if any(p != "op" for p in paths) and os.environ.get("TRITON_INTERPRET") != "1":
         if not torch.cuda.is_available():
             sys.exit("Triton paths on CPU need TRITON_INTERPRET=1 (or pass --paths op)")
-    record = {"env": env_record(), "paths": {}}
+    record = {"env": env_record(), "cases_requested": {p: n[p] for p in paths}, "paths": {}}
     for path in paths:
         print(f"{path}: {n[path]} cases", flush=True)
         record["paths"][path] = run_path(path, n[path], args.seed)
@@ -113,17 +123,9 @@ def main():
         print(f"{path}: cases {r['cases']}, violations {r['violations']}, crashes {r['crashes']}, "
               f"pruned {r['pruned_cases']}, worst err/tol {r['worst_rel_err_over_tol']:.3f}, "
               f"worst dropped/eps {r['worst_dropped_over_eps']:.3f}, {r['seconds']}s", flush=True)
-    record["total"] = {k: sum(r[k] for r in record["paths"].values())
-                       for k in ("cases", "violations", "crashes")}
-    results = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f)
-    results[args.profile] = record
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
+        record["total"] = {k: sum(r[k] for r in record["paths"].values())
+                           for k in ("cases", "violations", "crashes")}
+        write(args.out, args.profile, record)  # after every path: a long run keeps what it did
     print(json.dumps(record["total"]))
     return 0 if record["total"]["violations"] == record["total"]["crashes"] == 0 else 1
 
