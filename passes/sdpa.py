@@ -37,6 +37,10 @@ def match(node: Node) -> Optional[AttentionMatch]:
     gqa = a["enable_gqa"] is True
     if not gqa and all(is_tensor_node(t.node) for t in (q, k, v)):
         k, v, gqa = unrepeat_pair(k, v, ev(q.node).shape[-3])
+        qv, kv, vv = ev(q.node), ev(k.node), ev(v.node)
+        if not gqa and qv.dim() == kv.dim() == vv.dim() == 4 and kv.shape[1] == vv.shape[1] == 1 \
+                and qv.shape[1] != 1:
+            gqa = True  # multi-query attention by broadcasting (Falcon): one kv head for all
     mask = a["attn_mask"]
     mask_values, kind = [], "none"
     if mask is not None:

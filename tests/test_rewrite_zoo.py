@@ -264,3 +264,16 @@ def test_hf_training_backward_gpu():
     for n, p in model.named_parameters():
         if n in ref:
             assert rel_err(p.grad, ref[n]) < 3e-2, n
+
+
+EXTRA = [(n, i) for n, spec in zoo.EXTRA_HF.items() for i in spec[5]]
+
+
+@pytest.mark.parametrize("name,impl", EXTRA, ids=[f"{n}-{i}" for n, i in EXTRA])
+def test_hf_more_architectures_cpu(name, impl):
+    """Beyond the issue's list: the same rewrite on more transformers architectures."""
+    case = zoo.extra_case(name, impl)
+    report, err = run_case(case, CPU_OPTIONS)
+    assert len(report.sites) == case.sites, str(report)
+    assert report.rewritten == zoo.EXTRA_HF[name][4], str(report)
+    assert err < CPU_TOL

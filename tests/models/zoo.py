@@ -165,3 +165,52 @@ def minilm_case(device="cpu", dtype=torch.float32):
                             "a second, somewhat longer sentence to pad the first"])
     feats = {k: v.to(device) for k, v in feats.items() if isinstance(v, torch.Tensor)}
     return Case(model[0].auto_model, (), feats, sites=6)
+
+
+# More architectures (beyond issue 3's list): name -> (model class, config class, config
+# overrides, expected sites, expected rewritten, implementations).
+_DEC = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64)
+EXTRA_HF = {
+    "distilbert": ("DistilBertModel", "DistilBertConfig",
+                   dict(dim=32, n_layers=2, n_heads=2, hidden_dim=37), 2, 2, HF_IMPLS),
+    "t5-encoder": ("T5EncoderModel", "T5Config",
+                   dict(d_model=32, d_kv=16, num_layers=2, num_heads=2, d_ff=37), 2, 2, HF_IMPLS),
+    "bart": ("BartModel", "BartConfig",
+             dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                  pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+             3, 3, HF_IMPLS),
+    "opt": ("OPTModel", "OPTConfig",
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=37,
+                 word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+            2, 2, HF_IMPLS),
+    "phi3": ("Phi3Model", "Phi3Config", dict(_DEC, pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2), 2, 2, HF_IMPLS),
+    "gemma": ("GemmaModel", "GemmaConfig", dict(_DEC, head_dim=16), 2, 2, HF_IMPLS),
+    "qwen3": ("Qwen3Model", "Qwen3Config", dict(_DEC, head_dim=16), 2, 2, HF_IMPLS),
+    "mixtral": ("MixtralModel", "MixtralConfig",
+                dict(_DEC, num_local_experts=4, num_experts_per_tok=2), 2, 2, HF_IMPLS),
+    "gpt-neox": ("GPTNeoXModel", "GPTNeoXConfig",
+                 dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64), 2, 2, HF_IMPLS),
+    "falcon-mqa": ("FalconModel", "FalconConfig",
+                   dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4), 2, 2,
+                   HF_IMPLS),
+    "electra": ("ElectraModel", "ElectraConfig",
+                dict(hidden_size=32, embedding_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=37), 2, 2, HF_IMPLS),
+    # disentangled attention (c2p/p2c terms, softmax reshaped before @ v): reported dense
+    "deberta-v2": ("DebertaV2Model", "DebertaV2Config",
+                   dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37), 2, 0, ("eager",)),
+}
+
+
+def extra_case(name, impl, device="cpu", dtype=torch.float32):
+    cls, cfg, kw, sites, _, _ = EXTRA_HF[name]
+    m = _hf(cls, cfg, impl, vocab_size=99, use_cache=False, **kw).to(device=device, dtype=dtype)
+    kwargs = dict(input_ids=_ids(2, 32, device=device), attention_mask=_padding(2, 32, device))
+    if cls == "BartModel":
+        kwargs["decoder_input_ids"] = _ids(2, 16, device=device)
+    return Case(m, (), kwargs, sites=sites)
