@@ -277,3 +277,13 @@ def test_hf_more_architectures_cpu(name, impl):
     assert len(report.sites) == case.sites, str(report)
     assert report.rewritten == zoo.EXTRA_HF[name][4], str(report)
     assert err < CPU_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,impl", EXTRA, ids=[f"{n}-{i}" for n, i in EXTRA])
+def test_hf_more_architectures_gpu(name, impl):
+    case = zoo.extra_case(name, impl, device="cuda", dtype=torch.float16)
+    report, err = run_case(case, GPU_OPTIONS, rel=True)
+    assert len(report.sites) == case.sites, str(report)
+    assert report.rewritten == zoo.EXTRA_HF[name][4], str(report)
+    assert err < GPU_REL_TOL

@@ -62,6 +62,9 @@ def main(argv=None):
         for name in zoo.HF_MODELS:
             for impl in zoo.HF_IMPLS:
                 yield f"{name}-{impl}", zoo.hf_case(name, impl, device=args.device, dtype=dtype)
+        for name, spec in zoo.EXTRA_HF.items():
+            for impl in spec[5]:
+                yield f"{name}-{impl}", zoo.extra_case(name, impl, args.device, dtype)
         yield from _extra_cases(args.device, dtype)
 
     print(f"device={args.device} dtype={args.dtype} options={options} torch={torch.__version__}")
