@@ -153,6 +153,8 @@ def parse_scores(node: Node, depth: int = 0) -> Optional[Scores]:
             s = parse_scores(x, nxt) if is_tensor_node(x) else None
             if s is None:
                 continue
+            if is_tensor_node(m) and ev(m).dtype == torch.bool:
+                return extend(s, problem=Decline("mask", "a bool tensor is added to the scores"))
             if is_tensor_node(m):
                 return extend(s, op=("add", m))
             if checks.constant_scale(m) is not None:  # a row-constant shift: softmax ignores it
