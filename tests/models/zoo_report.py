@@ -1,7 +1,7 @@
 """Per-model summary of the rewrite: sites, decisions, error vs eager.
 
     python -m tests.models.zoo_report                         # CPU, fp32, allow_cpu, eps=0
-    python -m tests.models.zoo_report --device cuda --dtype float16 --compiler inductor
+    python -m tests.models.zoo_report --device cuda --dtype float16 --compiler inductor [--eps none]
 
 Prints one line per model (the closing-note table of issue 3).
 """
@@ -52,7 +52,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--eps", type=float, default=0.0)
+    ap.add_argument("--eps", type=lambda v: None if v.lower() == "none" else float(v),
+                    default=0.0, help="op eps; 'none' = the dtype default")
     ap.add_argument("--compiler", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
