@@ -234,6 +234,10 @@ def suite_issue6(progress):
         torch.cuda.empty_cache()
         progress(f"    -> {rows[-1].get('speedup_vs_fastest_dense')}x, "
                  f"kept {rows[-1].get('kept_fraction')}")
+        partial = os.environ.get("AETHER_BENCH_PARTIAL")
+        if partial:  # keep what finished if the run is cut short
+            with open(partial, "w") as f:
+                json.dump(rows, f, indent=1)
     return rows
 
 
