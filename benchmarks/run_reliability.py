@@ -84,6 +84,36 @@ def run_path(path: str, n: int, seed: int, log_every: int = 500) -> dict:
             "seconds": round(time.time() - t0, 1), "failures": failures}
 
 
+def run_fuzz(n: int, seed: int, log_every: int = 100) -> dict:
+    """n random attention-like modules through backend="aether" (tests/fuzz_modules.py)."""
+    import logging
+    import random
+
+    from fuzz_modules import check_spec, random_spec
+
+    logging.getLogger("aether_compile").setLevel(logging.ERROR)
+    rng = random.Random(seed)
+    outcomes, site_codes = collections.Counter(), collections.Counter()
+    failures = []
+    t0 = time.time()
+    for i in range(n):
+        r = check_spec(random_spec(rng))
+        outcomes[r.outcome] += 1
+        site_codes.update(r.codes)
+        if r.outcome not in ("rewritten", "declined") and len(failures) < 50:
+            failures.append({"module": r.spec.id(), "outcome": r.outcome, "codes": r.codes,
+                             "detail": r.detail})
+        if (i + 1) % log_every == 0:
+            print(f"  fuzz: {i + 1} modules, {dict(outcomes)}, {time.time() - t0:.0f}s", flush=True)
+    bad = n - outcomes["rewritten"] - outcomes["declined"]
+    return {"cases": n, "crashes": outcomes["crash"] + outcomes["bad_decline"],
+            "violations": outcomes["mismatch"] + outcomes["undetected"],
+            "outcomes": dict(outcomes), "sites": sum(site_codes.values()),
+            "sites_by_code": dict(site_codes.most_common()),
+            "declines_by_reason": {k: v for k, v in site_codes.most_common() if k != "rewritten"},
+            "not_ok": bad, "seconds": round(time.time() - t0, 1), "failures": failures}
+
+
 def write(out: str, profile: str, record: dict) -> None:
     results = {}
     if os.path.exists(out):
@@ -101,7 +131,9 @@ def main():
     ap.add_argument("--profile", choices=sorted(PROFILES), default="ci")
     ap.add_argument("--op", type=int, help="op (CPU reference) cases; overrides the profile")
     ap.add_argument("--triton", type=int, help="cases per Triton mode; overrides the profile")
-    ap.add_argument("--paths", default="op,twopass,stop")
+    ap.add_argument("--fuzz", type=int, help="random modules through the pass (path 'fuzz')")
+    ap.add_argument("--paths", default="op,twopass,stop",
+                    help="comma list of op, twopass, stop (property cases) and fuzz (the pass)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "reliability_cpu.json"))
@@ -111,18 +143,32 @@ def main():
         n["op"] = args.op
     if args.triton is not None:
         n["twopass"] = n["stop"] = args.triton
+    if args.fuzz is not None:
+        n["fuzz"] = args.fuzz
     paths = [p for p in args.paths.split(",") if p]
-    if any(p != "op" for p in paths) and os.environ.get("TRITON_INTERPRET") != "1":
+    if any(p in ("twopass", "stop") for p in paths) and os.environ.get("TRITON_INTERPRET") != "1":
         if not torch.cuda.is_available():
             sys.exit("Triton paths on CPU need TRITON_INTERPRET=1 (or pass --paths op)")
     record = {"env": env_record(), "cases_requested": {p: n[p] for p in paths}, "paths": {}}
+    if os.path.exists(args.out):  # add to a profile's earlier record (e.g. --paths fuzz later)
+        with open(args.out) as f:
+            old = json.load(f).get(args.profile)
+        if old:
+            record["paths"] = {p: r for p, r in old["paths"].items() if p not in paths}
+            record["cases_requested"] = {**old.get("cases_requested", {}),
+                                         **record["cases_requested"]}
     for path in paths:
         print(f"{path}: {n[path]} cases", flush=True)
-        record["paths"][path] = run_path(path, n[path], args.seed)
-        r = record["paths"][path]
-        print(f"{path}: cases {r['cases']}, violations {r['violations']}, crashes {r['crashes']}, "
-              f"pruned {r['pruned_cases']}, worst err/tol {r['worst_rel_err_over_tol']:.3f}, "
-              f"worst dropped/eps {r['worst_dropped_over_eps']:.3f}, {r['seconds']}s", flush=True)
+        if path == "fuzz":
+            record["paths"][path] = r = run_fuzz(n[path], args.seed)
+            print(f"fuzz: {r['cases']} modules, {r['outcomes']}, declines "
+                  f"{r['declines_by_reason']}, {r['seconds']}s", flush=True)
+        else:
+            record["paths"][path] = r = run_path(path, n[path], args.seed)
+            print(f"{path}: cases {r['cases']}, violations {r['violations']}, crashes "
+                  f"{r['crashes']}, pruned {r['pruned_cases']}, worst err/tol "
+                  f"{r['worst_rel_err_over_tol']:.3f}, worst dropped/eps "
+                  f"{r['worst_dropped_over_eps']:.3f}, {r['seconds']}s", flush=True)
         record["total"] = {k: sum(r[k] for r in record["paths"].values())
                            for k in ("cases", "violations", "crashes")}
         write(args.out, args.profile, record)  # after every path: a long run keeps what it did

@@ -32,8 +32,9 @@ from helpers import REL_TOL, rel_err
 
 PATHS = ("op", "twopass", "stop")
 # Cases per path in each profile (tests/test_properties.py, benchmarks/run_reliability.py).
-PROFILE_CASES = {"ci": {"op": 200, "twopass": 30, "stop": 30},
-                 "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000}}
+# "fuzz": random modules through the rewrite pass (tests/fuzz_modules.py).
+PROFILE_CASES = {"ci": {"op": 200, "twopass": 30, "stop": 30, "fuzz": 40},
+                 "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000, "fuzz": 500}}
 TRITON_BLOCK = 16  # tiles for the Triton path under the interpreter (several blocks per case)
 DTYPES_OP = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPES_TRITON = (torch.float32, torch.float16, torch.bfloat16)
