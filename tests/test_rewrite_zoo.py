@@ -269,6 +269,7 @@ def test_hf_training_backward_gpu():
 EXTRA = [(n, i) for n, spec in zoo.EXTRA_HF.items() for i in spec[5]]
 
 
+@pytest.mark.slow  # ~30 s in all; beyond the issue's list, kept out of the CI budget
 @pytest.mark.parametrize("name,impl", EXTRA, ids=[f"{n}-{i}" for n, i in EXTRA])
 def test_hf_more_architectures_cpu(name, impl):
     """Beyond the issue's list: the same rewrite on more transformers architectures."""
