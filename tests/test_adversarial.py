@@ -398,7 +398,7 @@ def test_zero_lengths_like_sdpa(B, H, Hkv, L, S, mask_kind):
 # -- strides ----------------------------------------------------------------------------------------
 def strided(form):
     """(q, k, v, mask) with one non-contiguous or stride-0 operand, and their contiguous copies."""
-    B, H, L, S, D = 2, 2, 40, 56, 32
+    B, H, L, S, D = 2, 2, 33, 40, 32  # odd L: a partial query tile; three 16-key blocks on Triton
     g = torch.Generator().manual_seed(12)
     q = torch.randn(B, L, H, D, generator=g).transpose(1, 2)  # SDPA's usual [B, L, H, D] memory
     k = torch.randn(B, H, S, D, generator=g)
@@ -437,7 +437,7 @@ FORMS = ["transposed_q", "head_dim_stride2", "seq_stride3", "kv_expanded_batch",
 @pytest.mark.parametrize("path", path_params)
 def test_strided_and_expanded_inputs(path, form):
     q, k, v, mask = strided(form)
-    for causal in (False, True):
+    for causal in (False, True) if path == "op" else (form.startswith("mask"),):
         out, kept, bm, bn = run(path, q, k, v, mask, causal, eps=1e-2)
         ref, _ = restricted_oracle(q, k, v, mask, causal, None, kept, bm, bn)
         assert rel_err(out, ref) < REL_TOL[torch.float32]
