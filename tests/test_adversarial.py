@@ -9,8 +9,10 @@ Non-finite inputs, compared with SDPA's math backend
     causal) is ignored (math gives NaN: NaN + -inf); and see the xfail on partial tiles below.
   * +Inf in a key: the same rows are non-finite as math (rows whose score is +inf); math and the
     Triton kernels give NaN there, the op's CPU reference gives ±Inf.
-  * NaN/Inf in a value, at eps = 0: the same non-finite pattern as math. At eps > 0 a value in a
-    skipped block is never read, so its NaN reaches exactly the rows whose tile kept that block.
+  * NaN/Inf in a value, at eps = 0 and no mask: the same non-finite pattern as math. Math (and the
+    op's CPU reference) also spread a NaN value to rows that mask its key (0 * NaN); the Triton
+    kernels read only the blocks a query tile visits, so under causal masking, or at eps > 0 when
+    the block is skipped, the NaN reaches exactly the tiles that visited its block.
   * NaN in a float mask entry (i, j): row i NaN, as math. +Inf: row i non-finite (NaN in math and
     Triton, ±Inf in the op's CPU reference).
 Fully masked rows (bool False or float -inf everywhere) give 0, as math; rows masked entirely with
@@ -222,6 +224,20 @@ def test_nonfinite_value_at_eps0_like_math(path, val):
     out, *_ = run(path, q, k, v, eps=0.0)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     assert not torch.isfinite(out[..., 3]).any() and torch.isfinite(out[..., :3]).all()
+
+
+@pytest.mark.parametrize("path", path_params)
+def test_nan_value_behind_the_causal_diagonal(path):
+    """Math and the op's CPU reference: NaN in every row (0 * NaN for the masked key). Documented
+    difference: Triton reads only blocks its tile visits, so the NaN of key 20 (key block 1)
+    reaches query tiles 1 and 2 — rows 16.. (including rows 16-19, which precede key 20 but share
+    the tile) — and not tile 0."""
+    q, k, v = qkv(L=48, S=40)
+    v = with_value(v, (0, 0, 20, 3), math.nan)
+    assert sdpa_math(q, k, v, is_causal=True)[..., 3].isnan().all()
+    out, *_ = run(path, q, k, v, is_causal=True, eps=0.0)
+    expected = ["nan"] * 48 if path == "op" else ["ok"] * 16 + ["nan"] * 32
+    assert bad_rows(out) == expected
 
 
 @pytest.mark.parametrize("path", path_params)
