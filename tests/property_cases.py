@@ -61,7 +61,9 @@ class Case:
     data: str
     magnitude: float
     mask_dtype: str | None  # None, "bool", "float"
-    mask_dims: tuple = ()  # broadcast form: per dim of [B, H, L, S] (trailing), True = full size
+    # broadcast form: per trailing dim of [B, H, L, S], True = full size (1-D masks too, which
+    # the op broadcasts though SDPA on CPU rejects them; see test_errors.py)
+    mask_dims: tuple = ()
     mask_content: str = ""
     mask_p: float = 0.5
     probe: int = 8  # twopass: blocks probed before the visit count is fixed (PROBE_BLOCKS)
@@ -80,8 +82,8 @@ class Case:
             f"{self.mask_dtype}{list(self.mask_shape())}-{self.mask_content}")
         return (f"B{self.B}-H{self.H}-Hkv{self.Hkv}-L{self.L}-S{self.S}-D{self.D}-DV{self.DV}-"
                 f"{str(self.dtype).split('.')[-1]}-{'causal' if self.is_causal else 'full'}-"
-                f"eps{self.eps}-scale{self.scale}-{self.data}x{self.magnitude}-{m}-probe{self.probe}-"
-                f"seed{self.seed}")
+                f"eps{self.eps}-scale{self.scale}-{self.data}x{self.magnitude}-{m}-"
+                f"probe{self.probe}-seed{self.seed}")
 
 
 def lengths(max_len: int):

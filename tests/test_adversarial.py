@@ -79,7 +79,8 @@ def randn(*shape, dtype=torch.float32, seed=0):
 
 
 def qkv(B=1, H=1, Hkv=1, L=48, S=40, D=16, dtype=torch.float32, seed=0):
-    return (randn(B, H, L, D, dtype=dtype, seed=seed), randn(B, Hkv, S, D, dtype=dtype, seed=seed + 1),
+    return (randn(B, H, L, D, dtype=dtype, seed=seed),
+            randn(B, Hkv, S, D, dtype=dtype, seed=seed + 1),
             randn(B, Hkv, S, D, dtype=dtype, seed=seed + 2))
 
 
@@ -94,7 +95,7 @@ def nonfinite_rows(x):
     return (~torch.isfinite(x)).any(-1)[0, 0]
 
 
-# -- nearly tight bounds ----------------------------------------------------------------------------
+# -- nearly tight bounds ---------------------------------------------------------------------------
 def tight_qkv(path, dtype, eps, n_cold=15, seed=0):
     """Every key block holds n identical keys along one direction e, and all queries point along e:
     ball and box bounds are then exact (radius 0, zero-width box), so the certificate has only its
@@ -133,7 +134,7 @@ def test_tight_bounds_certified_close_to_eps(path, eps, dtype, monkeypatch):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
-# -- huge scores ------------------------------------------------------------------------------------
+# -- huge scores -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", path_params)
@@ -153,7 +154,7 @@ def test_scores_of_1e4_do_not_overflow(path, dtype, is_causal):
     assert rel_err(out, ref) < REL_TOL[dtype] + 4 * 2.0 ** -24 * float(s.abs().max())
 
 
-# -- NaN / Inf --------------------------------------------------------------------------------------
+# -- NaN / Inf -------------------------------------------------------------------------------------
 def with_value(t, idx, val):
     t = t.clone()
     t[idx] = val
@@ -289,7 +290,7 @@ def test_masked_nan_key_is_ignored_by_triton(mode):
     assert rel_err(out, ref) < REL_TOL[torch.float32]
 
 
-# -- fully masked rows ------------------------------------------------------------------------------
+# -- fully masked rows -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["bool", "float_-inf"])
 @pytest.mark.parametrize("path", path_params)
 def test_fully_masked_rows_give_zero_like_math(path, kind):
@@ -384,7 +385,7 @@ def test_dropped_mass_of_a_uniform_hf_row():
     assert torch.allclose(d, torch.full_like(d, 0.75))
 
 
-# -- zero lengths -----------------------------------------------------------------------------------
+# -- zero lengths ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("B,H,Hkv,L,S", [(2, 4, 2, 0, 9), (2, 4, 2, 9, 0), (2, 4, 2, 0, 0),
                                          (0, 4, 2, 9, 9), (2, 0, 0, 9, 9)],
                          ids=lambda x: str(x))
@@ -411,7 +412,7 @@ def test_zero_lengths_like_sdpa(B, H, Hkv, L, S, mask_kind):
             assert g.shape == t.shape and torch.all(g == 0)
 
 
-# -- strides ----------------------------------------------------------------------------------------
+# -- strides ---------------------------------------------------------------------------------------
 def strided(form):
     """(q, k, v, mask) with one non-contiguous or stride-0 operand, and their contiguous copies."""
     B, H, L, S, D = 2, 2, 33, 40, 32  # odd L: a partial query tile; three 16-key blocks on Triton
@@ -464,7 +465,7 @@ def test_strided_and_expanded_inputs(path, form):
         assert torch.equal(kept, kept_c) and rel_err(out, out_c) < 1e-6
 
 
-# -- int64 offsets (GPU) ----------------------------------------------------------------------------
+# -- int64 offsets (GPU) ---------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_mask_offsets_beyond_int32_within_one_head():
     """A [L, S] bool mask of 65536^2 > 2^31 elements: row offsets i * S overflow int32 in one
