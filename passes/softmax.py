@@ -17,9 +17,10 @@ from torch.fx import Node
 from . import checks
 from .common import AttentionMatch, Operand, peel_scale, unrepeat_pair
 from .site import Decline
-from .spellings import (add_args, baddbmm_args, dropout_args, einsum_args, ev, is_tensor_node,
-                        masked_fill_args, matmul_args, passthrough_input, plan_einsum, scale_args,
-                        softmax_args, swaps_last_two, tensor_scale_args, where_args)
+from .spellings import (add_args, baddbmm_args, constant_tensor_value, dropout_args, einsum_args,
+                        ev, is_tensor_node, masked_fill_args, matmul_args, passthrough_input,
+                        plan_einsum, scale_args, softmax_args, swaps_last_two, tensor_scale_args,
+                        where_args)
 
 PATTERN = "softmax-matmul"
 _MAX_CHAIN = 16
@@ -103,7 +104,7 @@ def _leaf(node: Node) -> Optional[Scores]:
 
 
 def _fill_value_problem(value) -> Optional[Decline]:
-    if checks.fill_masks_out(value):
+    if checks.fill_masks_out(value) or checks.fill_masks_out(constant_tensor_value(value)):
         return None
     return Decline("mask", f"mask fill value {value!r} does not mask keys out (-inf or <= -1e4 "
                            "expected)")
@@ -145,8 +146,12 @@ def parse_scores(node: Node, depth: int = 0) -> Optional[Scores]:
         return extend(s, op=("scale", 1.0 / cs if div else cs))
     r = tensor_scale_args(node)
     if r is not None:
-        return extend(parse_scores(r[0], nxt),
-                      problem=Decline("scale", f"non-constant scale (tensor {r[1]})"))
+        s = parse_scores(r[0], nxt)
+        c = constant_tensor_value(r[1])  # torch.full([], sqrt(d)) (transformers 4.x GPT-2)
+        if c is not None and c != 0:
+            div = node.target in (operator.truediv, torch.div, "div", "__truediv__")
+            return extend(s, op=("scale", 1.0 / c if div else float(c)))
+        return extend(s, problem=Decline("scale", f"non-constant scale (tensor {r[1]})"))
     r = add_args(node)
     if r is not None:
         for x, m in (r, r[::-1]):

@@ -306,3 +306,26 @@ def unrepeat_kv(node: Node) -> Optional[tuple[Node, int]]:
                                                         xs.shape[2], xs.shape[3]):
         return None
     return x, rep
+
+
+def constant_tensor_value(x) -> Any:
+    """The number a one-element tensor built in the graph from a constant holds
+    (``torch.tensor(-inf)``, ``torch.full([], finfo.min)``, ``torch.scalar_tensor(c)``, possibly
+    followed by a cast); else None. Fake values carry no data, so only the graph can tell."""
+    for _ in range(4):
+        if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
+            return None
+        if _fn(x, torch.tensor, torch.scalar_tensor, torch.as_tensor):
+            v = _get(x, 0, "data", x.kwargs.get("s"))
+            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if _fn(x, torch.full):
+            size, v = _get(x, 0, "size"), _get(x, 1, "fill_value")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                    isinstance(size, (list, tuple)) and all(d == 1 for d in size):
+                return v
+            return None
+        nxt = passthrough_input(x)
+        if nxt is None:
+            return None
+        x = nxt
+    return None

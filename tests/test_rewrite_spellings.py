@@ -40,6 +40,8 @@ REWRITTEN = {
     "einsum-masked-fill-finfo-min": (S.EinsumMaskedFill, lambda: (_x(), _keep()),
                                      "softmax-matmul(einsum)", "mask=bool"),
     "bmm-3d-where-causal": (S.BmmWhere, lambda: (_x(),), "softmax-matmul(bmm)", "mask=bool"),
+    "where-tensor-fill-gpt2-4x": (S.WhereTensorFill, lambda: (_x(), torch.randn(B, 1, 1, L)),
+                                  "softmax-matmul(matmul)", "mask=additive+bool"),
     "baddbmm-gpt2-upcast": (S.Baddbmm, lambda: (_x(),), "softmax-matmul(baddbmm)", "mask=none"),
     "repeat-interleave-gqa": (S.RepeatInterleaveGQA, lambda: (_x(64),), "softmax-matmul(matmul)",
                               "gqa"),

@@ -99,6 +99,19 @@ class BmmWhere(_Base):
         return self.merge(y.view(B, self.H, L, self.D))
 
 
+class WhereTensorFill(_Base):
+    """transformers 4.x GPT-2: torch.where(causal, w, full([], finfo.min)) then + attention_mask."""
+
+    def forward(self, x, mask):
+        B, L, _ = x.shape
+        q, k, v = self.heads(x)
+        w = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], self.D ** 0.5, dtype=q.dtype)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        mask_value = torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+        w = torch.where(causal, w.to(w.dtype), mask_value) + mask
+        return self.merge(torch.matmul(F.softmax(w, dim=-1).type(v.dtype), v))
+
+
 class Baddbmm(_Base):
     """GPT-2's reorder_and_upcast_attn: baddbmm(empty, q, kᵀ, beta=0, alpha=scale) in fp32."""
 
