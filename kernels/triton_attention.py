@@ -197,9 +197,30 @@ def _bounds_kernel(
 # 5. Best-first attention with the certificate's stop
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn, sm_scale_log2,
+                 HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Scores of a [BM, BN] tile in log2 units, -inf where masked (causal, mask, padding rows
+    and keys). Shared by the forward and both backward kernels, so they see one function."""
+    s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2
+    keep = m_m[:, None] & m_n[None, :]
+    if IS_CAUSAL:
+        keep = keep & (o_n[None, :] <= o_m[:, None])
+    if HAS_MASK:
+        p_msk = m_ptr + o_m[:, None] * stride_mm + o_n[None, :] * stride_mn
+        if MASK_IS_BOOL:
+            keep = keep & (tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0) != 0)
+        else:
+            add = tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+            s = s + add * 1.4426950408889634
+    return tl.where(keep, s, -float("inf"))
+
+
+@triton.jit
 def _visit_block(
     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -210,21 +231,8 @@ def _visit_block(
     b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
-    s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2  # [BM, BN]
-    keep = m_n[None, :]
-    if IS_CAUSAL:
-        keep = keep & (o_n[None, :] <= o_m[:, None])
-    if HAS_MASK:
-        m_valid = m_m[:, None] & m_n[None, :]
-        if MASK_IS_BOOL:
-            mk = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0)
-            keep = keep & (mk != 0)
-        else:
-            add = tl.load(m_base + o_n[None, :] * stride_mn, mask=m_valid, other=0.0)
-            add = add.to(tl.float32)
-            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
-            s = s + add * 1.4426950408889634
-    s = tl.where(keep, s, -float("inf"))
+    s = _scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn, sm_scale_log2,
+                     HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)  # [BM, BN]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     b_p = tl.exp2(s - m_safe[:, None])
@@ -271,7 +279,7 @@ def _attention_kernel(
         b_q = b_q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    m_base = Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
+    m_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -283,7 +291,8 @@ def _attention_kernel(
             j = tl.load(Order + plan + p).to(tl.int64)
             m_i, l_i, acc = _visit_block(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
+                S, D, DV,
                 HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
     else:
         n_live = tl.load(NLive + pid)
@@ -293,7 +302,8 @@ def _attention_kernel(
             j = tl.load(Order + plan + p).to(tl.int64)
             m_i, l_i, acc = _visit_block(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale_log2, S, D, DV,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
+                S, D, DV,
                 HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
             tl.store(Kept + plan + j, 1)
             p += 1

@@ -17,28 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import (_MASK_FLOOR, INTERPRET, _pad_pow2, default_blocks, mask_as_4d,
+from .triton_attention import (INTERPRET, _pad_pow2, _scores_log2, default_blocks, mask_as_4d,
                                num_blocks)
-
-
-@triton.jit
-def _scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn, sm_scale_log2,
-                 HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Masked scores of a [BM, BN] tile in log2 units (-inf where masked), as in the forward."""
-    s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2
-    keep = m_m[:, None] & m_n[None, :]
-    if IS_CAUSAL:
-        keep = keep & (o_n[None, :] <= o_m[:, None])
-    if HAS_MASK:
-        p_msk = m_ptr + o_m[:, None] * stride_mm + o_n[None, :] * stride_mn
-        if MASK_IS_BOOL:
-            keep = keep & (tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0) != 0)
-        else:
-            add = tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
-            s = s + add * 1.4426950408889634
-    return tl.where(keep, s, -float("inf"))
 
 
 @triton.jit
