@@ -165,7 +165,8 @@ def test_hf_zoo_gpu(name, impl, monkeypatch):
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "manual"])
 def test_nanogpt_block_gpu(flash):
     torch.manual_seed(0)
-    block = spellings.NanoGPTBlock(flash=flash).eval().cuda().half()
+    # the manual branch's causal buffer must cover the sequence (nanoGPT's block_size)
+    block = spellings.NanoGPTBlock(flash=flash, block_size=256).eval().cuda().half()
     x = torch.randn(2, 200, 32, device="cuda", dtype=torch.float16)
     report, err = run_case(zoo.Case(block, (x,), sites=1, out=lambda o: (o,)), GPU_OPTIONS,
                            rel=True)
@@ -243,7 +244,11 @@ def test_timm_vit_gpu():
 
 @pytest.mark.gpu
 def test_hf_training_backward_gpu():
-    """Llama (GQA) training step in bf16 through Inductor: rewritten, gradients close to eager."""
+    """Llama (GQA) training step in bf16 through Inductor: rewritten, and the gradients are as
+    close to an fp32 reference as bf16 eager's are (bf16 eager itself is 10-20% off on small
+    gradients such as the embedding's, so a fixed tolerance against it would test noise)."""
+    import copy
+
     import transformers
 
     import aether_compile
@@ -255,15 +260,21 @@ def test_hf_training_backward_gpu():
                                    attn_implementation="eager")
     model = transformers.LlamaModel(cfg).train().cuda().to(torch.bfloat16)
     ids = zoo._ids(2, 256, device="cuda")
-    model(input_ids=ids).last_hidden_state.float().square().mean().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def grads(m, forward):
+        m.zero_grad()
+        forward(m).last_hidden_state.float().square().mean().backward()
+        return {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    fp32 = grads(copy.deepcopy(model).float(), lambda m: m(input_ids=ids))
+    eager = grads(model, lambda m: m(input_ids=ids))
     model.zero_grad()
     report = aether_compile.explain(model, input_ids=ids, options=GPU_OPTIONS)
     assert_all_rewritten(report, 2)
     report.output.last_hidden_state.float().square().mean().backward()
     for n, p in model.named_parameters():
-        if n in ref:
-            assert rel_err(p.grad, ref[n]) < 3e-2, n
+        if n in fp32:
+            assert rel_err(p.grad, fp32[n]) < max(2 * rel_err(eager[n], fp32[n]), 3e-2), n
 
 
 EXTRA = [(n, i) for n, spec in zoo.EXTRA_HF.items() for i in spec[5]]

@@ -240,10 +240,11 @@ class NanoGPTAttention(nn.Module):
 
 
 class NanoGPTBlock(nn.Module):
-    def __init__(self, n_embd=32, n_head=2, flash=True, dropout=0.0):
+    def __init__(self, n_embd=32, n_head=2, flash=True, dropout=0.0, block_size=64):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = NanoGPTAttention(n_embd, n_head, dropout=dropout, flash=flash)
+        self.attn = NanoGPTAttention(n_embd, n_head, block_size=block_size, dropout=dropout,
+                                     flash=flash)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd))
