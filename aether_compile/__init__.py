@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 # sys.path, no install, or an editable install whose finder is not active), look for them beside it.
 _here = _os.path.dirname(__file__)
 _root = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isdir(
-        _os.path.join(_root, "kernels", "__init__.py").rsplit(_os.sep, 1)[0]):
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
+        _os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # noqa: F821  (the package's own __path__)
 
 from . import ops  # noqa: F401  (registers the torch.ops.aether.* ops)
