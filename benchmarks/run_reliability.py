@@ -159,6 +159,7 @@ def main():
                                          **record["cases_requested"]}
     for path in paths:
         print(f"{path}: {n[path]} cases", flush=True)
+        env = env_record()  # per path: paths of one profile may come from different runs
         if path == "fuzz":
             record["paths"][path] = r = run_fuzz(n[path], args.seed)
             print(f"fuzz: {r['cases']} modules, {r['outcomes']}, declines "
@@ -169,6 +170,7 @@ def main():
                   f"{r['crashes']}, pruned {r['pruned_cases']}, worst err/tol "
                   f"{r['worst_rel_err_over_tol']:.3f}, worst dropped/eps "
                   f"{r['worst_dropped_over_eps']:.3f}, {r['seconds']}s", flush=True)
+        r["env"] = env
         record["total"] = {k: sum(r[k] for r in record["paths"].values())
                            for k in ("cases", "violations", "crashes")}
         write(args.out, args.profile, record)  # after every path: a long run keeps what it did
