@@ -41,7 +41,7 @@ def env_record() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run_path(path: str, n: int, seed: int, log_every: int = 500) -> dict:
+def run_path(path: str, n: int, seed: int, log_every: int = 500, max_len=None) -> dict:
     """n random cases of one path (hypothesis-generated, never shrunk: every result is counted)."""
     counts = collections.Counter()
     failures = []
@@ -52,7 +52,7 @@ def run_path(path: str, n: int, seed: int, log_every: int = 500) -> dict:
     @settings(max_examples=n, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
     @hypothesis_seed(seed)
-    @given(case=cases(path))
+    @given(case=cases(path, max_len=max_len))
     def prop(case):
         res = check_case(case, path)
         counts["cases"] += 1
@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--paths", default="op,twopass,stop",
                     help="comma list of op, twopass, stop (property cases) and fuzz (the pass)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-len", type=int, help="longest L and S drawn (default: op 200, Triton 48)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "reliability_cpu.json"))
     args = ap.parse_args()
@@ -165,7 +166,7 @@ def main():
             print(f"fuzz: {r['cases']} modules, {r['outcomes']}, declines "
                   f"{r['declines_by_reason']}, {r['seconds']}s", flush=True)
         else:
-            record["paths"][path] = r = run_path(path, n[path], args.seed)
+            record["paths"][path] = r = run_path(path, n[path], args.seed, max_len=args.max_len)
             print(f"{path}: cases {r['cases']}, violations {r['violations']}, crashes "
                   f"{r['crashes']}, pruned {r['pruned_cases']}, worst err/tol "
                   f"{r['worst_rel_err_over_tol']:.3f}, worst dropped/eps "
