@@ -45,7 +45,7 @@ def train(backend: str, steps: int, seq_len: int, batch: int, device: str, optio
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         with torch.no_grad():
             pred = out.logits[:, :-1].argmax(-1)
             tgt = labels[:, 1:]
