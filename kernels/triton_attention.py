@@ -132,6 +132,10 @@ def _mask_stats_kernel(
             add = add.to(tl.float32)
             add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
             mx = tl.max(tl.max(add, 1), 0)
+            # a NaN entry must reach its row (SDPA gives NaN there): never prune its block.
+            # Explicit, since whether tl.max propagates NaN differs between backends.
+            has_nan = tl.sum(tl.sum((add != add).to(tl.int32), 1), 0) > 0
+            mx = tl.where(has_nan, float("inf"), mx)
         tl.store(MaskMax + pid * n_kb + j, mx)
 
 
@@ -184,6 +188,8 @@ def _bounds_kernel(
         rb = qn[:, None] * tl.minimum(ball, box)
         rb = tl.where(m_m[:, None], rb, -float("inf"))
         u = tl.max(rb, 0)  # [BJ]
+        # NaN in q or k: the block must be visited so the NaN reaches the output, as in SDPA
+        u = tl.where(tl.sum((rb != rb).to(tl.int32), 0) > 0, float("inf"), u)
         if HAS_MASK:
             mmax = tl.load(MaskMax + b * stride_xb + h * stride_xh + t * n_kb + o_j, mask=m_j,
                            other=-float("inf"))

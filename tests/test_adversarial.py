@@ -190,10 +190,6 @@ def test_nan_key_poisons_every_row(path, is_causal):
         assert bad_rows(out) == ["nan"] * 48
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _bounds_kernel's tl.max over the tile's rows ignores "
-                   "NaN, so in a partial last query tile the -inf of the padding rows wins, a "
-                   "key block holding a NaN key gets bound -inf (not +inf), is skipped, and those "
-                   "rows come out finite")
 @needs_interpreter
 @pytest.mark.parametrize("mode", ["twopass", "stop"])
 def test_nan_key_poisons_every_row_of_a_partial_tile(mode):
