@@ -41,6 +41,10 @@ LOG2E = 1.4426950408889634
 # finfo(float32).min would overflow to −inf once scaled by log2(e) in the kernel and turn a row
 # that SDPA averages uniformly into an empty one. Below it every key weight is 0 anyway.
 MASK_FLOOR = -1e30
+# A row whose running max is this low has seen only floored (masked) keys: fp32 cannot resolve
+# log(n) or log(eps) next to 1e30, so such a row never certifies a stop (it is visited fully,
+# which averages it uniformly, as SDPA does). log2 units, as the kernels keep their running max.
+UNCERTIFIABLE_MAX_LOG2 = 0.5 * MASK_FLOOR * LOG2E
 
 
 def num_blocks(n: int, block: int) -> int:

@@ -19,6 +19,7 @@ from .certificate import (
     LOG2E,
     MASK_FLOOR,
     RADIUS_INFLATE,
+    UNCERTIFIABLE_MAX_LOG2,
     num_blocks,
     plan_visits,
     stop_threshold_log2,
@@ -153,7 +154,10 @@ def reference_attention(query, key, value, attn_mask=None, is_causal=False, scal
     keep_keys = keep_keys.repeat_interleave(block_n, dim=3)[..., :S]
     scores = scores.masked_fill(~keep_keys, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with nothing kept
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    # softmax normalises by the sum itself: exp(s - lse) would lose log(S) when every score of a
+    # row sits near the -1e30 mask floor (fp32), turning a uniform average into a sum
+    row_empty = (scores == -math.inf).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
     out = probs @ v
     return out.to(query.dtype), lse.to(torch.float32), kept
 
@@ -173,7 +177,8 @@ def _simulate_stop(scores, order, tail_log2, n_live, eps, block_m, block_n):
     z_prefix = torch.logcumsumexp(sorted_lse, -1) * LOG2E  # Z after visiting 0..p (natural->log2)
     thr = stop_threshold_log2(eps)
     # ok[..., p] (p >= 1): may stop before position p, with Z over positions 0..p-1.
-    ok = tail_log2[:, :, :, None, 1:] <= thr + z_prefix[..., :-1]
+    z_visited = z_prefix[..., :-1]
+    ok = (tail_log2[:, :, :, None, 1:] <= thr + z_visited) & (z_visited > UNCERTIFIABLE_MAX_LOG2)
     row_valid = (torch.arange(nqt * block_m, device=scores.device) < L).view(nqt, block_m, 1)
     ok = (ok | ~row_valid).all(3)  # [B, H, nQT, nKB - 1]
     pos = torch.arange(1, nkb, device=scores.device)
@@ -205,8 +210,8 @@ def dropped_mass(query, key, kept, block_m, block_n, attn_mask=None, is_causal=F
         if bias is not None:
             b = bias.expand(*bias.shape[:2], L, S)[:, :, rows]
             s = s + b
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+        row_empty = (s == -math.inf).all(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
         skipped = ~kept[:, :, rows // block_m][..., key_block]
         out[:, :, rows] = (p * skipped).sum(-1)
     return out
@@ -277,6 +282,7 @@ def chunked_attention_fp64(q, k, v, attn_mask=None, is_causal=False, kept=None, 
             s = s + bias.expand(*bias.shape[:2], L, S)[:, :, rows]
         if kept is not None:
             s = s.masked_fill(~kept[:, :, rows // block_m][..., key_block], -math.inf)
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        out[:, :, rows] = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)) @ vd
+        row_empty = (s == -math.inf).all(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(row_empty, 0.0), -1).masked_fill(row_empty, 0.0)
+        out[:, :, rows] = p @ vd
     return out

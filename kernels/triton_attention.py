@@ -29,6 +29,7 @@ from .certificate import (
     LOG2E,
     MASK_FLOOR,
     RADIUS_INFLATE,
+    UNCERTIFIABLE_MAX_LOG2,
     num_blocks,
     plan_visits,
     stop_threshold_log2,
@@ -37,6 +38,7 @@ from .certificate import (
 # Globals read inside @triton.jit must be constexpr.
 _MASK_FLOOR = tl.constexpr(MASK_FLOOR)
 _RADIUS_INFLATE = tl.constexpr(RADIUS_INFLATE)
+_UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -315,7 +317,8 @@ def _attention_kernel(
             p += 1
             # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
             tail = tl.load(TailLog2 + plan + p, mask=p < n_live, other=-float("inf"))
-            ok = (tail <= stop_log2 + m_i + tl.log2(l_i)) | (o_m >= L)
+            ok = ((tail <= stop_log2 + m_i + tl.log2(l_i)) & (m_i > _UNCERTIFIABLE_MAX_LOG2)) \
+                | (o_m >= L)
             go = (p < n_live) & (tl.min(ok.to(tl.int32), 0) == 0)
 
     has = l_i > 0
@@ -475,6 +478,7 @@ def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch
     Z_probe) certifies every row. Tensor ops only (no host sync)."""
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
     z = (probe_lse * LOG2E).masked_fill(torch.isnan(probe_lse), -float("inf"))
+    z = z.masked_fill(z <= UNCERTIFIABLE_MAX_LOG2, -float("inf"))  # rows that saw only floored keys
     pad = nqt * plan.block_m - plan.L
     z = torch.nn.functional.pad(z, (0, pad), value=float("inf"))  # padding rows don't bind
     z_min = z.view(plan.B, plan.H, nqt, plan.block_m).amin(-1)
