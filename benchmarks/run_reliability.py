@@ -158,9 +158,9 @@ def main():
             record["paths"] = {p: r for p, r in old["paths"].items() if p not in paths}
             record["cases_requested"] = {**old.get("cases_requested", {}),
                                          **record["cases_requested"]}
+    env = env_record()  # the code this process loaded; kept per path (runs may be merged)
     for path in paths:
         print(f"{path}: {n[path]} cases", flush=True)
-        env = env_record()  # per path: paths of one profile may come from different runs
         if path == "fuzz":
             record["paths"][path] = r = run_fuzz(n[path], args.seed)
             print(f"fuzz: {r['cases']} modules, {r['outcomes']}, declines "
