@@ -132,7 +132,8 @@ def _mask_stats_kernel(
         else:
             add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
             add = add.to(tl.float32)
-            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+            floored = tl.maximum(add, _MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays
+            add = tl.where(add == -float("inf"), add, floored)
             mx = tl.max(tl.max(add, 1), 0)
             # a NaN entry must reach its row (SDPA gives NaN there): never prune its block.
             # Explicit, since whether tl.max propagates NaN differs between backends.
@@ -220,7 +221,8 @@ def _scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn, sm_
             keep = keep & (tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0) != 0)
         else:
             add = tl.load(p_msk, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-            add = tl.where(add == -float("inf"), add, tl.maximum(add, _MASK_FLOOR))
+            floored = tl.maximum(add, _MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays
+            add = tl.where(add == -float("inf"), add, floored)
             s = s + add * 1.4426950408889634
     return tl.where(keep, s, -float("inf"))
 
