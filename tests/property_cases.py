@@ -202,10 +202,6 @@ def make_mask(case: Case):
     elif c == "hf_min":  # HF style 0 / finfo.min (rows of all finfo.min average uniformly)
         m = torch.zeros(full, dtype=dt).masked_fill(torch.rand(full, generator=g) < p,
                                                     torch.finfo(dt).min)
-        # Key 0 stays unmasked (causal keeps it for every row too): a row masked entirely by
-        # finfo.min is a known bug, tested in test_adversarial.py, not drawn here.
-        if S:
-            m[..., 0] = 0
     else:  # empty_rows_inf: whole rows -inf
         m = torch.zeros(full).masked_fill(torch.rand(*full[:3], 1, generator=g) < p, -math.inf)
         m = m.expand(full)
