@@ -12,7 +12,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .certificate import (
     BOUND_REL_SLACK,
@@ -127,7 +126,7 @@ def reference_attention(query, key, value, attn_mask=None, is_causal=False, scal
     q = query.to(cdt) * scale
     k = key.to(cdt)
     v = value.to(cdt)
-    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    nkb = num_blocks(S, block_n)
 
     geo = block_geometry(k, block_n)
     if Hkv != H:
