@@ -24,6 +24,7 @@ from aether_compile.kernels import reference as _ref
 from aether_compile.kernels import triton_attention as _tri
 from aether_compile.kernels import triton_backward as _bwd
 from aether_compile.kernels.certificate import num_blocks
+from aether_compile.validation import check_inputs
 
 # Default eps per dtype: the largest eps whose output error stays inside that dtype's own
 # rounding noise (SDPA in the dtype vs float64); measured by benchmarks/calibrate_eps.py,
@@ -52,9 +53,36 @@ def use_triton(query: Tensor, key: Tensor, value: Tensor) -> bool:
     return False
 
 
+def _is_static(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def static_dense(query: Tensor, key: Tensor, block_n: int) -> bool:
+    """The compile-time choice: with static sizes and at most PROBE_BLOCKS key blocks, the probe
+    alone would visit every live block, so no block can be skipped and the sparse machinery is
+    pure overhead. Symbolic sizes never take it (decided at run time instead).
+    AETHER_STATIC_DENSE=0 (read when tracing) turns the choice off."""
+    if os.environ.get("AETHER_STATIC_DENSE", "1") == "0":
+        return False
+    S = key.shape[-2]
+    return _is_static(S) and num_blocks(S, block_n) <= _tri.PROBE_BLOCKS
+
+
+def _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> Tensor:
+    """kept map of dense attention without a mask: every block, or the causal ones (L == S)."""
+    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    if not is_causal:
+        return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)
+    last_row = torch.clamp((torch.arange(nqt, device=device) + 1) * block_m - 1, max=L - 1)
+    live = (torch.arange(nkb, device=device) * block_n)[None, :] <= last_row[:, None]
+    return live.expand(B, H, nqt, nkb).contiguous()
+
+
 def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
                  block_m=None, block_n=None):
-    """(out, lse, kept) with eps resolved; shared by every op below."""
+    """(out, lse, kept) with eps resolved; the body of aether::attention_with_stats. Traceable:
+    torch ops, wrap_triton launches and opaque aether ops only (no host reads)."""
+    check_inputs(query, key, value, attn_mask, 0.0, scale, enable_gqa, eps)
     eps = default_eps(query.dtype) if eps is None else float(eps)
     block_m, block_n = resolve_blocks(query, value, block_m, block_n)
     B, H, L, _ = query.shape
@@ -65,16 +93,30 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
                            dtype=torch.bool, device=query.device)
         return out, lse, kept
-    if use_triton(query, key, value):
-        return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                     eps, block_m, block_n, dense_fraction=dense_fraction())
-    return _ref.reference_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                    eps, block_m, block_n)
+    if not use_triton(query, key, value):
+        return torch.ops.aether.reference_attention_with_stats(
+            query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
+    scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if static_dense(query, key, block_n):
+        if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
+            out, lse = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
+                                                try_cudnn=False)
+            return out, lse, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
+                                              query.device)
+        return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
+                                     enable_gqa, 0.0, block_m, block_n)
+    fraction = dense_fraction()
+
+    def gate(n_visit, n_live):
+        return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
+                                           scale_f, fraction)
+    return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                 eps, block_m, block_n, dense_fraction=fraction, gate=gate)
 
 
 def dense_fraction() -> float | None:
     """The sparse/dense crossover for runtime dispatch; AETHER_DENSE_FRACTION=off disables it
-    (benchmarks use that to time the sparse kernel alone)."""
+    (benchmarks use that to time the sparse kernel alone). Read when a graph is traced."""
     env = os.environ.get("AETHER_DENSE_FRACTION")
     if env is None:
         return _tri.DENSE_FRACTION
@@ -91,8 +133,69 @@ def _fake_outputs(query, key, value, block_m=None, block_n=None):
     return out, lse, kept
 
 
+# -- opaque helpers the traceable bodies call ----------------------------------------------------
+@torch.library.custom_op("aether::reference_attention_with_stats", mutates_args=())
+def reference_attention_with_stats(query: Tensor, key: Tensor, value: Tensor,
+                                   attn_mask: Optional[Tensor], is_causal: bool,
+                                   scale: Optional[float], enable_gqa: bool, eps: float,
+                                   block_m: int, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The plain-torch implementation (CPU and unsupported inputs), opaque to the compiler."""
+    out, lse, kept = _ref.reference_attention(query, key, value, attn_mask, is_causal, scale,
+                                              enable_gqa, eps, block_m, block_n)
+    return out.contiguous(), lse.contiguous(), kept.contiguous()
+
+
+@reference_attention_with_stats.register_fake
+def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n):
+    return _fake_outputs(query, key, value, block_m, block_n)
+
+
+@torch.library.custom_op("aether::dense_gate", mutates_args=())
+def dense_gate(query: Tensor, key: Tensor, value: Tensor, n_visit: Tensor, n_live: Tensor,
+               is_causal: bool, scale: float, fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The runtime sparse/dense choice (see kernels.triton_attention.dense_gate): opaque, so its
+    host read stays out of traced graphs and is skipped during CUDA-graph capture."""
+    return _tri.dense_gate(query, key, value, n_visit, n_live, is_causal, scale, fraction)
+
+
+@dense_gate.register_fake
+def _(query, key, value, n_visit, n_live, is_causal, scale, fraction):
+    B, H, L, _ = query.shape
+    return (query.new_empty(B, H, L, value.shape[-1]),
+            query.new_empty(B, H, L, dtype=torch.float32),
+            query.new_empty(1, dtype=torch.int32))
+
+
+@torch.library.custom_op("aether::reference_attention_backward", mutates_args=())
+def reference_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                 kept: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                                 scale: Optional[float], block_m: int, block_n: int
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    cdt = _ref.compute_dtype_for(query.dtype)
+    dq, dk, dv = _ref.restricted_attention_backward(
+        grad_out.to(cdt), query.to(cdt), key.to(cdt), value.to(cdt), attn_mask, is_causal, scale,
+        kept, block_m, block_n)
+    return (dq.to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(),
+            dv.to(value.dtype).contiguous())
+
+
+@reference_attention_backward.register_fake
+def _(grad_out, query, key, value, kept, attn_mask, is_causal, scale, block_m, block_n):
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            value.new_empty(value.shape))
+
+
+# On CUDA the op bodies launch Triton kernels through wrap_triton, so torch.compile traces into
+# them and Inductor emits the kernels in its own generated code (triton_op). AETHER_TRITON_OP=0
+# (read at import) registers the same bodies as opaque custom ops instead: a switch for
+# torch/Triton combinations whose tracing of user kernels misbehaves.
+USE_TRITON_OP = os.environ.get("AETHER_TRITON_OP", "1") != "0"
+_define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_TRITON_OP
+           else (lambda name: torch.library.custom_op(name, mutates_args=())))
+
+
 # -- aether::attention_with_stats -----------------------------------------------------------------
-@torch.library.custom_op("aether::attention_with_stats", mutates_args=())
+@_define("aether::attention_with_stats")
 def attention_with_stats(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                          is_causal: bool = False, scale: Optional[float] = None,
                          enable_gqa: bool = False, eps: Optional[float] = None,
@@ -102,14 +205,15 @@ def attention_with_stats(query: Tensor, key: Tensor, value: Tensor, attn_mask: O
                         block_m, block_n)
 
 
-@attention_with_stats.register_fake
-def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, eps=None,
-      block_m=None, block_n=None):
-    return _fake_outputs(query, key, value, block_m, block_n)
+if not USE_TRITON_OP:  # triton_op registers its body as the fake
+    @attention_with_stats.register_fake
+    def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+          eps=None, block_m=None, block_n=None):
+        return _fake_outputs(query, key, value, block_m, block_n)
 
 
 # -- aether::attention_backward ------------------------------------------------------------------
-@torch.library.custom_op("aether::attention_backward", mutates_args=())
+@_define("aether::attention_backward")
 def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                        lse: Tensor, kept: Tensor, attn_mask: Optional[Tensor] = None,
                        is_causal: bool = False, scale: Optional[float] = None,
@@ -122,18 +226,16 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     if use_triton(query, key, value):
         return _bwd.triton_attention_backward(grad_out, query, key, value, out, lse, kept,
                                               attn_mask, is_causal, scale, block_m, block_n)
-    cdt = _ref.compute_dtype_for(query.dtype)
-    dq, dk, dv = _ref.restricted_attention_backward(
-        grad_out.to(cdt), query.to(cdt), key.to(cdt), value.to(cdt), attn_mask, is_causal, scale,
-        kept, block_m, block_n)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+    return torch.ops.aether.reference_attention_backward(
+        grad_out, query, key, value, kept, attn_mask, is_causal, scale, block_m, block_n)
 
 
-@attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, kept, attn_mask=None, is_causal=False, scale=None,
-      block_m=None, block_n=None):
-    return (query.new_empty(query.shape), key.new_empty(key.shape),
-            value.new_empty(value.shape))
+if not USE_TRITON_OP:
+    @attention_backward.register_fake
+    def _(grad_out, query, key, value, out, lse, kept, attn_mask=None, is_causal=False,
+          scale=None, block_m=None, block_n=None):
+        return (query.new_empty(query.shape), key.new_empty(key.shape),
+                value.new_empty(value.shape))
 
 
 def _setup_context(ctx, inputs, output):

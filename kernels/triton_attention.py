@@ -41,6 +41,15 @@ _RADIUS_INFLATE = tl.constexpr(RADIUS_INFLATE)
 _UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def traceable(kernel):
+    """The kernel as torch.compile can trace it: ``wrap_triton`` makes each launch a node that
+    Inductor lowers to this very kernel (its source lands in the generated code); launching
+    eagerly it is the plain kernel. The interpreter's kernels cannot be traced, only launched."""
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -258,7 +267,7 @@ def _visit_block(
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit,
+    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit, Skip,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -268,10 +277,15 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FIXED_COUNT: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """FIXED_COUNT: visit exactly NVisit[tile] blocks of the order (a plain loop that Triton can
     pipeline; the count comes from the certificate, see ``run_attention``). Otherwise visit
-    best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept."""
+    best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept.
+    HAS_SKIP: Skip[0] != 0 means a dense kernel already wrote Out and Lse; return at once."""
+    if HAS_SKIP:
+        if tl.load(Skip) != 0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt
@@ -405,6 +419,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
     dev = query.device
     d_block_m, d_block_n = default_blocks(max(D, DV), dev.type)
     block_m = block_m or d_block_m
@@ -415,7 +430,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
 
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
-    _geometry_kernel[(B * Hkv * nkb,)](
+    traceable(_geometry_kernel)[(B * Hkv * nkb,)](
         key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
         BLOCK_N=block_n, D_PAD=d_pad)
 
@@ -425,13 +440,13 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
         Bm, Hm = mask4.shape[:2]
         mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
-        _mask_stats_kernel[(Bm * Hm * nqt,)](
+        traceable(_mask_stats_kernel)[(Bm * Hm * nqt,)](
             mask4, mask_max, *mask4.stride(), L, S, nqt, nkb, Hm,
             IS_BOOL=mask4.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
-    _bounds_kernel[(B * H * nqt,)](
+    traceable(_bounds_kernel)[(B * H * nqt,)](
         query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
@@ -447,7 +462,10 @@ PROBE_BLOCKS = 8
 FORWARD_MODES = ("twopass", "stop")
 
 
-def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept):
+def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
+                      out=None, lse=None, skip=None):
+    """One attention pass; writes into ``out``/``lse`` when given (skipped entirely where
+    ``skip[0]`` is set), else into new buffers."""
     B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
     dev = query.device
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
@@ -456,18 +474,23 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
     has_mask = mask4 is not None
     mask_elem_strides = ([st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
                          if has_mask else [0, 0, 0, 0])
-    out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
-    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    _attention_kernel[(B * H * nqt,)](
+    if out is None:
+        out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
+        lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
+    stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
+    traceable(_attention_kernel)[(B * H * nqt,)](
         query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
         plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
+        skip if skip is not None else plan.n_live,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
-        plan.scale * LOG2E, stop_threshold_log2(eps), L, S, D, DV, nqt, nkb, H, plan.group,
+        plan.scale * LOG2E, stop_log2, L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
         IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, FIXED_COUNT=n_visit is not None,
+        HAS_SKIP=skip is not None,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 
@@ -499,20 +522,28 @@ def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch
 DENSE_FRACTION = 0.6
 
 
-def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float):
+def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
+    """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, no GQA,
+    causal only for L == S (where every backend's alignment agrees), flash-compatible head dims.
+    Static metadata only, so it is safe to ask while tracing."""
+    L, S = query.shape[-2], key.shape[-2]
+    D, DV = query.shape[-1], value.shape[-1]
+    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
+            and attn_mask is None and key.shape[1] == query.shape[1] and D == DV
+            and D % 8 == 0 and D <= 256 and (not is_causal or L == S))
+
+
+def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
     """Dense attention and its natural-log log-sum-exp from the fastest SDPA kernel available
-    (cuDNN, then flash), or None where neither applies. Inputs without mask or GQA only; causal
-    only for L == S (where every backend's alignment agrees)."""
+    (cuDNN, then flash), for inputs where ``dense_eligible`` holds; None if neither runs."""
     B, H, L, _ = query.shape
-    if (query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16)
-            or key.shape[1] != H or (is_causal and L != key.shape[2])):
-        return None
-    attempts = (
-        lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
-            query, key, value, None, True, 0.0, is_causal, False, scale=scale),
+    attempts = [
         lambda: torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, is_causal, False, scale=scale),
-    )
+    ]
+    if try_cudnn:
+        attempts.insert(0, lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, is_causal, False, scale=scale))
     for attempt in attempts:
         try:
             res = attempt()
@@ -522,8 +553,31 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float):
     return None
 
 
+def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float,
+               fraction: float):
+    """The runtime sparse/dense choice: (out, lse, use_dense bool[1]).
+
+    Reads the certified visit count on the host (the one sync of the forward); when it exceeds
+    ``fraction`` of the live blocks, runs dense SDPA into (out, lse) and sets use_dense, and the
+    sparse pass that follows returns at once. During CUDA-graph capture no read is possible:
+    use_dense stays False, so the sparse path runs and replays stay correct."""
+    B, H, L, _ = query.shape
+    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
+    lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
+    use_dense = torch.zeros(1, device=query.device, dtype=torch.int32)
+    if query.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return out, lse, use_dense
+    visit, live = torch.stack([n_visit.sum(), n_live.sum()]).tolist()
+    if visit > fraction * live:
+        dense = dense_sdpa_with_lse(query, key, value, is_causal, scale)
+        if dense is not None:
+            out, lse = dense
+            use_dense.fill_(1)
+    return out, lse, use_dense
+
+
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
-                  dense_fraction: float | None = None):
+                  dense_fraction: float | None = None, gate=None):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
 
     mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
@@ -531,8 +585,10 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
-    blocks, run the fastest dense SDPA kernel instead (twopass, no mask, outside graph capture);
-    ``kept`` then marks every live block."""
+    blocks, run the fastest dense SDPA kernel instead (twopass, where ``dense_eligible``);
+    ``kept`` then marks every live block. ``gate(n_visit, n_live) -> (out, lse, use_dense)``
+    overrides how that choice is made (the op passes a custom op so that traced graphs keep it
+    opaque); by default ``dense_gate`` is called directly."""
     mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
     if mode not in FORWARD_MODES:
         raise ValueError(f"AETHER_FORWARD_MODE must be one of {FORWARD_MODES}, got {mode!r}")
@@ -544,15 +600,16 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
     _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
     n_visit = certified_visit_count(plan, probe_lse, probe, eps)
-    dense = None
-    if (dense_fraction is not None and plan.mask4 is None and query.device.type == "cuda"
-            and not torch.cuda.is_current_stream_capturing()):
-        visit, live = torch.stack([n_visit.sum(), plan.n_live.sum()]).tolist()  # the one sync
-        if visit > dense_fraction * live:
-            dense = dense_sdpa_with_lse(query, key, value, plan.is_causal, plan.scale)
-    if dense is not None:
-        out, lse = dense
-        n_visit = plan.n_live
+    if dense_fraction is not None and dense_eligible(query, key, value, plan.mask4,
+                                                     plan.is_causal):
+        if gate is None:
+            def gate(nv, nl):
+                return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
+                                  dense_fraction)
+        out, lse, use_dense = gate(n_visit, plan.n_live)
+        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse,
+                                     use_dense)
+        n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
     else:
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None)
     visited = torch.arange(nkb, device=query.device) < n_visit.unsqueeze(-1)
@@ -562,9 +619,9 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                      enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None,
-                     dense_fraction=None):
+                     dense_fraction=None, gate=None):
     """Certified block-sparse attention on the Triton path.
 
     Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
     plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
-    return run_attention(query, key, value, plan, eps, mode, dense_fraction)
+    return run_attention(query, key, value, plan, eps, mode, dense_fraction, gate)

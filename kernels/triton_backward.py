@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .triton_attention import (INTERPRET, _pad_pow2, _scores_log2, default_blocks, mask_as_4d,
-                               num_blocks)
+                               num_blocks, traceable)
 
 
 @triton.jit
@@ -201,14 +201,14 @@ def triton_attention_backward(grad_out, query, key, value, out, lse, kept, attn_
 
     dq = torch.empty_like(query)
     idx, cnt = _block_lists(kept)
-    _dq_kernel[(B * H * nqt,)](
+    traceable(_dq_kernel)[(B * H * nqt,)](
         query, key, value, mask4, grad_out, lse, delta, dq, idx, cnt, *strides,
         scale, L, S, D, DV, nqt, nkb, H, H // Hkv, **common)
 
     dk = torch.empty(B, Hkv, S, D, device=dev, dtype=key.dtype)
     dv = torch.empty(B, Hkv, S, DV, device=dev, dtype=value.dtype)
     idx_t, cnt_t = _block_lists(kept.transpose(-1, -2))
-    _dkv_kernel[(B * Hkv * nkb,)](
+    traceable(_dkv_kernel)[(B * Hkv * nkb,)](
         query, key, value, mask4, grad_out, lse, delta, dk, dv, idx_t, cnt_t, *strides,
         scale, L, S, D, DV, nqt, nkb, H, H // Hkv, **common)
     return dq, dk, dv

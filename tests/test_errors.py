@@ -134,3 +134,19 @@ def test_errors_before_any_compute_on_zero_length():
         aether_compile.attention(q, k[:, :, :0], v[:, :, :0], attn_mask=bool_mask(3, 0))
     with pytest.raises(ValueError, match="query head dim 16 != key head dim 8"):
         aether_compile.attention(q[:, :, :0], k[..., :8], v)
+
+
+# Direct calls of the registered op validate exactly like the public function (tensor-typed
+# failures only: the op's schema itself rejects non-tensor arguments first).
+DIRECT_OP = [c for c in REJECTED_BY_BOTH + [(n, b, ValueError, m) for n, b, m in STRICTER_THAN_SDPA]
+             if c[0] not in ("mask_list", "query_list", "dropout_negative", "dropout_above_1",
+                             "scale_str")]
+
+
+@pytest.mark.parametrize("build,exc,match", [c[1:] for c in DIRECT_OP],
+                         ids=[c[0] for c in DIRECT_OP])
+def test_direct_op_call_gets_the_same_error(build, exc, match):
+    args, kwargs = build(*qkv())
+    kwargs.pop("dropout_p", None)
+    with pytest.raises(exc, match=match):
+        torch.ops.aether.attention(*args, **kwargs)
