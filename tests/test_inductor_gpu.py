@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import aether_compile
+import aether_compile  # noqa: F401  (registers the ops)
 from aether_compile._compat import run_and_get_code
 from aether_compile.workloads import WORKLOADS
 
