@@ -2,9 +2,11 @@
 ``torch.compile(model, backend="aether")`` against the default ``torch.compile(model)``
 (Inductor), issue 6 row ``e2e_dense_ratio`` = inductor_time / aether_time (target >= 0.97).
 
-GPU (one command, about 2-3 minutes on an H100; the device copy has no .git, so name the commit):
+GPU (one command, about 2-3 minutes on an H100; the device copy has no .git, so
+name the commit it was copied from):
 
-    AETHER_COMMIT=$(git rev-parse --short HEAD) python benchmarks/e2e_llama.py --out benchmarks/results
+    AETHER_COMMIT=<sha> python benchmarks/e2e_llama.py \
+        --out benchmarks/results
 
 CPU smoke run (tiny model, a few seconds of compile, what tests/test_benchmark_scripts.py runs):
 
@@ -195,6 +197,15 @@ def reset_compile_state() -> None:
     counters.clear()
 
 
+def recompile_limit(limit: int):
+    """Dynamo config patch raising the per-code recompile limit (renamed from cache_size_limit):
+    each torch.compile of one model with another backend or options adds a cache entry."""
+    import torch._dynamo.config as dcfg
+
+    name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+    return dcfg.patch(**{name: max(limit, getattr(dcfg, name))})
+
+
 def free(device: str) -> None:
     import gc
 
@@ -370,12 +381,15 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--deadline-min", type=float, default=9.0,
+                    help="skip rows not started by this many minutes after start (the device "
+                         "allows 10 min a command)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim = 2, 64, 4, 2, 16
         args.intermediate, args.vocab = 128, 256
         args.seqs = args.seqs or [128]
-        args.warmup, args.iters = 1, 2
+        args.warmup, args.iters = 0, 1
         args.dtype = args.dtype or "float32"
     args.seqs = args.seqs or [16384]
     args.attn = args.attn or ["sdpa", "sdpa_nomask"]
@@ -416,11 +430,15 @@ def main(argv=None):
             record["rows"].append({"attn": attn, **error_record(e)})
             continue
         for seq in args.seqs:
+            if time.perf_counter() - t_start > 60 * args.deadline_min:
+                record["rows"].append({"attn": attn, "seq": seq,
+                                       "error": "skipped: --deadline-min reached"})
+                continue
             print(f"[{attn} seq={seq}]", flush=True)
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, args.vocab, (1, seq), generator=g).to(device)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), recompile_limit(16):
                     row = run_row(model, ids, args, device, attn, seq)
             except Exception as e:  # noqa: BLE001  (OOM or anything else: record, go on)
                 row = {"attn": attn, "seq": seq, **error_record(e)}

@@ -1,0 +1,116 @@
+"""The end-to-end benchmark scripts run in --smoke mode (tiny sizes; CPU with allow_cpu) and write
+the JSON the GPU runs will write: env (card, versions, commit), rows, summary keys of issue 6.
+About 15-20 s each with a warm Inductor cache (a cold one adds ~15 s to the first)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+ENV_KEYS = {"card", "torch", "triton", "transformers", "python", "commit", "date"}
+
+
+def _run(script, *args, timeout=600):
+    env = {**os.environ, "AETHER_COMMIT": "test-commit"}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _only_json(out_dir, prefix):
+    files = [f for f in os.listdir(out_dir) if f.startswith(prefix) and f.endswith(".json")]
+    assert len(files) == 1, files
+    with open(os.path.join(out_dir, files[0])) as f:
+        return json.load(f)
+
+
+def test_e2e_llama_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    out = _run("e2e_llama.py", "--smoke", "--out", str(tmp_path))
+    assert "e2e_dense_ratio" in out
+    rec = _only_json(tmp_path, "e2e_llama_smoke_")
+    assert ENV_KEYS <= set(rec["env"]) and rec["env"]["commit"] == "test-commit"
+    rows = rec["rows"]
+    assert {r["attn"] for r in rows} == {"sdpa", "sdpa_nomask"}
+    for r in rows:
+        assert "error" not in r, r.get("traceback")
+        assert r["counters_aether"]["rewritten"] == 2  # both layers
+        assert all(s["decision"] == "sparse" for s in r["sites"])
+        assert r["t_inductor_ms"] > 0 and r["t_aether_ms"] > 0
+        assert r["max_abs_logits_diff_vs_inductor"] < 1e-4  # fp32 smoke model
+    reasons = {r["attn"]: r["sites"][0]["reason"] for r in rows}
+    assert "mask=causal" in reasons["sdpa_nomask"]
+    s = rec["summary"]
+    assert s["e2e_dense_ratio"] == pytest.approx(
+        next(r for r in rows if r["attn"] == "sdpa")["e2e_dense_ratio"])
+
+
+def test_train_stdlib_lm_smoke(tmp_path):
+    out = _run("train_stdlib_lm.py", "--smoke", "--out", str(tmp_path))
+    assert "e2e_sparse_speedup" in out
+    rec = _only_json(tmp_path, "train_stdlib_lm_smoke_")
+    assert ENV_KEYS - {"transformers"} <= set(rec["env"])
+    assert rec["env"]["commit"] == "test-commit"
+    assert rec["corpus"]["files"] > 100 and rec["corpus"]["val_bytes"] > 10_000
+    assert rec["train"]["steps"] == 3 and len(rec["train_curve"]["loss_every_step"]) == 3
+    ckpt = tmp_path / "stdlib_lm_smoke.pt"
+    assert ckpt.exists()
+    rows = rec["rows"]
+    assert all("error" not in r for r in rows), [r.get("traceback") for r in rows]
+    dense = [r for r in rows if r["backend"] == "dense"]
+    sparse = [r for r in rows if r["backend"] == "aether"]
+    assert len(dense) == 1 and len(sparse) == 2
+    assert dense[0]["vs_fp32"]["rel"] > 0  # the bf16 noise the criterion uses
+    for r in sparse:
+        assert r["counters_aether"]["rewritten"] == 2
+        assert len(r["kept_per_layer"]) == 2 and 0 < r["kept_fraction_of_causal"] <= 1
+        assert isinstance(r["within_noise"], bool) and r["speedup"] > 0
+    s = rec["summary"]
+    assert {"e2e_sparse_speedup", "e2e_sparse_eps", "best_speedup_any_eps"} <= set(s)
+    # the checkpoint loads back (no training, no evaluation)
+    out_dir = tmp_path / "again"
+    _run("train_stdlib_lm.py", "--smoke", "--eval-only", "--skip-eval", "--ckpt", str(ckpt),
+         "--out", str(out_dir))
+    rec2 = _only_json(out_dir, "train_stdlib_lm_smoke_")
+    assert rec2["train"]["loaded_from"] == str(ckpt) and rec2["train"]["steps"] == 3
+
+
+def _lm_module():
+    sys.path.insert(0, BENCH)
+    try:
+        import train_stdlib_lm
+    finally:
+        sys.path.remove(BENCH)
+    return train_stdlib_lm
+
+
+def test_stdlib_split_is_deterministic():
+    lm = _lm_module()
+    _, rels = lm.stdlib_files()
+    assert rels == sorted(rels) and "os.py" in rels
+    assert not any("site-packages" in r for r in rels)
+    a = lm.load_corpus()[2]
+    b = lm.load_corpus()[2]
+    assert a == b and 0 < a["files_val"] < a["files"] // 5
+
+
+def test_sparse_summary_picks_best_within_noise():
+    lm = _lm_module()
+
+    def row(L, eps, speedup, within):
+        return {"L": L, "backend": "aether", "eps": eps, "speedup": speedup,
+                "within_noise": within, "err_over_noise": 1.0, "kept_fraction_of_causal": 0.5}
+
+    rows = [{"L": 32768, "backend": "dense"}, row(16384, 1e-2, 9.0, True),
+            row(32768, 1e-3, 1.5, True), row(32768, 1e-2, 2.0, True),
+            row(32768, 1e-1, 3.0, False), {"L": 32768, "backend": "aether", "eps": 3e-2,
+                                            "error": "OOM"}]
+    s = lm.summarize(rows, [8192, 16384, 32768], 1.1)
+    assert s["e2e_sparse_speedup"] == 2.0 and s["e2e_sparse_eps"] == 1e-2
+    assert s["best_speedup_any_eps"] == 3.0 and s["rows_failed"] == 1
+    assert lm.summarize([row(32768, 1e-1, 3.0, False)], [32768], 1.1)["e2e_sparse_speedup"] is None
