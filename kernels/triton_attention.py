@@ -163,7 +163,7 @@ def _bounds_kernel(
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    sm_scale = sm_scale.to(tl.float32)  # Inductor passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt
@@ -287,8 +287,8 @@ def _attention_kernel(
     if HAS_SKIP:
         if tl.load(Skip) != 0:
             return
-    sm_scale_log2 = sm_scale_log2.to(tl.float32)  # Inductor passes Python floats as fp64
-    stop_log2 = stop_log2.to(tl.float32)
+    sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
+    stop_log2 = tl.cast(stop_log2, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt

@@ -34,7 +34,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    sm_scale = sm_scale.to(tl.float32)  # Inductor passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt
@@ -100,7 +100,7 @@ def _dkv_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     # DK, DV_ are contiguous [B, Hkv, S, D] / [B, Hkv, S, DV].
-    sm_scale = sm_scale.to(tl.float32)  # Inductor passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
     pid = tl.program_id(0).to(tl.int64)
     j = pid % n_kb
     bhk = pid // n_kb
