@@ -526,20 +526,24 @@ DENSE_FRACTION = 0.6
 
 
 def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
-    """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, no GQA,
-    causal only for L == S (where every backend's alignment agrees), flash-compatible head dims.
+    """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, causal
+    only for L == S (where every backend's alignment agrees), flash-compatible head dims. GQA is
+    served by expanding k and v (a copy of the keys, small next to the attention itself).
     Static metadata only, so it is safe to ask while tracing."""
     L, S = query.shape[-2], key.shape[-2]
     D, DV = query.shape[-1], value.shape[-1]
     return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
-            and attn_mask is None and key.shape[1] == query.shape[1] and D == DV
-            and D % 8 == 0 and D <= 256 and (not is_causal or L == S))
+            and attn_mask is None and D == DV and D % 8 == 0 and D <= 256
+            and (not is_causal or L == S))
 
 
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
     """Dense attention and its natural-log log-sum-exp from the fastest SDPA kernel available
     (cuDNN, then flash), for inputs where ``dense_eligible`` holds; None if neither runs."""
     B, H, L, _ = query.shape
+    if key.shape[1] != H:  # GQA: query head h reads kv head h // group, as SDPA's enable_gqa
+        group = H // key.shape[1]
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     attempts = [
         lambda: torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, is_causal, False, scale=scale),

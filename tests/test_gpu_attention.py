@@ -97,16 +97,27 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
         assert 0.0 < float(d.max()) <= 1e-3
 
 
-def test_dense_dispatch_on_unprunable_data():
+@pytest.mark.parametrize("H,Hkv,is_causal", [(4, 4, False), (8, 2, True)],
+                         ids=["mha-full", "gqa-causal"])
+def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, monkeypatch):
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
-    SDPA kernel; stats say every live block was computed and gradients still flow."""
-    from aether_compile.kernels.triton_attention import triton_attention
+    SDPA kernel (GQA through expanded k and v); stats say every live block was computed, the
+    result matches the sparse kernel run densely, and gradients still flow."""
+    from aether_compile.kernels import triton_attention as tri
 
-    q, k, v = WORKLOADS["uniform"](1, 4, 8192, 128, dtype=torch.float16, device="cuda")
+    dense_calls = []
+    real = tri.dense_sdpa_with_lse
+    monkeypatch.setattr(tri, "dense_sdpa_with_lse",
+                        lambda *a, **k: dense_calls.append(1) or real(*a, **k))
+    q, _, _ = WORKLOADS["uniform"](1, H, 8192, 128, dtype=torch.float16, device="cuda")
+    _, k, v = WORKLOADS["uniform"](1, Hkv, 8192, 128, dtype=torch.float16, device="cuda", seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, stats = aether_compile.attention(*leaves, return_stats=True)
-    assert stats.kept_fraction == 1.0
-    ref_out, ref_lse, _ = triton_attention(q, k, v, eps=0.0)  # the sparse kernel, dense
+    out, stats = aether_compile.attention(*leaves, is_causal=is_causal, enable_gqa=H != Hkv,
+                                          return_stats=True)
+    assert dense_calls, "the dense path was not taken"
+    ref_out, ref_lse, ref_kept = tri.triton_attention(q, k, v, None, is_causal, None, H != Hkv,
+                                                      0.0)  # the sparse kernel, dense
+    assert torch.equal(stats.kept_blocks, ref_kept)  # every live block
     assert rel_err(out, ref_out) < 2e-3
     assert torch.allclose(stats.lse, ref_lse, atol=2e-2)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
