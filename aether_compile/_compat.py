@@ -5,6 +5,13 @@
 * ``registry.set_default_backend`` exists on 2.13 only (unused here, noted for completeness).
 * Dynamo's ``nn_module_stack`` paths look like ``L['self'].encoder.layer[0]`` (2.13) or
   ``L__self___encoder_layer_0`` style names (older); ``module_path`` normalises both.
+* Inductor config overrides (``config.patch`` and plain assignment) are per thread on 2.13 (a
+  ``ContextVar`` per entry: a new thread starts from the defaults) and process-global on 2.11;
+  ``CONFIG_IS_THREAD_LOCAL`` tells which, by looking, not by version number.
+* Cache keys: on 2.11 the pre-grad pass runs before the AOT/FX cache lookups (its graph is what
+  gets hashed; the pass's ``uuid`` is not part of any key); on 2.13 a pass with a ``uuid`` runs
+  after the lookup and the ``uuid`` is hashed instead. ``post_grad_custom_post_pass``'s ``uuid``
+  is in the FX and AOTAutograd keys on both, which is where ``context.CacheSalt`` goes.
 """
 
 from __future__ import annotations
@@ -142,6 +149,32 @@ def graph_module_of(graph_or_gm):
     if isinstance(graph_or_gm, torch.fx.GraphModule):
         return graph_or_gm
     return graph_or_gm.owning_module
+
+
+def _config_is_thread_local() -> bool:
+    import contextvars
+
+    import torch._inductor.config as icfg
+
+    entry = getattr(icfg, "_config", {}).get("pre_grad_custom_pass")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+CONFIG_IS_THREAD_LOCAL = _config_is_thread_local()
+
+POST_GRAD_POST_PASS = "post_grad_custom_post_pass"  # the config entry CacheSalt occupies
+
+
+def get_post_grad_post_pass():
+    import torch._inductor.config as icfg
+
+    return getattr(icfg, POST_GRAD_POST_PASS)
+
+
+def set_post_grad_post_pass(value) -> None:
+    import torch._inductor.config as icfg
+
+    setattr(icfg, POST_GRAD_POST_PASS, value)
 
 
 def set_pre_grad_pass(value) -> None:

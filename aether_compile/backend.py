@@ -4,6 +4,11 @@
 the entry point ``aether = aether_compile.backend:aether_backend`` in ``torch_dynamo_backends``,
 and Dynamo registers it on first lookup. The rewrite runs on the torch-IR graph before AOT
 autograd, so training graphs trace through the op's autograd.
+
+Caches: Inductor's FX graph cache and the AOTAutograd cache key the rewritten graph (the op and its
+arguments, eps included), plus a ``context.CacheSalt`` installed for the compile whose uuid covers
+the options, the sources and the ``AETHER_*`` knobs; a second process compiling the same model with
+the same options hits, one with other options, code or knobs misses.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 from typing import Any, Optional
 
 from . import _compat
+from .context import CacheSalt
 from .options import AetherOptions
 
 log = logging.getLogger("aether_compile")
@@ -44,6 +50,11 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     if aether.compiler == "aot_eager":
         return _compat.aot_eager(gm, example_inputs)
     patches = {**_compat.mode_options(mode), **inductor_options}
+    # The rewritten graph names aether::attention but not the code and knobs behind it: the salt
+    # puts them (and the options) into the FX graph / AOTAutograd cache keys. It chains a post-grad
+    # pass passed in options= or already set (e.g. by enable()).
+    chained = patches.get(_compat.POST_GRAD_POST_PASS, _compat.get_post_grad_post_pass())
+    patches[_compat.POST_GRAD_POST_PASS] = CacheSalt(aether, chained=chained)
     return _compat.compile_fx(gm, example_inputs, patches)
 
 
