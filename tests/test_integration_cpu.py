@@ -125,7 +125,7 @@ def test_fullgraph_inductor_no_graph_break(name):
 
 
 # -- b. dynamic shapes -----------------------------------------------------------------------------
-LENGTHS_ONE_TILE = (16, 24, 40, 56)  # all in one 64-query / 128-key tile
+LENGTHS_ONE_TILE = (16, 24, 40, 56)  # one query tile (128) and one key block (64) each
 
 
 @pytest.mark.parametrize("name", ["nanogpt", "bert", "llama"])
@@ -162,7 +162,7 @@ LENGTHS_ACROSS_TILES = (16, 24, 80, 150, 200, 300)
 @pytest.mark.parametrize("name", ["nanogpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_lengths_across_tiles_bounded_recompiles(name):
     """Across tile boundaries the count stays bounded (not one graph per length): today one static
-    graph plus one dynamic graph per class of (ceil(L/64) == 1, ceil(S/128) == 1) — see the xfail
+    graph plus one dynamic graph per class of (ceil(S/64) == 1, ceil(L/128) == 1) — see the xfail
     below for why."""
     rec, layers = _run_lengths(name, LENGTHS_ACROSS_TILES, dynamic=None)
     assert len(rec.compiles) <= 4 < len(LENGTHS_ACROSS_TILES), rec.compiles
@@ -170,7 +170,7 @@ def test_lengths_across_tiles_bounded_recompiles(name):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "aether_compile/ops.py _fake_outputs: the kept map [B, H, ceil(L/64), ceil(S/128)] has dims "
+    "aether_compile/ops.py _fake_outputs: the kept map [B, H, ceil(L/128), ceil(S/64)] has dims "
     "that can be 1, and AOT's tensor_meta contiguity check (check_contiguous_sizes_strides: "
     "guard_or_false(size == 1)) guards on them, so lengths <=64, 65..128, >128 get their own "
     "graphs. Plain Inductor compiles the same model twice."))
