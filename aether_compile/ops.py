@@ -107,9 +107,9 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()
 
-    def gate(n_visit, n_live):
+    def gate(n_visit, n_live, mask_not_causal):
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
-                                           scale_f, fraction)
+                                           scale_f, fraction, mask_not_causal)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                  eps, block_m, block_n, dense_fraction=fraction, gate=gate)
 
@@ -152,14 +152,16 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, 
 
 @torch.library.custom_op("aether::dense_gate", mutates_args=())
 def dense_gate(query: Tensor, key: Tensor, value: Tensor, n_visit: Tensor, n_live: Tensor,
-               is_causal: bool, scale: float, fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+               is_causal: bool, scale: float, fraction: float,
+               mask_not_causal: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The runtime sparse/dense choice (see kernels.triton_attention.dense_gate): opaque, so its
     host read stays out of traced graphs and is skipped during CUDA-graph capture."""
-    return _tri.dense_gate(query, key, value, n_visit, n_live, is_causal, scale, fraction)
+    return _tri.dense_gate(query, key, value, n_visit, n_live, is_causal, scale, fraction,
+                           mask_not_causal)
 
 
 @dense_gate.register_fake
-def _(query, key, value, n_visit, n_live, is_causal, scale, fraction):
+def _(query, key, value, n_visit, n_live, is_causal, scale, fraction, mask_not_causal=None):
     B, H, L, _ = query.shape
     return (query.new_empty(B, H, L, value.shape[-1]),
             query.new_empty(B, H, L, dtype=torch.float32),

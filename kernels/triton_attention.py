@@ -117,12 +117,14 @@ def _geometry_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _mask_stats_kernel(
-    Mask, MaskMax,
+    Mask, MaskMax, NotCausal,
     stride_mb, stride_mh, stride_mm, stride_mn,
     L, S, n_qt, n_kb, H_M,
     IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (mask batch, mask head, query tile); loops over key blocks.
+    # One program per (mask batch, mask head, query tile); loops over key blocks. NotCausal gets
+    # the tile's count of entries that differ from a top-left causal mask (keep j <= i): a zero
+    # total lets the dense dispatch run the mask as is_causal (HF materialises causal masks).
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     bh = pid // n_qt
@@ -131,24 +133,31 @@ def _mask_stats_kernel(
     o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < L
     base = Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
+    not_causal = tl.zeros([BLOCK_M], tl.int32)
     for j in range(0, n_kb):
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = m_m[:, None] & (o_n[None, :] < S)
+        causal_keep = o_n[None, :] <= o_m[:, None]
         if IS_BOOL:
             keep = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=0)
             any_keep = tl.max(tl.max((keep != 0).to(tl.int32), 1), 0)
             mx = tl.where(any_keep > 0, 0.0, -float("inf"))
+            differs = (keep != 0) != causal_keep
         else:
             add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
             add = add.to(tl.float32)
             floored = tl.maximum(add, _MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays
+            # causal as HF writes it: 0 where kept, at most fp16's finfo.min where masked
+            differs = tl.where(causal_keep, add != 0.0, ~(add <= -65504.0))
             add = tl.where(add == -float("inf"), add, floored)
             mx = tl.max(tl.max(add, 1), 0)
             # a NaN entry must reach its row (SDPA gives NaN there): never prune its block.
             # Explicit, since whether tl.max propagates NaN differs between backends.
             has_nan = tl.sum(tl.sum((add != add).to(tl.int32), 1), 0) > 0
             mx = tl.where(has_nan, float("inf"), mx)
+        not_causal += tl.sum((differs & valid).to(tl.int32), 1)
         tl.store(MaskMax + pid * n_kb + j, mx)
+    tl.store(NotCausal + pid, tl.sum(not_causal, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,6 +424,7 @@ class VisitPlan(NamedTuple):
     order: torch.Tensor  # int32 [B, H, nQT, nKB]
     tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
     n_live: torch.Tensor  # int32 [B, H, nQT]
+    mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
 
 
 def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
@@ -437,14 +447,15 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
         BLOCK_N=block_n, D_PAD=d_pad)
 
-    mask4 = None
+    mask4 = mask_not_causal = None
     mask_max, mask_strides = query, (0, 0)  # placeholders when there is no mask
     if attn_mask is not None:
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
         Bm, Hm = mask4.shape[:2]
         mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
+        mask_not_causal = torch.empty(Bm * Hm * nqt, device=dev, dtype=torch.int32)
         traceable(_mask_stats_kernel)[(Bm * Hm * nqt,)](
-            mask4, mask_max, *mask4.stride(), L, S, nqt, nkb, Hm,
+            mask4, mask_max, mask_not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
             IS_BOOL=mask4.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
@@ -457,7 +468,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
 
     order, tail_log2, n_live = plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
-                     order, tail_log2, n_live)
+                     order, tail_log2, n_live, mask_not_causal)
 
 
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
@@ -530,11 +541,14 @@ def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
     only for L == S (where every backend's alignment agrees), flash-compatible head dims. GQA is
     served by expanding k and v (a copy of the keys, small next to the attention itself).
     Static metadata only, so it is safe to ask while tracing."""
+    return attn_mask is None and _dense_kernel_fits(query, key, value, is_causal)
+
+
+def _dense_kernel_fits(query, key, value, is_causal: bool) -> bool:
     L, S = query.shape[-2], key.shape[-2]
     D, DV = query.shape[-1], value.shape[-1]
     return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
-            and attn_mask is None and D == DV and D % 8 == 0 and D <= 256
-            and (not is_causal or L == S))
+            and D == DV and D % 8 == 0 and D <= 256 and (not is_causal or L == S))
 
 
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
@@ -561,22 +575,28 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
 
 
 def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float,
-               fraction: float):
-    """The runtime sparse/dense choice: (out, lse, use_dense bool[1]).
+               fraction: float, mask_not_causal=None):
+    """The runtime sparse/dense choice: (out, lse, use_dense int32[1]).
 
     Reads the certified visit count on the host (the one sync of the forward); when it exceeds
     ``fraction`` of the live blocks, runs dense SDPA into (out, lse) and sets use_dense, and the
-    sparse pass that follows returns at once. During CUDA-graph capture no read is possible:
-    use_dense stays False, so the sparse path runs and replays stay correct."""
+    sparse pass that follows returns at once. With a mask (``mask_not_causal``: per-tile counts of
+    entries unlike a causal mask, read in the same sync) the dense kernel runs only where the mask
+    is exactly causal, as is_causal. During CUDA-graph capture no read is possible: use_dense
+    stays 0, so the sparse path runs and replays stay correct."""
     B, H, L, _ = query.shape
     out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
     lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
     use_dense = torch.zeros(1, device=query.device, dtype=torch.int32)
     if query.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return out, lse, use_dense
-    visit, live = torch.stack([n_visit.sum(), n_live.sum()]).tolist()
-    if visit > fraction * live:
-        dense = dense_sdpa_with_lse(query, key, value, is_causal, scale)
+    stats = [n_visit.sum(), n_live.sum()]
+    if mask_not_causal is not None:
+        stats.append(mask_not_causal.sum())
+    visit, live, *not_causal = torch.stack(stats).tolist()
+    if visit > fraction * live and not any(not_causal):
+        causal = is_causal or mask_not_causal is not None  # the mask is exactly causal
+        dense = dense_sdpa_with_lse(query, key, value, causal, scale)
         if dense is not None:
             out, lse = dense
             use_dense.fill_(1)
@@ -593,7 +613,8 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
     blocks, run the fastest dense SDPA kernel instead (twopass, where ``dense_eligible``);
-    ``kept`` then marks every live block. ``gate(n_visit, n_live) -> (out, lse, use_dense)``
+    ``kept`` then marks every live block. ``gate(n_visit, n_live, mask_not_causal) -> (out, lse,
+    use_dense)``
     overrides how that choice is made (the op passes a custom op so that traced graphs keep it
     opaque); by default ``dense_gate`` is called directly."""
     mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
@@ -607,13 +628,16 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
     _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
     n_visit = certified_visit_count(plan, probe_lse, probe, eps)
-    if dense_fraction is not None and dense_eligible(query, key, value, plan.mask4,
-                                                     plan.is_causal):
+    mask_not_causal = plan.mask_not_causal
+    if dense_fraction is not None and (
+            dense_eligible(query, key, value, plan.mask4, plan.is_causal)
+            or (mask_not_causal is not None and plan.L == plan.S
+                and _dense_kernel_fits(query, key, value, True))):
         if gate is None:
-            def gate(nv, nl):
+            def gate(nv, nl, nc):
                 return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
-                                  dense_fraction)
-        out, lse, use_dense = gate(n_visit, plan.n_live)
+                                  dense_fraction, nc)
+        out, lse, use_dense = gate(n_visit, plan.n_live, mask_not_causal)
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse,
                                      use_dense)
         n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)

@@ -97,9 +97,10 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
         assert 0.0 < float(d.max()) <= 1e-3
 
 
-@pytest.mark.parametrize("H,Hkv,is_causal", [(4, 4, False), (8, 2, True)],
-                         ids=["mha-full", "gqa-causal"])
-def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, monkeypatch):
+@pytest.mark.parametrize("H,Hkv,is_causal,hf_mask", [(4, 4, False, False), (8, 2, True, False),
+                                                     (8, 2, False, True)],
+                         ids=["mha-full", "gqa-causal", "gqa-hf-causal-mask"])
+def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypatch):
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
     SDPA kernel (GQA through expanded k and v); stats say every live block was computed, the
     result matches the sparse kernel run densely, and gradients still flow."""
@@ -111,11 +112,16 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, monkeypatch):
                         lambda *a, **k: dense_calls.append(1) or real(*a, **k))
     q, _, _ = WORKLOADS["uniform"](1, H, 8192, 128, dtype=torch.float16, device="cuda")
     _, k, v = WORKLOADS["uniform"](1, Hkv, 8192, 128, dtype=torch.float16, device="cuda", seed=1)
+    mask = None
+    if hf_mask:  # a materialised causal mask as transformers builds it: found causal at run time
+        tril = torch.ones(8192, 8192, dtype=torch.bool, device="cuda").tril()
+        mask = torch.zeros(1, 1, 8192, 8192, dtype=torch.float16, device="cuda").masked_fill(
+            ~tril, torch.finfo(torch.float16).min)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, stats = aether_compile.attention(*leaves, is_causal=is_causal, enable_gqa=H != Hkv,
-                                          return_stats=True)
+    out, stats = aether_compile.attention(*leaves, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=H != Hkv, return_stats=True)
     assert dense_calls, "the dense path was not taken"
-    ref_out, ref_lse, ref_kept = tri.triton_attention(q, k, v, None, is_causal, None, H != Hkv,
+    ref_out, ref_lse, ref_kept = tri.triton_attention(q, k, v, mask, is_causal, None, H != Hkv,
                                                       0.0)  # the sparse kernel, dense
     assert torch.equal(stats.kept_blocks, ref_kept)  # every live block
     assert rel_err(out, ref_out) < 2e-3

@@ -129,3 +129,27 @@ def test_noncontiguous_and_expanded_inputs():
     k0 = k[:, :1].expand(1, 2, 40, 32)  # stride 0 over heads
     out, _, _ = triton_attention(qt, k0, v, None, False, None, False, 0.0, BM, BN)
     assert rel_err(out, dense_oracle(q, k0, v)) < REL_TOL[torch.float32]
+
+
+def _causal_masks(L):
+    tril = torch.ones(L, L, dtype=torch.bool).tril()
+    flipped = tril.clone()
+    flipped[5, 9] = True  # one key past the diagonal
+    hf32 = torch.zeros(L, L).masked_fill(~tril, torch.finfo(torch.float32).min)
+    hf16 = torch.zeros(L, L).masked_fill(~tril, torch.finfo(torch.float16).min)
+    alibi = hf32 + torch.arange(L).float()  # a bias on kept entries: not a plain causal mask
+    padding = tril.clone()
+    padding[:, :3] = False
+    return [("bool", tril, 0), ("hf_fp32_min", hf32[None, None], 0),
+            ("hf_fp16_min", hf16[None], 0), ("one_flipped", flipped, 1),
+            ("alibi", alibi, L * (L + 1) // 2 - L), ("left_padding", padding, 3 * L - 3)]
+
+
+@pytest.mark.parametrize("name,mask,expected", _causal_masks(40),
+                         ids=[c[0] for c in _causal_masks(40)])
+def test_mask_stats_count_entries_unlike_causal(name, mask, expected):
+    """The mask statistics count, per tile, the entries that differ from a top-left causal mask;
+    zero lets the dense dispatch run a materialised causal mask (HF's) as is_causal."""
+    q, k, _ = WORKLOADS["uniform"](1, 2, 40, 16, device=DEVICE)
+    plan = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
+    assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
