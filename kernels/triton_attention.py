@@ -518,9 +518,11 @@ def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
     z = (probe_lse * LOG2E).masked_fill(torch.isnan(probe_lse), -float("inf"))
     z = z.masked_fill(z <= UNCERTIFIABLE_MAX_LOG2, -float("inf"))  # rows that saw only floored keys
-    pad = nqt * plan.block_m - plan.L
-    z = torch.nn.functional.pad(z, (0, pad), value=float("inf"))  # padding rows don't bind
-    z_min = z.view(plan.B, plan.H, nqt, plan.block_m).amin(-1)
+    # Per-tile minimum over its rows; a scatter rather than padding to whole tiles, so symbolic
+    # lengths (dynamic shapes) add no guard on L % block_m.
+    tile = (torch.arange(plan.L, device=z.device) // plan.block_m).expand_as(z)
+    z_min = torch.full((plan.B, plan.H, nqt), float("inf"), device=z.device).scatter_reduce(
+        -1, tile, z, reduce="amin")
     thr = stop_threshold_log2(eps) + z_min  # [B, H, nQT]
     can_stop = plan.tail_log2 <= thr.unsqueeze(-1)
     can_stop &= torch.arange(nkb, device=z.device) >= probe.unsqueeze(-1)
