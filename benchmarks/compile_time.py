@@ -1,0 +1,388 @@
+"""Cold compile time: default Inductor vs ``backend="aether"`` (issue 5 target: aether <= 1.2x).
+
+One command (GPU: about 2-3 minutes for the 8 models; the device copy has no .git, so name the
+commit it was copied from):
+
+    AETHER_COMMIT=<sha> python benchmarks/compile_time.py --out benchmarks/results
+
+On a machine without CUDA it runs on CPU with ``allow_cpu=True`` (the op runs its plain-torch
+reference there) and writes ``compile_time_cpu.json``; on CUDA ``compile_time_<card>.json``.
+
+Each measurement is cold: ``torch._dynamo.reset()``, the FX graph cache and the AOTAutograd cache
+off, and a fresh Inductor/Triton cache directory with Inductor's in-memory caches cleared
+(``torch._inductor.utils.fresh_cache``), so neither side reuses kernels the other compiled. One
+warm-up compile per backend first pays the one-time costs (imports, CPU SIMD probe, compile
+workers). Compile seconds = first call - steady call (forward, eval mode, no_grad). The two
+backends alternate order per model and per repeat. Per model: seconds per repeat, medians,
+ratio aether/inductor, time inside the rewrite pass, sites rewritten, output difference.
+
+Models: tiny transformers configs (random init) with position tables long enough for ``--seq``
+(default 1024 on CUDA, so each key has 16 blocks of 64 and the op compiles its sparse path rather
+than the static dense one; 128 on CPU), plus a nanoGPT block. ``--profile`` adds a cProfile of the
+rewrite pass (top functions by cumulative time) to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a source checkout without an install
+    sys.path.insert(0, ROOT)
+
+import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
+import aether_compile.passes as aether_passes  # noqa: E402
+
+TARGET_RATIO = 1.2
+MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nanogpt")
+
+
+# -- environment -----------------------------------------------------------------------------------
+def git_commit() -> str:
+    """AETHER_COMMIT if set (the GPU copy has no .git), else git HEAD (+"-dirty"), else unknown."""
+    env = os.environ.get("AETHER_COMMIT")
+    if env:
+        return env
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=ROOT, stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                        text=True, cwd=ROOT, stderr=subprocess.DEVNULL).strip()
+        return head + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_record(device: str) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            return None
+
+    return {
+        "device": device,
+        "card": torch.cuda.get_device_name() if device == "cuda" else None,
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "triton": version("triton"),
+        "transformers": version("transformers"), "cuda": torch.version.cuda,
+        "python": platform.python_version(), "aether_compile": aether_compile.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- models ----------------------------------------------------------------------------------------
+def _ids(B, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 99, (B, L), generator=g)
+
+
+def _padding(B, L):
+    m = torch.ones(B, L, dtype=torch.long)
+    m[-1, (3 * L) // 4:] = 0
+    return m
+
+
+def _hf(cls, cfg_cls, impl, **cfg):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg_cls)(**cfg)
+    config._attn_implementation = impl
+    return getattr(transformers, cls)(config).eval()
+
+
+def build(name: str, L: int):
+    """(model, kwargs or args, output -> tensor, attention layers); CPU fp32 tensors."""
+    P = max(2 * L, 128)  # position tables
+    text = dict(input_ids=_ids(2, L), attention_mask=_padding(2, L))
+    hidden = lambda o: o.last_hidden_state  # noqa: E731
+    dec = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
+               use_cache=False)
+    if name == "bert":
+        return (_hf("BertModel", "BertConfig", "sdpa", vocab_size=99, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=P), text, hidden, 2)
+    if name == "distilbert":  # the eager (softmax) spelling
+        return (_hf("DistilBertModel", "DistilBertConfig", "eager", vocab_size=99, dim=64,
+                    n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=P), text,
+                hidden, 2)
+    if name == "gpt2":  # eager spelling: matmul, constant scale, causal buffer mask, softmax
+        return (_hf("GPT2Model", "GPT2Config", "eager", vocab_size=99, n_embd=64, n_layer=2,
+                    n_head=4, n_positions=P, use_cache=False, bos_token_id=2, eos_token_id=2),
+                text, hidden, 2)
+    if name == "llama":
+        return _hf("LlamaModel", "LlamaConfig", "sdpa", **dec), text, hidden, 2
+    if name == "qwen2":
+        return _hf("Qwen2Model", "Qwen2Config", "sdpa", **dec), text, hidden, 2
+    if name == "vit":  # L patches of 8x8 (+ CLS token)
+        side = 8 * max(2, int(math.isqrt(L)))
+        g = torch.Generator().manual_seed(0)
+        return (_hf("ViTModel", "ViTConfig", "sdpa", image_size=side, patch_size=8,
+                    hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64),
+                dict(pixel_values=torch.randn(2, 3, side, side, generator=g)), hidden, 2)
+    if name == "whisper":  # encoder self-, decoder self- (causal) and cross-attention
+        g = torch.Generator().manual_seed(0)
+        return (_hf("WhisperModel", "WhisperConfig", "sdpa", vocab_size=99, d_model=64,
+                    encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    num_mel_bins=8, max_source_positions=L, max_target_positions=P,
+                    use_cache=False, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                    decoder_start_token_id=2),
+                dict(input_features=torch.randn(2, 8, 2 * L, generator=g),
+                     decoder_input_ids=_ids(2, L)), hidden, 3)
+    if name == "nanogpt":
+        from tests.models.spellings import NanoGPTBlock
+
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        return (NanoGPTBlock(n_embd=64, n_head=4, flash=False, block_size=P).eval(),
+                (torch.randn(2, L, 64, generator=g),), (lambda o: o), 1)
+    raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+
+
+def _to(x, device, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device, dtype) for k, v in x.items()}
+    return tuple(_to(v, device, dtype) for v in x)
+
+
+# -- measurement -----------------------------------------------------------------------------------
+class PassTimer:
+    """Wraps aether_compile.passes.rewrite_attention (the backend looks it up per call): seconds
+    spent inside, and optionally a cProfile of it."""
+
+    def __init__(self, profile: bool):
+        self.real = aether_passes.rewrite_attention
+        self.seconds = 0.0
+        self.profiler = cProfile.Profile() if profile else None
+
+    def __call__(self, gm, options):
+        t0 = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.enable()
+        try:
+            return self.real(gm, options)
+        finally:
+            if self.profiler is not None:
+                self.profiler.disable()
+            self.seconds += time.perf_counter() - t0
+
+    def __enter__(self):
+        aether_passes.rewrite_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        aether_passes.rewrite_attention = self.real
+        return False
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _call(compiled, inputs):
+    return compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)
+
+
+def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: PassTimer) -> dict:
+    """One cold compile of ``model`` with ``backend`` ("inductor" or "aether")."""
+    import torch._functorch.config as fcfg
+    import torch._inductor.config as icfg
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = ({"backend": "aether", "options": {"allow_cpu": allow_cpu}} if backend == "aether"
+              else {})
+    before = timer.seconds
+    with fresh_cache(), icfg.patch(fx_graph_cache=False), \
+            fcfg.patch(enable_autograd_cache=False), torch.no_grad():
+        compiled = torch.compile(model, **kwargs)
+        sync(device)
+        t0 = time.perf_counter()
+        out = _call(compiled, inputs)
+        sync(device)
+        first = time.perf_counter() - t0
+        steady = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _call(compiled, inputs)
+            sync(device)
+            steady.append(time.perf_counter() - t0)
+    steady_s = min(steady)
+    return {"compile_s": first - steady_s, "first_call_s": first, "steady_call_s": steady_s,
+            "pass_s": timer.seconds - before, "out": out,
+            "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"]}
+
+
+def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer) -> None:
+    import torch.nn.functional as F
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).sin()
+
+    g = torch.Generator().manual_seed(0)
+    qkv = tuple(torch.randn(1, 2, 64, 16, generator=g).to(device, dtype) for _ in range(3))
+    for backend in ("inductor", "aether"):
+        measure(attn, qkv, backend, device, allow_cpu, timer)
+
+
+def write_json(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def profile_top(profiler: cProfile.Profile, n: int = 25) -> list:
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
+        where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
+        rows.append({"function": f"{where}:{line}({fn})", "calls": nc,
+                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
+    rows.sort(key=lambda r: -r["cumtime_s"])
+    return rows[:n]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--repeats", type=int, default=1, help="cold compiles per backend and model")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (1024 CUDA, 128 CPU)")
+    ap.add_argument("--device", default=None, help="cuda if available, else cpu")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="soft deadline: models not started by then are recorded as skipped "
+                         "(default 220 s on CUDA, keeping the run under 4 minutes; none on CPU)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the rewrite pass")
+    args = ap.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    allow_cpu = device != "cuda"
+    L = args.seq or (1024 if device == "cuda" else 128)
+    budget = args.budget_s if args.budget_s is not None else (220.0 if device == "cuda"
+                                                               else math.inf)
+    models = [m for m in args.models.split(",") if m]
+    env = env_record(device)
+    tag = "cpu" if device == "cpu" else (env["card"] or "cuda").replace(" ", "_")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"compile_time_{tag}.json")
+    record = {"benchmark": "compile_time", "env": env,
+              "config": {"seq": L, "dtype": str(dtype).replace("torch.", ""), "batch": 2,
+                         "repeats": args.repeats, "allow_cpu": allow_cpu,
+                         "budget_s": budget if math.isfinite(budget) else None,
+                         "caches": "fx_graph_cache=False, enable_autograd_cache=False, "
+                                   "fresh_cache() per compile", "mode": "eval, no_grad"},
+              "target_ratio": TARGET_RATIO, "models": {}, "skipped": [], "summary": {}}
+    start = time.perf_counter()
+    timer = PassTimer(args.profile)
+    print(f"compile_time: {device} ({env['card'] or env['cpu']}), torch {env['torch']}, "
+          f"commit {env['commit']}, seq {L}, models {models}", flush=True)
+    with timer:
+        t0 = time.perf_counter()
+        warm_up(device, dtype, allow_cpu, timer)
+        timer.seconds = 0.0
+        print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        for i, name in enumerate(models):
+            if time.perf_counter() - start > budget:
+                record["skipped"].append(name)
+                print(f"  {name}: skipped (budget {budget:.0f}s spent)", flush=True)
+                continue
+            model, inputs, out_of, layers = build(name, L)
+            model = model.to(device=device, dtype=dtype)
+            inputs = _to(inputs, device, dtype)
+            runs = {"inductor": [], "aether": []}
+            row = {"layers": layers}
+            try:
+                for r in range(args.repeats):
+                    order = ("inductor", "aether") if (i + r) % 2 == 0 else ("aether", "inductor")
+                    outs = {}
+                    for backend in order:
+                        res = measure(model, inputs, backend, device, allow_cpu, timer)
+                        outs[backend] = out_of(res.pop("out"))
+                        runs[backend].append(res)
+                        print(f"  {name:<10} {backend:<8} compile {res['compile_s']:6.2f}s"
+                              + (f"  (pass {res['pass_s']:.3f}s, "
+                                 f"rewritten {res['aether'].get('rewritten', 0)}/{layers})"
+                                 if backend == "aether" else ""), flush=True)
+                    row.setdefault("max_abs_diff", float(
+                        (outs["aether"].float() - outs["inductor"].float()).abs().max()))
+                med = {b: statistics.median(x["compile_s"] for x in runs[b]) for b in runs}
+                row.update({
+                    "inductor_s": med["inductor"], "aether_s": med["aether"],
+                    "ratio": med["aether"] / med["inductor"],
+                    "pass_s": statistics.median(x["pass_s"] for x in runs["aether"]),
+                    "rewritten": runs["aether"][0]["aether"].get("rewritten", 0),
+                    "aether_counters": runs["aether"][0]["aether"],
+                    "graphs": {b: runs[b][0]["graphs"] for b in runs},
+                    "runs": runs})
+                row["pass_frac_of_aether"] = row["pass_s"] / row["aether_s"]
+                print(f"  {name:<10} ratio {row['ratio']:.3f} "
+                      f"(inductor {med['inductor']:.2f}s, aether {med['aether']:.2f}s)",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001  (recorded, the run goes on)
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"  {name}: error {row['error']}", flush=True)
+            record["models"][name] = row
+            write_json(path, record)
+    ratios = [r["ratio"] for r in record["models"].values() if "ratio" in r]
+    if ratios:
+        tot_i = sum(r["inductor_s"] for r in record["models"].values() if "ratio" in r)
+        tot_a = sum(r["aether_s"] for r in record["models"].values() if "ratio" in r)
+        record["summary"] = {
+            "models": len(ratios),
+            "ratio_geomean": math.exp(statistics.fmean(map(math.log, ratios))),
+            "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
+            "ratio_total": tot_a / tot_i, "inductor_total_s": tot_i, "aether_total_s": tot_a,
+            "pass_total_s": sum(r["pass_s"] for r in record["models"].values() if "ratio" in r),
+            "meets_target": max(ratios) <= TARGET_RATIO, "wall_s": time.perf_counter() - start}
+    if timer.profiler is not None:
+        record["profile_rewrite_attention"] = profile_top(timer.profiler)
+    write_json(path, record)
+    s = record["summary"]
+    if s:
+        print(f"summary: geomean ratio {s['ratio_geomean']:.3f}, max {s['ratio_max']:.3f}, "
+              f"total {s['ratio_total']:.3f} (target <= {TARGET_RATIO}); pass "
+              f"{s['pass_total_s']:.2f}s of {s['aether_total_s']:.1f}s; wall {s['wall_s']:.0f}s",
+              flush=True)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
