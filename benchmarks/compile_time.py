@@ -94,7 +94,16 @@ def env_record(device: str) -> dict:
         "python": platform.python_version(), "aether_compile": aether_compile.__version__,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg():
+    """1-minute load average (other work on the machine skews wall-clock compile times)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -352,6 +361,7 @@ def main(argv=None) -> int:
                     "graphs": {b: runs[b][0]["graphs"] for b in runs},
                     "runs": runs})
                 row["pass_frac_of_aether"] = row["pass_s"] / row["aether_s"]
+                row["loadavg_end"] = loadavg()
                 print(f"  {name:<10} ratio {row['ratio']:.3f} "
                       f"(inductor {med['inductor']:.2f}s, aether {med['aether']:.2f}s)",
                       flush=True)
@@ -370,7 +380,8 @@ def main(argv=None) -> int:
             "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
             "ratio_total": tot_a / tot_i, "inductor_total_s": tot_i, "aether_total_s": tot_a,
             "pass_total_s": sum(r["pass_s"] for r in record["models"].values() if "ratio" in r),
-            "meets_target": max(ratios) <= TARGET_RATIO, "wall_s": time.perf_counter() - start}
+            "meets_target": max(ratios) <= TARGET_RATIO, "wall_s": time.perf_counter() - start,
+            "loadavg_end": loadavg()}
     if timer.profiler is not None:
         record["profile_rewrite_attention"] = profile_top(timer.profiler)
     write_json(path, record)
