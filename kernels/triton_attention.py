@@ -359,6 +359,83 @@ def _attention_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. Visit plan in one kernel (sort + suffix log-sum-exp + live count)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _logaddexp(a, b):
+    m = tl.maximum(a, b)
+    inf = (m == -float("inf")) | (m == float("inf"))  # exp(a - m) would be NaN
+    safe = tl.where(inf, 0.0, m)
+    return tl.where(inf, m, safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe)))
+
+
+@triton.jit
+def _plan_kernel(
+    Bounds, Order, TailLog2, NLive,
+    L, S, n_qt, n_kb,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NKB_PAD: tl.constexpr,
+):
+    """certificate.plan_visits for one (batch, head, query tile) row of Bounds, in registers: the
+    same order (descending bound, ties by block index, the causal priority block first), the
+    suffix log-sum-exp of bounded mass in log2 units, and the live count."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    o_j = tl.arange(0, NKB_PAD)
+    in_row = o_j < n_kb
+    bound = tl.load(Bounds + pid * n_kb + o_j, mask=in_row, other=-float("inf"))
+    bound = tl.where(bound != bound, float("inf"), bound)  # NaN: must be visited
+    key = bound
+    if IS_CAUSAL:  # the block holding key t * BLOCK_M, the tile's first row's own position
+        first_row = t * BLOCK_M
+        prio = (o_j == first_row // BLOCK_N) & (first_row < S) & (bound > -float("inf"))
+        key = tl.where(prio, float("inf"), key)
+    # Sort (key desc, index asc) as one int64: order-preserving float bits above, the inverted
+    # index below, so that a plain descending sort breaks ties by the lower block index.
+    bits = key.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (bits.to(tl.int64) << 32) | (NKB_PAD - 1 - o_j).to(tl.int64)
+    packed = tl.sort(packed, descending=True)
+    idx = (NKB_PAD - 1 - (packed & 0xFFFFFFFF)).to(tl.int32)
+    live_slot = idx < n_kb
+    sorted_bound = tl.load(Bounds + pid * n_kb + idx, mask=live_slot, other=-float("inf"))
+    sorted_bound = tl.where(sorted_bound != sorted_bound, float("inf"), sorted_bound)
+    keys = tl.where(idx == n_kb - 1, S - (n_kb - 1) * BLOCK_N, BLOCK_N).to(tl.float32)
+    log_mass = tl.where(live_slot, sorted_bound + tl.log(keys), -float("inf"))
+    tail = tl.associative_scan(log_mass, 0, _logaddexp, reverse=True)
+    o_p = tl.arange(0, NKB_PAD)
+    tl.store(Order + pid * n_kb + o_p, idx, mask=o_p < n_kb)
+    tl.store(TailLog2 + pid * n_kb + o_p, tail * 1.4426950408889634, mask=o_p < n_kb)
+    tl.store(NLive + pid, tl.sum((bound > -float("inf")).to(tl.int32), 0))
+
+
+# Rows up to this many key blocks are planned by _plan_kernel (register sort); longer rows use
+# the torch ops of certificate.plan_visits. AETHER_PLAN=torch forces the torch ops throughout.
+FUSED_PLAN_MAX_BLOCKS = 4096
+
+
+def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
+    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply."""
+    B, H, nqt, nkb = bounds.shape
+    if os.environ.get("AETHER_PLAN", "fused") == "torch" or not _is_static_int(nkb) \
+            or nkb > FUSED_PLAN_MAX_BLOCKS or nkb == 0:
+        return None
+    order = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.int32)
+    tail = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.float32)
+    n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
+    nkb_pad = max(16, triton.next_power_of_2(nkb))
+    traceable(_plan_kernel)[(B * H * nqt,)](
+        bounds, order, tail, n_live, L, S, nqt, nkb,
+        IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
+        **({"num_warps": 4 if nkb_pad <= 1024 else 8} if bounds.device.type == "cuda" else {}))
+    return order, tail, n_live
+
+
+def _is_static_int(n) -> bool:
+    return isinstance(n, int)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
 def _pad_pow2(d: int) -> int:
@@ -466,7 +543,8 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, **_bounds_config(d_pad, dev.type))
 
-    order, tail_log2, n_live = plan_visits(bounds, S, block_m, block_n, is_causal, L)
+    planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
+    order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
                      order, tail_log2, n_live, mask_not_causal)
 

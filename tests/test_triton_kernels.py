@@ -2,6 +2,7 @@
 (TRITON_INTERPRET=1, small sizes); on a GPU the same tests run natively."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -153,3 +154,29 @@ def test_mask_stats_count_entries_unlike_causal(name, mask, expected):
     q, k, _ = WORKLOADS["uniform"](1, 2, 40, 16, device=DEVICE)
     plan = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
+
+
+@pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
+                                                 (2, 40, 637, True), (1, 1, 7, False),
+                                                 (2, 17, 17 * 16, False)])
+def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
+    """_plan_kernel (register sort + reverse scan) gives plan_visits' order and live counts
+    exactly, and its tail to float rounding: ties, dead blocks, dead rows and NaN bounds."""
+    from aether_compile.kernels.certificate import plan_visits
+
+    g = torch.Generator().manual_seed(nkb)
+    b = torch.randn(2, 3, nqt, nkb, generator=g) * 5
+    if nkb > 2:
+        b[..., 1] = b[..., 0]  # ties keep the lower block first
+        b[0, 0, 0, 2] = -math.inf
+        b[1, 2, -1, -1] = math.nan
+    b[0, 1, 0, :] = -math.inf  # a tile with no live block
+    b = b.to(DEVICE)
+    L = nqt * 16
+    order, tail, n_live = plan_visits(b, S, 16, 16, is_causal, L)
+    f_order, f_tail, f_live = triton_attention_module.plan_visits_fused(b, S, 16, 16, is_causal, L)
+    assert torch.equal(order, f_order) and torch.equal(n_live, f_live)
+    finite = torch.isfinite(tail)
+    assert torch.equal(finite, torch.isfinite(f_tail))
+    assert torch.equal(tail[~finite], f_tail[~finite])
+    torch.testing.assert_close(f_tail[finite], tail[finite], rtol=1e-6, atol=1e-5)

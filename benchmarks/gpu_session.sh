@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call per part (each fits the device's 10-minute limit); logs and JSON go to $OUT.
+#   bash benchmarks/gpu_session.sh tests     # inductor integration + zoo + kernel GPU tests
+#   bash benchmarks/gpu_session.sh bench     # compiled-path and issue-6 benchmarks
+#   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
+# Needs AETHER_COMMIT=<hash> (the device copy has no .git) and the expecttest wheel in .whl/.
+set -u
+OUT=${OUT:-/tmp/aether_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site
+PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -W ignore -rf --tb=short"
+
+case "${1:-tests}" in
+  tests)
+    timeout 200 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    timeout 220 $PYTEST tests/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
+    timeout 150 $PYTEST tests/test_gpu_attention.py tests/test_backward.py tests/test_training.py \
+      > "$OUT/kernels_gpu.txt" 2>&1
+    for f in inductor_gpu zoo_gpu kernels_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -15; done
+    ;;
+  bench)
+    timeout 150 python3 benchmarks/bench_compiled.py --out "$OUT" > "$OUT/compiled.txt" 2>&1
+    AETHER_PLAN=torch timeout 100 python3 benchmarks/bench_attention.py --suite issue2 --out "$OUT/plan_torch" \
+      > "$OUT/plan_torch.txt" 2>&1
+    timeout 300 python3 benchmarks/bench_attention.py --suite issue6 --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    tail -5 "$OUT/compiled.txt" "$OUT/plan_torch.txt" "$OUT/issue6.txt"
+    ;;
+  e2e)
+    timeout 280 python3 benchmarks/e2e_llama.py --out "$OUT" > "$OUT/e2e_llama.txt" 2>&1
+    timeout 300 python3 benchmarks/train_stdlib_lm.py --minutes 2.5 --out "$OUT" > "$OUT/stdlib_lm.txt" 2>&1
+    tail -8 "$OUT/e2e_llama.txt" "$OUT/stdlib_lm.txt"
+    ;;
+esac
