@@ -57,15 +57,36 @@ def _is_static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def static_dense(query: Tensor, key: Tensor, block_n: int) -> bool:
-    """The compile-time choice: with static sizes and at most PROBE_BLOCKS key blocks, the probe
-    alone would visit every live block, so no block can be skipped and the sparse machinery is
-    pure overhead. Symbolic sizes never take it (decided at run time instead).
-    AETHER_STATIC_DENSE=0 (read when tracing) turns the choice off."""
+# Below this much attention work (B * H * L * S * D) the dense kernel takes well under half a
+# millisecond on an H100 (4K tokens x 16 heads x 128 dims: 0.23 ms in cuDNN), less than the sparse
+# path's fixed cost (bounds, plan, probe: ~0.3 ms at 4K, benchmarks/results), so no data could
+# make the sparse path pay.
+STATIC_DENSE_WORK = 2 ** 36
+
+
+def static_dense(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal: bool,
+                 block_n: int) -> bool:
+    """The shape-based choice, made before any kernel runs (at compile time under torch.compile):
+    dense when static sizes leave at most PROBE_BLOCKS key blocks (the probe alone would visit
+    every live block) or, where a dense SDPA kernel computes the call exactly, when the attention
+    is too small for skipping to repay the sparse path's fixed cost. Symbolic sizes never take it
+    (decided at run time instead). AETHER_STATIC_DENSE=0 (read when tracing) turns it off."""
     if os.environ.get("AETHER_STATIC_DENSE", "1") == "0":
         return False
+    B, H, L, D = query.shape
     S = key.shape[-2]
-    return _is_static(S) and num_blocks(S, block_n) <= _tri.PROBE_BLOCKS
+    if not _is_static(B, H, L, S, D):
+        return False
+    if num_blocks(S, block_n) <= _tri.PROBE_BLOCKS:
+        return True
+    return (B * H * L * S * D <= STATIC_DENSE_WORK
+            and _tri.dense_eligible(query, key, value, attn_mask, is_causal))
+
+
+def _tracing(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> Tensor:
@@ -97,12 +118,15 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         return torch.ops.aether.reference_attention_with_stats(
             query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if static_dense(query, key, block_n):
+    if static_dense(query, key, value, attn_mask, is_causal, block_n):
+        dense = None
         if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
-            out, lse = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
-                                                try_cudnn=False)
-            return out, lse, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
-                                              query.device)
+            # cuDNN where a failure can still be caught (eager); flash in traced graphs
+            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
+                                             try_cudnn=not _tracing(query))
+        if dense is not None:
+            return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
+                                             query.device))
         return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()

@@ -13,6 +13,13 @@ from helpers import REL_TOL, chunked_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 
+
+@pytest.fixture(autouse=True)
+def _sparse_path(monkeypatch):
+    """Most shapes here are small enough for the op's static dense choice; test the sparse
+    kernels on them (test_static_dense_in_eager switches the choice back on)."""
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+
 DTYPES = [torch.float16, torch.bfloat16]
 CASES = [
     # (workload, N, S, is_causal, H, Hkv, mask)
@@ -128,3 +135,19 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypat
     assert torch.allclose(stats.lse, ref_lse, atol=2e-2)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_static_dense_in_eager(monkeypatch):
+    """4K tokens x 4 heads: too little work for the sparse path to repay its fixed cost, so the op
+    runs dense SDPA without planning; every live block is reported kept."""
+    from aether_compile.kernels import triton_attention as tri
+
+    monkeypatch.delenv("AETHER_STATIC_DENSE")
+    planned = []
+    real = tri.plan_attention
+    monkeypatch.setattr(tri, "plan_attention", lambda *a, **k: planned.append(1) or real(*a, **k))
+    q, k, v = WORKLOADS["clustered"](1, 4, 4096, 128, dtype=torch.float16, device="cuda")
+    out, stats = aether_compile.attention(q, k, v, is_causal=True, return_stats=True)
+    assert not planned
+    assert int(stats.kept_blocks.sum()) == 4 * sum(range(1, 4096 // 128 + 1)) * 2
+    assert rel_err(out, chunked_oracle(q, k, v, None, True)) < REL_TOL[torch.float16]

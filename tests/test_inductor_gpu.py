@@ -38,7 +38,10 @@ def _tol(dtype):
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
+    # These shapes are small enough for the op's static dense choice; switch it off so that the
+    # sparse kernels are what gets compiled (test_static_dense_* switch it back on).
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -76,10 +79,12 @@ def test_backward_kernels_in_generated_code():
         assert rel_err(got, want) < 4 * REL_TOL[q.dtype]
 
 
-def test_static_dense_choice_for_short_sequences():
-    """Static S <= 8 key blocks: the sparse path cannot skip anything, so the compiled graph
-    runs dense flash attention and none of the sparse kernels."""
-    q, k, v = _qkv("clustered", 384)
+@pytest.mark.parametrize("L", [384, 4096], ids=["8-blocks", "small-work"])
+def test_static_dense_choice(L, monkeypatch):
+    """Static shapes with <= 8 key blocks, or too little work for skipping to repay the sparse
+    path: the compiled graph runs dense flash attention and none of the sparse kernels."""
+    monkeypatch.delenv("AETHER_STATIC_DENSE")
+    q, k, v = _qkv("clustered", L)
     compiled = torch.compile(Attention(True), backend="aether")
     out, code = run_and_get_code(compiled, q, k, v)
     code = "\n".join(code)
