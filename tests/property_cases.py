@@ -1,14 +1,27 @@
 """Random attention cases for the property tests and the reliability runner.
 
 One case = shapes, dtype, mask (every SDPA broadcast form, bool or float), causal, scale, eps and
-input data. ``check_case`` runs one implementation ("op": ``aether_compile.attention`` on CPU,
-i.e. the plain-torch reference; "twopass" / "stop": the Triton kernels, on CPU through
-``TRITON_INTERPRET=1``) and returns every property it violated:
+input data. ``check_case`` runs one implementation ("op": ``aether_compile.attention``;
+"twopass" / "stop": the Triton kernels called directly with 16x16 tiles) on one device and
+returns every property it violated:
 
 * the output equals float64 attention restricted to the implementation's own kept blocks, within
   ``helpers.REL_TOL[dtype]`` (and the log-sum-exp agrees where finite);
 * the certificate: every row's dropped softmax mass, recomputed in float64, is <= eps;
 * no NaN/Inf on finite inputs, SDPA's output shape and dtype; no exception.
+
+Devices (``device_from_env``: env ``AETHER_TEST_DEVICE``, default "cpu"; the runner's
+``--device``). Inputs are always drawn on CPU (seeded generators, so a case is the same data on
+either device) and then moved; the float64 oracle and the dropped-mass recomputation run on the
+inputs' device.
+  cpu   "op" is the plain-torch reference behind the registered op; the Triton modes need
+        ``TRITON_INTERPRET=1`` (Triton's interpreter).
+  cuda  "op" is the registered op as users call it: Triton, with its static and runtime dense
+        dispatch (at the default --max-len 200 a case has at most 7 key blocks, <= PROBE_BLOCKS,
+        so it takes the static dense choice: cuDNN/flash SDPA where a dense kernel is exact,
+        e.g. fp16/bf16 without a mask, else eps-0 Triton), and the plain-torch reference for
+        float64 and head dims outside [16, 256]; "twopass" / "stop" are the compiled kernels
+        (leave ``TRITON_INTERPRET`` unset).
 
 Used by ``tests/test_properties.py`` (asserts) and ``benchmarks/run_reliability.py`` (counts).
 """
@@ -35,7 +48,8 @@ PATHS = ("op", "twopass", "stop")
 # "fuzz": random modules through the rewrite pass (tests/fuzz_modules.py).
 PROFILE_CASES = {"ci": {"op": 200, "twopass": 30, "stop": 30, "fuzz": 40},
                  "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000, "fuzz": 500}}
-TRITON_BLOCK = 16  # tiles for the Triton path under the interpreter (several blocks per case)
+TRITON_BLOCK = 16  # tiles of the Triton modes (several blocks per case; tl.dot needs >= 16)
+DEVICES = ("cpu", "cuda")
 DTYPES_OP = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPES_TRITON = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 256)
@@ -230,7 +244,7 @@ def restricted_oracle(q, k, v, mask, is_causal, scale, kept, block_m, block_n):
             m = mask.double()
             s = s + torch.where(m == -math.inf, m, m.clamp_min(MASK_FLOOR))
     if is_causal:
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), -math.inf)
     keep = kept.repeat_interleave(block_m, 2)[:, :, :L].repeat_interleave(block_n, 3)[..., :S]
     s = s.masked_fill(~keep, -math.inf)
     # Subtract the row maximum before exp (not the lse): a row of scores all near -1e30 then
@@ -319,7 +333,8 @@ def score_magnitude(case: Case, q, k, mask) -> float:
             t = t + m
             a = a + torch.where(torch.isfinite(m), m.abs(), 0.0)
     if case.is_causal:
-        t = t.masked_fill(~torch.ones(t.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+        t = t.masked_fill(~torch.ones(t.shape[-2:], dtype=torch.bool, device=t.device).tril(),
+                          -math.inf)
     a = a.expand(t.shape)
     relevant = t >= t.amax(-1, keepdim=True) - 40.0
     relevant &= torch.isfinite(t)
@@ -338,12 +353,14 @@ def score_rounding(case: Case, q, k, mask) -> float:
     return 4.0 * u * score_magnitude(case, q, k, mask)
 
 
-def check_case(case: Case, path: str) -> CaseResult:
+def check_case(case: Case, path: str, device: str = "cpu") -> CaseResult:
+    """Run ``case`` through ``path`` on ``device`` ("cpu" or "cuda") and check it."""
     res = CaseResult(case, path)
     try:
         block_n = TRITON_BLOCK if path != "op" else op_block_n(case)
-        q, k, v = make_qkv(case, block_n)
+        q, k, v = (t.to(device) for t in make_qkv(case, block_n))
         mask = make_mask(case)
+        mask = None if mask is None else mask.to(device)
         out, lse, kept, bm, bn, eps = run_path(case, path, q, k, v, mask)
     except Exception as e:  # noqa: BLE001 - a crash is a result here
         res.crash = f"{type(e).__name__}: {e}"[:500]
@@ -388,3 +405,20 @@ def check_case(case: Case, path: str) -> CaseResult:
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_from_env(default: str = "cpu") -> str:
+    """The device to test on: env ``AETHER_TEST_DEVICE`` ("cpu" or "cuda"), else ``default``.
+    Asking for cuda without a GPU is an error, not a silent fallback."""
+    device = os.environ.get("AETHER_TEST_DEVICE") or default
+    if device not in DEVICES:
+        raise ValueError(f"AETHER_TEST_DEVICE must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("AETHER_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+    return device
+
+
+def triton_runs_on(device: str) -> bool:
+    """Whether the Triton modes can run on ``device``: natively on CUDA, through the interpreter
+    (``TRITON_INTERPRET=1``) on CPU."""
+    return device == "cuda" or interpreter_on()
