@@ -108,7 +108,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     block_m, block_n = resolve_blocks(query, value, block_m, block_n)
     B, H, L, _ = query.shape
     S = key.shape[-2]
-    if L == 0 or S == 0:  # SDPA gives zeros when there are no keys
+    if L == 0 or S == 0 or B == 0 or H == 0:  # empty, or no keys: zeros, as SDPA
         out = query.new_zeros(B, H, L, value.shape[-1])
         lse = torch.full((B, H, L), -math.inf, device=query.device, dtype=torch.float32)
         kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
@@ -246,7 +246,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
                        block_m: Optional[int] = None, block_n: Optional[int] = None
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention restricted to the forward's kept blocks (exact for that function)."""
-    if query.shape[-2] == 0 or key.shape[-2] == 0:
+    if query.shape[-2] == 0 or key.shape[-2] == 0 or query.shape[0] * query.shape[1] == 0:
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
     block_m, block_n = resolve_blocks(query, value, block_m, block_n)
     if use_triton(query, key, value):
