@@ -3,13 +3,14 @@
 #   bash benchmarks/gpu_session.sh tests     # inductor integration + zoo + kernel GPU tests
 #   bash benchmarks/gpu_session.sh bench     # compiled-path and issue-6 benchmarks
 #   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
+#   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
 # Needs AETHER_COMMIT=<hash> (the device copy has no .git) and the expecttest wheel in .whl/.
 set -u
 OUT=${OUT:-/tmp/aether_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:$PWD
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -W ignore -rf --tb=short"
 
 case "${1:-tests}" in
@@ -31,5 +32,14 @@ case "${1:-tests}" in
     timeout 280 python3 benchmarks/e2e_llama.py --out "$OUT" > "$OUT/e2e_llama.txt" 2>&1
     timeout 300 python3 benchmarks/train_stdlib_lm.py --minutes 2.5 --out "$OUT" > "$OUT/stdlib_lm.txt" 2>&1
     tail -8 "$OUT/e2e_llama.txt" "$OUT/stdlib_lm.txt"
+    ;;
+  reliability)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
+      > "$OUT/adversarial_gpu.txt" 2>&1
+    AETHER_TEST_DEVICE=cuda AETHER_STATIC_DENSE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore \
+      -rfs --tb=short tests/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
+    AETHER_STATIC_DENSE=0 timeout 240 python3 benchmarks/run_reliability.py --device cuda --profile large --budget-s 55 \
+      --out "$OUT/reliability_NVIDIA_H100_80GB_HBM3.json" > "$OUT/reliability.txt" 2>&1
+    tail -4 "$OUT/adversarial_gpu.txt" "$OUT/properties_gpu.txt" "$OUT/reliability.txt"
     ;;
 esac
