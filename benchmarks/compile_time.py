@@ -20,9 +20,13 @@ per repeat. Per model: seconds per repeat; ratio aether/inductor of the medians,
 of the median CPU seconds; time inside the rewrite pass, sites rewritten, output difference.
 
 Models: tiny transformers configs (random init) with position tables long enough for ``--seq``
-(default 1024 on CUDA, so each key has 16 blocks of 64 and the op compiles its sparse path rather
-than the static dense one; 128 on CPU), plus a nanoGPT block. ``--profile`` adds a cProfile of the
-rewrite pass (top functions by cumulative time) to the JSON.
+(default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA the op would take its static
+dense choice for attention this small (ops.static_dense: <= 8 key blocks, or little work and no
+mask), which compiles far less than the sparse path that long sequences get; the benchmark sets
+``AETHER_STATIC_DENSE=0`` (read while tracing) so every site compiles the sparse path, the worst
+case. ``--static-dense`` keeps the op's own choice. On CPU the op is its plain-torch reference
+either way. ``--profile`` adds a cProfile of the rewrite pass (top functions by cumulative time)
+to the JSON.
 """
 
 from __future__ import annotations
@@ -314,6 +318,9 @@ def main(argv=None) -> int:
                     help="soft deadline: models not started by then are recorded as skipped "
                          "(default 220 s on CUDA, keeping the run under 4 minutes; none on CPU)")
     ap.add_argument("--profile", action="store_true", help="cProfile the rewrite pass")
+    ap.add_argument("--static-dense", action="store_true",
+                    help="keep the op's static dense choice for small attention (default: "
+                         "AETHER_STATIC_DENSE=0, every site compiles the sparse path)")
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,6 +330,8 @@ def main(argv=None) -> int:
     budget = args.budget_s if args.budget_s is not None else (220.0 if device == "cuda"
                                                                else math.inf)
     models = [m for m in args.models.split(",") if m]
+    if not args.static_dense:
+        os.environ["AETHER_STATIC_DENSE"] = "0"
     env = env_record(device)
     tag = "cpu" if device == "cpu" else (env["card"] or "cuda").replace(" ", "_")
     os.makedirs(args.out, exist_ok=True)
@@ -331,6 +340,7 @@ def main(argv=None) -> int:
               "config": {"seq": L, "dtype": str(dtype).replace("torch.", ""), "batch": 2,
                          "repeats": args.repeats, "allow_cpu": allow_cpu,
                          "budget_s": budget if math.isfinite(budget) else None,
+                         "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
                          "caches": "fx_graph_cache=False, enable_autograd_cache=False, "
                                    "fresh_cache() per compile", "mode": "eval, no_grad"},
               "target_ratio": TARGET_RATIO, "models": {}, "skipped": [], "summary": {}}
