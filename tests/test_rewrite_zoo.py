@@ -52,7 +52,8 @@ def test_hf_inductor_code_has_op(name, impl):
     with torch.no_grad():
         ref = case.out(case.model(*case.args, **case.kwargs))
         out, code = run_and_get_code(compiled, *case.args, **case.kwargs)
-    assert any("aether.attention" in c for c in code)
+    # on CPU the traced op body calls the opaque reference op; on CUDA our Triton kernels
+    assert any("torch.ops.aether.reference_attention_with_stats" in c for c in code)
     assert max_err(case.out(out), ref) < CPU_TOL
 
 
