@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Callable, Optional
 
@@ -187,3 +188,15 @@ def get_pre_grad_pass():
     import torch._inductor.config as icfg
 
     return icfg.pre_grad_custom_pass
+
+
+def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
+    """A deep copy of an FX graph that keeps the extra attributes Dynamo sets on nodes (e.g.
+    placeholders' ``_dynamo_source``, which AOTAutograd looks up); ``Graph.__deepcopy__`` keeps
+    only the standard ones. Node meta is copied shallowly (fake values stay shared)."""
+    new = copy.deepcopy(graph)
+    for old, fresh in zip(graph.nodes, new.nodes):
+        for name, value in vars(old).items():
+            if name not in vars(fresh):
+                setattr(fresh, name, value)
+    return new

@@ -44,7 +44,8 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     from aether_compile.passes import rewrite_attention
 
     aether, inductor_options = split_options(options)
-    rewrite_attention(gm, aether)
+    original_graph = _compat.copy_graph(gm.graph)  # the graph only: parameters stay shared
+    sites = rewrite_attention(gm, aether)
     if aether.compiler == "eager":
         return gm.forward
     if aether.compiler == "aot_eager":
@@ -55,7 +56,31 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     # pass passed in options= or already set (e.g. by enable()).
     chained = patches.get(_compat.POST_GRAD_POST_PASS, _compat.get_post_grad_post_pass())
     patches[_compat.POST_GRAD_POST_PASS] = CacheSalt(aether, chained=chained)
-    return _compat.compile_fx(gm, example_inputs, patches)
+    rewritten = [site for site in sites if site.rewritten]
+    try:
+        return _compat.compile_fx(gm, example_inputs, patches)
+    except Exception as exc:
+        if not rewritten:
+            raise
+        # Our op must never cost the user their compile: compile the graph as captured instead.
+        log.warning("aether: Inductor failed on the rewritten graph (%s: %s); compiling it "
+                    "without the rewrite", type(exc).__name__, str(exc).splitlines()[0][:200])
+        _mark_dense(rewritten, f"Inductor failed on the op: {type(exc).__name__}")
+        gm.graph = original_graph
+        gm.recompile()
+        return _compat.compile_fx(gm, example_inputs, patches)
+
+
+def _mark_dense(sites, reason: str) -> None:
+    """Sites rewritten but compiled dense after all: counters and explain() reports follow."""
+    from torch._dynamo.utils import counters
+
+    from aether_compile.passes.site import DENSE
+
+    for site in sites:
+        counters["aether"]["rewritten"] -= 1
+        counters["aether"]["compile_failed"] += 1
+        site.decision, site.code, site.reason = DENSE, "compile_failed", reason
 
 
 def register() -> None:

@@ -214,3 +214,30 @@ def test_min_seq_len_static_vs_symbolic_length():
         torch._dynamo.reset()
         torch.compile(model, backend=backend, dynamic=True)(x)
     assert counters["aether"]["rewritten"] == 1
+
+
+def test_inductor_failure_on_the_op_compiles_the_graph_as_captured(monkeypatch):
+    """If Inductor cannot compile the rewritten graph, the backend compiles the captured graph
+    (dense) instead: the user's compile goes on, counters and the explain report say why."""
+    from aether_compile import _compat
+
+    real = _compat.compile_fx
+    attempts = []
+
+    def failing_on_our_op(gm, example_inputs, patches):
+        has_op = any(str(n.target).startswith("aether.") for n in gm.graph.nodes)
+        attempts.append(has_op)
+        if has_op:
+            raise RuntimeError("simulated Inductor failure on aether::attention")
+        return real(gm, example_inputs, patches)
+
+    monkeypatch.setattr(_compat, "compile_fx", failing_on_our_op)
+    block, x = _block()
+    with torch.no_grad():
+        report = aether_compile.explain(block, x, options={"allow_cpu": True})
+        ref = block(x)
+    assert attempts == [True, False]
+    torch.testing.assert_close(report.output, ref)
+    assert [s.decision for s in report.sites] == ["dense"]
+    assert "Inductor failed" in report.sites[0].reason
+    assert counters["aether"]["compile_failed"] == 1 and counters["aether"]["rewritten"] == 0
