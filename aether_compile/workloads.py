@@ -99,18 +99,20 @@ def rope(x: torch.Tensor, theta: float = 500000.0, offset: int = 0) -> torch.Ten
 
 def llm_like_qkv(B, H, N, D, *, kv_heads=8, dtype=torch.float32, device="cpu", seed=0,
                  theta=500000.0, sink=4, sink_strength=4.0, local_strength=3.0, needles=8,
-                 needle_strength=6.0, nonlocal_frac=0.375):
+                 needle_strength=6.0, nonlocal_frac=0.375, key_noise=0.6):
     """W3: GQA (H query heads over ``kv_heads``), RoPE theta=500000, attention sinks, a local
     window and a few needle keys. Local heads get queries correlated with the keys just before
     them (RoPE makes that a local window); non-local heads (``nonlocal_frac`` of kv groups) get
     queries that ignore position and retrieve needles. Every head sees the sinks, which sit in the
-    slow RoPE channels so rotation hardly moves them. Returns q [B,H,N,D], k, v [B,kv_heads,N,D]."""
+    slow RoPE channels so rotation hardly moves them. ``key_noise`` weighs the i.i.d. per-key
+    content noise (the random stream does not depend on it). Returns q [B,H,N,D], k, v
+    [B,kv_heads,N,D]."""
     g = _gen(seed)
     group = H // kv_heads
     base = torch.randn(B, kv_heads, N, D, generator=g)
     # smooth content: keys drift slowly along the sequence, so nearby keys are alike
     smooth = torch.cumsum(torch.randn(B, kv_heads, N, D, generator=g) * 0.15, dim=2)
-    k_pre = 0.6 * base + smooth / smooth.std()
+    k_pre = key_noise * base + smooth / smooth.std()
     slow = torch.zeros(D)
     slow[D // 2 - 4: D // 2] = 1.0
     slow[D - 4:] = 1.0

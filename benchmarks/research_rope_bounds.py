@@ -514,41 +514,12 @@ def run_size(N, heads, shapes, eps_list, progress, check_reference, full=True, n
     return rows, calib_rows
 
 
-def w3_variant(N, noise, seed=0, theta=THETA, sink=4, sink_strength=4.0, local_strength=3.0,
-               needles=8, needle_strength=6.0):
-    """workloads.llm_like_qkv with the weight of the i.i.d. per-key content noise (0.6 there) as a
-    parameter; everything else, including the random stream, is the same (noise=0.6 reproduces
-    it exactly). Returns q [1, H, N, D], k [1, KV_HEADS, N, D]."""
-    from aether_compile.workloads import _gen, rope
-    B, kv_heads, group = 1, KV_HEADS, H // KV_HEADS
-    g = _gen(seed)
-    base = torch.randn(B, kv_heads, N, D, generator=g)
-    smooth = torch.cumsum(torch.randn(B, kv_heads, N, D, generator=g) * 0.15, dim=2)
-    k_pre = noise * base + smooth / smooth.std()
-    slow = torch.zeros(D)
-    slow[D // 2 - 4: D // 2] = 1.0
-    slow[D - 4:] = 1.0
-    slow = slow / slow.norm()
-    k_pre[..., :sink, :] += sink_strength * math.sqrt(D) * slow
-    needle_pos = torch.randint(sink, max(sink + 1, N), (B, kv_heads, needles), generator=g)
-    needle_dir = torch.randn(B, kv_heads, 1, D, generator=g)
-    needle_dir = needle_dir / needle_dir.norm(dim=-1, keepdim=True)
-    for i in range(needles):
-        idx = needle_pos[..., i]
-        k_pre[torch.arange(B)[:, None], torch.arange(kv_heads)[None, :], idx] += (
-            needle_strength * math.sqrt(D) * needle_dir[:, :, 0])
-    q_pre = torch.empty(B, H, N, D)
-    n_nonlocal = int(round(NONLOCAL_FRAC * kv_heads))
-    for hk in range(kv_heads):
-        for r in range(group):
-            h = hk * group + r
-            nz = torch.randn(B, N, D, generator=g)
-            if hk < kv_heads - n_nonlocal:
-                q_pre[:, h] = local_strength * k_pre[:, hk] / math.sqrt(D) * 4 + 0.5 * nz
-            else:
-                q_pre[:, h] = needle_strength * needle_dir[:, hk] + 0.5 * nz
-            q_pre[:, h] += 0.8 * sink_strength * slow
-    return rope(q_pre, theta), rope(k_pre, theta)
+def w3_variant(N, noise, seed=0):
+    """W3 (workloads.llm_like_qkv) with the weight of its i.i.d. per-key content noise (0.6 by
+    default) changed; the random stream is the same. Returns q [1, H, N, D], k [1, KV_HEADS, N, D]."""
+    q, k, _ = llm_like_qkv(1, H, N, D, kv_heads=KV_HEADS, theta=THETA, seed=seed,
+                           nonlocal_frac=NONLOCAL_FRAC, key_noise=noise)
+    return q, k
 
 
 def check_against_reference(q, k, h, kvh, bm, bn, eps, rbs, blse, lse):
