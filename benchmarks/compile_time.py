@@ -41,7 +41,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 
@@ -52,6 +51,7 @@ if ROOT not in sys.path:  # run from a source checkout without an install
     sys.path.insert(0, ROOT)
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
+from provenance import git_commit  # noqa: E402
 import aether_compile.passes as aether_passes  # noqa: E402
 
 TARGET_RATIO = 1.2
@@ -59,21 +59,6 @@ MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nan
 
 
 # -- environment -----------------------------------------------------------------------------------
-def git_commit() -> str:
-    """AETHER_COMMIT if set (the GPU copy has no .git), else git HEAD (+"-dirty"), else unknown."""
-    env = os.environ.get("AETHER_COMMIT")
-    if env:
-        return env
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=ROOT, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        text=True, cwd=ROOT, stderr=subprocess.DEVNULL).strip()
-        return head + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -99,7 +84,7 @@ def env_record(device: str) -> dict:
         "torch": torch.__version__, "triton": version("triton"),
         "transformers": version("transformers"), "cuda": torch.version.cuda,
         "python": platform.python_version(), "aether_compile": aether_compile.__version__,
-        "commit": git_commit(),
+        "commit": git_commit(short=True, mark_dirty=True),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": loadavg(),
     }

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -54,25 +53,11 @@ if ROOT not in sys.path:  # run from a source checkout without an install
     sys.path.insert(0, ROOT)
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
+from provenance import git_commit  # noqa: E402
 from aether_compile.passes import add_listener, remove_listener  # noqa: E402
 
 
 # -- shared helpers (train_stdlib_lm.py imports these) ---------------------------------------------
-def git_commit() -> str:
-    """AETHER_COMMIT if set (the GPU copy has no .git), else git HEAD (+"-dirty"), else unknown."""
-    env = os.environ.get("AETHER_COMMIT")
-    if env:
-        return env
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=ROOT,
-                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        text=True, cwd=ROOT, stderr=subprocess.DEVNULL).strip()
-        return head + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def env_record() -> dict:
     def version(mod):
         try:
@@ -86,7 +71,7 @@ def env_record() -> dict:
         "torch": torch.__version__, "triton": version("triton"),
         "transformers": version("transformers"), "cuda": torch.version.cuda,
         "python": platform.python_version(), "aether_compile": aether_compile.__version__,
-        "commit": git_commit(),
+        "commit": git_commit(short=True, mark_dirty=True),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -30,7 +30,6 @@ import collections
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ import triton
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from provenance import git_commit  # noqa: E402
 from property_cases import (DEVICES, PROFILE_CASES as PROFILES, cases, check_case,  # noqa: E402
                             device_from_env)
 
@@ -46,14 +46,7 @@ from property_cases import (DEVICES, PROFILE_CASES as PROFILES, cases, check_cas
 def env_record(device: str = "cpu") -> dict:
     """Where and what ran: device (with card, capability, CUDA on a GPU), versions, commit
     (AETHER_COMMIT if set, as on the GPU copy, which has no .git; else git HEAD)."""
-    commit = os.environ.get("AETHER_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                             cwd=os.path.dirname(__file__),
-                                             stderr=subprocess.DEVNULL).strip()
-        except Exception:
-            commit = "unknown"
+    commit = git_commit()
     env = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "triton": triton.__version__, "commit": commit,
            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
