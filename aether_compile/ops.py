@@ -53,10 +53,6 @@ def use_triton(query: Tensor, key: Tensor, value: Tensor) -> bool:
     return False
 
 
-def _is_static(*sizes) -> bool:
-    return all(isinstance(s, int) for s in sizes)
-
-
 # Below this much attention work (B * H * L * S * D) the dense kernel takes well under half a
 # millisecond on an H100 (4K tokens x 16 heads x 128 dims: 0.23 ms in cuDNN), less than the sparse
 # path's fixed cost (bounds, plan, probe: ~0.3 ms at 4K, benchmarks/results), so no data could
@@ -75,7 +71,7 @@ def static_dense(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal
         return False
     B, H, L, D = query.shape
     S = key.shape[-2]
-    if not _is_static(B, H, L, S, D):
+    if not _tri.is_static(B, H, L, S, D):
         return False
     if num_blocks(S, block_n) <= _tri.PROBE_BLOCKS:
         return True

@@ -417,7 +417,7 @@ FUSED_PLAN_MAX_BLOCKS = 4096
 def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     """``certificate.plan_visits`` as one Triton kernel; None where it does not apply."""
     B, H, nqt, nkb = bounds.shape
-    if os.environ.get("AETHER_PLAN", "fused") == "torch" or not _is_static_int(nkb) \
+    if os.environ.get("AETHER_PLAN", "fused") == "torch" or not is_static(nkb) \
             or nkb > FUSED_PLAN_MAX_BLOCKS or nkb == 0:
         return None
     order = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.int32)
@@ -431,8 +431,9 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     return order, tail, n_live
 
 
-def _is_static_int(n) -> bool:
-    return isinstance(n, int)
+def is_static(*sizes) -> bool:
+    """True when every size is a plain int (not a SymInt of a dynamic-shape trace)."""
+    return all(isinstance(n, int) for n in sizes)
 
 
 # ----------------------------------------------------------------------------------------------
