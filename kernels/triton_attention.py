@@ -478,10 +478,9 @@ def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch
         m = m.unsqueeze(0)
     Bm = B if m.shape[0] != 1 else 1
     Hm = H if m.shape[1] != 1 else 1
-    m = m.expand(Bm, Hm, L, S)
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)
-    return m
+    # Bool masks go to Triton as they are (it loads i1 through a byte pointer); a uint8 view
+    # would be free in eager, but Inductor on torch 2.11 cannot lower a bool bitcast.
+    return m.expand(Bm, Hm, L, S)
 
 
 class VisitPlan(NamedTuple):
@@ -498,7 +497,7 @@ class VisitPlan(NamedTuple):
     block_m: int
     block_n: int
     is_causal: bool
-    mask4: torch.Tensor | None  # the mask as a 4-D (broadcast) view, bool as uint8
+    mask4: torch.Tensor | None  # the mask as a 4-D (broadcast) view
     order: torch.Tensor  # int32 [B, H, nQT, nKB]
     tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
     n_live: torch.Tensor  # int32 [B, H, nQT]
@@ -534,7 +533,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         mask_not_causal = torch.empty(Bm * Hm * nqt, device=dev, dtype=torch.int32)
         traceable(_mask_stats_kernel)[(Bm * Hm * nqt,)](
             mask4, mask_max, mask_not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
-            IS_BOOL=mask4.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n)
+            IS_BOOL=mask4.dtype == torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
@@ -578,7 +577,7 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
         skip if skip is not None else plan.n_live,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
         plan.scale * LOG2E, stop_log2, L, S, D, DV, nqt, nkb, H, plan.group,
-        HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
+        HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
         IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
@@ -705,7 +704,7 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     if mode == "stop":
         kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
         out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
-        return out, lse, kept.view(torch.bool)
+        return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
     probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
     _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
     n_visit = certified_visit_count(plan, probe_lse, probe, eps)

@@ -193,7 +193,7 @@ def triton_attention_backward(grad_out, query, key, value, out, lse, kept, attn_
     mask4 = mask_as_4d(attn_mask, B, H, L, S) if has_mask else query
     mask_strides = ([st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
                     if has_mask else [0, 0, 0, 0])
-    common = dict(HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.uint8,
+    common = dict(HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
                   IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
                   DV_PAD=dv_pad,
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
