@@ -683,6 +683,20 @@ def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float
     return out, lse, use_dense
 
 
+def _live_for_gate(plan: VisitPlan) -> torch.Tensor:
+    """Live blocks per tile as the dense choice should count them. A causal mask materialised
+    with finfo.min (HF) leaves the blocks above the diagonal live (finite, negligible bounds), so
+    with a mask the count is of the causal blocks: the work a dense causal kernel does, and the
+    only case where the mask runs dense (see ``dense_gate``)."""
+    if plan.mask_not_causal is None:
+        return plan.n_live
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    t = torch.arange(nqt, device=plan.n_live.device)
+    last_row = torch.clamp((t + 1) * plan.block_m, max=plan.L) - 1
+    causal_blocks = torch.clamp(last_row // plan.block_n + 1, max=nkb).to(plan.n_live.dtype)
+    return causal_blocks.expand_as(plan.n_live)
+
+
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
                   dense_fraction: float | None = None, gate=None):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
@@ -717,7 +731,7 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
             def gate(nv, nl, nc):
                 return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
                                   dense_fraction, nc)
-        out, lse, use_dense = gate(n_visit, plan.n_live, mask_not_causal)
+        out, lse, use_dense = gate(n_visit, _live_for_gate(plan), mask_not_causal)
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse,
                                      use_dense)
         n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)

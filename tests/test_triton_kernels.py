@@ -156,6 +156,24 @@ def test_mask_stats_count_entries_unlike_causal(name, mask, expected):
     assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
 
 
+def test_dense_choice_counts_causal_blocks_under_a_materialised_causal_mask():
+    """HF's finfo.min causal mask leaves the blocks past the diagonal live (finite bounds), so the
+    dense choice measures its visit fraction against the causal blocks: on unprunable data the
+    certified visit then covers every one of them (on the H100 this sent the call dense; counting
+    the masked blocks it saw ~half and stayed sparse)."""
+    L = 80
+    q, k, v = WORKLOADS["uniform"](1, 2, L, 16, device=DEVICE)
+    tril = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, L, L).masked_fill(~tril, torch.finfo(torch.float16).min).to(DEVICE)
+    plan = triton_attention_module.plan_attention(q, k, v, mask, False, None, 16, 16)
+    causal = triton_attention_module.plan_attention(q, k, v, None, True, None, 16, 16)
+    live = triton_attention_module._live_for_gate(plan)
+    assert torch.equal(live, causal.n_live)
+    assert bool((plan.n_live > live).any())  # the masked blocks count as live in the plan itself
+    no_mask = triton_attention_module.plan_attention(q, k, v, None, False, None, 16, 16)
+    assert triton_attention_module._live_for_gate(no_mask) is no_mask.n_live
+
+
 @pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
                                                  (2, 40, 637, True), (1, 1, 7, False),
                                                  (2, 17, 17 * 16, False)])
