@@ -5,13 +5,18 @@
 #   bash benchmarks/gpu_session.sh bench     # compiled-path and issue-6 benchmarks
 #   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
 #   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
+#   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 # Needs AETHER_COMMIT=<hash> (the device copy has no .git) and the expecttest wheel in .whl/.
+# The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
+# 88 MB fp32 weights exceed the device's 64 MiB transfer, so it travels as fp16, the dtype the
+# GPU test runs in anyway.
 set -u
 OUT=${OUT:-/tmp/aether_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -d .minilm ] && export PYTHONPATH=$PYTHONPATH:$PWD/.minilm
 # -v: each outcome is printed as it happens; SIGINT on timeout lets pytest still print its failures.
 PYTEST="python3 -m pytest -v -m gpu -p no:cacheprovider -p no:logging -W ignore -rf --tb=short"
 T="timeout -s INT -k 20"
@@ -31,13 +36,24 @@ case "${1:-tests}" in
     timeout 150 python3 benchmarks/bench_compiled.py --out "$OUT" > "$OUT/compiled.txt" 2>&1
     AETHER_PLAN=torch timeout 100 python3 benchmarks/bench_attention.py --suite issue2 --out "$OUT/plan_torch" \
       > "$OUT/plan_torch.txt" 2>&1
-    timeout 300 python3 benchmarks/bench_attention.py --suite issue6 --out "$OUT" > "$OUT/issue6.txt" 2>&1
-    tail -5 "$OUT/compiled.txt" "$OUT/plan_torch.txt" "$OUT/issue6.txt"
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 300 python3 benchmarks/bench_attention.py --suite issue6 --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    for f in compiled plan_torch issue6; do echo "== $f"; tail -n 5 "$OUT/$f.txt"; done
     ;;
   e2e)
     timeout 280 python3 benchmarks/e2e_llama.py --out "$OUT" > "$OUT/e2e_llama.txt" 2>&1
     timeout 300 python3 benchmarks/train_stdlib_lm.py --minutes 2.5 --out "$OUT" > "$OUT/stdlib_lm.txt" 2>&1
-    tail -8 "$OUT/e2e_llama.txt" "$OUT/stdlib_lm.txt"
+    for f in e2e_llama stdlib_lm; do echo "== $f"; tail -n 8 "$OUT/$f.txt"; done
+    ;;
+  diag)  # stage profile, the MiniLM zoo test (needs .minilm), GPU adversarial/properties, compile time
+    timeout 150 python3 benchmarks/profile_stages.py --out "$OUT" > "$OUT/profile.txt" 2>&1
+    $T 100 $PYTEST tests/test_rewrite_zoo.py tests/test_gpu_attention.py -k "minilm or dense_dispatch" \
+      > "$OUT/minilm_dense.txt" 2>&1
+    $T 120 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
+      > "$OUT/adversarial_gpu.txt" 2>&1
+    AETHER_TEST_DEVICE=cuda AETHER_STATIC_DENSE=0 $T 80 python3 -m pytest -q -p no:cacheprovider -W ignore \
+      -rfs --tb=short tests/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
+    timeout 150 python3 benchmarks/compile_time.py --budget-s 120 --out "$OUT" > "$OUT/compile_time.txt" 2>&1
+    for f in profile minilm_dense adversarial_gpu properties_gpu compile_time; do echo "== $f"; tail -n 6 "$OUT/$f.txt"; done
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
@@ -46,6 +62,6 @@ case "${1:-tests}" in
       -rfs --tb=short tests/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
     AETHER_STATIC_DENSE=0 timeout 240 python3 benchmarks/run_reliability.py --device cuda --profile large --budget-s 55 \
       --out "$OUT/reliability_NVIDIA_H100_80GB_HBM3.json" > "$OUT/reliability.txt" 2>&1
-    tail -4 "$OUT/adversarial_gpu.txt" "$OUT/properties_gpu.txt" "$OUT/reliability.txt"
+    for f in adversarial_gpu properties_gpu reliability; do echo "== $f"; tail -n 4 "$OUT/$f.txt"; done
     ;;
 esac
