@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -33,18 +32,15 @@ from aether_compile.ops import default_eps
 from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import chunked_oracle, rel_err  # noqa: E402
+from provenance import git_commit  # noqa: E402  (AETHER_COMMIT first: the device copy's .git is stale)
 
 
 def env_record() -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                         cwd=os.path.dirname(__file__)).strip()
-    except Exception:  # the device copy may have no .git
-        commit = os.environ.get("AETHER_COMMIT", "unknown")
     return {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+        "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
