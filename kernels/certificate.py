@@ -14,7 +14,7 @@ half-width h; see ``reference.block_geometry``):
 
     ball = q'.mu + |q'| r          (Cauchy-Schwarz)
     box  = q'.c + |q'|.h           (= sum_d max(q'_d lo_d, q'_d hi_d), Quest's bound)
-    u    = min(ball, box) + slack
+    u    = ball + slack, or min(ball, box) + slack with the box bound on (``use_box_bound``)
 
 The Triton kernel evaluates the dot products on fp16 tensor cores over unit-normalised vectors;
 ``BOUND_REL_SLACK`` covers that rounding (2 * 2^-11 input rounding + fp32 accumulation, with room),
@@ -25,8 +25,20 @@ that both implement one function.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+def use_box_bound() -> bool:
+    """Whether bounds take the min with the box bound (AETHER_BOX_BOUND=1; off by default).
+
+    Both bounds are valid, so the min only tightens; but on the benchmark workloads the box never
+    changed a decision (clustered W2 at 8K and 16K: the ball is the smaller bound for 100% of
+    row-block pairs; LLM-like W3: neither prunes anything beyond causality), while it costs two of
+    the bounds kernel's three matmuls, the largest overhead measured on the H100 (benchmarks/
+    results/profile_stages_*). Read per call, by the reference and the Triton path alike."""
+    return os.environ.get("AETHER_BOX_BOUND", "0") == "1"
+
 
 # Relative slack added to every bound, in units of |q'| * (norms of the block's summaries).
 BOUND_REL_SLACK = 1.5e-3

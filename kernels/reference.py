@@ -22,6 +22,7 @@ from .certificate import (
     num_blocks,
     plan_visits,
     stop_threshold_log2,
+    use_box_bound,
 )
 
 
@@ -67,11 +68,13 @@ def row_bounds(q_scaled: torch.Tensor, geo: BlockGeometry) -> torch.Tensor:
     q_scaled: [B, H, L, D]; geo on [B, H, nKB, ...] (kv heads already expanded for GQA)."""
     qn = torch.linalg.vector_norm(q_scaled, dim=-1, keepdim=True)  # [B, H, L, 1]
     mu_n = torch.linalg.vector_norm(geo.mu, dim=-1).unsqueeze(-2)  # [B, H, 1, nKB]
-    c_n = torch.linalg.vector_norm(geo.center, dim=-1).unsqueeze(-2)
-    h_n = torch.linalg.vector_norm(geo.half, dim=-1).unsqueeze(-2)
     r = geo.radius.unsqueeze(-2)
     ball = q_scaled @ geo.mu.transpose(-1, -2) + qn * r
     ball = ball + BOUND_REL_SLACK * qn * (mu_n + r)
+    if not use_box_bound():
+        return ball
+    c_n = torch.linalg.vector_norm(geo.center, dim=-1).unsqueeze(-2)
+    h_n = torch.linalg.vector_norm(geo.half, dim=-1).unsqueeze(-2)
     box = q_scaled @ geo.center.transpose(-1, -2) + q_scaled.abs() @ geo.half.transpose(-1, -2)
     box = box + BOUND_REL_SLACK * qn * (c_n + h_n)
     return torch.minimum(ball, box)

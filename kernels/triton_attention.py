@@ -5,8 +5,9 @@ Pipeline, all on device with no host synchronisation:
      stored as fp16 unit vectors plus fp32 norms (so the bound matmuls run on tensor cores).
   2. ``_mask_stats_kernel`` (masks only): per (query tile, key block), the mask's maximum
      (-inf: all masked, so the block is skipped outright).
-  3. ``_bounds_kernel``: per query tile and key block, max over rows of min(ball, box) + slack,
-     plus the mask maximum; causal blocks past the diagonal get -inf.
+  3. ``_bounds_kernel``: per query tile and key block, max over rows of the ball bound (min with
+     the box bound under AETHER_BOX_BOUND=1) + slack, plus the mask maximum; causal blocks past
+     the diagonal get -inf.
   4. ``certificate.plan_visits`` (torch ops): best-first order and the suffix bound mass.
   5. ``_attention_kernel``: online-softmax attention over blocks in that order, stopping once the
      remaining bounded mass is <= eps * the normaliser so far for every row of the tile — either
@@ -33,6 +34,7 @@ from .certificate import (
     num_blocks,
     plan_visits,
     stop_threshold_log2,
+    use_box_bound,
 )
 
 # Globals read inside @triton.jit must be constexpr.
@@ -169,7 +171,7 @@ def _bounds_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_xb, stride_xh,  # MaskMax strides over (batch, head); 0 where broadcast
     sm_scale, L, S, D, n_qt, n_kb, H, GROUP,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr, USE_BOX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, D_PAD: tl.constexpr,
 ):
     sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
@@ -187,7 +189,8 @@ def _bounds_kernel(
     b_q = b_q * sm_scale  # q' = scale * q: the bound is then on the score itself, any sign of scale
     qn = tl.sqrt(tl.sum(b_q * b_q, 1))  # [BM]
     q_unit = b_q / tl.where(qn > 0, qn, 1.0)[:, None]
-    qa_unit = tl.abs(q_unit).to(tl.float16)
+    if USE_BOX:
+        qa_unit = tl.abs(q_unit).to(tl.float16)
     q_unit = q_unit.to(tl.float16)
     last_row = tl.minimum(t * BLOCK_M + BLOCK_M, L) - 1
     for j0 in range(0, n_kb, BLOCK_J):
@@ -195,23 +198,26 @@ def _bounds_kernel(
         m_j = o_j < n_kb
         p_g = Geo16 + (g * n_kb + o_j)[:, None] * (3 * D_PAD) + o_d[None, :]
         g_mu = tl.load(p_g, mask=m_j[:, None], other=0.0)
-        g_c = tl.load(p_g + D_PAD, mask=m_j[:, None], other=0.0)
-        g_h = tl.load(p_g + 2 * D_PAD, mask=m_j[:, None], other=0.0)
         p_n = GeoNorm + (g * n_kb + o_j) * 4
         n_mu = tl.load(p_n, mask=m_j, other=0.0)
         rad = tl.load(p_n + 1, mask=m_j, other=0.0)
-        n_c = tl.load(p_n + 2, mask=m_j, other=0.0)
-        n_h = tl.load(p_n + 3, mask=m_j, other=0.0)
         dot_mu = tl.dot(q_unit, tl.trans(g_mu))  # [BM, BJ], fp16 in, fp32 accumulate
-        dot_c = tl.dot(q_unit, tl.trans(g_c))
-        dot_h = tl.dot(qa_unit, tl.trans(g_h))
-        ball = n_mu[None, :] * dot_mu + rad[None, :] + SLACK * (n_mu + rad)[None, :]
-        box = n_c[None, :] * dot_c + n_h[None, :] * dot_h + SLACK * (n_c + n_h)[None, :]
-        rb = qn[:, None] * tl.minimum(ball, box)
+        bound = n_mu[None, :] * dot_mu + (rad + SLACK * (n_mu + rad))[None, :]  # the ball
+        if USE_BOX:
+            g_c = tl.load(p_g + D_PAD, mask=m_j[:, None], other=0.0)
+            g_h = tl.load(p_g + 2 * D_PAD, mask=m_j[:, None], other=0.0)
+            n_c = tl.load(p_n + 2, mask=m_j, other=0.0)
+            n_h = tl.load(p_n + 3, mask=m_j, other=0.0)
+            dot_c = tl.dot(q_unit, tl.trans(g_c))
+            dot_h = tl.dot(qa_unit, tl.trans(g_h))
+            box = n_c[None, :] * dot_c + n_h[None, :] * dot_h + SLACK * (n_c + n_h)[None, :]
+            bound = tl.minimum(bound, box, propagate_nan=tl.PropagateNan.ALL)
+        rb = qn[:, None] * bound
+        # NaN in q or k: the block must be visited so the NaN reaches the output, as in SDPA;
+        # +inf here makes the max say so (one reduction, whatever tl.max does with NaN).
+        rb = tl.where(rb != rb, float("inf"), rb)
         rb = tl.where(m_m[:, None], rb, -float("inf"))
         u = tl.max(rb, 0)  # [BJ]
-        # NaN in q or k: the block must be visited so the NaN reaches the output, as in SDPA
-        u = tl.where(tl.sum((rb != rb).to(tl.int32), 0) > 0, float("inf"), u)
         if HAS_MASK:
             mmax = tl.load(MaskMax + b * stride_xb + h * stride_xh + t * n_kb + o_j, mask=m_j,
                            other=-float("inf"))
@@ -541,6 +547,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
+        USE_BOX=use_box_bound(),
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, **_bounds_config(d_pad, dev.type))
 
     planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)

@@ -74,12 +74,18 @@ CERT_CASES = list(itertools.product(["clustered", "adversarial", "sink_local"],
                                     [1e-3, 1e-2, 1e-1], [False, True]))
 
 
+BOUND_SETS = pytest.mark.parametrize("box", ["0", "1"], ids=["ball", "ball+box"])
+
+
+@BOUND_SETS
 @pytest.mark.parametrize("mode", ["twopass", "stop"])
 @pytest.mark.parametrize("workload,eps,is_causal", CERT_CASES,
                          ids=[f"{w}-eps{e:g}-{'causal' if c else 'full'}" for w, e, c in CERT_CASES])
-def test_certificate_every_row(workload, eps, is_causal, mode):
+def test_certificate_every_row(workload, eps, is_causal, mode, box, monkeypatch):
     """Dropped mass recomputed in float64 from the kernel's own kept map is <= eps on every row,
-    and the output equals float64 attention restricted to those blocks."""
+    and the output equals float64 attention restricted to those blocks (ball bound alone, the
+    default, and its min with the box bound)."""
+    monkeypatch.setenv("AETHER_BOX_BOUND", box)
     dtype = torch.float16
     q, k, v = WORKLOADS[workload](1, 2, 256, 32, dtype=dtype, device=DEVICE, seed=1,
                                   **SMALL_WORKLOAD_KW[workload])
@@ -91,7 +97,9 @@ def test_certificate_every_row(workload, eps, is_causal, mode):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
-def test_prunes_and_agrees_with_reference_selection(monkeypatch):
+@BOUND_SETS
+def test_prunes_and_agrees_with_reference_selection(box, monkeypatch):
+    monkeypatch.setenv("AETHER_BOX_BOUND", box)
     q, k, v = WORKLOADS["clustered"](1, 2, 256, 32, device=DEVICE, seed=2, run=32, centers=8)
     _, _, kept = triton_attention(q, k, v, None, False, None, False, 1e-2, 32, 32, "stop")
     _, _, ref_kept = reference_attention(q, k, v, None, False, None, False, 1e-2, 32, 32)
@@ -104,6 +112,36 @@ def test_prunes_and_agrees_with_reference_selection(monkeypatch):
     monkeypatch.setattr(triton_attention_module, "PROBE_BLOCKS", 2)
     _, _, kept2 = triton_attention(q, k, v, None, False, None, False, 1e-2, 32, 32, "twopass")
     assert torch.all(kept2 | ~kept) and kept2.float().mean() < 0.95
+
+
+def test_box_bound_tightens_anisotropic_blocks(monkeypatch):
+    """Keys spread along one channel: the ball pays the whole spread times |q|, the box only q's
+    share of that channel. With the box on, bounds are never looser and here strictly tighter,
+    and the kernel prunes more while every row stays certified."""
+    from aether_compile.kernels.reference import block_geometry, row_bounds
+
+    g = torch.Generator().manual_seed(7)
+    offsets = torch.randn(8, 32, generator=g) * 1.5  # one direction per key block...
+    offsets[:, 0] = 0
+    k = offsets.repeat_interleave(32, 0) + torch.randn(256, 32, generator=g) * 0.1
+    k[:, 0] += torch.randn(256, generator=g) * 8  # ...and a large spread along channel 0
+    q = offsets[torch.arange(256) // 32 % 8] + torch.randn(256, 32, generator=g) * 0.1
+    q[:, 0] = 0  # the queries ignore channel 0
+    q, k = q[None, None], k[None, None]
+    geo = block_geometry(k.double(), 32)
+    monkeypatch.setenv("AETHER_BOX_BOUND", "0")
+    ball = row_bounds(q.double(), geo)
+    monkeypatch.setenv("AETHER_BOX_BOUND", "1")
+    both = row_bounds(q.double(), geo)
+    assert torch.all(both <= ball) and float((ball - both).mean()) > 1.0
+    v = torch.randn(1, 1, 256, 32, generator=g)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    kept = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("AETHER_BOX_BOUND", flag)
+        _, _, kept[flag] = triton_attention(q, k, v, None, False, None, False, 1e-2, 32, 32, "stop")
+        assert float(dropped_mass(q, k, kept[flag], 32, 32).max()) <= 1e-2
+    assert int(kept["1"].sum()) < int(kept["0"].sum())
 
 
 def test_deterministic():
