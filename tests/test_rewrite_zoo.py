@@ -8,7 +8,6 @@ in the generated code. GPU (``-m gpu``): the same zoo in fp16 through Inductor a
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,12 +15,18 @@ import torch
 from aether_compile._compat import run_and_get_code
 from tests.helpers import rel_err
 from tests.models import spellings, zoo
-from tests.models.harness import assert_all_rewritten, max_err, run_case
+from tests.models.harness import assert_all_rewritten, max_err, record, run_case, write_record
 
 pytest.importorskip("transformers")
 
 CPU_OPTIONS = dict(allow_cpu=True, eps=0.0, compiler="aot_eager")
 CPU_TOL = 1e-5  # fp32, eps=0: the reference differs from eager by rounding only
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _zoo_record():
+    yield
+    write_record()
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +44,7 @@ HF_IDS = [f"{n}-{i}" for n in zoo.HF_MODELS for i in zoo.HF_IMPLS]
 def test_hf_zoo_cpu(name, impl):
     case = zoo.hf_case(name, impl)
     report, err = run_case(case, CPU_OPTIONS)
+    record(f"{name}-{impl}", "cpu", report.sites, err, "abs")
     assert_all_rewritten(report, case.sites)
     assert err < CPU_TOL, f"max |aether - eager| = {err:.2e}\n{report}"
 
@@ -89,6 +95,7 @@ def test_nanogpt_block(flash):
     x = torch.randn(2, 40, 32)
     case = zoo.Case(block, (x,), sites=1, out=lambda o: (o,))
     report, err = run_case(case, CPU_OPTIONS)
+    record(f"nanogpt-{'flash' if flash else 'manual'}", "cpu", report.sites, err, "abs")
     assert_all_rewritten(report, 1)
     assert err < CPU_TOL
 
@@ -100,6 +107,7 @@ def test_all_minilm_l6_v2_real_weights(monkeypatch):
     pytest.importorskip("sentence_transformers")
     case = zoo.minilm_case()
     report, err = run_case(case, CPU_OPTIONS, rel=True)  # real weights: activations up to ~10
+    record("all-MiniLM-L6-v2", "cpu", report.sites, err, "rel")
     assert_all_rewritten(report, 6)
     assert err < CPU_TOL
 
@@ -115,6 +123,7 @@ def test_timm_vit():
             blk.attn.fused_attn = fused
         torch._dynamo.reset()
         report, err = run_case(zoo.Case(model, (x,), sites=2, out=lambda o: (o,)), CPU_OPTIONS)
+        record(f"timm-vit-{'fused' if fused else 'manual'}", "cpu", report.sites, err, "abs")
         assert_all_rewritten(report, 2)
         assert err < CPU_TOL
 
@@ -125,6 +134,7 @@ def test_torchvision_vit_b_16():
     model = tv.models.vit_b_16(image_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     report, err = run_case(zoo.Case(model, (x,), sites=12, out=lambda o: (o,)), CPU_OPTIONS)
+    record("torchvision-vit_b_16", "cpu", report.sites, err, "abs")
     assert_all_rewritten(report, 12)
     assert err < 1e-4
 
@@ -158,11 +168,12 @@ def test_hf_zoo_gpu(name, impl, monkeypatch):
             out, code = run_and_get_code(compiled, *case.args, **case.kwargs)
     finally:
         remove_listener(sites.append)
+    err = max(rel_err(a, b) for a, b in zip(case.out(out), ref))
+    record(f"{name}-{impl}", "cuda", sites, err, "rel")
     assert len(sites) == case.sites and all(s.rewritten for s in sites), sites
     assert any("_attention_kernel" in c for c in code), "our Triton kernel not in Inductor's code"
     assert calls, "the op did not take its Triton path"
-    for a, b in zip(case.out(out), ref):
-        assert rel_err(a, b) < GPU_REL_TOL
+    assert err < GPU_REL_TOL
 
 
 @pytest.mark.gpu
@@ -174,6 +185,7 @@ def test_nanogpt_block_gpu(flash):
     x = torch.randn(2, 200, 32, device="cuda", dtype=torch.float16)
     report, err = run_case(zoo.Case(block, (x,), sites=1, out=lambda o: (o,)), GPU_OPTIONS,
                            rel=True)
+    record(f"nanogpt-{'flash' if flash else 'manual'}", "cuda", report.sites, err, "rel")
     assert_all_rewritten(report, 1)
     assert err < GPU_REL_TOL
 
@@ -185,6 +197,7 @@ def test_all_minilm_l6_v2_gpu(monkeypatch):
     pytest.importorskip("sentence_transformers")
     case = zoo.minilm_case("cuda", torch.float16)
     report, err = run_case(case, GPU_OPTIONS, rel=True)
+    record("all-MiniLM-L6-v2", "cuda", report.sites, err, "rel")
     assert_all_rewritten(report, 6)
     assert err < GPU_REL_TOL
 
@@ -197,6 +210,7 @@ def test_torchvision_vit_b_16_gpu():
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
     report, err = run_case(zoo.Case(model, (x,), sites=12, out=lambda o: (o,)), GPU_OPTIONS,
                            rel=True)
+    record("torchvision-vit_b_16", "cuda", report.sites, err, "rel")
     assert_all_rewritten(report, 12)
     assert err < GPU_REL_TOL
 
@@ -242,6 +256,7 @@ def test_timm_vit_gpu():
         torch._dynamo.reset()
         report, err = run_case(zoo.Case(model, (x,), sites=2, out=lambda o: (o,)), GPU_OPTIONS,
                                rel=True)
+        record(f"timm-vit-{'fused' if fused else 'manual'}", "cuda", report.sites, err, "rel")
         assert_all_rewritten(report, 2)
         assert err < GPU_REL_TOL
 
@@ -290,6 +305,7 @@ def test_hf_more_architectures_cpu(name, impl):
     """Beyond the issue's list: the same rewrite on more transformers architectures."""
     case = zoo.extra_case(name, impl)
     report, err = run_case(case, CPU_OPTIONS)
+    record(f"{name}-{impl}", "cpu", report.sites, err, "abs")
     assert len(report.sites) == case.sites, str(report)
     assert report.rewritten == zoo.EXTRA_HF[name][4], str(report)
     assert err < CPU_TOL
@@ -300,6 +316,7 @@ def test_hf_more_architectures_cpu(name, impl):
 def test_hf_more_architectures_gpu(name, impl):
     case = zoo.extra_case(name, impl, device="cuda", dtype=torch.float16)
     report, err = run_case(case, GPU_OPTIONS, rel=True)
+    record(f"{name}-{impl}", "cuda", report.sites, err, "rel")
     assert len(report.sites) == case.sites, str(report)
     assert report.rewritten == zoo.EXTRA_HF[name][4], str(report)
     assert err < GPU_REL_TOL

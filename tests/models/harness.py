@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+
 import torch
 
 import aether_compile
+
+# One row per zoo model run (sites, decisions, error), written to the file named by
+# AETHER_ZOO_RECORD at the end of the session: the per-model table of the rewrite's closing note.
+ZOO_RECORD: list[dict] = []
+
+
+def record(model: str, device: str, sites, err: float, err_kind: str) -> None:
+    decisions = collections.Counter(f"{s.decision}: {s.pattern}, {s.reason}" for s in sites)
+    ZOO_RECORD.append({"model": model, "device": device, "sites": len(sites),
+                       "rewritten": sum(s.rewritten for s in sites), "decisions": dict(decisions),
+                       "max_err": err, "err_kind": err_kind})
+
+
+def write_record() -> None:
+    path = os.environ.get("AETHER_ZOO_RECORD")
+    if path and ZOO_RECORD:
+        with open(path, "w") as f:
+            json.dump({"torch": torch.__version__, "rows": ZOO_RECORD}, f, indent=1)
 
 def max_err(outs, refs) -> float:
     return max(float((a.detach().double() - b.detach().double()).abs().max())
