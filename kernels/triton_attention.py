@@ -121,13 +121,17 @@ def _geometry_kernel(
 def _mask_stats_kernel(
     Mask, MaskMax, NotCausal,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    L, S, n_qt, n_kb, H_M,
+    L, S, n_qt, n_kb, H_M, kb_per_prog,
     IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (mask batch, mask head, query tile); loops over key blocks. NotCausal gets
-    # the tile's count of entries that differ from a top-left causal mask (keep j <= i): a zero
-    # total lets the dense dispatch run the mask as is_causal (HF materialises causal masks).
+    # One program per (mask batch, mask head, query tile) and run of kb_per_prog key blocks (a
+    # whole row of blocks per program left too few programs to keep the GPU busy on one shared
+    # [L, S] mask). NotCausal (zeroed) accumulates the tile's count of entries that differ from a
+    # top-left causal mask (keep j <= i): a zero total lets the dense dispatch run the mask as
+    # is_causal (HF materialises causal masks).
     pid = tl.program_id(0).to(tl.int64)
+    j_lo = tl.program_id(1) * kb_per_prog
+    j_hi = tl.minimum(j_lo + kb_per_prog, n_kb)
     t = pid % n_qt
     bh = pid // n_qt
     b = bh // H_M
@@ -136,7 +140,7 @@ def _mask_stats_kernel(
     m_m = o_m < L
     base = Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
     not_causal = tl.zeros([BLOCK_M], tl.int32)
-    for j in range(0, n_kb):
+    for j in range(j_lo, j_hi):
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = m_m[:, None] & (o_n[None, :] < S)
         causal_keep = o_n[None, :] <= o_m[:, None]
@@ -159,7 +163,7 @@ def _mask_stats_kernel(
             mx = tl.where(has_nan, float("inf"), mx)
         not_causal += tl.sum((differs & valid).to(tl.int32), 1)
         tl.store(MaskMax + pid * n_kb + j, mx)
-    tl.store(NotCausal + pid, tl.sum(not_causal, 0))
+    tl.atomic_add(NotCausal + pid, tl.sum(not_causal, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,9 +540,10 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
         Bm, Hm = mask4.shape[:2]
         mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
-        mask_not_causal = torch.empty(Bm * Hm * nqt, device=dev, dtype=torch.int32)
-        traceable(_mask_stats_kernel)[(Bm * Hm * nqt,)](
+        mask_not_causal = torch.zeros(Bm * Hm * nqt, device=dev, dtype=torch.int32)
+        traceable(_mask_stats_kernel)[(Bm * Hm * nqt, triton.cdiv(nkb, MASK_STATS_BLOCKS))](
             mask4, mask_max, mask_not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
+            MASK_STATS_BLOCKS,
             IS_BOOL=mask4.dtype == torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
@@ -555,6 +560,9 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
                      order, tail_log2, n_live, mask_not_causal)
 
+
+# Key blocks per program of the mask-statistics kernel.
+MASK_STATS_BLOCKS = 16
 
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
 PROBE_BLOCKS = 8

@@ -184,14 +184,22 @@ def _causal_masks(L):
             ("alibi", alibi, L * (L + 1) // 2 - L), ("left_padding", padding, 3 * L - 3)]
 
 
+@pytest.mark.parametrize("blocks_per_program", [1, 16], ids=["split", "whole-row"])
 @pytest.mark.parametrize("name,mask,expected", _causal_masks(40),
                          ids=[c[0] for c in _causal_masks(40)])
-def test_mask_stats_count_entries_unlike_causal(name, mask, expected):
+def test_mask_stats_count_entries_unlike_causal(name, mask, expected, blocks_per_program,
+                                                monkeypatch):
     """The mask statistics count, per tile, the entries that differ from a top-left causal mask;
-    zero lets the dense dispatch run a materialised causal mask (HF's) as is_causal."""
+    zero lets the dense dispatch run a materialised causal mask (HF's) as is_causal. Programs
+    that split a tile's key blocks add their counts up."""
+    monkeypatch.setattr(triton_attention_module, "MASK_STATS_BLOCKS", blocks_per_program)
     q, k, _ = WORKLOADS["uniform"](1, 2, 40, 16, device=DEVICE)
     plan = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
+    monkeypatch.setattr(triton_attention_module, "MASK_STATS_BLOCKS", 16)
+    whole = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
+    assert torch.equal(plan.mask_not_causal, whole.mask_not_causal)  # per tile, not just in sum
+    assert torch.equal(plan.n_live, whole.n_live) and torch.equal(plan.order, whole.order)
 
 
 def test_dense_choice_counts_causal_blocks_under_a_materialised_causal_mask():
