@@ -117,9 +117,11 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     if static_dense(query, key, value, attn_mask, is_causal, block_n):
         dense = None
         if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
-            # cuDNN where a failure can still be caught (eager); flash in traced graphs
-            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
-                                             try_cudnn=not _tracing(query))
+            # cuDNN where a failure can still be caught (eager); in traced graphs cuDNN only
+            # where SDPA's dispatcher picks it (as Inductor's default compile does), else flash
+            dense = _tri.dense_sdpa_with_lse(
+                query, key, value, is_causal, scale_f,
+                try_cudnn="if_sdpa_picks" if _tracing(query) else True)
         if dense is not None:
             return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
                                              query.device))

@@ -646,13 +646,31 @@ def _dense_kernel_fits(query, key, value, is_causal: bool) -> bool:
             and D == DV and D % 8 == 0 and D <= 256 and (not is_causal or L == S))
 
 
+def _sdpa_picks_cudnn(query, key, value, is_causal: bool, scale: float) -> bool:
+    """Whether SDPA's own dispatcher would run cuDNN here: the choice Inductor's default compile
+    bakes into a traced graph (its check runs on fake CUDA tensors too). False if it cannot say."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(query, key, value, None, 0.0, is_causal, scale=scale)
+        return int(choice) == int(SDPBackend.CUDNN_ATTENTION)
+    except Exception:  # noqa: BLE001  (an old build or an odd tensor: flash, as before)
+        return False
+
+
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
     """Dense attention and its natural-log log-sum-exp from the fastest SDPA kernel available
-    (cuDNN, then flash), for inputs where ``dense_eligible`` holds; None if neither runs."""
+    (cuDNN, then flash), for inputs where ``dense_eligible`` holds; None if neither runs.
+
+    try_cudnn: True tries cuDNN and falls back on a RuntimeError (eager, where the error can be
+    caught); "if_sdpa_picks" (traced graphs, where it cannot) uses cuDNN only where SDPA's own
+    dispatcher would, else flash."""
     B, H, L, _ = query.shape
     if key.shape[1] != H:  # GQA: query head h reads kv head h // group, as SDPA's enable_gqa
         group = H // key.shape[1]
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    if try_cudnn == "if_sdpa_picks":
+        try_cudnn = _sdpa_picks_cudnn(query, key, value, is_causal, scale)
     attempts = [
         lambda: torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, is_causal, False, scale=scale),

@@ -82,7 +82,10 @@ def test_backward_kernels_in_generated_code():
 @pytest.mark.parametrize("L", [384, 4096], ids=["8-blocks", "small-work"])
 def test_static_dense_choice(L, monkeypatch):
     """Static shapes with <= 8 key blocks, or too little work for skipping to repay the sparse
-    path: the compiled graph runs dense flash attention and none of the sparse kernels."""
+    path: the compiled graph runs a dense SDPA kernel and none of the sparse kernels; cuDNN where
+    SDPA's own dispatcher picks it for these inputs (as the default compile would), else flash."""
+    from aether_compile.kernels.triton_attention import _sdpa_picks_cudnn
+
     monkeypatch.delenv("AETHER_STATIC_DENSE")
     q, k, v = _qkv("clustered", L)
     compiled = torch.compile(Attention(True), backend="aether")
@@ -90,7 +93,8 @@ def test_static_dense_choice(L, monkeypatch):
     code = "\n".join(code)
     assert counters["aether"]["rewritten"] == 1
     assert not any(name in code for name in SPARSE_KERNELS)
-    assert "flash_attention" in code
+    cudnn = _sdpa_picks_cudnn(q, k, v, True, q.shape[-1] ** -0.5)
+    assert ("cudnn_attention" if cudnn else "flash_attention") in code
     assert rel_err(out, dense_oracle(q, k, v, is_causal=True)) < _tol(q.dtype)
 
 

@@ -244,3 +244,16 @@ def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
     assert torch.equal(finite, torch.isfinite(f_tail))
     assert torch.equal(tail[~finite], f_tail[~finite])
     torch.testing.assert_close(f_tail[finite], tail[finite], rtol=1e-6, atol=1e-5)
+
+
+def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
+    """Traced graphs run cuDNN for the static dense path only where SDPA's dispatcher would pick
+    it; off CUDA it never does, and a dispatcher that raises answers False, not an error."""
+    q = torch.randn(1, 2, 64, 64)
+    assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no choice for these inputs")
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", broken)
+    assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
