@@ -29,6 +29,7 @@ import os
 
 import torch
 
+
 def use_box_bound() -> bool:
     """Whether bounds take the min with the box bound (AETHER_BOX_BOUND=1; off by default).
 
