@@ -25,7 +25,7 @@ T="timeout -s INT -k 20"
 case "${1:-tests}" in
   tests)
     $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
-    AETHER_ZOO_RECORD="$OUT/zoo_gpu_record.json" $T 380 $PYTEST tests/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
+    AETHER_ZOO_RECORD="$OUT/zoo_gpu_record.json" $T 440 $PYTEST tests/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
     for f in inductor_gpu zoo_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
     ;;
   kernels)
