@@ -128,12 +128,31 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()
+    if fraction is not None and _eager_sample_applies(query, key, value, attn_mask, is_causal):
+        # Eager only (a host read): a prefix of the rows decides "dense" before the full plan.
+        # Traced graphs keep the gate below, which reads once after the full plan.
+        sampled = _tri.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
+                                              block_m, block_n)
+        if sampled is not None and sampled > fraction:
+            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
+            if dense is not None:
+                return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
+                                                 query.device))
 
     def gate(n_visit, n_live, mask_not_causal):
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
                                            scale_f, fraction, mask_not_causal)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                  eps, block_m, block_n, dense_fraction=fraction, gate=gate)
+
+
+def _eager_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
+    """Whether the eager prefix sample may run: real CUDA tensors (not tracing, not capturing a
+    CUDA graph), no mask, a call a dense kernel computes exactly; AETHER_DENSE_SAMPLE=0 turns it
+    off."""
+    return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
+            and not _tracing(query) and _tri.dense_eligible(query, key, value, None, is_causal)
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def dense_fraction() -> float | None:

@@ -730,6 +730,48 @@ def _live_for_gate(plan: VisitPlan) -> torch.Tensor:
     return causal_blocks.expand_as(plan.n_live)
 
 
+# Eager calls without a mask first plan a sample of their query rows: on data with nothing to
+# skip that decides "dense" for a small part of the bounds and probe work of the full plan
+# (issue 6's W1). Non-causal rows see every key wherever they sit, so every 16th tile (at least
+# 4 tiles) is a fair sample. A causal sample must be a prefix (top-left alignment), which sees
+# only its own keys, and with few blocks per tile the probe alone covers most of them: it takes
+# 1/8 of the rows and at least 32 key blocks, and leans towards dense on short prefixes, which
+# costs at most the dense time.
+SAMPLE_ROW_FRACTION = 16
+SAMPLE_MIN_TILES = 4
+SAMPLE_CAUSAL_ROW_FRACTION = 8
+SAMPLE_CAUSAL_MIN_BLOCKS = 32
+
+
+def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float,
+                           block_m: int, block_n: int) -> float | None:
+    """The certified visit fraction (visited / live blocks) of a sample of this call's query
+    rows, or None where the sample would not be much smaller than the call. The sampled rows are
+    exactly rows of this call: non-causal, whole tiles spread over the sequence, seeing every
+    key; causal (top-left, L == S), a prefix and the keys up to its end. No mask. One host read;
+    the choice it informs is about speed only."""
+    B, H, L, D = query.shape
+    if is_causal:
+        rows = triton.cdiv(max(L // SAMPLE_CAUSAL_ROW_FRACTION, SAMPLE_CAUSAL_MIN_BLOCKS * block_n),
+                           block_m) * block_m
+        if 2 * rows > L:
+            return None
+        q, k, v = query[:, :, :rows], key[:, :, :rows], value[:, :, :rows]
+    else:  # every SAMPLE_ROW_FRACTION-th whole tile, spread over the sequence
+        tiles = L // block_m
+        step = max(1, tiles // max(SAMPLE_MIN_TILES, tiles // SAMPLE_ROW_FRACTION))
+        if 2 * triton.cdiv(tiles, step) > tiles:
+            return None
+        q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
+        q, k, v = q.reshape(B, H, -1, D), key, value
+    plan = plan_attention(q, k, v, None, is_causal, scale, block_m, block_n)
+    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
+    _, probe_lse = _launch_attention(q, k, v, plan, eps, probe, None)
+    n_visit = certified_visit_count(plan, probe_lse, probe, eps)
+    visit, live = torch.stack([n_visit.sum(), plan.n_live.sum()]).tolist()
+    return visit / live if live else None
+
+
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
                   dense_fraction: float | None = None, gate=None):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).

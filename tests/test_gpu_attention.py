@@ -137,6 +137,34 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypat
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_eager_sample_sends_unprunable_data_dense_before_the_full_plan(is_causal, monkeypatch):
+    """Eager calls without a mask plan a sample of their rows first: uniform data goes dense
+    having planned only the sample (every plan is shorter than the call), clustered data still
+    takes the sparse path, and AETHER_DENSE_SAMPLE=0 plans the whole call again."""
+    from aether_compile.kernels import triton_attention as tri
+
+    planned = []
+    real = tri.plan_attention
+    monkeypatch.setattr(tri, "plan_attention",
+                        lambda q, *a, **k: planned.append(q.shape[2]) or real(q, *a, **k))
+    N = 16384
+    q, k, v = WORKLOADS["uniform"](1, 8, N, 128, dtype=torch.float16, device="cuda")
+    out, stats = aether_compile.attention(q, k, v, is_causal=is_causal, return_stats=True)
+    assert planned and max(planned) < N, planned
+    assert rel_err(out, chunked_oracle(q, k, v, None, is_causal)) < REL_TOL[torch.float16]
+    assert stats.kept_fraction > (0.49 if is_causal else 0.99)  # every live block, dense
+    if not is_causal:  # clustered, non-causal: prunable, so the full plan and the sparse kernel
+        planned.clear()
+        q, k, v = WORKLOADS["clustered"](1, 8, N, 128, dtype=torch.float16, device="cuda")
+        _, stats = aether_compile.attention(q, k, v, return_stats=True)
+        assert max(planned) == N and stats.kept_fraction < 0.6
+    planned.clear()
+    monkeypatch.setenv("AETHER_DENSE_SAMPLE", "0")
+    aether_compile.attention(q, k, v, is_causal=is_causal)
+    assert planned == [N]
+
+
 def test_static_dense_in_eager(monkeypatch):
     """4K tokens x 4 heads: too little work for the sparse path to repay its fixed cost, so the op
     runs dense SDPA without planning; every live block is reported kept."""

@@ -257,3 +257,20 @@ def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
 
     monkeypatch.setattr(torch, "_fused_sdp_choice", broken)
     assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
+
+
+def test_sampled_visit_fraction_tracks_the_full_plan():
+    """The eager dense pre-check plans a sample of the rows: unprunable data reads as fully
+    visited; on clustered data the non-causal sample (tiles spread over the sequence) is close to
+    the full call's visited fraction; calls too short to sample give None."""
+    sample = triton_attention_module.sampled_visit_fraction
+    q, k, v = WORKLOADS["uniform"](1, 1, 2048, 32, dtype=torch.float16, device=DEVICE, seed=1)
+    assert sample(q, k, v, False, None, 1e-3, 16, 16) == 1.0
+    assert sample(q, k, v, True, None, 1e-3, 16, 16) == 1.0
+    q, k, v = WORKLOADS["clustered"](1, 1, 2048, 32, dtype=torch.float16, device=DEVICE, seed=1,
+                                     run=32, centers=8)
+    _, _, kept = triton_attention(q, k, v, None, False, None, False, 1e-3, 16, 16)
+    assert abs(sample(q, k, v, False, None, 1e-3, 16, 16) - float(kept.float().mean())) < 0.1
+    short = q[:, :, :96]
+    assert sample(short, short, short, False, None, 1e-3, 16, 16) is None
+    assert sample(short, short, short, True, None, 1e-3, 16, 16) is None
