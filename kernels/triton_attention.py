@@ -297,15 +297,15 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FIXED_COUNT: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
 ):
     """FIXED_COUNT: visit exactly NVisit[tile] blocks of the order (a plain loop that Triton can
     pipeline; the count comes from the certificate, see ``run_attention``). Otherwise visit
     best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept.
-    HAS_SKIP: Skip[0] != 0 means a dense kernel already wrote Out and Lse; return at once."""
-    if HAS_SKIP:
-        if tl.load(Skip) != 0:
-            return
+    Skip[0] != 0 means a dense kernel already wrote Out and Lse; return at once. Every launch
+    passes Skip (zero where there is no dense choice), so the probe and the pass are one Triton
+    variant: one compile fewer per model."""
+    if tl.load(Skip) != 0:
+        return
     sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
     stop_log2 = tl.cast(stop_log2, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
@@ -584,12 +584,14 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
     if out is None:
         out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
         lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    if skip is None:
+        skip = torch.zeros(1, device=dev, dtype=torch.int32)
     # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
     traceable(_attention_kernel)[(B * H * nqt,)](
         query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
         plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
-        skip if skip is not None else plan.n_live,
+        skip,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
         plan.scale * LOG2E, stop_log2, L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
@@ -597,7 +599,6 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, FIXED_COUNT=n_visit is not None,
-        HAS_SKIP=skip is not None,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 
