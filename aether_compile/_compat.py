@@ -200,3 +200,82 @@ def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
             if name not in vars(fresh):
                 setattr(fresh, name, value)
     return new
+
+
+# -- Inductor's access analysis of user-defined Triton kernels -----------------------------------
+# Inductor finds which arguments a wrap_triton kernel writes by generating the kernel's TTIR
+# (Triton's frontend, on the main thread) for every launch at every stage that asks: AOT's
+# functionalisation (metadata pass and trace), graph lowering and the scheduler. The function is
+# ``identify_accessed_tensors`` on 2.13 (returns TensorAccesses), ``identify_mutated_tensors``
+# on older builds (returns names). An H100 profile of a cold 2-layer GPT-2 compile showed hundreds
+# of Triton code generations on the main thread. The answer depends only on the kernel and on what
+# TTIR generation sees of each argument (a tensor's dtype, a symbolic size's placeholder, a plain
+# value), so for our own kernels it is computed once per such key.
+ACCESS_ANALYSIS_FNS = ("identify_accessed_tensors", "identify_mutated_tensors")
+_memoised_kernels: set = set()
+access_analysis_stats = {"hits": 0, "misses": 0}
+
+
+def _access_key(kernel, kwargs: dict, tma_descriptor_metadata) -> Optional[tuple]:
+    """What TTIR generation sees of ``kwargs`` (see ``generate_ttir``), or None where it sees more
+    than this knows how to name (then the call is not memoised)."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+    if id(fn) not in _memoised_kernels or tma_descriptor_metadata:
+        return None
+    try:
+        from torch._inductor.ir import TensorBox
+    except ImportError:  # pragma: no cover
+        TensorBox = ()
+    parts = []
+    for name in sorted(kwargs):
+        a = kwargs[name]
+        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+            parts.append((name, "sym"))
+        elif isinstance(a, FakeTensor):
+            parts.append((name, "tensor", a.dtype))
+        elif TensorBox and isinstance(a, TensorBox):
+            parts.append((name, "tensor", a.get_dtype()))
+        elif a is None or type(a) in (bool, int, float, str):
+            parts.append((name, type(a).__name__, a))
+        else:  # real tensors (alignment matters), other IR nodes, constexpr wrappers
+            return None
+    return (id(fn), tuple(parts))
+
+
+def memoise_kernel_access_analysis(kernels) -> None:
+    """Memoise Inductor's access analysis for ``kernels`` (our @triton.jit functions). Idempotent;
+    a torch without the function is left alone."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    _memoised_kernels.update(id(getattr(k, "fn", k)) for k in kernels)
+    for name in ACCESS_ANALYSIS_FNS:
+        original = getattr(tkw, name, None)
+        if original is None or getattr(original, "_aether_memoised", False):
+            continue
+        tkw.__dict__[name] = _memoised(original)
+
+
+def _memoised(original: Callable) -> Callable:
+    cache: dict = {}
+
+    def analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw):
+        try:
+            key = _access_key(kernel, kwargs, tma_descriptor_metadata)
+        except Exception:  # noqa: BLE001  (never in the way of Inductor: analyse as usual)
+            key = None
+        if key is None or args or kw:
+            return original(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+        if key not in cache:
+            access_analysis_stats["misses"] += 1
+            cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        else:
+            access_analysis_stats["hits"] += 1
+        return copy.deepcopy(cache[key])  # callers may keep and change what they get
+
+    analysis._aether_memoised = True
+    analysis.__wrapped__ = original
+    analysis.cache = cache
+    return analysis

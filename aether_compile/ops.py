@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aether_compile import _compat
 from aether_compile.kernels import reference as _ref
 from aether_compile.kernels import triton_attention as _tri
 from aether_compile.kernels import triton_backward as _bwd
@@ -236,6 +237,11 @@ def _(grad_out, query, key, value, kept, attn_mask, is_causal, scale, block_m, b
 USE_TRITON_OP = os.environ.get("AETHER_TRITON_OP", "1") != "0"
 _define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_TRITON_OP
            else (lambda name: torch.library.custom_op(name, mutates_args=())))
+# Inductor re-derives which arguments each traced launch writes, from the kernel's TTIR, several
+# times per launch; for our kernels the answer is memoised (_compat). AETHER_ACCESS_MEMO=0 (read at
+# import) turns that off, to compare compile times.
+if USE_TRITON_OP and os.environ.get("AETHER_ACCESS_MEMO", "1") != "0":
+    _compat.memoise_kernel_access_analysis(_tri.JIT_KERNELS + _bwd.JIT_KERNELS)
 
 
 # -- aether::attention_with_stats -----------------------------------------------------------------

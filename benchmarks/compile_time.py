@@ -56,6 +56,7 @@ if ROOT not in sys.path:  # run from a source checkout without an install
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
 from provenance import git_commit  # noqa: E402
 import aether_compile.passes as aether_passes  # noqa: E402
+from aether_compile import _compat  # noqa: E402
 
 TARGET_RATIO = 1.2
 MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nanogpt")
@@ -238,6 +239,7 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     # compile, which other load on the machine inflates far less than wall time, are all counted
     threads = {"compile_threads": 1} if device == "cpu" else {}
     before = timer.seconds
+    memo_before = dict(_compat.access_analysis_stats)
     cache = kept_cache(cache_dir) if cache_dir else fresh_cache()
     with cache, icfg.patch(fx_graph_cache=False, **threads), \
             fcfg.patch(enable_autograd_cache=False), torch.no_grad():
@@ -261,7 +263,9 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     return {"compile_s": first - min(steady), "compile_cpu_s": first_cpu - min(steady_cpu),
             "first_call_s": first, "steady_call_s": min(steady),
             "pass_s": timer.seconds - before, "out": out,
-            "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"]}
+            "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"],
+            "access_analysis": {k: v - memo_before[k]  # Triton TTIR analyses run / memoised
+                                for k, v in _compat.access_analysis_stats.items()}}
 
 
 @contextlib.contextmanager
@@ -335,6 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-compile", default=None, metavar="MODEL",
                     help="cProfile the first (compiling) call of MODEL for each backend; the top "
                          "functions by cumulative and by own time go into the JSON")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--static-dense", action="store_true",
                     help="keep the op's static dense choice for small attention (default: "
                          "AETHER_STATIC_DENSE=0, every site compiles the sparse path)")
@@ -352,12 +357,13 @@ def main(argv=None) -> int:
     env = env_record(device)
     tag = "cpu" if device == "cpu" else (env["card"] or "cuda").replace(" ", "_")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compile_time_{tag}.json")
+    path = os.path.join(args.out, f"compile_time_{tag}{args.tag}.json")
     record = {"benchmark": "compile_time", "env": env,
               "config": {"seq": L, "dtype": str(dtype).replace("torch.", ""), "batch": 2,
                          "repeats": args.repeats, "allow_cpu": allow_cpu,
                          "budget_s": budget if math.isfinite(budget) else None,
                          "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
+                         "AETHER_ACCESS_MEMO": os.environ.get("AETHER_ACCESS_MEMO", "1"),
                          "caches": ("fx_graph_cache=False, enable_autograd_cache=False, " + (
                              "on-disk Inductor/Triton caches kept (warm), in-memory cleared"
                              if args.warm else "fresh_cache() per compile (cold)")),

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh e2e       # end-to-end Llama and the stdlib LM
 #   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
+#   bash benchmarks/gpu_session.sh compile   # inductor GPU tests; compile-time ratios cold, warm, memo off
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 # Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
@@ -71,6 +72,16 @@ case "${1:-tests}" in
       --out "$OUT/warm" > "$OUT/compile_time_warm.txt" 2>&1
     for f in inductor_gpu kernels_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
     for f in compile_time_cold compile_time_warm; do echo "== $f"; grep -E "ratio|summary" "$OUT/$f.txt"; done
+    ;;
+  compile)  # issue 5's compile-time ratios: cold (all models), warm, and the memo switched off
+    $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    timeout 210 python3 benchmarks/compile_time.py --budget-s 170 --out "$OUT" > "$OUT/compile_time.txt" 2>&1
+    timeout 120 python3 benchmarks/compile_time.py --warm --models bert,gpt2,llama,vit --budget-s 80 \
+      --tag _warm --out "$OUT" > "$OUT/compile_time_warm.txt" 2>&1
+    AETHER_ACCESS_MEMO=0 timeout 60 python3 benchmarks/compile_time.py --warm --models gpt2 \
+      --tag _warm_nomemo --out "$OUT" > "$OUT/compile_time_warm_nomemo.txt" 2>&1
+    echo "== inductor_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/inductor_gpu.txt" | tail -25
+    for f in compile_time compile_time_warm compile_time_warm_nomemo; do echo "== $f"; grep -E "ratio|summary|error" "$OUT/$f.txt"; done
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \

@@ -441,6 +441,11 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     return order, tail, n_live
 
 
+# Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
+JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _attention_kernel,
+               _plan_kernel)
+
+
 def is_static(*sizes) -> bool:
     """True when every size is a plain int (not a SymInt of a dynamic-shape trace)."""
     return all(isinstance(n, int) for n in sizes)
@@ -649,14 +654,21 @@ def _dense_kernel_fits(query, key, value, is_causal: bool) -> bool:
 
 def _sdpa_picks_cudnn(query, key, value, is_causal: bool, scale: float) -> bool:
     """Whether SDPA's own dispatcher would run cuDNN here: the choice Inductor's default compile
-    bakes into a traced graph (its check runs on fake CUDA tensors too). False if it cannot say."""
-    try:
-        from torch.nn.attention import SDPBackend
+    bakes into a traced graph. SDPA asks its CUDA selector directly (from tensor metadata), so this
+    does too: through the dispatcher, traced (functional, fake) tensors reach the meta kernel, which
+    answers "math". False if it cannot say."""
+    from torch.nn.attention import SDPBackend
 
-        choice = torch._fused_sdp_choice(query, key, value, None, 0.0, is_causal, scale=scale)
-        return int(choice) == int(SDPBackend.CUDNN_ATTENTION)
-    except Exception:  # noqa: BLE001  (an old build or an odd tensor: flash, as before)
-        return False
+    op = torch.ops.aten._fused_sdp_choice.default
+    args = (query, key, value, None, 0.0, is_causal)
+    for call in (lambda: op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args,
+                                       scale=scale),
+                 lambda: op(*args, scale=scale)):
+        try:
+            return int(call()) == int(SDPBackend.CUDNN_ATTENTION)
+        except Exception:  # noqa: BLE001  (an old build, symbolic sizes: try the next, else flash)
+            continue
+    return False
 
 
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):

@@ -160,6 +160,10 @@ def _dkv_kernel(
              mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
+# Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
+JIT_KERNELS = (_dq_kernel, _dkv_kernel)
+
+
 def _block_lists(kept: torch.Tensor):
     """Kept blocks first along the last dim (stable), and their count: a BCSR-like list."""
     kept_i8 = kept.to(torch.int8)

@@ -82,19 +82,22 @@ def test_backward_kernels_in_generated_code():
 @pytest.mark.parametrize("L", [384, 4096], ids=["8-blocks", "small-work"])
 def test_static_dense_choice(L, monkeypatch):
     """Static shapes with <= 8 key blocks, or too little work for skipping to repay the sparse
-    path: the compiled graph runs a dense SDPA kernel and none of the sparse kernels; cuDNN where
-    SDPA's own dispatcher picks it for these inputs (as the default compile would), else flash."""
-    from aether_compile.kernels.triton_attention import _sdpa_picks_cudnn
-
+    path: the compiled graph runs a dense SDPA kernel and none of the sparse kernels, the same
+    SDPA kernel (cuDNN or flash) that the default compile of the same attention runs."""
     monkeypatch.delenv("AETHER_STATIC_DENSE")
     q, k, v = _qkv("clustered", L)
+    _, default_code = run_and_get_code(torch.compile(Attention(True)), q, k, v)
+    default_code = "\n".join(default_code)
+    default_kernel = next(name for name in ("cudnn_attention", "flash_attention")
+                          if name in default_code)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(Attention(True), backend="aether")
     out, code = run_and_get_code(compiled, q, k, v)
     code = "\n".join(code)
     assert counters["aether"]["rewritten"] == 1
     assert not any(name in code for name in SPARSE_KERNELS)
-    cudnn = _sdpa_picks_cudnn(q, k, v, True, q.shape[-1] ** -0.5)
-    assert ("cudnn_attention" if cudnn else "flash_attention") in code
+    assert default_kernel in code, f"the default compile runs {default_kernel}"
     assert rel_err(out, dense_oracle(q, k, v, is_causal=True)) < _tol(q.dtype)
 
 

@@ -1,0 +1,111 @@
+"""Compile-time costs we control on CPU: the memoised access analysis of our Triton kernels.
+
+Inductor derives which arguments a traced Triton launch writes from the kernel's TTIR, several
+times per launch; ``_compat.memoise_kernel_access_analysis`` computes it once per kernel and
+argument signature. These tests run Torch's real analysis (Triton's frontend, for an sm_90 target
+named by a stub driver; no GPU needed) and check that the memo returns what the analysis returns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch._higher_order_ops import triton_kernel_wrap as tkw
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.backends.compiler import GPUTarget
+
+from aether_compile import _compat, ops  # noqa: F401  (ops installs the memo)
+from aether_compile.kernels import triton_attention as tri
+
+pytestmark = pytest.mark.skipif(not ops.USE_TRITON_OP, reason="AETHER_TRITON_OP=0: no tracing")
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver for TTIR generation on a machine without a GPU."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+@pytest.fixture
+def sm90_target():
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        triton.runtime.driver._active = previous
+
+
+def _analysis():
+    name = next(n for n in _compat.ACCESS_ANALYSIS_FNS if hasattr(tkw, n))
+    fn = getattr(tkw, name)
+    assert getattr(fn, "_aether_memoised", False), f"{name} is not memoised"
+    return fn
+
+
+def _written(result) -> set:
+    """Names written, from either version's result (TensorAccesses or a list of names)."""
+    if isinstance(result, list):
+        return set(result)
+    return {dep.name for dep in result.read_writes.writes}
+
+
+def _geometry_kwargs(dtype, n_kb):
+    with FakeTensorMode():
+        key = torch.empty(1, 2, 64 * n_kb, 64, dtype=dtype)
+        geo16 = torch.empty(2 * n_kb, 3, 64, dtype=torch.float16)
+        geo_norm = torch.empty(2 * n_kb, 4, dtype=torch.float32)
+    names = tri._geometry_kernel.arg_names
+    values = (key, geo16, geo_norm, *key.stride(), 64 * n_kb, 64, n_kb, 2, 64, 64)
+    return dict(zip(names, values))
+
+
+def test_memo_returns_the_analysis_and_runs_it_once_per_signature(sm90_target):
+    analysis = _analysis()
+    analysis.cache.clear()
+    kwargs = _geometry_kwargs(torch.float16, 4)
+    want = analysis.__wrapped__(tri._geometry_kernel, kwargs, {})
+    assert _written(want) == {"Geo16", "GeoNorm"}  # the analysis ran (its fallback says all)
+
+    misses = _compat.access_analysis_stats["misses"]
+    first = analysis(tri._geometry_kernel, kwargs, {})
+    again = analysis(tri._geometry_kernel, _geometry_kwargs(torch.float16, 4), {})
+    assert _written(first) == _written(again) == _written(want)
+    assert _compat.access_analysis_stats["misses"] == misses + 1
+    assert again is not first  # each caller gets its own copy
+
+    # What TTIR generation sees differs (dtype; a length of 1 specialises): analysed afresh.
+    analysis(tri._geometry_kernel, _geometry_kwargs(torch.bfloat16, 4), {})
+    analysis(tri._geometry_kernel, _geometry_kwargs(torch.float16, 1), {})
+    assert _compat.access_analysis_stats["misses"] == misses + 3
+
+
+def test_symbolic_sizes_share_one_entry(sm90_target):
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    shape_env = ShapeEnv()
+    kwargs = _geometry_kwargs(torch.float16, 4)
+    key_a, key_b = (
+        _compat._access_key(tri._geometry_kernel, {**kwargs, "S": s}, {})
+        for s in (shape_env.create_unbacked_symint(), shape_env.create_unbacked_symint()))
+    assert key_a == key_b is not None
+
+
+@triton.jit
+def _foreign_kernel(X, Y, N, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o, tl.load(X + o, mask=o < N), mask=o < N)
+
+
+def test_other_kernels_are_analysed_as_before(sm90_target):
+    analysis = _analysis()
+    with FakeTensorMode():
+        x, y = torch.empty(8), torch.empty(8)
+    kwargs = dict(X=x, Y=y, N=8, BLOCK=8)
+    assert _compat._access_key(_foreign_kernel, kwargs, {}) is None
+    size = len(analysis.cache)
+    assert _written(analysis(_foreign_kernel, kwargs, {})) == {"Y"}
+    assert len(analysis.cache) == size
