@@ -198,6 +198,11 @@ def suite_issue2(progress):
     return rows
 
 
+# --only: run just these workloads of a suite (the issue-6 suite does not fit one 10-minute device
+# call with W4 in it).
+ONLY_WORKLOADS: tuple = ()
+
+
 def suite_issue6(progress):
     """Workloads W1-W4 of the performance issue (B = 1, H = 16, D = 128 unless said)."""
     cases = []
@@ -220,6 +225,8 @@ def suite_issue6(progress):
     # W4: 1M tokens, one kv head group (4 query heads over 1 kv head), clustered, causal
     cases.append(dict(workload="clustered_gqa", N=1 << 20, dtype=torch.float16, is_causal=True,
                       H=4, kv_heads=1, check=False, fwd_bwd=True))
+    if ONLY_WORKLOADS:
+        cases = [c for c in cases if c["workload"] in ONLY_WORKLOADS]
     rows = []
     for i, c in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {c}")
@@ -386,7 +393,12 @@ def main(argv=None):
     ap.add_argument("--suite", choices=["issue2", "issue6", "calibrate", "backward"], nargs="+",
                     default=["issue2"])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default="", help="comma-separated workloads of the issue-6 suite "
+                    "(uniform, clustered, llm_like, clustered_gqa); default all")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     args = ap.parse_args(argv)
+    global ONLY_WORKLOADS
+    ONLY_WORKLOADS = tuple(w for w in args.only.split(",") if w)
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -395,7 +407,8 @@ def main(argv=None):
         rows = {"issue2": suite_issue2, "issue6": suite_issue6, "calibrate": suite_calibrate,
                 "backward": suite_backward}[suite](
             lambda msg: print(msg, flush=True))
-        path = os.path.join(args.out, f"{suite}_{record['card'].replace(' ', '_')}.json")
+        path = os.path.join(args.out,
+                            f"{suite}_{record['card'].replace(' ', '_')}{args.tag}.json")
         result = {"env": record, "rows": rows}
         if suite == "issue6":
             result["summary"] = summarize_issue6(rows)
