@@ -197,6 +197,12 @@ def _bounds_kernel(
         qa_unit = tl.abs(q_unit).to(tl.float16)
     q_unit = q_unit.to(tl.float16)
     last_row = tl.minimum(t * BLOCK_M + BLOCK_M, L) - 1
+    # Key blocks on the matmul's M side, query rows on its N side: the max over the tile's rows
+    # is then along N, which each warp group reduces in registers (a max over M crosses warps
+    # through shared memory).
+    q_unit_t = tl.trans(q_unit)  # [D_PAD, BM]
+    if USE_BOX:
+        qa_unit_t = tl.trans(qa_unit)
     for j0 in range(0, n_kb, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
         m_j = o_j < n_kb
@@ -205,23 +211,23 @@ def _bounds_kernel(
         p_n = GeoNorm + (g * n_kb + o_j) * 4
         n_mu = tl.load(p_n, mask=m_j, other=0.0)
         rad = tl.load(p_n + 1, mask=m_j, other=0.0)
-        dot_mu = tl.dot(q_unit, tl.trans(g_mu))  # [BM, BJ], fp16 in, fp32 accumulate
-        bound = n_mu[None, :] * dot_mu + (rad + SLACK * (n_mu + rad))[None, :]  # the ball
+        dot_mu = tl.dot(g_mu, q_unit_t)  # [BJ, BM], fp16 in, fp32 accumulate
+        bound = n_mu[:, None] * dot_mu + (rad + SLACK * (n_mu + rad))[:, None]  # the ball
         if USE_BOX:
             g_c = tl.load(p_g + D_PAD, mask=m_j[:, None], other=0.0)
             g_h = tl.load(p_g + 2 * D_PAD, mask=m_j[:, None], other=0.0)
             n_c = tl.load(p_n + 2, mask=m_j, other=0.0)
             n_h = tl.load(p_n + 3, mask=m_j, other=0.0)
-            dot_c = tl.dot(q_unit, tl.trans(g_c))
-            dot_h = tl.dot(qa_unit, tl.trans(g_h))
-            box = n_c[None, :] * dot_c + n_h[None, :] * dot_h + SLACK * (n_c + n_h)[None, :]
+            dot_c = tl.dot(g_c, q_unit_t)
+            dot_h = tl.dot(g_h, qa_unit_t)
+            box = n_c[:, None] * dot_c + n_h[:, None] * dot_h + SLACK * (n_c + n_h)[:, None]
             bound = tl.minimum(bound, box, propagate_nan=tl.PropagateNan.ALL)
-        rb = qn[:, None] * bound
+        rb = qn[None, :] * bound
         # NaN in q or k: the block must be visited so the NaN reaches the output, as in SDPA;
         # +inf here makes the max say so (one reduction, whatever tl.max does with NaN).
         rb = tl.where(rb != rb, float("inf"), rb)
-        rb = tl.where(m_m[:, None], rb, -float("inf"))
-        u = tl.max(rb, 0)  # [BJ]
+        rb = tl.where(m_m[None, :], rb, -float("inf"))
+        u = tl.max(rb, 1)  # [BJ]
         if HAS_MASK:
             mmax = tl.load(MaskMax + b * stride_xb + h * stride_xh + t * n_kb + o_j, mask=m_j,
                            other=-float("inf"))
@@ -475,14 +481,16 @@ def _launch_config(block_m: int, d_pad: int, dv_pad: int, device_type: str):
     return {"num_warps": warps, "num_stages": stages}
 
 
-def _bounds_config(d_pad: int, device_type: str) -> dict:
-    """Key blocks per bounds-kernel step; at head dim 256 three [BLOCK_J, 256] fp16 summaries per
-    stage must fit in shared memory."""
+def _bounds_config(d_pad: int, device_type: str, use_box: bool) -> dict:
+    """Key blocks per bounds-kernel step and launch shape, chosen from sm_90 compiles (ptxas: no
+    register spills, shared memory within 227 KB; the box bound at head dim 256 spills least at
+    this shape). With 8 warps the key-block side needs 128 rows for both warp groups to split it,
+    which keeps the max over query rows inside each warp group."""
     if device_type != "cuda":
         return {"BLOCK_J": 16}
     if d_pad > 128:
-        return {"BLOCK_J": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_J": 64, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_J": 64, "num_warps": 8 if use_box else 4, "num_stages": 1}
+    return {"BLOCK_J": 64 if use_box else 128, "num_warps": 8, "num_stages": 2}
 
 
 def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch.Tensor:
@@ -558,7 +566,8 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
         USE_BOX=use_box_bound(),
-        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, **_bounds_config(d_pad, dev.type))
+        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
+        **_bounds_config(d_pad, dev.type, use_box_bound()))
 
     planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)

@@ -252,11 +252,28 @@ def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
     q = torch.randn(1, 2, 64, 64)
     assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
 
-    def broken(*args, **kwargs):
+    class Chooser:  # stands in for aten::_fused_sdp_choice, both ways the function asks it
+        def __init__(self, answer):
+            self.answer, self.calls = answer, 0
+
+        def redispatch(self, keyset, *args, **kwargs):
+            self.calls += 1
+            return self.answer()
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.answer()
+
+    def broken():
         raise RuntimeError("no choice for these inputs")
 
-    monkeypatch.setattr(torch, "_fused_sdp_choice", broken)
-    assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
+    from torch.nn.attention import SDPBackend
+
+    for answer, want in ((lambda: int(SDPBackend.CUDNN_ATTENTION), True), (broken, False)):
+        chooser = Chooser(answer)
+        monkeypatch.setattr(torch.ops.aten._fused_sdp_choice, "default", chooser)
+        assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is want
+        assert chooser.calls >= 1
 
 
 def test_sampled_visit_fraction_tracks_the_full_plan():
