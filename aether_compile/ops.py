@@ -86,15 +86,6 @@ def _tracing(t: Tensor) -> bool:
     return is_fake(t)
 
 
-def _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> Tensor:
-    """kept map of dense attention without a mask: every block, or the causal ones (L == S)."""
-    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
-    if not is_causal:
-        return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)
-    live = _tri.causal_block_map(L, nqt, nkb, block_m, block_n, device)
-    return live.expand(B, H, nqt, nkb).contiguous()
-
-
 def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
                  block_m=None, block_n=None):
     """(out, lse, kept) with eps resolved; the body of aether::attention_with_stats. Traceable:
@@ -116,7 +107,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
-        return (*dense, _all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
+        return (*dense, _tri.all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
 
     if static_dense(query, key, value, attn_mask, is_causal, block_n):
         dense = None
@@ -144,8 +135,17 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     def gate(n_visit, n_live, mask_not_causal):
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
                                            scale_f, fraction, mask_not_causal)
+
+    precheck = None
+    if fraction is not None and _precheck_applies(query, key, value, attn_mask, is_causal):
+        # Traced graphs: the same sample decides at run time, inside an opaque op, before the
+        # plan's kernels (which then return at once); no gate after the plan.
+        def precheck():
+            return torch.ops.aether.dense_precheck(query, key, value, is_causal, scale_f, eps,
+                                                   block_m, block_n, fraction)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                 eps, block_m, block_n, dense_fraction=fraction, gate=gate)
+                                 eps, block_m, block_n, dense_fraction=fraction, gate=gate,
+                                 precheck=precheck)
 
 
 def _eager_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
@@ -155,6 +155,14 @@ def _eager_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
     return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
             and not _tracing(query) and _tri.dense_eligible(query, key, value, None, is_causal)
             and not torch.cuda.is_current_stream_capturing())
+
+
+def _precheck_applies(query, key, value, attn_mask, is_causal) -> bool:
+    """Whether a traced graph decides dense before planning (``aether::dense_precheck``): while
+    tracing, no mask, a call a dense kernel computes exactly; AETHER_DENSE_SAMPLE=0 turns it off
+    (then the gate after the full plan decides, as for masked calls)."""
+    return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
+            and _tracing(query) and _tri.dense_eligible(query, key, value, None, is_causal))
 
 
 def dense_fraction() -> float | None:
@@ -205,6 +213,24 @@ def dense_gate(query: Tensor, key: Tensor, value: Tensor, n_visit: Tensor, n_liv
 
 @dense_gate.register_fake
 def _(query, key, value, n_visit, n_live, is_causal, scale, fraction, mask_not_causal=None):
+    B, H, L, _ = query.shape
+    return (query.new_empty(B, H, L, value.shape[-1]),
+            query.new_empty(B, H, L, dtype=torch.float32),
+            query.new_empty(1, dtype=torch.int32))
+
+
+@torch.library.custom_op("aether::dense_precheck", mutates_args=())
+def dense_precheck(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
+                   eps: float, block_m: int, block_n: int, fraction: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Traced graphs' dense choice before planning (see kernels.triton_attention.dense_precheck):
+    opaque, so its sample plan and host read run when the graph runs, not when it is traced."""
+    return _tri.dense_precheck(query, key, value, is_causal, scale, eps, block_m, block_n,
+                               fraction)
+
+
+@dense_precheck.register_fake
+def _(query, key, value, is_causal, scale, eps, block_m, block_n, fraction):
     B, H, L, _ = query.shape
     return (query.new_empty(B, H, L, value.shape[-1]),
             query.new_empty(B, H, L, dtype=torch.float32),

@@ -226,6 +226,7 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     """One compile of ``model`` with ``backend`` ("inductor" or "aether"): cold, or with
     ``cache_dir`` an on-disk Inductor/Triton cache kept between compiles (in-memory caches are
     still cleared, as in a new process). ``profiler`` profiles the first call."""
+    import torch._dynamo.utils as dynamo_utils
     import torch._functorch.config as fcfg
     import torch._inductor.config as icfg
     from torch._dynamo.utils import counters
@@ -233,6 +234,7 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
 
     torch._dynamo.reset()
     counters.clear()
+    dynamo_utils.compilation_time_metrics.clear()
     kwargs = ({"backend": "aether", "options": {"allow_cpu": allow_cpu}} if backend == "aether"
               else {})
     # CPU: compile in this process (one g++ per graph either way), so the CPU seconds of the
@@ -260,7 +262,11 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             sync(device)
             steady.append(time.perf_counter() - t0)
             steady_cpu.append(cpu_seconds() - c0)
+    # Torch's own phase timers (dynamo_timed): where the compile went, phase by phase
+    phases = {k: round(sum(v), 4) for k, v in dynamo_utils.compilation_time_metrics.items()
+              if sum(v) >= 0.01}
     return {"compile_s": first - min(steady), "compile_cpu_s": first_cpu - min(steady_cpu),
+            "phases_s": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
             "first_call_s": first, "steady_call_s": min(steady),
             "pass_s": timer.seconds - before, "out": out,
             "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"],
@@ -428,6 +434,10 @@ def main(argv=None) -> int:
                     "graphs": {b: runs[b][0]["graphs"] for b in runs},
                     "runs": runs})
                 row["pass_frac_of_aether"] = row["pass_s"] / row["aether_s"]
+                ph_i, ph_a = runs["inductor"][0]["phases_s"], runs["aether"][0]["phases_s"]
+                excess = {k: round(ph_a.get(k, 0.0) - ph_i.get(k, 0.0), 3)
+                          for k in set(ph_a) | set(ph_i)}
+                row["phase_excess_s"] = dict(sorted(excess.items(), key=lambda kv: -kv[1])[:15])
                 row["loadavg_end"] = loadavg()
                 print(f"  {name:<10} ratio {row['ratio']:.3f} (inductor {med['inductor']:.2f}s, "
                       f"aether {med['aether']:.2f}s); of min {row['ratio_of_min']:.3f}; "

@@ -74,13 +74,16 @@ def unsupported_reason(query, key, value) -> str | None:
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _geometry_kernel(
-    K, Geo16, GeoNorm,
+    K, Geo16, GeoNorm, Skip,
     stride_kb, stride_kh, stride_kn, stride_kd,
     S, D, n_kb, H_KV,
     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
 ):
     # One program per (batch, kv head, key block). Geo16: [B*Hkv*nKB, 3, D_PAD] fp16 unit vectors
-    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|).
+    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|). Skip[0] == 1: the call went
+    # dense before planning (see ``dense_precheck``); nothing to do.
+    if tl.load(Skip) == 1:
+        return
     pid = tl.program_id(0).to(tl.int64)
     j = pid % n_kb
     bh = pid // n_kb
@@ -171,13 +174,15 @@ def _mask_stats_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bounds_kernel(
-    Q, Geo16, GeoNorm, MaskMax, Bounds,
+    Q, Geo16, GeoNorm, MaskMax, Bounds, Skip,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_xb, stride_xh,  # MaskMax strides over (batch, head); 0 where broadcast
     sm_scale, L, S, D, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr, USE_BOX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    if tl.load(Skip) == 1:  # the call went dense before planning
+        return
     sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
@@ -307,10 +312,10 @@ def _attention_kernel(
     """FIXED_COUNT: visit exactly NVisit[tile] blocks of the order (a plain loop that Triton can
     pipeline; the count comes from the certificate, see ``run_attention``). Otherwise visit
     best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept.
-    Skip[0] != 0 means a dense kernel already wrote Out and Lse; return at once. Every launch
+    Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Every launch
     passes Skip (zero where there is no dense choice), so the probe and the pass are one Triton
     variant: one compile fewer per model."""
-    if tl.load(Skip) != 0:
+    if tl.load(Skip) == 1:
         return
     sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
     stop_log2 = tl.cast(stop_log2, tl.float32)
@@ -387,17 +392,25 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _plan_kernel(
-    Bounds, Order, TailLog2, NLive,
+    Bounds, Order, TailLog2, NLive, Skip,
     L, S, n_qt, n_kb,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NKB_PAD: tl.constexpr,
 ):
     """certificate.plan_visits for one (batch, head, query tile) row of Bounds, in registers: the
     same order (descending bound, ties by block index, the causal priority block first), the
-    suffix log-sum-exp of bounded mass in log2 units, and the live count."""
+    suffix log-sum-exp of bounded mass in log2 units, and the live count. Skip[0] == 1 (dense
+    before planning; Bounds were not computed): a valid empty plan, so that the torch ops after it
+    index safely."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     o_j = tl.arange(0, NKB_PAD)
+    if tl.load(Skip) == 1:
+        tl.store(Order + pid * n_kb + o_j, o_j, mask=o_j < n_kb)
+        tl.store(TailLog2 + pid * n_kb + o_j, tl.full([NKB_PAD], -float("inf"), tl.float32),
+                 mask=o_j < n_kb)
+        tl.store(NLive + pid, 0)
+        return
     in_row = o_j < n_kb
     bound = tl.load(Bounds + pid * n_kb + o_j, mask=in_row, other=-float("inf"))
     bound = tl.where(bound != bound, float("inf"), bound)  # NaN: must be visited
@@ -430,8 +443,9 @@ def _plan_kernel(
 FUSED_PLAN_MAX_BLOCKS = 4096
 
 
-def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
-    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply."""
+def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip=None):
+    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply. skip:
+    int32[1], 1 for an empty plan (see ``_plan_kernel``)."""
     B, H, nqt, nkb = bounds.shape
     if os.environ.get("AETHER_PLAN", "fused") == "torch" or not is_static(nkb) \
             or nkb > FUSED_PLAN_MAX_BLOCKS or nkb == 0:
@@ -440,8 +454,10 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     tail = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.float32)
     n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
     nkb_pad = max(16, triton.next_power_of_2(nkb))
+    if skip is None:
+        skip = torch.zeros(1, device=bounds.device, dtype=torch.int32)
     traceable(_plan_kernel)[(B * H * nqt,)](
-        bounds, order, tail, n_live, L, S, nqt, nkb,
+        bounds, order, tail, n_live, skip, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
         **({"num_warps": 4 if nkb_pad <= 1024 else 8} if bounds.device.type == "cuda" else {}))
     return order, tail, n_live
@@ -525,11 +541,14 @@ class VisitPlan(NamedTuple):
     tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
     n_live: torch.Tensor  # int32 [B, H, nQT]
     mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
+    skip: torch.Tensor | None = None  # int32 [1]: 1 = the call went dense before planning
 
 
 def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   block_m=None, block_n=None) -> VisitPlan:
-    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
+                   block_m=None, block_n=None, skip=None) -> VisitPlan:
+    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync.
+    skip: int32[1] on the device; where it holds 1 the kernels return at once and the plan is
+    empty (every tile visits nothing)."""
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
@@ -540,11 +559,13 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = _pad_pow2(D)
+    if skip is None:
+        skip = torch.zeros(1, device=dev, dtype=torch.int32)
 
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
     traceable(_geometry_kernel)[(B * Hkv * nkb,)](
-        key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
+        key, geo16, geo_norm, skip, *key.stride(), S, D, nkb, Hkv,
         BLOCK_N=block_n, D_PAD=d_pad)
 
     mask4 = mask_not_causal = None
@@ -562,17 +583,17 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
 
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
     traceable(_bounds_kernel)[(B * H * nqt,)](
-        query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
+        query, geo16, geo_norm, mask_max, bounds, skip, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
         USE_BOX=use_box_bound(),
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
         **_bounds_config(d_pad, dev.type, use_box_bound()))
 
-    planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
+    planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
-                     order, tail_log2, n_live, mask_not_causal)
+                     order, tail_log2, n_live, mask_not_causal, skip)
 
 
 # Key blocks per program of the mask-statistics kernel.
@@ -761,7 +782,7 @@ def _probe_visit_count(query, key, value, plan: VisitPlan, eps: float) -> torch.
     """Two-pass's first pass: an exact probe over each tile's best blocks, turned on device into
     the certified visit count per tile."""
     probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
-    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
+    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None, skip=plan.skip)
     return certified_visit_count(plan, probe_lse, probe, eps)
 
 
@@ -799,14 +820,47 @@ def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float
             return None
         q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
         q, k, v = q.reshape(B, H, -1, D), key, value
-    plan = plan_attention(q, k, v, None, is_causal, scale, block_m, block_n)
-    n_visit = _probe_visit_count(q, k, v, plan, eps)
+    return visit_fraction(q, k, v, is_causal, scale, eps, block_m, block_n)
+
+
+def visit_fraction(query, key, value, is_causal: bool, scale, eps: float, block_m: int,
+                   block_n: int) -> float | None:
+    """The certified visit fraction (visited / live blocks) of a whole call without a mask, from
+    its plan and probe; None without live blocks. One host read."""
+    plan = plan_attention(query, key, value, None, is_causal, scale, block_m, block_n)
+    n_visit = _probe_visit_count(query, key, value, plan, eps)
     visit, live = torch.stack([n_visit.sum(), plan.n_live.sum()]).tolist()
     return visit / live if live else None
 
 
+def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float, block_m: int,
+                   block_n: int, fraction: float):
+    """The dense choice of traced graphs, made before planning: (out, lse, decision int32[1]).
+
+    Plans a sample of the rows (``sampled_visit_fraction``; the whole call where no smaller sample
+    exists) and, when its certified visit exceeds ``fraction`` of its live blocks, runs the
+    fastest dense SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the
+    pass then return at once. One host read; none during CUDA-graph capture, where decision stays
+    0 and the sparse path runs (sync-free). No mask; ``dense_eligible`` inputs."""
+    B, H, L, _ = query.shape
+    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
+    lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
+    decision = torch.zeros(1, device=query.device, dtype=torch.int32)
+    if query.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return out, lse, decision
+    f = sampled_visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
+    if f is None:
+        f = visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
+    if f is not None and f > fraction:
+        dense = dense_sdpa_with_lse(query, key, value, is_causal, scale)
+        if dense is not None:
+            out, lse = dense
+            decision.fill_(1)
+    return out, lse, decision
+
+
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
-                  dense_fraction: float | None = None, gate=None):
+                  dense_fraction: float | None = None, gate=None, pre=None):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
 
     mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
@@ -818,7 +872,9 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     ``kept`` then marks every live block. ``gate(n_visit, n_live, mask_not_causal) -> (out, lse,
     use_dense)``
     overrides how that choice is made (the op passes a custom op so that traced graphs keep it
-    opaque); by default ``dense_gate`` is called directly."""
+    opaque); by default ``dense_gate`` is called directly.
+    pre: (out, lse) of a dense choice made before planning, in force where ``plan.skip`` holds 1
+    (twopass, no mask): the pass writes into them unless skipped, and no gate runs."""
     mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
     if mode not in FORWARD_MODES:
         raise ValueError(f"AETHER_FORWARD_MODE must be one of {FORWARD_MODES}, got {mode!r}")
@@ -828,6 +884,11 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
         return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
     n_visit = _probe_visit_count(query, key, value, plan, eps)
+    if pre is not None:
+        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, *pre, plan.skip)
+        live = all_live_blocks(plan.L, plan.S, plan.block_m, plan.block_n, plan.is_causal,
+                               plan.B, plan.H, query.device)
+        return out, lse, torch.where(plan.skip.bool(), live, _kept_map(plan, n_visit))
     mask_not_causal = plan.mask_not_causal
     if dense_fraction is not None and (
             dense_eligible(query, key, value, plan.mask4, plan.is_causal)
@@ -843,16 +904,59 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
     else:
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None)
-    visited = torch.arange(nkb, device=query.device) < n_visit.unsqueeze(-1)
-    kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.bool)
-    return out, lse, kept.scatter(-1, plan.order.long(), visited)
+    return out, lse, _kept_map(plan, n_visit)
+
+
+def _kept_map(plan: VisitPlan, n_visit: torch.Tensor) -> torch.Tensor:
+    """[B, H, nQT, nKB] bool: the first n_visit blocks of each tile's order."""
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    visited = torch.arange(nkb, device=n_visit.device) < n_visit.unsqueeze(-1)
+    kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=n_visit.device, dtype=torch.bool)
+    return kept.scatter(-1, plan.order.long(), visited)
+
+
+def all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> torch.Tensor:
+    """kept map of dense attention without a mask: every block, or the causal ones (L == S)."""
+    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    if not is_causal:
+        return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)
+    live = _cached_causal_block_map(L, nqt, nkb, block_m, block_n, device)
+    return live.expand(B, H, nqt, nkb).clone(memory_format=torch.contiguous_format)
+
+
+_CAUSAL_MAPS: dict = {}
+
+
+def _cached_causal_block_map(L, nqt, nkb, block_m, block_n, device) -> torch.Tensor:
+    """``causal_block_map``, kept per shape for eager calls. Building it is six tiny kernels, and
+    W1's 4K causal call, which cuDNN runs in 0.16 ms on an H100, took 0.18 ms through the op's
+    static dense path. Callers must not write to it. Traced code builds it in the graph."""
+    from torch._guards import detect_fake_mode
+
+    if not isinstance(L, int) or detect_fake_mode() is not None or torch.compiler.is_compiling():
+        return causal_block_map(L, nqt, nkb, block_m, block_n, device)
+    key = (L, nqt, nkb, block_m, block_n, torch.device(device))
+    live = _CAUSAL_MAPS.get(key)
+    if live is None:
+        if len(_CAUSAL_MAPS) >= 64:  # a few shapes recur; do not grow without bound
+            _CAUSAL_MAPS.clear()
+        live = _CAUSAL_MAPS[key] = causal_block_map(L, nqt, nkb, block_m, block_n, device)
+    return live
 
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                      enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None,
-                     dense_fraction=None, gate=None):
+                     dense_fraction=None, gate=None, precheck=None):
     """Certified block-sparse attention on the Triton path.
 
-    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
-    plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
-    return run_attention(query, key, value, plan, eps, mode, dense_fraction, gate)
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept).
+    precheck: ``() -> (out, lse, decision int32[1])``, a dense choice made before planning (the
+    op passes ``aether::dense_precheck`` in traced graphs). Where decision holds 1, out and lse are
+    the answer and every kernel after it returns at once. Twopass without a mask only."""
+    mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
+    pre = skip = None
+    if precheck is not None and mode == "twopass" and attn_mask is None:
+        out, lse, skip = precheck()
+        pre = (out, lse)
+    plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n, skip)
+    return run_attention(query, key, value, plan, eps, mode, dense_fraction, gate, pre)

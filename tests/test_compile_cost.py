@@ -8,6 +8,10 @@ named by a stub driver; no GPU needed) and check that the memo returns what the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -19,7 +23,11 @@ from triton.backends.compiler import GPUTarget
 from aether_compile import _compat, ops  # noqa: F401  (ops installs the memo)
 from aether_compile.kernels import triton_attention as tri
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not ops.USE_TRITON_OP, reason="AETHER_TRITON_OP=0: no tracing")
+# Triton's interpreter patches its language for the whole process, so TTIR cannot be generated
+# there: under TRITON_INTERPRET=1 (CI) the tests below run again in a process without it.
+compiled_triton = pytest.mark.skipif(INTERPRETED, reason="TTIR generation needs compiled Triton")
 
 
 class _Sm90Driver:
@@ -53,43 +61,54 @@ def _written(result) -> set:
     return {dep.name for dep in result.read_writes.writes}
 
 
+# Under TRITON_INTERPRET=1 the module's kernels are interpreter functions; Torch's analysis needs
+# the JITFunction of the same Python function (the memo keys on that function either way).
+GEOMETRY = triton.runtime.jit.JITFunction(getattr(tri._geometry_kernel, "fn",
+                                                  tri._geometry_kernel))
+
+
 def _geometry_kwargs(dtype, n_kb):
     with FakeTensorMode():
         key = torch.empty(1, 2, 64 * n_kb, 64, dtype=dtype)
         geo16 = torch.empty(2 * n_kb, 3, 64, dtype=torch.float16)
         geo_norm = torch.empty(2 * n_kb, 4, dtype=torch.float32)
-    names = tri._geometry_kernel.arg_names
-    values = (key, geo16, geo_norm, *key.stride(), 64 * n_kb, 64, n_kb, 2, 64, 64)
-    return dict(zip(names, values))
+        skip = torch.empty(1, dtype=torch.int32)
+    strides = dict(zip(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), key.stride()))
+    kwargs = dict(K=key, Geo16=geo16, GeoNorm=geo_norm, Skip=skip, **strides, S=64 * n_kb, D=64,
+                  n_kb=n_kb, H_KV=2, BLOCK_N=64, D_PAD=64)
+    assert set(kwargs) == set(GEOMETRY.arg_names)
+    return kwargs
 
 
+@compiled_triton
 def test_memo_returns_the_analysis_and_runs_it_once_per_signature(sm90_target):
     analysis = _analysis()
     analysis.cache.clear()
     kwargs = _geometry_kwargs(torch.float16, 4)
-    want = analysis.__wrapped__(tri._geometry_kernel, kwargs, {})
+    want = analysis.__wrapped__(GEOMETRY, kwargs, {})
     assert _written(want) == {"Geo16", "GeoNorm"}  # the analysis ran (its fallback says all)
 
     misses = _compat.access_analysis_stats["misses"]
-    first = analysis(tri._geometry_kernel, kwargs, {})
-    again = analysis(tri._geometry_kernel, _geometry_kwargs(torch.float16, 4), {})
+    first = analysis(GEOMETRY, kwargs, {})
+    again = analysis(GEOMETRY, _geometry_kwargs(torch.float16, 4), {})
     assert _written(first) == _written(again) == _written(want)
     assert _compat.access_analysis_stats["misses"] == misses + 1
     assert again is not first  # each caller gets its own copy
 
     # What TTIR generation sees differs (dtype; a length of 1 specialises): analysed afresh.
-    analysis(tri._geometry_kernel, _geometry_kwargs(torch.bfloat16, 4), {})
-    analysis(tri._geometry_kernel, _geometry_kwargs(torch.float16, 1), {})
+    analysis(GEOMETRY, _geometry_kwargs(torch.bfloat16, 4), {})
+    analysis(GEOMETRY, _geometry_kwargs(torch.float16, 1), {})
     assert _compat.access_analysis_stats["misses"] == misses + 3
 
 
+@compiled_triton
 def test_symbolic_sizes_share_one_entry(sm90_target):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     shape_env = ShapeEnv()
     kwargs = _geometry_kwargs(torch.float16, 4)
     key_a, key_b = (
-        _compat._access_key(tri._geometry_kernel, {**kwargs, "S": s}, {})
+        _compat._access_key(GEOMETRY, {**kwargs, "S": s}, {})
         for s in (shape_env.create_unbacked_symint(), shape_env.create_unbacked_symint()))
     assert key_a == key_b is not None
 
@@ -100,6 +119,7 @@ def _foreign_kernel(X, Y, N, BLOCK: tl.constexpr):
     tl.store(Y + o, tl.load(X + o, mask=o < N), mask=o < N)
 
 
+@compiled_triton
 def test_other_kernels_are_analysed_as_before(sm90_target):
     analysis = _analysis()
     with FakeTensorMode():
@@ -109,3 +129,14 @@ def test_other_kernels_are_analysed_as_before(sm90_target):
     size = len(analysis.cache)
     assert _written(analysis(_foreign_kernel, kwargs, {})) == {"Y"}
     assert len(analysis.cache) == size
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the tests above in a process without the "
+                    "interpreter; they already ran in this one")
+def test_in_a_process_without_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.abspath(__file__)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "3 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]

@@ -12,7 +12,7 @@ import aether_compile  # noqa: F401  (registers the ops)
 from aether_compile._compat import run_and_get_code
 from aether_compile.workloads import WORKLOADS
 
-from helpers import REL_TOL, dense_oracle, rel_err
+from helpers import REL_TOL, chunked_oracle, dense_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -99,6 +99,34 @@ def test_static_dense_choice(L, monkeypatch):
     assert not any(name in code for name in SPARSE_KERNELS)
     assert default_kernel in code, f"the default compile runs {default_kernel}"
     assert rel_err(out, dense_oracle(q, k, v, is_causal=True)) < _tol(q.dtype)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_compiled_graph_decides_dense_before_planning(is_causal, monkeypatch):
+    """In a compiled graph the opaque aether::dense_precheck plans a sample of the rows when the
+    graph runs: uniform data goes to a dense SDPA kernel and the traced plan's kernels return at
+    once; clustered data takes the sparse path. Both match the oracle."""
+    from aether_compile.kernels import triton_attention as tri
+
+    planned, dense_calls = [], []
+    real_plan, real_dense = tri.plan_attention, tri.dense_sdpa_with_lse
+    monkeypatch.setattr(tri, "plan_attention",
+                        lambda q, *a, **k: planned.append(q.shape[2]) or real_plan(q, *a, **k))
+    monkeypatch.setattr(tri, "dense_sdpa_with_lse",
+                        lambda *a, **k: dense_calls.append(1) or real_dense(*a, **k))
+    N = 16384
+    compiled = torch.compile(Attention(is_causal), backend="aether")
+    q, k, v = _qkv("uniform", N, H=8, D=128)
+    out, code = run_and_get_code(compiled, q, k, v)
+    assert "dense_precheck" in "\n".join(code)
+    assert dense_calls and planned and max(planned) < N, planned  # only the sample was planned
+    assert rel_err(out, chunked_oracle(q, k, v, None, is_causal)) < _tol(q.dtype)
+    if not is_causal:
+        dense_calls.clear()
+        q, k, v = _qkv("clustered", N, H=8, D=128)
+        out = compiled(q, k, v)
+        assert not dense_calls
+        assert rel_err(out, chunked_oracle(q, k, v)) < _tol(q.dtype)
 
 
 @pytest.mark.parametrize("workload", ["clustered", "uniform"])

@@ -291,3 +291,55 @@ def test_sampled_visit_fraction_tracks_the_full_plan():
     short = q[:, :, :96]
     assert sample(short, short, short, False, None, 1e-3, 16, 16) is None
     assert sample(short, short, short, True, None, 1e-3, 16, 16) is None
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("decision", [0, 1], ids=["sparse", "dense-before-planning"])
+def test_precheck_decision_skips_the_plan_or_leaves_it(is_causal, decision):
+    """Traced graphs decide dense before planning (``precheck``). Decision 1: the plan's kernels
+    and the pass return at once, the output is the precheck's and every live block is kept.
+    Decision 0: the same output and kept map as without a precheck."""
+    q, k, v = WORKLOADS["clustered"](1, 2, 256, 32, dtype=torch.float16, device=DEVICE, seed=3,
+                                     run=32, centers=4)
+    want_out, want_lse, want_kept = triton_attention(q, k, v, None, is_causal, None, False, 1e-3,
+                                                     BM, BN)
+    marker_out = torch.full_like(want_out, 7.0)  # what a dense kernel would have written
+    marker_lse = torch.full_like(want_lse, 3.0)
+
+    def precheck():
+        return (marker_out.clone(), marker_lse.clone(),
+                torch.full((1,), decision, device=DEVICE, dtype=torch.int32))
+
+    out, lse, kept = triton_attention(q, k, v, None, is_causal, None, False, 1e-3, BM, BN,
+                                      precheck=precheck)
+    if decision:
+        assert torch.equal(out, marker_out) and torch.equal(lse, marker_lse)
+        live = triton_attention_module.all_live_blocks(256, 256, BM, BN, is_causal, 1, 2, DEVICE)
+        assert torch.equal(kept, live)
+        assert want_kept.sum() < live.sum()  # the sparse answer kept fewer: the map is the dense one
+    else:
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        assert torch.equal(kept, want_kept)
+
+
+def test_skipped_plan_is_empty_and_valid():
+    """With skip set, the fused plan kernel writes an empty plan (identity order, no live
+    blocks) instead of leaving memory uninitialised: the torch ops after it index with it."""
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16, 16, torch.float16, seed=4)
+    skip = torch.ones(1, device=DEVICE, dtype=torch.int32)
+    plan = triton_attention_module.plan_attention(q, k, v, None, False, None, BM, BN, skip)
+    nkb = plan.order.shape[-1]
+    assert torch.equal(plan.order.long(), torch.arange(nkb, device=DEVICE).expand_as(plan.order))
+    assert torch.equal(plan.n_live, torch.zeros_like(plan.n_live))
+    assert torch.isneginf(plan.tail_log2).all()
+
+
+def test_all_live_blocks_copies_the_cached_causal_map():
+    """Eager calls reuse one causal block map per shape; each caller gets its own copy."""
+    a = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 2, 3, DEVICE)
+    b = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
+    want = triton_attention_module.causal_block_map(100, 7, 7, 16, 16, DEVICE)
+    assert torch.equal(a, want.expand(2, 3, 7, 7)) and torch.equal(b[0, 0], want)
+    b.fill_(False)
+    again = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
+    assert torch.equal(again[0, 0], want)
