@@ -730,6 +730,17 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
     return None
 
 
+def _dense_choice_buffers(query, value):
+    """(out, lse, flag int32[1] = 0) for a dense choice to fill, and whether it may read the
+    device now: on CUDA and not while a CUDA graph is being captured."""
+    B, H, L, _ = query.shape
+    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
+    lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
+    flag = torch.zeros(1, device=query.device, dtype=torch.int32)
+    can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    return out, lse, flag, can_read
+
+
 def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float,
                fraction: float, mask_not_causal=None):
     """The runtime sparse/dense choice: (out, lse, use_dense int32[1]).
@@ -740,11 +751,8 @@ def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float
     entries unlike a causal mask, read in the same sync) the dense kernel runs only where the mask
     is exactly causal, as is_causal. During CUDA-graph capture no read is possible: use_dense
     stays 0, so the sparse path runs and replays stay correct."""
-    B, H, L, _ = query.shape
-    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
-    lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
-    use_dense = torch.zeros(1, device=query.device, dtype=torch.int32)
-    if query.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    out, lse, use_dense, can_read = _dense_choice_buffers(query, value)
+    if not can_read:
         return out, lse, use_dense
     stats = [n_visit.sum(), n_live.sum()]
     if mask_not_causal is not None:
@@ -842,11 +850,8 @@ def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float,
     fastest dense SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the
     pass then return at once. One host read; none during CUDA-graph capture, where decision stays
     0 and the sparse path runs (sync-free). No mask; ``dense_eligible`` inputs."""
-    B, H, L, _ = query.shape
-    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
-    lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
-    decision = torch.zeros(1, device=query.device, dtype=torch.int32)
-    if query.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    out, lse, decision, can_read = _dense_choice_buffers(query, value)
+    if not can_read:
         return out, lse, decision
     f = sampled_visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
     if f is None:
