@@ -13,6 +13,7 @@ caller asks for them directly), otherwise the plain-torch reference, which has t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -136,14 +137,12 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
                                            scale_f, fraction, mask_not_causal)
 
-    def precheck():
-        return torch.ops.aether.dense_precheck(query, key, value, is_causal, scale_f, eps,
-                                               block_m, block_n, fraction)
-
     # Traced graphs: the same sample decides at run time, inside an opaque op, before the plan's
     # kernels (which then return at once); no gate after the plan.
-    if fraction is None or not _precheck_applies(query, key, value, attn_mask, is_causal):
-        precheck = None
+    precheck = None
+    if fraction is not None and _precheck_applies(query, key, value, attn_mask, is_causal):
+        precheck = functools.partial(torch.ops.aether.dense_precheck, query, key, value,
+                                     is_causal, scale_f, eps, block_m, block_n, fraction)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                  eps, block_m, block_n, dense_fraction=fraction, gate=gate,
                                  precheck=precheck)
