@@ -42,6 +42,13 @@ _MASK_FLOOR = tl.constexpr(MASK_FLOOR)
 _RADIUS_INFLATE = tl.constexpr(RADIUS_INFLATE)
 _UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
 
+_SCAN_BLOCKS = tl.constexpr(256)  # tail entries per step of VISIT_CERTIFY's search
+
+# How the attention kernel walks a tile's order (its VISIT constexpr).
+VISIT_STOP = 0  # check the certificate after every block, stop in-kernel (a while loop)
+VISIT_FIXED = 1  # exactly NVisit[tile] blocks (a pipelined loop; the count computed outside)
+VISIT_CERTIFY = 2  # a probe of PROBE_BLOCKS, the certified count from it, then the rest
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -304,14 +311,19 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    sm_scale_log2, stop_log2, L, S, D, DV, n_qt, n_kb, H, GROUP,
+    sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FIXED_COUNT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
-    """FIXED_COUNT: visit exactly NVisit[tile] blocks of the order (a plain loop that Triton can
-    pipeline; the count comes from the certificate, see ``run_attention``). Otherwise visit
-    best-first and stop in-kernel once the certificate holds, recording visited blocks in Kept.
+    """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
+    can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
+    visit best-first and stop in-kernel once the certificate holds, recording visited blocks in
+    Kept. VISIT_CERTIFY (2): visit the first PROBE blocks, derive the certified count from their
+    normalisers exactly as ``certified_visit_count`` does (stop_log2 is then log2(margin * eps),
+    or EXACT for eps == 0), store it in NVisit and visit the rest: the two-pass result without
+    recomputing the probe's blocks.
     Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Every launch
     passes Skip (zero where there is no dense choice), so the probe and the pass are one Triton
     variant: one compile fewer per model."""
@@ -342,9 +354,42 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     plan = pid * n_kb
-    if FIXED_COUNT:
+    if VISIT == 1:
         n_visit = tl.load(NVisit + pid)
         for p in range(0, n_visit):
+            j = tl.load(Order + plan + p).to(tl.int64)
+            m_i, l_i, acc = _visit_block(
+                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
+                S, D, DV,
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+    elif VISIT == 2:
+        n_live = tl.load(NLive + pid)
+        n_probe = tl.minimum(n_live, PROBE)
+        for p in range(0, n_probe):
+            j = tl.load(Order + plan + p).to(tl.int64)
+            m_i, l_i, acc = _visit_block(
+                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
+                S, D, DV,
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+        # The tile's smallest probe normaliser (log2), rounded through the stored natural lse
+        # as certified_visit_count sees it; rows seeing only floored keys, or NaN, certify nothing.
+        has = l_i > 0
+        z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                     -float("inf")) * 1.4426950408889634
+        z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
+        z_min = tl.min(tl.where(m_m, z, float("inf")), 0)
+        thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + z_min)
+        n_visit = n_kb
+        for c0 in range(0, n_kb, _SCAN_BLOCKS):
+            o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
+            tail = tl.load(TailLog2 + plan + o_c, mask=o_c < n_kb, other=float("inf"))
+            can_stop = (tail <= thr) & (o_c >= n_probe) & (o_c < n_kb)
+            n_visit = tl.minimum(n_visit, tl.min(tl.where(can_stop, o_c, n_kb), 0))
+        n_visit = tl.minimum(n_visit, n_live)
+        tl.store(NVisit + pid, n_visit)
+        for p in range(n_probe, n_visit):
             j = tl.load(Order + plan + p).to(tl.int64)
             m_i, l_i, acc = _visit_block(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
@@ -605,9 +650,11 @@ FORWARD_MODES = ("twopass", "stop")
 
 
 def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
-                      out=None, lse=None, skip=None):
+                      out=None, lse=None, skip=None, certify=False):
     """One attention pass; writes into ``out``/``lse`` when given (skipped entirely where
-    ``skip[0]`` is set), else into new buffers."""
+    ``skip[0]`` is set), else into new buffers. n_visit: the per-tile counts to visit
+    (VISIT_FIXED), None to stop in-kernel (VISIT_STOP), or with ``certify`` the int32 [B, H, nQT]
+    buffer that receives the certified counts (VISIT_CERTIFY)."""
     B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
     dev = query.device
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
@@ -622,18 +669,20 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
     if skip is None:
         skip = torch.zeros(1, device=dev, dtype=torch.int32)
     # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
+    # VISIT_CERTIFY reads eps == 0 from EXACT instead.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
+    visit = VISIT_CERTIFY if certify else VISIT_FIXED if n_visit is not None else VISIT_STOP
     traceable(_attention_kernel)[(B * H * nqt,)](
         query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
         plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
         skip,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
-        plan.scale * LOG2E, stop_log2, L, S, D, DV, nqt, nkb, H, plan.group,
+        plan.scale * LOG2E, stop_log2, int(eps <= 0.0), L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
         IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
-        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, FIXED_COUNT=n_visit is not None,
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 
@@ -869,7 +918,9 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
 
     mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
-    visit count follows from the certificate on device, then a pipelined fixed-count pass.
+    visit count follows from the certificate on device, then a pipelined fixed-count loop visits
+    the rest. Without a dense gate that is one launch (VISIT_CERTIFY); with one, the gate sits
+    between a probe launch and a fixed-count pass that recomputes the probe's blocks.
     mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
@@ -888,27 +939,30 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
         out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
         return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
-    n_visit = _probe_visit_count(query, key, value, plan, eps)
-    if pre is not None:
-        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, *pre, plan.skip)
+    mask_not_causal = plan.mask_not_causal
+    gated = pre is None and dense_fraction is not None and (
+        dense_eligible(query, key, value, plan.mask4, plan.is_causal)
+        or (mask_not_causal is not None and plan.L == plan.S
+            and _dense_kernel_fits(query, key, value, True)))
+    if not gated:  # probe, certified count and the rest in one launch
+        n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
+        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None,
+                                     *(pre or (None, None)), skip=plan.skip, certify=True)
+        kept = _kept_map(plan, n_visit)
+        if pre is None:
+            return out, lse, kept
         live = all_live_blocks(plan.L, plan.S, plan.block_m, plan.block_n, plan.is_causal,
                                plan.B, plan.H, query.device)
-        return out, lse, torch.where(plan.skip.bool(), live, _kept_map(plan, n_visit))
-    mask_not_causal = plan.mask_not_causal
-    if dense_fraction is not None and (
-            dense_eligible(query, key, value, plan.mask4, plan.is_causal)
-            or (mask_not_causal is not None and plan.L == plan.S
-                and _dense_kernel_fits(query, key, value, True))):
-        if gate is None:
-            def gate(nv, nl, nc):
-                return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
-                                  dense_fraction, nc)
-        out, lse, use_dense = gate(n_visit, _live_for_gate(plan), mask_not_causal)
-        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse,
-                                     use_dense)
-        n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
-    else:
-        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None)
+        return out, lse, torch.where(plan.skip.bool(), live, kept)
+    # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
+    n_visit = _probe_visit_count(query, key, value, plan, eps)
+    if gate is None:
+        def gate(nv, nl, nc):
+            return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
+                              dense_fraction, nc)
+    out, lse, use_dense = gate(n_visit, _live_for_gate(plan), mask_not_causal)
+    out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
+    n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
     return out, lse, _kept_map(plan, n_visit)
 
 

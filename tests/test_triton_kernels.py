@@ -343,3 +343,26 @@ def test_all_live_blocks_copies_the_cached_causal_map():
     b.fill_(False)
     again = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
     assert torch.equal(again[0, 0], want)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 0.1])
+@pytest.mark.parametrize("is_causal,with_mask", [(False, False), (True, False), (False, True)],
+                         ids=["full", "causal", "bool-mask"])
+def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_mask):
+    """VISIT_CERTIFY (probe, certified count and the rest in one launch, no recomputation) gives
+    bit for bit the counts, output and lse of the two-launch form (probe, certified_visit_count
+    in torch, fixed-count pass)."""
+    q, k, v = WORKLOADS["clustered"](1, 2, 333, 32, dtype=torch.float16, device=DEVICE, seed=1,
+                                     run=32, centers=4)
+    mask = (torch.rand(1, 1, 333, 333, generator=torch.Generator().manual_seed(2)) > 0.3
+            ).to(DEVICE) if with_mask else None
+    plan = triton_attention_module.plan_attention(q, k, v, mask, is_causal, None, BM, BN)
+    launch = triton_attention_module._launch_attention
+    n_visit = triton_attention_module._probe_visit_count(q, k, v, plan, eps)
+    out, lse = launch(q, k, v, plan, eps, n_visit, None)
+    certified = torch.zeros_like(n_visit)
+    out1, lse1 = launch(q, k, v, plan, eps, certified, None, certify=True)
+    assert torch.equal(certified, n_visit)
+    assert torch.equal(out1, out) and torch.equal(lse1, lse)
+    if eps > 0:
+        assert (n_visit < plan.n_live).any()  # the certificate stopped somewhere: not trivial
