@@ -124,14 +124,16 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()
     if fraction is not None and _eager_sample_applies(query, key, value, attn_mask, is_causal):
-        # Eager only (a host read): a sample of the rows decides "dense" before the full plan.
-        # Traced graphs keep the gate below, which reads once after the full plan.
+        # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
+        # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
         sampled = _tri.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
                                               block_m, block_n)
         if sampled is not None and sampled > fraction:
             dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
             if dense is not None:
                 return with_all_blocks_kept(dense)
+        if sampled is not None:
+            fraction = None
 
     def gate(n_visit, n_live, mask_not_causal):
         return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
