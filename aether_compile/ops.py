@@ -123,7 +123,9 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                      enable_gqa, 0.0, block_m, block_n)
     fraction = dense_fraction()
-    if fraction is not None and _eager_sample_applies(query, key, value, attn_mask, is_causal):
+    tracing = _tracing(query)
+    sample = fraction is not None and _row_sample_applies(query, key, value, attn_mask, is_causal)
+    if sample and not tracing and not torch.cuda.is_current_stream_capturing():
         # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
         # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
         sampled = _tri.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
@@ -142,7 +144,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     # Traced graphs: the same sample decides at run time, inside an opaque op, before the plan's
     # kernels (which then return at once); no gate after the plan.
     precheck = None
-    if fraction is not None and _precheck_applies(query, key, value, attn_mask, is_causal):
+    if sample and tracing:
         precheck = functools.partial(torch.ops.aether.dense_precheck, query, key, value,
                                      is_causal, scale_f, eps, block_m, block_n, fraction)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
@@ -150,21 +152,13 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                                  precheck=precheck)
 
 
-def _eager_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
-    """Whether the eager row sample may run: real CUDA tensors (not tracing, not capturing a
-    CUDA graph), no mask, a call a dense kernel computes exactly; AETHER_DENSE_SAMPLE=0 turns it
-    off."""
+def _row_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
+    """Whether a sample of the rows may decide "dense" before the full plan: no mask, a call a
+    dense kernel computes exactly. Eager calls sample at once (not while capturing a CUDA graph);
+    traced graphs through ``aether::dense_precheck``. AETHER_DENSE_SAMPLE=0 turns it off (then
+    the gate after the full plan decides, as for masked calls)."""
     return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
-            and not _tracing(query) and _tri.dense_eligible(query, key, value, None, is_causal)
-            and not torch.cuda.is_current_stream_capturing())
-
-
-def _precheck_applies(query, key, value, attn_mask, is_causal) -> bool:
-    """Whether a traced graph decides dense before planning (``aether::dense_precheck``): while
-    tracing, no mask, a call a dense kernel computes exactly; AETHER_DENSE_SAMPLE=0 turns it off
-    (then the gate after the full plan decides, as for masked calls)."""
-    return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
-            and _tracing(query) and _tri.dense_eligible(query, key, value, None, is_causal))
+            and _tri.dense_eligible(query, key, value, None, is_causal))
 
 
 def dense_fraction() -> float | None:

@@ -666,8 +666,8 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
     if out is None:
         out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
         lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    if skip is None:
-        skip = torch.zeros(1, device=dev, dtype=torch.int32)
+    if skip is None:  # the plan's flag: 1 only where the call went dense before planning
+        skip = plan.skip
     # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
     # VISIT_CERTIFY reads eps == 0 from EXACT instead.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
@@ -839,7 +839,7 @@ def _probe_visit_count(query, key, value, plan: VisitPlan, eps: float) -> torch.
     """Two-pass's first pass: an exact probe over each tile's best blocks, turned on device into
     the certified visit count per tile."""
     probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
-    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None, skip=plan.skip)
+    _, probe_lse = _launch_attention(query, key, value, plan, eps, probe, None)
     return certified_visit_count(plan, probe_lse, probe, eps)
 
 
@@ -947,7 +947,7 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     if not gated:  # probe, certified count and the rest in one launch
         n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None,
-                                     *(pre or (None, None)), skip=plan.skip, certify=True)
+                                     *(pre or (None, None)), certify=True)
         kept = _kept_map(plan, n_visit)
         if pre is None:
             return out, lse, kept
