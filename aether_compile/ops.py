@@ -14,8 +14,10 @@ caller asks for them directly), otherwise the plain-torch reference, which has t
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -146,10 +148,28 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     precheck = None
     if sample and tracing:
         precheck = functools.partial(torch.ops.aether.dense_precheck, query, key, value,
-                                     is_causal, scale_f, eps, block_m, block_n, fraction)
+                                     is_causal, scale_f, eps, block_m, block_n, fraction,
+                                     _traced_site_id(query))
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                  eps, block_m, block_n, dense_fraction=fraction, gate=gate,
                                  precheck=precheck)
+
+
+_SITE_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _traced_site_id(query: Tensor) -> int:
+    """A number for this attention site in the graph being traced: its order among the sites
+    traced under the same fake mode (one per compile). The same model compiles to the same
+    numbers in every process, so the FX graph cache still hits; the runtime dense choice keys on
+    it (kernels/dense_choice.py) so that layers of equal shape keep their own choices."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([query])
+    if mode is None:
+        return -1
+    counter = _SITE_COUNTERS.setdefault(mode, itertools.count())
+    return next(counter)
 
 
 def _row_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
@@ -217,16 +237,16 @@ def _(query, key, value, n_visit, n_live, is_causal, scale, fraction, mask_not_c
 
 @torch.library.custom_op("aether::dense_precheck", mutates_args=())
 def dense_precheck(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
-                   eps: float, block_m: int, block_n: int, fraction: float
+                   eps: float, block_m: int, block_n: int, fraction: float, site: int = -1
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Traced graphs' dense choice before planning (see kernels.triton_attention.dense_precheck):
     opaque, so its sample plan and host read run when the graph runs, not when it is traced."""
     return _tri.dense_precheck(query, key, value, is_causal, scale, eps, block_m, block_n,
-                               fraction)
+                               fraction, site)
 
 
 @dense_precheck.register_fake
-def _(query, key, value, is_causal, scale, eps, block_m, block_n, fraction):
+def _(query, key, value, is_causal, scale, eps, block_m, block_n, fraction, site=-1):
     B, H, L, _ = query.shape
     return (query.new_empty(B, H, L, value.shape[-1]),
             query.new_empty(B, H, L, dtype=torch.float32),

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dense_choice
 from .certificate import (
     BOUND_REL_SLACK,
     LOG2E,
@@ -856,57 +857,76 @@ SAMPLE_CAUSAL_ROW_FRACTION = 8
 SAMPLE_CAUSAL_MIN_BLOCKS = 32
 
 
-def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float,
-                           block_m: int, block_n: int) -> float | None:
-    """The certified visit fraction (visited / live blocks) of a sample of this call's query
-    rows, or None where the sample would not be much smaller than the call. The sampled rows are
-    exactly rows of this call: non-causal, whole tiles spread over the sequence, seeing every
-    key; causal (top-left, L == S), a prefix and the keys up to its end. No mask. One host read;
-    the choice it informs is about speed only."""
+def _row_sample(query, key, value, is_causal: bool, block_m: int, block_n: int):
+    """(q, k, v) of a sample of this call's query rows, or None where the sample would not be
+    much smaller than the call. The sampled rows are exactly rows of this call: non-causal,
+    whole tiles spread over the sequence, seeing every key; causal (top-left, L == S), a prefix
+    and the keys up to its end. No mask."""
     B, H, L, D = query.shape
     if is_causal:
         rows = triton.cdiv(max(L // SAMPLE_CAUSAL_ROW_FRACTION, SAMPLE_CAUSAL_MIN_BLOCKS * block_n),
                            block_m) * block_m
         if 2 * rows > L:
             return None
-        q, k, v = query[:, :, :rows], key[:, :, :rows], value[:, :, :rows]
-    else:  # every SAMPLE_ROW_FRACTION-th whole tile, spread over the sequence
-        tiles = L // block_m
-        step = max(1, tiles // max(SAMPLE_MIN_TILES, tiles // SAMPLE_ROW_FRACTION))
-        if 2 * triton.cdiv(tiles, step) > tiles:
+        return query[:, :, :rows], key[:, :, :rows], value[:, :, :rows]
+    tiles = L // block_m  # every SAMPLE_ROW_FRACTION-th whole tile, spread over the sequence
+    step = max(1, tiles // max(SAMPLE_MIN_TILES, tiles // SAMPLE_ROW_FRACTION))
+    if 2 * triton.cdiv(tiles, step) > tiles:
+        return None
+    q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
+    return q.reshape(B, H, -1, D), key, value
+
+
+def sample_visit_counts(query, key, value, is_causal: bool, scale, eps: float, block_m: int,
+                        block_n: int, whole_if_no_sample: bool = False) -> torch.Tensor | None:
+    """int64[2] on the device, (certified visits, live blocks) of a sample of the rows, from its
+    plan and probe; no host read. Where no smaller sample exists: the whole call's counts if
+    ``whole_if_no_sample``, else None."""
+    sample = _row_sample(query, key, value, is_causal, block_m, block_n)
+    if sample is None:
+        if not whole_if_no_sample:
             return None
-        q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
-        q, k, v = q.reshape(B, H, -1, D), key, value
-    return visit_fraction(q, k, v, is_causal, scale, eps, block_m, block_n)
+        sample = (query, key, value)
+    plan = plan_attention(*sample, None, is_causal, scale, block_m, block_n)
+    n_visit = _probe_visit_count(*sample, plan, eps)
+    return torch.stack([n_visit.sum(), plan.n_live.sum()]).long()
 
 
-def visit_fraction(query, key, value, is_causal: bool, scale, eps: float, block_m: int,
-                   block_n: int) -> float | None:
-    """The certified visit fraction (visited / live blocks) of a whole call without a mask, from
-    its plan and probe; None without live blocks. One host read."""
-    plan = plan_attention(query, key, value, None, is_causal, scale, block_m, block_n)
-    n_visit = _probe_visit_count(query, key, value, plan, eps)
-    visit, live = torch.stack([n_visit.sum(), plan.n_live.sum()]).tolist()
+def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float,
+                           block_m: int, block_n: int) -> float | None:
+    """The certified visit fraction (visited / live blocks) of a sample of this call's rows
+    (``sample_visit_counts``), or None where no smaller sample exists or nothing is live. One
+    host read; the choice it informs is about speed only."""
+    counts = sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n)
+    if counts is None:
+        return None
+    visit, live = counts.tolist()
     return visit / live if live else None
 
 
 def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float, block_m: int,
-                   block_n: int, fraction: float):
+                   block_n: int, fraction: float, site: int = -1):
     """The dense choice of traced graphs, made before planning: (out, lse, decision int32[1]).
 
-    Plans a sample of the rows (``sampled_visit_fraction``; the whole call where no smaller sample
-    exists) and, when its certified visit exceeds ``fraction`` of its live blocks, runs the
-    fastest dense SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the
-    pass then return at once. One host read; none during CUDA-graph capture, where decision stays
-    0 and the sparse path runs (sync-free). No mask; ``dense_eligible`` inputs."""
+    Plans a sample of the rows (``sample_visit_counts``; the whole call where no smaller sample
+    exists). When the certified visit exceeds ``fraction`` of the live blocks it runs the fastest
+    dense SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the pass
+    then return at once. The counts reach the host without a sync and decide this ``site``'s next
+    call (``dense_choice``); only a site's first call reads them at once. During CUDA-graph
+    capture nothing is sampled or read: the site's last choice is captured (sparse if none). No
+    mask; ``dense_eligible`` inputs."""
     out, lse, decision, can_read = _dense_choice_buffers(query, value)
-    if not can_read:
+    if query.device.type != "cuda":
         return out, lse, decision
-    f = sampled_visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
-    if f is None:
-        f = visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
-    if f is not None and f > fraction:
-        dense = dense_sdpa_with_lse(query, key, value, is_causal, scale)
+    counts = None
+    if can_read:
+        counts = sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n,
+                                     whole_if_no_sample=True)
+    site_key = (site, is_causal, eps, fraction, *dense_choice.shape_bucket(query, key))
+    if dense_choice.choose_dense(site_key, counts, fraction, lagged=dense_choice.lag_enabled()):
+        # While capturing, a failed cuDNN attempt could not be caught: ask SDPA's selector.
+        dense = dense_sdpa_with_lse(query, key, value, is_causal, scale,
+                                    try_cudnn=True if can_read else "if_sdpa_picks")
         if dense is not None:
             out, lse = dense
             decision.fill_(1)

@@ -1,0 +1,75 @@
+"""The lagged dense/sparse choice of compiled graphs (kernels/dense_choice.py) and the site
+numbers it keys on. The GPU side (the choice inside a compiled graph, and under CUDA-graph
+capture) is in test_inductor_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from aether_compile import ops
+from aether_compile.kernels import dense_choice
+
+DENSE, SPARSE = torch.tensor([90, 100]), torch.tensor([20, 100])  # (visits, live) at fraction 0.6
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    dense_choice.forget()
+    yield
+    dense_choice.forget()
+
+
+def test_first_call_decides_from_its_own_counts_then_lags_by_one():
+    site = ("s",)
+    assert dense_choice.choose_dense(site, DENSE, 0.6) is True  # read at once: no choice yet
+    assert dense_choice.choose_dense(site, SPARSE, 0.6) is True  # the previous call's counts
+    assert dense_choice.choose_dense(site, SPARSE, 0.6) is False
+    assert dense_choice.choose_dense(site, DENSE, 0.6) is False
+    assert dense_choice.choose_dense(site, DENSE, 0.6) is True
+
+
+def test_without_lag_each_call_uses_its_own_counts():
+    site = ("s",)
+    for counts, dense in ((DENSE, True), (SPARSE, False), (DENSE, True)):
+        assert dense_choice.choose_dense(site, counts, 0.6, lagged=False) is dense
+
+
+def test_sites_keep_their_own_choices():
+    assert dense_choice.choose_dense(("a",), DENSE, 0.6) is True
+    assert dense_choice.choose_dense(("b",), SPARSE, 0.6) is False
+    assert dense_choice.choose_dense(("a",), SPARSE, 0.6) is True
+    assert dense_choice.choose_dense(("b",), DENSE, 0.6) is False
+
+
+def test_unreadable_counts_keep_the_last_choice_else_sparse():
+    """CUDA-graph capture passes no counts: the site's choice so far is captured, else sparse."""
+    assert dense_choice.choose_dense(("new",), None, 0.6) is False
+    dense_choice.choose_dense(("seen",), DENSE, 0.6)
+    assert dense_choice.choose_dense(("seen",), None, 0.6) is True
+
+
+def test_nothing_live_is_not_dense():
+    assert dense_choice.choose_dense(("s",), torch.tensor([0, 0]), 0.6) is False
+
+
+def test_shape_buckets_group_lengths_by_power_of_two():
+    def bucket(L, S=None, H=4, dtype=torch.float16):
+        q = torch.empty(1, H, L, 64, dtype=dtype)
+        return dense_choice.shape_bucket(q, torch.empty(1, 2, S or L, 64, dtype=dtype))
+
+    assert bucket(1000) == bucket(1024) != bucket(1025)
+    assert bucket(1024, 4096) != bucket(1024)
+    assert bucket(1024, H=8) != bucket(1024)
+    assert bucket(1024, dtype=torch.bfloat16) != bucket(1024)
+
+
+def test_traced_site_ids_count_from_zero_in_each_compile():
+    """Sites are numbered in trace order per fake mode: the same model gets the same numbers in
+    every compile and process (the FX graph cache keys on them), and eager calls get -1."""
+    assert ops._traced_site_id(torch.empty(1)) == -1
+    for _ in range(2):
+        with FakeTensorMode() as mode:
+            q = mode.from_tensor(torch.empty(1, 1, 8, 8))
+            assert [ops._traced_site_id(q) for _ in range(3)] == [0, 1, 2]
