@@ -720,7 +720,7 @@ DENSE_FRACTION = 0.6
 def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
     """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, causal
     only for L == S (where every backend's alignment agrees), flash-compatible head dims. GQA is
-    served by expanding k and v (a copy of the keys, small next to the attention itself).
+    served natively where the kernel checks out, else by expanding k and v (``dense_sdpa_with_lse``).
     Static metadata only, so it is safe to ask while tracing."""
     return attn_mask is None and _dense_kernel_fits(query, key, value, is_causal)
 
@@ -751,33 +751,74 @@ def _sdpa_picks_cudnn(query, key, value, is_causal: bool, scale: float) -> bool:
     return False
 
 
+def _flash_sdpa(query, key, value, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, 0.0, is_causal, False, scale=scale)
+
+
+def _cudnn_sdpa(query, key, value, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, True, 0.0, is_causal, False, scale=scale)
+
+
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
     """Dense attention and its natural-log log-sum-exp from the fastest SDPA kernel available
     (cuDNN, then flash), for inputs where ``dense_eligible`` holds; None if neither runs.
 
     try_cudnn: True tries cuDNN and falls back on a RuntimeError (eager, where the error can be
     caught); "if_sdpa_picks" (traced graphs, where it cannot) uses cuDNN only where SDPA's own
-    dispatcher would, else flash."""
+    dispatcher would, else flash. GQA (fewer kv heads): the kernel reads k and v as they are where
+    ``_native_gqa`` has checked that it can, else they are expanded first (a copy)."""
     B, H, L, _ = query.shape
-    if key.shape[1] != H:  # GQA: query head h reads kv head h // group, as SDPA's enable_gqa
-        group = H // key.shape[1]
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    if try_cudnn == "if_sdpa_picks":
-        try_cudnn = _sdpa_picks_cudnn(query, key, value, is_causal, scale)
-    attempts = [
-        lambda: torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, 0.0, is_causal, False, scale=scale),
-    ]
-    if try_cudnn:
-        attempts.insert(0, lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
-            query, key, value, None, True, 0.0, is_causal, False, scale=scale))
-    for attempt in attempts:
+    group = H // key.shape[1]
+    expanded = None
+    if try_cudnn == "if_sdpa_picks":  # asked as the default compile asks: with k, v expanded
+        if group > 1:
+            expanded = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        try_cudnn = _sdpa_picks_cudnn(query, *(expanded or (key, value)), is_causal, scale)
+    for run in ((_cudnn_sdpa, _flash_sdpa) if try_cudnn else (_flash_sdpa,)):
+        kv = (key, value)
+        if group > 1 and not _native_gqa(run, query, group):
+            if expanded is None:  # query head h reads kv head h // group, as SDPA's enable_gqa
+                expanded = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+            kv = expanded
         try:
-            res = attempt()
+            res = run(query, *kv, is_causal, scale)
         except RuntimeError:  # backend unavailable for these inputs / this build
             continue
         return res[0].contiguous(), res[1].reshape(B, H, L).float().contiguous()
     return None
+
+
+_NATIVE_GQA: dict = {}
+
+
+def _native_gqa(run, query, group: int) -> bool:
+    """Whether SDPA kernel ``run`` computes GQA from unexpanded k and v here. Checked once per
+    kernel, device, dtype, head dim and group on a small problem against the expanded call, since
+    a backend without a head-count check could read the wrong heads silently. Never while
+    tracing or capturing a CUDA graph (then: expand)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    D = query.shape[-1]
+    key = (run.__name__, query.device, query.dtype, D, group)
+    if key not in _NATIVE_GQA:
+        if is_fake(query) or torch.cuda.is_current_stream_capturing():
+            return False
+        gen = torch.Generator(device=query.device).manual_seed(0)
+        q = torch.randn(1, 2 * group, 256, D, generator=gen, device=query.device).to(query.dtype)
+        k, v = (torch.randn(1, 2, 256, D, generator=gen, device=query.device).to(query.dtype)
+                for _ in range(2))
+        try:
+            native = run(q, k, v, False, D ** -0.5)
+            expanded = run(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False,
+                           D ** -0.5)
+            ok = all(torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+                     for a, b in zip(native[:2], expanded[:2]))
+        except RuntimeError:
+            ok = False
+        _NATIVE_GQA[key] = ok
+    return _NATIVE_GQA[key]
 
 
 def _dense_choice_buffers(query, value):

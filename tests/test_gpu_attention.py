@@ -109,7 +109,7 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
                          ids=["mha-full", "gqa-causal", "gqa-hf-causal-mask"])
 def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypatch):
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
-    SDPA kernel (GQA through expanded k and v); stats say every live block was computed, the
+    SDPA kernel (GQA from k and v as they are, or expanded); stats say every live block was computed, the
     result matches the sparse kernel run densely, and gradients still flow."""
     from aether_compile.kernels import triton_attention as tri
 
@@ -135,6 +135,28 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypat
     assert torch.allclose(stats.lse, ref_lse, atol=2e-2)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("try_cudnn", [True, False], ids=["cudnn", "flash"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_dense_gqa_reads_kv_heads_natively_or_expands(try_cudnn, is_causal):
+    """The dense kernels serve GQA from the unexpanded k and v where a one-time check on a small
+    problem found that they can (no copy), else from expanded ones; either way query head h must
+    read kv head h // group (a kernel reading the wrong heads would pass any shape check)."""
+    from aether_compile.kernels import triton_attention as tri
+
+    q, _, _ = WORKLOADS["uniform"](1, 8, 4096, 128, dtype=torch.float16, device="cuda")
+    _, k, v = WORKLOADS["uniform"](1, 2, 4096, 128, dtype=torch.float16, device="cuda", seed=1)
+    v = v + torch.arange(2, device="cuda", dtype=v.dtype)[None, :, None, None]  # heads differ
+    out, lse = tri.dense_sdpa_with_lse(q, k, v, is_causal, 128 ** -0.5, try_cudnn=try_cudnn)
+    ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    assert rel_err(out, F.scaled_dot_product_attention(q.double(), ke.double(), ve.double(),
+                                                       is_causal=is_causal)) < 2 * REL_TOL[q.dtype]
+    logits = (q.double() @ ke.double().transpose(-1, -2)) * 128 ** -0.5
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(4096, 4096, device="cuda").triu(1).bool(), -torch.inf)
+    assert torch.allclose(lse.double(), logits.logsumexp(-1), atol=1e-2)
+    print("native GQA:", {k[0]: ok for k, ok in tri._NATIVE_GQA.items()})
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
