@@ -109,8 +109,8 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
                          ids=["mha-full", "gqa-causal", "gqa-hf-causal-mask"])
 def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypatch):
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
-    SDPA kernel (GQA from k and v as they are, or expanded); stats say every live block was computed, the
-    result matches the sparse kernel run densely, and gradients still flow."""
+    SDPA kernel (GQA from k and v as they are, or expanded); stats say every live block was
+    computed, the result matches the sparse kernel run densely, and gradients still flow."""
     from aether_compile.kernels import triton_attention as tri
 
     dense_calls = []
@@ -154,7 +154,8 @@ def test_dense_gqa_reads_kv_heads_natively_or_expands(try_cudnn, is_causal):
                                                        is_causal=is_causal)) < 2 * REL_TOL[q.dtype]
     logits = (q.double() @ ke.double().transpose(-1, -2)) * 128 ** -0.5
     if is_causal:
-        logits = logits.masked_fill(torch.ones(4096, 4096, device="cuda").triu(1).bool(), -torch.inf)
+        above = torch.ones(4096, 4096, device="cuda", dtype=torch.bool).triu(1)
+        logits = logits.masked_fill(above, -torch.inf)
     assert torch.allclose(lse.double(), logits.logsumexp(-1), atol=1e-2)
     print("native GQA:", {k[0]: ok for k, ok in tri._NATIVE_GQA.items()})
 
