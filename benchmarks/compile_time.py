@@ -315,10 +315,14 @@ def write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s") -> list:
+def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s",
+                ours: bool = False) -> list:
+    """The top ``n`` functions by ``key``; ``ours``: only functions of this repository."""
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
     for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
+        if ours and not file.startswith(ROOT):
+            continue
         where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
         rows.append({"function": f"{where}:{line}({fn})", "calls": nc,
                      "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
@@ -409,7 +413,8 @@ def main(argv=None) -> int:
                         if prof is not None:
                             record.setdefault("profile_compile", {})[backend] = {
                                 "model": name, "by_cumtime": profile_top(prof, 40),
-                                "by_tottime": profile_top(prof, 40, "tottime_s")}
+                                "by_tottime": profile_top(prof, 40, "tottime_s"),
+                                "ours_by_cumtime": profile_top(prof, 40, ours=True)}
                         outs[backend] = out_of(res.pop("out"))
                         runs[backend].append(res)
                         print(f"  {name:<10} {backend:<8} compile {res['compile_s']:6.2f}s "

