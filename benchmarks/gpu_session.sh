@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 #   bash benchmarks/gpu_session.sh compile   # inductor GPU tests; compile-time ratios cold, warm, memo off
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
+#   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
 #   bash benchmarks/gpu_session.sh dense     # the runtime dense choice, e2e Llama, a warm compile profiled
 # Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
@@ -101,6 +102,14 @@ case "${1:-tests}" in
     for f in inductor_gpu dense_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
     echo "== e2e_llama"; grep -E "interleaved|e2e_dense_ratio\"|error" "$OUT/e2e_llama.txt"
     echo "== compile_time_warm_profile"; grep -E "ratio|summary" "$OUT/compile_time_warm_profile.txt"
+    ;;
+  host)  # host time to issue the runtime dense choice; e2e Llama without a mask, lag on and off
+    timeout 120 python3 benchmarks/profile_host.py --out "$OUT" > "$OUT/profile_host.txt" 2>&1
+    timeout 100 python3 benchmarks/e2e_llama.py --attn sdpa_nomask --no-profile --out "$OUT/lag" \
+      > "$OUT/e2e_lag.txt" 2>&1
+    AETHER_DENSE_LAG=0 timeout 100 python3 benchmarks/e2e_llama.py --attn sdpa_nomask --no-profile \
+      --out "$OUT/nolag" > "$OUT/e2e_nolag.txt" 2>&1
+    cat "$OUT/profile_host.txt"; grep -h interleaved "$OUT/e2e_lag.txt" "$OUT/e2e_nolag.txt"
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
