@@ -1,12 +1,13 @@
-"""The dense/sparse choice of compiled graphs, decided from the previous call's sample.
+"""The dense/sparse choice of compiled graphs, decided from an earlier call's sample.
 
-A compiled model calls each attention site once per layer and step. Reading a sample's visit
-count on the host in every call drains the GPU queue once per layer: on an H100, Llama with 8
-layers at 16K tokens spent 9 of its 29 ms idle that way (benchmarks/results e2e_llama, 6fbac45).
-So a site's choice lags by one call: each call starts an asynchronous copy of its sample's counts
-and uses the newest counts that have already arrived. Only the first call of a site and shape
-bucket reads at once. Either choice is correct (dense is exact, sparse is certified), so a stale
-choice costs speed only; AETHER_DENSE_LAG=0 reads every call's own sample instead.
+A compiled model calls each attention site once per layer and step. Two costs made a sample per
+call too dear (H100, benchmarks/results/profile_host_*.json at 353ac3a): reading its counts on the
+host drains the GPU queue once per layer, and issuing its plan and probe from Python takes about
+1.7 ms of host time, longer than the dense kernel itself at 16K tokens. So a site samples on its
+first call and then every RESAMPLE_EVERY-th call; the counts travel to the host without a wait and
+decide the calls after they arrive. Only a site's first call reads at once. Either choice is
+correct (dense is exact, sparse is certified), so a stale choice costs speed only.
+AETHER_DENSE_LAG=0 samples and reads every call instead; AETHER_DENSE_RESAMPLE sets the period.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ MAX_SITES = 4096  # distinct (site, shape bucket) keys kept; a few recur in prac
 @dataclass
 class _Site:
     dense: bool | None = None  # the choice in force; None until the first counts arrive
+    calls: int = 0  # calls since the first
     pending: list = field(default_factory=list)  # [(ready() -> bool, host counts)], oldest first
 
 
@@ -30,6 +32,10 @@ _SITES: dict = {}
 
 def lag_enabled() -> bool:
     return os.environ.get("AETHER_DENSE_LAG", "1") != "0"
+
+
+def resample_every() -> int:
+    return max(1, int(os.environ.get("AETHER_DENSE_RESAMPLE", "16")))
 
 
 def shape_bucket(query, key) -> tuple:
@@ -41,15 +47,16 @@ def shape_bucket(query, key) -> tuple:
             1 << max(S - 1, 0).bit_length(), query.dtype, query.device)
 
 
-def choose_dense(site_key, counts: torch.Tensor | None, fraction: float,
-                 lagged: bool = True) -> bool:
-    """Whether this call runs dense. counts: int64[2] (certified visits, live blocks) of this
-    call's sample on its device, or None where it cannot be read (CUDA-graph capture: the last
-    choice in force, else sparse). Not lagged, or the first call of ``site_key``: reads counts now.
-    Otherwise copies them to the host without waiting and decides from the newest counts that
-    have arrived."""
+def choose_dense(site_key, sample, fraction: float, lagged: bool = True) -> bool:
+    """Whether this call runs dense. sample: ``() -> int64[2]`` (certified visits, live blocks)
+    of a sample of this call's rows on its device, issued without a host read; None where the
+    device cannot be read (CUDA-graph capture: the choice in force is kept, else sparse).
+
+    Not lagged, or the first call of ``site_key``: samples and reads at once. Otherwise samples
+    every ``resample_every()``-th call, copies the counts to the host without waiting, and uses
+    the newest counts that have arrived."""
     site = _SITES.get(site_key)
-    if counts is None:
+    if sample is None:
         return bool(site is not None and site.dense)
     if site is None:
         if len(_SITES) >= MAX_SITES:
@@ -57,13 +64,15 @@ def choose_dense(site_key, counts: torch.Tensor | None, fraction: float,
         site = _SITES[site_key] = _Site()
     if not lagged or site.dense is None:
         site.pending.clear()
-        site.dense = _exceeds(counts.tolist(), fraction)
+        site.dense = _exceeds(sample().tolist(), fraction)
         return site.dense
     while site.pending and site.pending[0][0]():
         _, host = site.pending.pop(0)
         site.dense = _exceeds(host.tolist(), fraction)
-    site.pending.append(_copy_to_host(counts))
-    del site.pending[:-4]  # never more than a few in flight; older ones are superseded anyway
+    site.calls += 1
+    if site.calls % resample_every() == 0:
+        site.pending.append(_copy_to_host(sample()))
+        del site.pending[:-4]  # never more than a few in flight; older ones are superseded anyway
     return site.dense
 
 

@@ -18,6 +18,7 @@ The same semantics in plain torch live in ``reference.py``; tests compare the tw
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -949,22 +950,21 @@ def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float,
                    block_n: int, fraction: float, site: int = -1):
     """The dense choice of traced graphs, made before planning: (out, lse, decision int32[1]).
 
-    Plans a sample of the rows (``sample_visit_counts``; the whole call where no smaller sample
-    exists). When the certified visit exceeds ``fraction`` of the live blocks it runs the fastest
-    dense SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the pass
-    then return at once. The counts reach the host without a sync and decide this ``site``'s next
-    call (``dense_choice``); only a site's first call reads them at once. During CUDA-graph
-    capture nothing is sampled or read: the site's last choice is captured (sparse if none). No
-    mask; ``dense_eligible`` inputs."""
+    Where the certified visit of a sample of the rows (``sample_visit_counts``; the whole call
+    where no smaller sample exists) exceeds ``fraction`` of its live blocks, runs the fastest dense
+    SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the pass then
+    return at once. The sample is of an earlier call of this ``site`` (``dense_choice``: its first
+    call, then every 16th, read without a sync). During CUDA-graph capture nothing is sampled or
+    read: the site's choice so far is captured (sparse if none). No mask; ``dense_eligible``
+    inputs."""
     out, lse, decision, can_read = _dense_choice_buffers(query, value)
     if query.device.type != "cuda":
         return out, lse, decision
-    counts = None
-    if can_read:
-        counts = sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n,
-                                     whole_if_no_sample=True)
+    sample = functools.partial(sample_visit_counts, query, key, value, is_causal, scale, eps,
+                               block_m, block_n, whole_if_no_sample=True)
     site_key = (site, is_causal, eps, fraction, *dense_choice.shape_bucket(query, key))
-    if dense_choice.choose_dense(site_key, counts, fraction, lagged=dense_choice.lag_enabled()):
+    if dense_choice.choose_dense(site_key, sample if can_read else None, fraction,
+                                 lagged=dense_choice.lag_enabled()):
         # While capturing, a failed cuDNN attempt could not be caught: ask SDPA's selector.
         dense = dense_sdpa_with_lse(query, key, value, is_causal, scale,
                                     try_cudnn=True if can_read else "if_sdpa_picks")

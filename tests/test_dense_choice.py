@@ -11,11 +11,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from aether_compile import ops
 from aether_compile.kernels import dense_choice
 
-DENSE, SPARSE = torch.tensor([90, 100]), torch.tensor([20, 100])  # (visits, live) at fraction 0.6
+# Samples' (visits, live blocks): dense and sparse at fraction 0.6
+DENSE, SPARSE = (lambda: torch.tensor([90, 100])), (lambda: torch.tensor([20, 100]))
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
+    monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "1")  # every call samples (one test sets 4)
     dense_choice.forget()
     yield
     dense_choice.forget()
@@ -51,7 +53,25 @@ def test_unreadable_counts_keep_the_last_choice_else_sparse():
 
 
 def test_nothing_live_is_not_dense():
-    assert dense_choice.choose_dense(("s",), torch.tensor([0, 0]), 0.6) is False
+    assert dense_choice.choose_dense(("s",), lambda: torch.tensor([0, 0]), 0.6) is False
+
+
+def test_a_site_resamples_every_nth_call(monkeypatch):
+    monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "4")
+    sampled = []
+
+    def sample():
+        sampled.append(1)
+        return torch.tensor([20, 100])
+
+    choices = [dense_choice.choose_dense(("s",), sample, 0.6) for _ in range(9)]
+    assert len(sampled) == 3  # the first call, then calls 4 and 8 after it
+    assert choices == [False] * 9
+    dense_choice.forget()
+    sampled.clear()
+    choices = [dense_choice.choose_dense(("s",), DENSE if i == 0 else sample, 0.6)
+               for i in range(6)]
+    assert choices == [True] * 5 + [False]  # the sample of call 5 decides call 6
 
 
 def test_shape_buckets_group_lengths_by_power_of_two():

@@ -107,12 +107,14 @@ def test_static_dense_choice(L, monkeypatch):
 def test_compiled_graph_decides_dense_before_planning(is_causal, monkeypatch):
     """In a compiled graph the opaque aether::dense_precheck plans a sample of the rows when the
     graph runs: uniform data goes to a dense SDPA kernel and the traced plan's kernels return at
-    once; clustered data takes the sparse path. Both match the oracle. The choice lags by one
-    call (kernels/dense_choice.py): the first clustered call still runs dense, the next sparse."""
+    once; clustered data takes the sparse path. Both match the oracle. The choice comes from an
+    earlier call's sample (kernels/dense_choice.py; here every call samples): the first clustered
+    call still runs dense, the next sparse."""
     from torch._subclasses.fake_tensor import is_fake
 
     from aether_compile.kernels import triton_attention as tri
 
+    monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "1")
     planned, dense_calls = [], []
     real_plan, real_dense = tri.plan_attention, tri.dense_sdpa_with_lse
 
