@@ -55,12 +55,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def traceable(kernel):
-    """The kernel as torch.compile can trace it: ``wrap_triton`` makes each launch a node that
-    Inductor lowers to this very kernel (its source lands in the generated code); launching
-    eagerly it is the plain kernel. The interpreter's kernels cannot be traced, only launched."""
-    if INTERPRET:
+    """The kernel as torch.compile can trace it: while tracing, ``wrap_triton`` makes each launch
+    a node that Inductor lowers to this very kernel (its source lands in the generated code).
+    Otherwise the plain kernel: an eager launch through wrap_triton's higher-order op costs about
+    0.2 ms of host time on an H100 (Torch skips it only inside a triton_op's own eager call, not
+    in the runtime dense choice's custom op; benchmarks/profile_host.py). The interpreter's
+    kernels cannot be traced, only launched."""
+    if INTERPRET or not _tracing_now():
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+def _tracing_now() -> bool:
+    """Dynamo is tracing, or a dispatch mode (fake, functional, proxy: AOTAutograd, make_fx) is
+    active; eager calls on real tensors have neither."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
