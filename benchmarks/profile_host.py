@@ -69,8 +69,10 @@ def run_case(name, workload, N, H, Hkv, D, dtype, causal) -> dict:
         "sample_visit_counts": lambda: tri.sample_visit_counts(q, k, v, causal, scale, eps, bm,
                                                                bn, True),
         "plan_attention (sample)": lambda: tri.plan_attention(*sample, None, causal, scale, bm, bn),
+        "certified_counts (sample)": lambda: tri.certified_counts(*sample, plan, eps),
         "_probe_visit_count (sample)": lambda: tri._probe_visit_count(*sample, plan, eps),
-        "choose_dense (copy to host)": lambda: dense_choice.choose_dense(("p",), counts, 0.6),
+        "choose_dense (no sample due)": lambda: dense_choice.choose_dense(("p",), lambda: counts,
+                                                                          0.6),
         "dense_sdpa_with_lse": lambda: tri.dense_sdpa_with_lse(q, k, v, causal, scale),
         "aether_compile.attention (eager)": lambda: aether_compile.attention(
             q, k, v, is_causal=causal, enable_gqa=Hkv != H),

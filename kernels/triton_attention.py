@@ -337,10 +337,12 @@ def _attention_kernel(
     normalisers exactly as ``certified_visit_count`` does (stop_log2 is then log2(margin * eps),
     or EXACT for eps == 0), store it in NVisit and visit the rest: the two-pass result without
     recomputing the probe's blocks.
-    Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Every launch
-    passes Skip (zero where there is no dense choice), so the probe and the pass are one Triton
-    variant: one compile fewer per model."""
-    if tl.load(Skip) == 1:
+    Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Skip[0] == 2
+    (VISIT_CERTIFY): count only, returning once NVisit is stored (the row sample of the runtime
+    dense choice). Every launch passes Skip (zero where there is no dense choice), so the probe and
+    the pass are one Triton variant: one compile fewer per model."""
+    skip = tl.load(Skip)
+    if skip == 1:
         return
     sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
     stop_log2 = tl.cast(stop_log2, tl.float32)
@@ -402,6 +404,8 @@ def _attention_kernel(
             n_visit = tl.minimum(n_visit, tl.min(tl.where(can_stop, o_c, n_kb), 0))
         n_visit = tl.minimum(n_visit, n_live)
         tl.store(NVisit + pid, n_visit)
+        if skip == 2:
+            return
         for p in range(n_probe, n_visit):
             j = tl.load(Order + plan + p).to(tl.int64)
             m_i, l_i, acc = _visit_block(
@@ -941,8 +945,19 @@ def sample_visit_counts(query, key, value, is_causal: bool, scale, eps: float, b
             return None
         sample = (query, key, value)
     plan = plan_attention(*sample, None, is_causal, scale, block_m, block_n)
-    n_visit = _probe_visit_count(*sample, plan, eps)
-    return torch.stack([n_visit.sum(), plan.n_live.sum()]).long()
+    return torch.stack([certified_counts(*sample, plan, eps).sum(), plan.n_live.sum()]).long()
+
+
+def certified_counts(query, key, value, plan: VisitPlan, eps: float) -> torch.Tensor:
+    """int32 [B, H, nQT]: each tile's certified visit count, as ``_probe_visit_count`` computes it,
+    from one count-only launch of the attention kernel (VISIT_CERTIFY, Skip 2): the probe and the
+    count on device, nothing after. A handful of host calls where the probe and
+    ``certified_visit_count`` take about thirty; the row sample is issued from Python every call."""
+    n_visit = torch.empty(plan.B, plan.H, plan.order.shape[-2], device=query.device,
+                          dtype=torch.int32)
+    count_only = torch.full((1,), 2, device=query.device, dtype=torch.int32)
+    _launch_attention(query, key, value, plan, eps, n_visit, None, skip=count_only, certify=True)
+    return n_visit
 
 
 def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float,

@@ -366,3 +366,5 @@ def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_ma
     assert torch.equal(out1, out) and torch.equal(lse1, lse)
     if eps > 0:
         assert (n_visit < plan.n_live).any()  # the certificate stopped somewhere: not trivial
+    # Count only (Skip 2): the same counts from one launch that stops after storing them
+    assert torch.equal(triton_attention_module.certified_counts(q, k, v, plan, eps), n_visit)
