@@ -213,7 +213,9 @@ def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
 # value), so for our own kernels it is computed once per such key.
 ACCESS_ANALYSIS_FNS = ("identify_accessed_tensors", "identify_mutated_tensors")
 _memoised_kernels: set = set()
-access_analysis_stats = {"hits": 0, "misses": 0}
+access_analysis_stats = {"hits": 0, "misses": 0, "not_memoised": 0}
+# Argument types that kept a call out of the memo, and how often: what to name next
+not_memoised_types: dict = {}
 
 
 def _access_key(kernel, kwargs: dict, tma_descriptor_metadata) -> Optional[tuple]:
@@ -226,9 +228,9 @@ def _access_key(kernel, kwargs: dict, tma_descriptor_metadata) -> Optional[tuple
     if id(fn) not in _memoised_kernels or tma_descriptor_metadata:
         return None
     try:
-        from torch._inductor.ir import TensorBox
+        from torch._inductor.ir import IRNode, TensorBox
     except ImportError:  # pragma: no cover
-        TensorBox = ()
+        IRNode = TensorBox = ()
     parts = []
     for name in sorted(kwargs):
         a = kwargs[name]
@@ -238,9 +240,15 @@ def _access_key(kernel, kwargs: dict, tma_descriptor_metadata) -> Optional[tuple
             parts.append((name, "tensor", a.dtype))
         elif TensorBox and isinstance(a, TensorBox):
             parts.append((name, "tensor", a.get_dtype()))
+        elif IRNode and isinstance(a, IRNode):
+            # Other IR nodes reach TTIR generation as they are: keyed by their type, so the
+            # first of each kind runs the real analysis and later ones get its answer
+            parts.append((name, type(a).__qualname__, a.get_dtype()))
         elif a is None or type(a) in (bool, int, float, str):
             parts.append((name, type(a).__name__, a))
-        else:  # real tensors (alignment matters), other IR nodes, constexpr wrappers
+        else:  # real tensors (alignment matters), constexpr wrappers, anything unforeseen
+            kind = type(a).__qualname__
+            not_memoised_types[kind] = not_memoised_types.get(kind, 0) + 1
             return None
     return (id(fn), tuple(parts))
 
@@ -267,6 +275,8 @@ def _memoised(original: Callable) -> Callable:
         except Exception:  # noqa: BLE001  (never in the way of Inductor: analyse as usual)
             key = None
         if key is None or args or kw:
+            if id(getattr(kernel, "fn", kernel)) in _memoised_kernels:
+                access_analysis_stats["not_memoised"] += 1
             return original(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
         if key not in cache:
             access_analysis_stats["misses"] += 1

@@ -271,7 +271,8 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "pass_s": timer.seconds - before, "out": out,
             "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"],
             "access_analysis": {k: v - memo_before[k]  # Triton TTIR analyses run / memoised
-                                for k, v in _compat.access_analysis_stats.items()}}
+                                for k, v in _compat.access_analysis_stats.items()},
+            "not_memoised_types": dict(_compat.not_memoised_types)}  # cumulative, per process
 
 
 @contextlib.contextmanager
