@@ -331,6 +331,26 @@ def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s",
     return rows[:n]
 
 
+# Functions whose callers a compile profile lists: where Triton code generation and Torch's
+# repro string come from
+TRACED_CALLEES = ("generate_ttir", "make_ir", "identify_accessed_tensors",
+                  "identify_mutated_tensors", "save_graph_repro")
+
+
+def profile_callers(profiler: cProfile.Profile) -> dict:
+    """For each function named in TRACED_CALLEES: its callers, with calls and cumulative time."""
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    found = {}
+    for (file, line, fn), (cc, nc, tt, ct, callers) in stats.stats.items():
+        if fn not in TRACED_CALLEES:
+            continue
+        found[f"{os.path.basename(file)}:{line}({fn})"] = {
+            "calls": nc, "cumtime_s": round(ct, 4),
+            "callers": sorted(([f"{os.path.basename(cf)}:{cl}({cn})", c[1], round(c[3], 4)]
+                               for (cf, cl, cn), c in callers.items()), key=lambda r: -r[2])}
+    return found
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -415,7 +435,8 @@ def main(argv=None) -> int:
                             record.setdefault("profile_compile", {})[backend] = {
                                 "model": name, "by_cumtime": profile_top(prof, 40),
                                 "by_tottime": profile_top(prof, 40, "tottime_s"),
-                                "ours_by_cumtime": profile_top(prof, 40, ours=True)}
+                                "ours_by_cumtime": profile_top(prof, 40, ours=True),
+                                "callers": profile_callers(prof)}
                         outs[backend] = out_of(res.pop("out"))
                         runs[backend].append(res)
                         print(f"  {name:<10} {backend:<8} compile {res['compile_s']:6.2f}s "
