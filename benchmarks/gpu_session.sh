@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh compile   # inductor GPU tests; compile-time ratios cold, warm, memo off
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
+#   bash benchmarks/gpu_session.sh check     # short: inductor + kernel tests, warm compile profile, e2e
 #   bash benchmarks/gpu_session.sh dense     # the runtime dense choice, e2e Llama, a warm compile profiled
 # Needs AETHER_COMMIT=<hash> (the device copy has no current .git) and the expecttest wheel in .whl/.
 # The MiniLM GPU test needs .minilm/ (python benchmarks/pack_minilm.py; carry it): the package's
@@ -110,6 +111,17 @@ case "${1:-tests}" in
     AETHER_DENSE_LAG=0 timeout 100 python3 benchmarks/e2e_llama.py --attn sdpa_nomask --no-profile \
       --out "$OUT/nolag" > "$OUT/e2e_nolag.txt" 2>&1
     cat "$OUT/profile_host.txt"; grep -h interleaved "$OUT/e2e_lag.txt" "$OUT/e2e_nolag.txt"
+    ;;
+  check)  # a short budget: inductor and kernel GPU tests, a warm compile profiled, e2e without mask
+    $T 130 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    $T 120 $PYTEST tests/test_gpu_attention.py > "$OUT/kernels_gpu.txt" 2>&1
+    timeout 75 python3 benchmarks/compile_time.py --warm --models gpt2 --profile-compile gpt2 \
+      --tag _warm_profile --out "$OUT" > "$OUT/compile_time_warm_profile.txt" 2>&1
+    timeout 70 python3 benchmarks/e2e_llama.py --attn sdpa_nomask --no-profile --out "$OUT" \
+      > "$OUT/e2e_llama.txt" 2>&1
+    for f in inductor_gpu kernels_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
+    echo "== compile"; grep -E "ratio|summary" "$OUT/compile_time_warm_profile.txt"
+    echo "== e2e"; grep -E "interleaved" "$OUT/e2e_llama.txt"
     ;;
   reliability)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
