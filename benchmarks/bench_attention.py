@@ -264,8 +264,8 @@ def summarize_issue6(rows) -> dict:
         "overhead_frac_32k": w2_32[0]["plan_frac_of_dense"] if w2_32 else None,
         "w3_128k_speedup_vs_flash_causal": (w3[0]["t_sdpa_flash_ms"] / w3[0]["t_aether_ms"]
                                             if w3 else None),
-        "w4_runs": bool(w4) and "error" not in w4[0]
-        and w4[0].get("t_fwd_bwd_aether_ms") not in (None, "OOM"),
+        "w4_runs": (("error" not in w4[0] and w4[0].get("t_fwd_bwd_aether_ms") not in (None, "OOM"))
+                    if w4 else None),  # null where W4 was not run (--only)
         "e2e_dense_ratio": None,
         "e2e_sparse_speedup": None,
         "e2e_sparse_eps": None,

@@ -728,8 +728,8 @@ def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch
 
 # Above this fraction of its live blocks a call is cheaper on the fastest dense kernel: measured
 # on an H100, the sparse kernel costs ~1.5x cuDNN's time per block (benchmarks/results), so it
-# pays below ~0.65 of the blocks. Deciding needs one small device-to-host read, so it is skipped
-# during CUDA-graph capture (then the sparse path always runs: sync-free).
+# pays below ~0.65 of the blocks. Deciding needs a device-to-host read, never made during CUDA-graph
+# capture: there the gate runs the sparse path and the precheck keeps its site's earlier choice.
 DENSE_FRACTION = 0.6
 
 
