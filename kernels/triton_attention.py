@@ -517,7 +517,7 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip=None):
     n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
     nkb_pad = max(16, triton.next_power_of_2(nkb))
     if skip is None:
-        skip = torch.zeros(1, device=bounds.device, dtype=torch.int32)
+        skip = read_only_flag(0, bounds.device)
     traceable(_plan_kernel)[(B * H * nqt,)](
         bounds, order, tail, n_live, skip, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
@@ -528,6 +528,23 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip=None):
 # Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
 JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _attention_kernel,
                _plan_kernel)
+
+
+_FLAGS: dict = {}
+
+
+def read_only_flag(value: int, device) -> torch.Tensor:
+    """int32[1] holding ``value``, for kernels that only read it (a Skip flag). Eager calls share
+    one per value and device instead of allocating and filling one per launch (host time: the
+    runtime dense choice's sample is issued from Python); traced code creates it in the graph, and
+    so does a CUDA-graph capture (a fill captured there would run only at replay)."""
+    device = torch.device(device)
+    if _tracing_now() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((1,), value, device=device, dtype=torch.int32)
+    key = (value, device)
+    if key not in _FLAGS:
+        _FLAGS[key] = torch.full((1,), value, device=device, dtype=torch.int32)
+    return _FLAGS[key]
 
 
 def is_static(*sizes) -> bool:
@@ -622,7 +639,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = _pad_pow2(D)
     if skip is None:
-        skip = torch.zeros(1, device=dev, dtype=torch.int32)
+        skip = read_only_flag(0, dev)
 
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
@@ -945,7 +962,8 @@ def sample_visit_counts(query, key, value, is_causal: bool, scale, eps: float, b
             return None
         sample = (query, key, value)
     plan = plan_attention(*sample, None, is_causal, scale, block_m, block_n)
-    return torch.stack([certified_counts(*sample, plan, eps).sum(), plan.n_live.sum()]).long()
+    per_tile = torch.stack([certified_counts(*sample, plan, eps), plan.n_live])
+    return per_tile.sum((1, 2, 3), dtype=torch.int64)
 
 
 def certified_counts(query, key, value, plan: VisitPlan, eps: float) -> torch.Tensor:
@@ -955,7 +973,7 @@ def certified_counts(query, key, value, plan: VisitPlan, eps: float) -> torch.Te
     ``certified_visit_count`` take about thirty; the row sample is issued from Python every call."""
     n_visit = torch.empty(plan.B, plan.H, plan.order.shape[-2], device=query.device,
                           dtype=torch.int32)
-    count_only = torch.full((1,), 2, device=query.device, dtype=torch.int32)
+    count_only = read_only_flag(2, query.device)
     _launch_attention(query, key, value, plan, eps, n_visit, None, skip=count_only, certify=True)
     return n_visit
 

@@ -368,3 +368,15 @@ def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_ma
         assert (n_visit < plan.n_live).any()  # the certificate stopped somewhere: not trivial
     # Count only (Skip 2): the same counts from one launch that stops after storing them
     assert torch.equal(triton_attention_module.certified_counts(q, k, v, plan, eps), n_visit)
+
+
+def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    flag = triton_attention_module.read_only_flag
+    two = flag(2, DEVICE)
+    assert flag(2, DEVICE) is two and two.tolist() == [2] and two.dtype == torch.int32
+    assert flag(0, DEVICE).tolist() == [0]
+    with FakeTensorMode():
+        traced = flag(2, DEVICE)
+    assert traced is not two
