@@ -50,7 +50,8 @@ def timed(fn) -> dict:
         end.record()
         torch.cuda.synchronize()
         gpu.append(start.elapsed_time(end) / 1e3)
-    return {"host_us": round(1e6 * sum(host) / ITERS, 1), "gpu_us": round(1e6 * sum(gpu) / ITERS, 1)}
+    return {"host_us": round(1e6 * sum(host) / ITERS, 1),
+            "gpu_us": round(1e6 * sum(gpu) / ITERS, 1)}
 
 
 def run_case(name, workload, N, H, Hkv, D, dtype, causal) -> dict:

@@ -1,14 +1,15 @@
 """The dense/sparse choice of compiled graphs, decided from an earlier call's sample.
 
-A compiled model calls each attention site once per layer and step. Two costs made a sample per
-call too dear (H100, benchmarks/results/profile_host_*.json at 353ac3a): reading its counts on the
-host drains the GPU queue once per layer, and issuing its plan and probe from Python takes about
-1.7 ms of host time, longer than the dense kernel itself at 16K tokens. So a site samples on its
-first call and then every RESAMPLE_EVERY-th call; the counts travel to the host without a wait and
-decide the calls after they arrive. Only a site's first call reads at once. Either choice is
-correct (dense is exact, sparse is certified), so a stale choice costs speed only.
-AETHER_DENSE_LAG=0 samples and reads every call instead; AETHER_DENSE_RESAMPLE sets the period.
-"""
+A compiled model calls each attention site once per layer and step. Sampling and reading on every
+call cost too much on an H100 (benchmarks/results/logs/host_e2e_lag_*.txt): the read drains the
+GPU queue once per layer, and issuing the sample's plan and count from Python takes about 0.5 ms
+of host time (2.3 ms before eager launches skipped wrap_triton's op), against 1.2 ms for cuDNN at
+16K tokens. Llama with 8 layers at 16K and no mask ran at 0.87x Inductor that way and 0.95x with
+the lagged choice. So a site samples on its first call and then every 16th call
+(``resample_every``); the counts travel to the host without a wait and decide the calls after they
+arrive. Only a site's first call reads at once. Either choice is correct (dense is exact, sparse is certified), so a
+stale choice costs speed only. AETHER_DENSE_LAG=0 samples and reads every call instead;
+AETHER_DENSE_RESAMPLE sets the period."""
 
 from __future__ import annotations
 

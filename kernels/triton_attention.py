@@ -72,6 +72,8 @@ def _tracing_now() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -753,7 +755,8 @@ DENSE_FRACTION = 0.6
 def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
     """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, causal
     only for L == S (where every backend's alignment agrees), flash-compatible head dims. GQA is
-    served natively where the kernel checks out, else by expanding k and v (``dense_sdpa_with_lse``).
+    served natively where the kernel checks out, else from expanded k and v
+    (``dense_sdpa_with_lse``).
     Static metadata only, so it is safe to ask while tracing."""
     return attn_mask is None and _dense_kernel_fits(query, key, value, is_causal)
 
