@@ -131,6 +131,42 @@ def test_other_kernels_are_analysed_as_before(sm90_target):
     assert len(analysis.cache) == size
 
 
+@compiled_triton
+@pytest.mark.parametrize("mask,want", [(False, 4), (True, 6)], ids=["causal", "bool-mask"])
+def test_traced_body_launches_few_kernels(sm90_target, monkeypatch, mask, want):
+    """Compile time grows with what the op's traced body holds: Inductor lowers, schedules and
+    writes out every launch in it. Without a mask a site is the opaque dense precheck and four
+    kernels (geometry, bounds, plan, and one attention launch that probes, certifies and
+    finishes); with a mask, the mask statistics, a probe launch, the opaque gate and the pass.
+    Traced here on meta tensors standing for CUDA ones."""
+    from torch._functorch.aot_autograd import aot_function
+
+    monkeypatch.setattr(ops, "use_triton", lambda q, k, v: True)
+    monkeypatch.setattr(tri, "_dense_kernel_fits", lambda q, k, v, causal: (
+        q.dtype in (torch.float16, torch.bfloat16) and (not causal or q.shape[-2] == k.shape[-2])))
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    def attend(q, k, v, m):
+        return torch.ops.aether.attention(q, k, v, m, m is None, None, False, None)
+
+    mode = FakeTensorMode()
+    with mode:
+        q, k, v = (torch.empty(1, 4, 1024, 64, device="meta", dtype=torch.float16)
+                   for _ in range(3))
+        m = torch.empty(1, 1, 1024, 1024, device="meta", dtype=torch.bool) if mask else None
+    with torch.no_grad(), mode:
+        aot_function(attend, fw_compiler=keep)(q, k, v, m)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("triton_kernel_wrapper_functional") == want, targets
+    opaque = "aether.dense_gate.default" if mask else "aether.dense_precheck.default"
+    assert [t for t in targets if t.startswith("aether.")] == [opaque]
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="runs the tests above in a process without the "
                     "interpreter; they already ran in this one")
 def test_in_a_process_without_the_interpreter():
@@ -139,4 +175,4 @@ def test_in_a_process_without_the_interpreter():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
-    assert res.returncode == 0 and "3 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and "5 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
