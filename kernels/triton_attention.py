@@ -545,7 +545,8 @@ def read_only_flag(value: int, device) -> torch.Tensor:
         return torch.full((1,), value, device=device, dtype=torch.int32)
     key = (value, device)
     if key not in _FLAGS:
-        _FLAGS[key] = torch.full((1,), value, device=device, dtype=torch.int32)
+        with torch.inference_mode(False):  # shared later outside inference mode too
+            _FLAGS[key] = torch.full((1,), value, device=device, dtype=torch.int32)
     return _FLAGS[key]
 
 

@@ -374,7 +374,10 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     flag = triton_attention_module.read_only_flag
-    two = flag(2, DEVICE)
+    triton_attention_module._FLAGS.clear()
+    with torch.inference_mode():  # first made here, the flag is still an ordinary tensor
+        two = flag(2, DEVICE)
+    assert not two.is_inference()
     assert flag(2, DEVICE) is two and two.tolist() == [2] and two.dtype == torch.int32
     assert flag(0, DEVICE).tolist() == [0]
     with FakeTensorMode():
