@@ -532,22 +532,33 @@ JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _attention_
                _plan_kernel)
 
 
-_FLAGS: dict = {}
+_EAGER_CONSTANTS: dict = {}
+
+
+def _eager_constant(key: tuple, make):
+    """``make()``, a device tensor its callers only read, shared by eager calls with the same key
+    (the last entry, the device): a few shapes and values recur, and making one is tiny kernels
+    and host time on every call. Traced code builds it in the graph, and so does a CUDA-graph
+    capture (kernels captured there would run only at replay)."""
+    device = key[-1]
+    if _tracing_now() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return make()
+    value = _EAGER_CONSTANTS.get(key)
+    if value is None:
+        if len(_EAGER_CONSTANTS) >= 64:  # do not grow without bound
+            _EAGER_CONSTANTS.clear()
+        with torch.inference_mode(False):  # shared later outside inference mode too
+            value = _EAGER_CONSTANTS[key] = make()
+    return value
 
 
 def read_only_flag(value: int, device) -> torch.Tensor:
-    """int32[1] holding ``value``, for kernels that only read it (a Skip flag). Eager calls share
-    one per value and device instead of allocating and filling one per launch (host time: the
-    runtime dense choice's sample is issued from Python); traced code creates it in the graph, and
-    so does a CUDA-graph capture (a fill captured there would run only at replay)."""
+    """int32[1] holding ``value``, for kernels that only read it (a Skip flag); shared by eager
+    calls (``_eager_constant``) instead of allocated and filled per launch: the runtime dense
+    choice's sample is issued from Python."""
     device = torch.device(device)
-    if _tracing_now() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.full((1,), value, device=device, dtype=torch.int32)
-    key = (value, device)
-    if key not in _FLAGS:
-        with torch.inference_mode(False):  # shared later outside inference mode too
-            _FLAGS[key] = torch.full((1,), value, device=device, dtype=torch.int32)
-    return _FLAGS[key]
+    return _eager_constant(("flag", value, device),
+                           lambda: torch.full((1,), value, device=device, dtype=torch.int32))
 
 
 def is_static(*sizes) -> bool:
@@ -1092,24 +1103,14 @@ def all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> torch.Te
     return live.expand(B, H, nqt, nkb).clone(memory_format=torch.contiguous_format)
 
 
-_CAUSAL_MAPS: dict = {}
-
-
 def _cached_causal_block_map(L, nqt, nkb, block_m, block_n, device) -> torch.Tensor:
-    """``causal_block_map``, kept per shape for eager calls. Building it is six tiny kernels, and
-    W1's 4K causal call, which cuDNN runs in 0.16 ms on an H100, took 0.18 ms through the op's
-    static dense path. Callers must not write to it. Traced code builds it in the graph."""
-    from torch._guards import detect_fake_mode
-
-    if not isinstance(L, int) or detect_fake_mode() is not None or torch.compiler.is_compiling():
+    """``causal_block_map``, shared by eager calls of one shape (``_eager_constant``). Building it
+    is six tiny kernels, and W1's 4K causal call, which cuDNN runs in 0.16 ms on an H100, took
+    0.18 ms through the op's static dense path. Callers must not write to it."""
+    if not isinstance(L, int):
         return causal_block_map(L, nqt, nkb, block_m, block_n, device)
-    key = (L, nqt, nkb, block_m, block_n, torch.device(device))
-    live = _CAUSAL_MAPS.get(key)
-    if live is None:
-        if len(_CAUSAL_MAPS) >= 64:  # a few shapes recur; do not grow without bound
-            _CAUSAL_MAPS.clear()
-        live = _CAUSAL_MAPS[key] = causal_block_map(L, nqt, nkb, block_m, block_n, device)
-    return live
+    return _eager_constant(("causal", L, nqt, nkb, block_m, block_n, torch.device(device)),
+                           lambda: causal_block_map(L, nqt, nkb, block_m, block_n, device))
 
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,

@@ -374,7 +374,7 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     flag = triton_attention_module.read_only_flag
-    triton_attention_module._FLAGS.clear()
+    triton_attention_module._EAGER_CONSTANTS.clear()
     with torch.inference_mode():  # first made here, the flag is still an ordinary tensor
         two = flag(2, DEVICE)
     assert not two.is_inference()
@@ -383,3 +383,5 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     with FakeTensorMode():
         traced = flag(2, DEVICE)
     assert traced is not two
+    causal = triton_attention_module._cached_causal_block_map  # the same sharing
+    assert causal(100, 7, 7, 16, 16, DEVICE) is causal(100, 7, 7, 16, 16, DEVICE)
