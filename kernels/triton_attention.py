@@ -371,44 +371,41 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     plan = pid * n_kb
-    if VISIT == 1:
-        n_visit = tl.load(NVisit + pid)
-        for p in range(0, n_visit):
-            j = tl.load(Order + plan + p).to(tl.int64)
-            m_i, l_i, acc = _visit_block(
-                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
-                S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
-    elif VISIT == 2:
-        n_live = tl.load(NLive + pid)
-        n_probe = tl.minimum(n_live, PROBE)
-        for p in range(0, n_probe):
-            j = tl.load(Order + plan + p).to(tl.int64)
-            m_i, l_i, acc = _visit_block(
-                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
-                S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
-        # The tile's smallest probe normaliser (log2), rounded through the stored natural lse
-        # as certified_visit_count sees it; rows seeing only floored keys, or NaN, certify nothing.
-        has = l_i > 0
-        z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
-                     -float("inf")) * 1.4426950408889634
-        z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
-        z_min = tl.min(tl.where(m_m, z, float("inf")), 0)
-        thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + z_min)
-        n_visit = n_kb
-        for c0 in range(0, n_kb, _SCAN_BLOCKS):
-            o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
-            tail = tl.load(TailLog2 + plan + o_c, mask=o_c < n_kb, other=float("inf"))
-            can_stop = (tail <= thr) & (o_c >= n_probe) & (o_c < n_kb)
-            n_visit = tl.minimum(n_visit, tl.min(tl.where(can_stop, o_c, n_kb), 0))
-        n_visit = tl.minimum(n_visit, n_live)
-        tl.store(NVisit + pid, n_visit)
-        if skip == 2:
-            return
-        for p in range(n_probe, n_visit):
+    if VISIT != 0:  # a counted loop from `first` to n_visit; VISIT_CERTIFY probes and counts it
+        first = 0
+        if VISIT == 1:
+            n_visit = tl.load(NVisit + pid)
+        else:
+            n_live = tl.load(NLive + pid)
+            n_probe = tl.minimum(n_live, PROBE)
+            for p in range(0, n_probe):
+                j = tl.load(Order + plan + p).to(tl.int64)
+                m_i, l_i, acc = _visit_block(
+                    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                    sm_scale_log2, S, D, DV,
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+            # The tile's smallest probe normaliser (log2), rounded through the stored natural
+            # lse as certified_visit_count sees it; rows seeing only floored keys, or NaN,
+            # certify nothing.
+            has = l_i > 0
+            z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                         -float("inf")) * 1.4426950408889634
+            z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
+            z_min = tl.min(tl.where(m_m, z, float("inf")), 0)
+            thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + z_min)
+            n_visit = n_kb
+            for c0 in range(0, n_kb, _SCAN_BLOCKS):
+                o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
+                tail = tl.load(TailLog2 + plan + o_c, mask=o_c < n_kb, other=float("inf"))
+                can_stop = (tail <= thr) & (o_c >= n_probe) & (o_c < n_kb)
+                n_visit = tl.minimum(n_visit, tl.min(tl.where(can_stop, o_c, n_kb), 0))
+            n_visit = tl.minimum(n_visit, n_live)
+            tl.store(NVisit + pid, n_visit)
+            if skip == 2:
+                return
+            first = n_probe
+        for p in range(first, n_visit):
             j = tl.load(Order + plan + p).to(tl.int64)
             m_i, l_i, acc = _visit_block(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
