@@ -13,7 +13,6 @@ caller asks for them directly), otherwise the plain-torch reference, which has t
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -64,22 +63,33 @@ def use_triton(query: Tensor, key: Tensor, value: Tensor) -> bool:
 STATIC_DENSE_WORK = 2 ** 36
 
 
+def static_dense_reason(B, H, L, S, D, DV, block_n: int, exact_dense: bool) -> Optional[str]:
+    """Why static sizes alone make the sparse path pointless, or None. The shape rule both the op
+    and the pass use: at most PROBE_BLOCKS key blocks (the probe alone would visit every live
+    block), or, where a dense kernel computes the call exactly (``exact_dense``), too little work
+    (B * H * L * S * D <= STATIC_DENSE_WORK) for skipping to repay the sparse path's fixed cost.
+    Symbolic sizes never take it (decided at run time instead). AETHER_STATIC_DENSE=0 (read when
+    tracing) turns it off."""
+    if os.environ.get("AETHER_STATIC_DENSE", "1") == "0" or not _tri.is_static(B, H, L, S, D, DV):
+        return None
+    if num_blocks(S, block_n) <= _tri.PROBE_BLOCKS:
+        return f"{S} keys fill at most {_tri.PROBE_BLOCKS} key blocks of {block_n}"
+    work = B * H * L * S * D
+    if exact_dense and work <= STATIC_DENSE_WORK:
+        return f"attention work B*H*L*S*D = {work} <= 2**{STATIC_DENSE_WORK.bit_length() - 1}"
+    return None
+
+
 def static_dense(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal: bool,
                  block_n: int) -> bool:
-    """The shape-based choice, made before any kernel runs (at compile time under torch.compile):
-    dense when static sizes leave at most PROBE_BLOCKS key blocks (the probe alone would visit
-    every live block) or, where a dense SDPA kernel computes the call exactly, when the attention
-    is too small for skipping to repay the sparse path's fixed cost. Symbolic sizes never take it
-    (decided at run time instead). AETHER_STATIC_DENSE=0 (read when tracing) turns it off."""
-    if os.environ.get("AETHER_STATIC_DENSE", "1") == "0":
-        return False
+    """The op's shape-based choice, made before any kernel runs (at compile time under
+    torch.compile): ``static_dense_reason``, with "exact" where a dense SDPA kernel computes this
+    call exactly (no general mask)."""
     B, H, L, D = query.shape
-    S = key.shape[-2]
-    if not _tri.is_static(B, H, L, S, D):
-        return False
-    if num_blocks(S, block_n) <= _tri.PROBE_BLOCKS:
+    sizes = (B, H, L, key.shape[-2], D, value.shape[-1], block_n)
+    if static_dense_reason(*sizes, exact_dense=False) is not None:
         return True
-    return (B * H * L * S * D <= STATIC_DENSE_WORK
+    return (static_dense_reason(*sizes, exact_dense=True) is not None
             and _tri.dense_eligible(query, key, value, attn_mask, is_causal))
 
 
@@ -99,7 +109,8 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     B, H, L, _ = query.shape
     S = key.shape[-2]
     if L == 0 or S == 0 or B == 0 or H == 0:  # empty, or no keys: zeros, as SDPA
-        out = query.new_zeros(B, H, L, value.shape[-1])
+        out = (_tri.new_out(query, value.shape[-1]) if use_triton(query, key, value)
+               else query.new_empty(B, H, L, value.shape[-1])).zero_()
         lse = torch.full((B, H, L), -math.inf, device=query.device, dtype=torch.float32)
         kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
                            dtype=torch.bool, device=query.device)
@@ -112,21 +123,21 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     def with_all_blocks_kept(dense):
         return (*dense, _tri.all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
 
+    tracing = _tracing(query)
     if static_dense(query, key, value, attn_mask, is_causal, block_n):
         dense = None
         if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
             # cuDNN where a failure can still be caught (eager); in traced graphs cuDNN only
             # where SDPA's dispatcher picks it (as Inductor's default compile does), else flash
-            dense = _tri.dense_sdpa_with_lse(
-                query, key, value, is_causal, scale_f,
-                try_cudnn="if_sdpa_picks" if _tracing(query) else True)
+            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
+                                             try_cudnn="if_sdpa_picks" if tracing else True)
         if dense is not None:
             return with_all_blocks_kept(dense)
-        return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale,
-                                     enable_gqa, 0.0, block_m, block_n)
-    fraction = dense_fraction()
-    tracing = _tracing(query)
-    sample = fraction is not None and _row_sample_applies(query, key, value, attn_mask, is_causal)
+        eps, fraction, sample = 0.0, None, False  # exact, on our kernel (a general mask)
+    else:
+        fraction = dense_fraction()
+        sample = fraction is not None and _row_sample_applies(query, key, value, attn_mask,
+                                                              is_causal)
     if sample and not tracing and not torch.cuda.is_current_stream_capturing():
         # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
         # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
@@ -138,21 +149,18 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                 return with_all_blocks_kept(dense)
         if sampled is not None:
             fraction = None
-
-    def gate(n_visit, n_live, mask_not_causal):
-        return torch.ops.aether.dense_gate(query, key, value, n_visit, n_live, is_causal,
-                                           scale_f, fraction, mask_not_causal)
-
-    # Traced graphs: the same sample decides at run time, inside an opaque op, before the plan's
-    # kernels (which then return at once); no gate after the plan.
-    precheck = None
-    if sample and tracing:
-        precheck = functools.partial(torch.ops.aether.dense_precheck, query, key, value,
-                                     is_causal, scale_f, eps, block_m, block_n, fraction,
-                                     _traced_site_id(query))
+    if tracing and _tri.forward_mode() == "twopass":
+        # Compiled graphs: everything before the pass (the dense choice from a sample of an
+        # earlier call, the plan, the probe and gate) is one opaque op that runs when the graph
+        # runs; Inductor compiles the pass alone.
+        gated = not sample and _tri.gate_applies(query, key, value, attn_mask, is_causal, fraction)
+        prepared = torch.ops.aether.prepare_pass(
+            query, key, value, attn_mask, is_causal, scale_f, eps, block_m, block_n, fraction,
+            sample, gated, _traced_site_id(query))
+        return _tri.attention_after_prepare(query, key, value, attn_mask, is_causal, scale_f, eps,
+                                            block_m, block_n, prepared, sample, gated)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                 eps, block_m, block_n, dense_fraction=fraction, gate=gate,
-                                 precheck=precheck)
+                                 eps, block_m, block_n, dense_fraction=fraction)
 
 
 _SITE_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -175,7 +183,7 @@ def _traced_site_id(query: Tensor) -> int:
 def _row_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
     """Whether a sample of the rows may decide "dense" before the full plan: no mask, a call a
     dense kernel computes exactly. Eager calls sample at once (not while capturing a CUDA graph);
-    traced graphs through ``aether::dense_precheck``. AETHER_DENSE_SAMPLE=0 turns it off (then
+    traced graphs through ``aether::prepare_pass``. AETHER_DENSE_SAMPLE=0 turns it off (then
     the gate after the full plan decides, as for masked calls)."""
     return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
             and _tri.dense_eligible(query, key, value, None, is_causal))
@@ -190,11 +198,14 @@ def dense_fraction() -> float | None:
     return None if env.lower() in ("off", "none", "") else float(env)
 
 
-def _fake_outputs(query, key, value, block_m=None, block_n=None):
+def _fake_outputs(query, key, value, block_m=None, block_n=None, kernel_layout=False):
+    """Fake (out, lse, kept); out strided as the Triton path writes it where ``kernel_layout``,
+    else contiguous (the reference)."""
     B, H, L, _ = query.shape
     S = key.shape[-2]
     block_m, block_n = resolve_blocks(query, value, block_m, block_n)
-    out = query.new_empty(B, H, L, value.shape[-1])
+    out = (_tri.new_out(query, value.shape[-1]) if kernel_layout
+           else query.new_empty(B, H, L, value.shape[-1]))
     lse = query.new_empty(B, H, L, dtype=torch.float32)
     kept = query.new_empty(B, H, num_blocks(L, block_m), num_blocks(S, block_n), dtype=torch.bool)
     return out, lse, kept
@@ -217,40 +228,29 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, 
     return _fake_outputs(query, key, value, block_m, block_n)
 
 
-@torch.library.custom_op("aether::dense_gate", mutates_args=())
-def dense_gate(query: Tensor, key: Tensor, value: Tensor, n_visit: Tensor, n_live: Tensor,
-               is_causal: bool, scale: float, fraction: float,
-               mask_not_causal: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The runtime sparse/dense choice (see kernels.triton_attention.dense_gate): opaque, so its
-    host read stays out of traced graphs and is skipped during CUDA-graph capture."""
-    return _tri.dense_gate(query, key, value, n_visit, n_live, is_causal, scale, fraction,
-                           mask_not_causal)
+@torch.library.custom_op("aether::prepare_pass", mutates_args=())
+def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                 is_causal: bool, scale: float, eps: float, block_m: int, block_n: int,
+                 fraction: Optional[float], precheck: bool, gated: bool, site: int = -1
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Compiled graphs' stages before the attention pass (kernels.triton_attention.prepare_pass):
+    opaque, so that the dense choice's sample and host read happen when the graph runs, and
+    Inductor compiles one Triton launch per site instead of six."""
+    return _tri.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
+                             fraction, precheck, gated, site)
 
 
-@dense_gate.register_fake
-def _(query, key, value, n_visit, n_live, is_causal, scale, fraction, mask_not_causal=None):
+@prepare_pass.register_fake
+def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fraction, precheck,
+      gated, site=-1):
     B, H, L, _ = query.shape
-    return (query.new_empty(B, H, L, value.shape[-1]),
+    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
+    return (_tri.new_out(query, value.shape[-1]),
             query.new_empty(B, H, L, dtype=torch.float32),
-            query.new_empty(1, dtype=torch.int32))
-
-
-@torch.library.custom_op("aether::dense_precheck", mutates_args=())
-def dense_precheck(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
-                   eps: float, block_m: int, block_n: int, fraction: float, site: int = -1
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """Traced graphs' dense choice before planning (see kernels.triton_attention.dense_precheck):
-    opaque, so its sample plan and host read run when the graph runs, not when it is traced."""
-    return _tri.dense_precheck(query, key, value, is_causal, scale, eps, block_m, block_n,
-                               fraction, site)
-
-
-@dense_precheck.register_fake
-def _(query, key, value, is_causal, scale, eps, block_m, block_n, fraction, site=-1):
-    B, H, L, _ = query.shape
-    return (query.new_empty(B, H, L, value.shape[-1]),
-            query.new_empty(B, H, L, dtype=torch.float32),
-            query.new_empty(1, dtype=torch.int32))
+            query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
+            query.new_empty(B, H, nqt, nkb, dtype=torch.float32),
+            tiles, torch.empty_like(tiles), query.new_empty(1, dtype=torch.int32))
 
 
 @torch.library.custom_op("aether::reference_attention_backward", mutates_args=())
@@ -301,7 +301,8 @@ if not USE_TRITON_OP:  # triton_op registers its body as the fake
     @attention_with_stats.register_fake
     def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
           eps=None, block_m=None, block_n=None):
-        return _fake_outputs(query, key, value, block_m, block_n)
+        return _fake_outputs(query, key, value, block_m, block_n,
+                             kernel_layout=use_triton(query, key, value))
 
 
 # -- aether::attention_backward ------------------------------------------------------------------

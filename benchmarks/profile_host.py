@@ -1,5 +1,5 @@
 """Host cost of the runtime dense choice: how long the CPU takes to issue each step of
-``dense_precheck`` (the opaque op compiled graphs call before planning), and the GPU time of each.
+``prepare_pass`` (the opaque op compiled graphs call before the pass), and the GPU time of each.
 
     AETHER_COMMIT=<sha> python benchmarks/profile_host.py --out benchmarks/results
 
@@ -63,9 +63,9 @@ def run_case(name, workload, N, H, Hkv, D, dtype, causal) -> dict:
     plan = tri.plan_attention(*sample, None, causal, scale, bm, bn)
     counts = tri.sample_visit_counts(q, k, v, causal, scale, eps, bm, bn, True)
     steps = {
-        "dense_precheck (lagged)": lambda: torch.ops.aether.dense_precheck(
-            q, k, v, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, 0),
-        "dense_precheck (read every call)": lambda: tri.dense_precheck(
+        "prepare_pass (lagged)": lambda: torch.ops.aether.prepare_pass(
+            q, k, v, None, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, True, False, 0),
+        "precheck_choice (read every call)": lambda: tri.precheck_choice(
             q, k, v, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, 1),
         "sample_visit_counts": lambda: tri.sample_visit_counts(q, k, v, causal, scale, eps, bm,
                                                                bn, True),
@@ -81,7 +81,7 @@ def run_case(name, workload, N, H, Hkv, D, dtype, causal) -> dict:
     os.environ["AETHER_DENSE_LAG"] = "1"
     rows = {}
     for step, fn in steps.items():
-        if step == "dense_precheck (read every call)":
+        if step == "precheck_choice (read every call)":
             os.environ["AETHER_DENSE_LAG"] = "0"
         rows[step] = timed(fn)
         os.environ["AETHER_DENSE_LAG"] = "1"

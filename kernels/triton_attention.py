@@ -96,16 +96,13 @@ def unsupported_reason(query, key, value) -> str | None:
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _geometry_kernel(
-    K, Geo16, GeoNorm, Skip,
+    K, Geo16, GeoNorm,
     stride_kb, stride_kh, stride_kn, stride_kd,
     S, D, n_kb, H_KV,
     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
 ):
     # One program per (batch, kv head, key block). Geo16: [B*Hkv*nKB, 3, D_PAD] fp16 unit vectors
-    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|). Skip[0] == 1: the call went
-    # dense before planning (see ``dense_precheck``); nothing to do.
-    if tl.load(Skip) == 1:
-        return
+    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|).
     pid = tl.program_id(0).to(tl.int64)
     j = pid % n_kb
     bh = pid // n_kb
@@ -196,15 +193,13 @@ def _mask_stats_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bounds_kernel(
-    Q, Geo16, GeoNorm, MaskMax, Bounds, Skip,
+    Q, Geo16, GeoNorm, MaskMax, Bounds,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_xb, stride_xh,  # MaskMax strides over (batch, head); 0 where broadcast
     sm_scale, L, S, D, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, SLACK: tl.constexpr, USE_BOX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    if tl.load(Skip) == 1:  # the call went dense before planning
-        return
     sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor may pass floats as fp64 or constants
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
@@ -453,25 +448,17 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _plan_kernel(
-    Bounds, Order, TailLog2, NLive, Skip,
+    Bounds, Order, TailLog2, NLive,
     L, S, n_qt, n_kb,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NKB_PAD: tl.constexpr,
 ):
     """certificate.plan_visits for one (batch, head, query tile) row of Bounds, in registers: the
     same order (descending bound, ties by block index, the causal priority block first), the
-    suffix log-sum-exp of bounded mass in log2 units, and the live count. Skip[0] == 1 (dense
-    before planning; Bounds were not computed): a valid empty plan, so that the torch ops after it
-    index safely."""
+    suffix log-sum-exp of bounded mass in log2 units, and the live count."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     o_j = tl.arange(0, NKB_PAD)
-    if tl.load(Skip) == 1:
-        tl.store(Order + pid * n_kb + o_j, o_j, mask=o_j < n_kb)
-        tl.store(TailLog2 + pid * n_kb + o_j, tl.full([NKB_PAD], -float("inf"), tl.float32),
-                 mask=o_j < n_kb)
-        tl.store(NLive + pid, 0)
-        return
     in_row = o_j < n_kb
     bound = tl.load(Bounds + pid * n_kb + o_j, mask=in_row, other=-float("inf"))
     bound = tl.where(bound != bound, float("inf"), bound)  # NaN: must be visited
@@ -504,9 +491,8 @@ def _plan_kernel(
 FUSED_PLAN_MAX_BLOCKS = 4096
 
 
-def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip=None):
-    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply. skip:
-    int32[1], 1 for an empty plan (see ``_plan_kernel``)."""
+def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
+    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply."""
     B, H, nqt, nkb = bounds.shape
     if os.environ.get("AETHER_PLAN", "fused") == "torch" or not is_static(nkb) \
             or nkb > FUSED_PLAN_MAX_BLOCKS or nkb == 0:
@@ -515,10 +501,8 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip=None):
     tail = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.float32)
     n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
     nkb_pad = max(16, triton.next_power_of_2(nkb))
-    if skip is None:
-        skip = read_only_flag(0, bounds.device)
     traceable(_plan_kernel)[(B * H * nqt,)](
-        bounds, order, tail, n_live, skip, L, S, nqt, nkb,
+        bounds, order, tail, n_live, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
         **({"num_warps": 4 if nkb_pad <= 1024 else 8} if bounds.device.type == "cuda" else {}))
     return order, tail, n_live
@@ -631,14 +615,11 @@ class VisitPlan(NamedTuple):
     tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
     n_live: torch.Tensor  # int32 [B, H, nQT]
     mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
-    skip: torch.Tensor | None = None  # int32 [1]: 1 = the call went dense before planning
 
 
 def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   block_m=None, block_n=None, skip=None) -> VisitPlan:
-    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync.
-    skip: int32[1] on the device; where it holds 1 the kernels return at once and the plan is
-    empty (every tile visits nothing)."""
+                   block_m=None, block_n=None) -> VisitPlan:
+    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
@@ -649,13 +630,11 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = _pad_pow2(D)
-    if skip is None:
-        skip = read_only_flag(0, dev)
 
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
     traceable(_geometry_kernel)[(B * Hkv * nkb,)](
-        key, geo16, geo_norm, skip, *key.stride(), S, D, nkb, Hkv,
+        key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
         BLOCK_N=block_n, D_PAD=d_pad)
 
     mask4 = mask_not_causal = None
@@ -673,17 +652,17 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
 
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)
     traceable(_bounds_kernel)[(B * H * nqt,)](
-        query, geo16, geo_norm, mask_max, bounds, skip, *query.stride(), *mask_strides,
+        query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
         USE_BOX=use_box_bound(),
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
         **_bounds_config(d_pad, dev.type, use_box_bound()))
 
-    planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, skip)
+    planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
-                     order, tail_log2, n_live, mask_not_causal, skip)
+                     order, tail_log2, n_live, mask_not_causal)
 
 
 # Key blocks per program of the mask-statistics kernel.
@@ -692,6 +671,31 @@ MASK_STATS_BLOCKS = 16
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
 PROBE_BLOCKS = 8
 FORWARD_MODES = ("twopass", "stop")
+
+
+def heads_interleaved(query) -> bool:
+    """Whether the query is a per-head view of [B, L, H, D] memory (a projection split into heads
+    and transposed, as HF and nanoGPT write it): its head stride is below its row stride."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return query.shape[1] > 1 and statically_known_true(query.stride(1) < query.stride(2))
+
+
+def out_strides(query, dv: int) -> tuple:
+    """Strides of the op's [B, H, L, dv] output: the memory order SDPA's fused kernels give this
+    query, [B, L, H, dv] seen through a transpose where the heads are interleaved, else
+    contiguous. The model's reshape back to [B, L, H * dv] is then free, and a dense kernel's
+    output needs no copy."""
+    B, H, L, _ = query.shape
+    if heads_interleaved(query):
+        return (L * H * dv, dv, H * dv, 1)
+    return (H * L * dv, L * dv, dv, 1)
+
+
+def new_out(query, dv: int) -> torch.Tensor:
+    """An uninitialised output of the op, strided as ``out_strides``."""
+    B, H, L, _ = query.shape
+    return query.new_empty_strided((B, H, L, dv), out_strides(query, dv))
 
 
 def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
@@ -709,10 +713,10 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
     mask_elem_strides = ([st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
                          if has_mask else [0, 0, 0, 0])
     if out is None:
-        out = torch.empty(B, H, L, DV, device=dev, dtype=query.dtype)
+        out = new_out(query, DV)
         lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    if skip is None:  # the plan's flag: 1 only where the call went dense before planning
-        skip = plan.skip
+    if skip is None:  # no dense choice: the pass always runs
+        skip = read_only_flag(0, dev)
     # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
     # VISIT_CERTIFY reads eps == 0 from EXACT instead.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
@@ -831,7 +835,11 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
             res = run(query, *kv, is_causal, scale)
         except RuntimeError:  # backend unavailable for these inputs / this build
             continue
-        return res[0].contiguous(), res[1].reshape(B, H, L).float().contiguous()
+        out = res[0]
+        want = out_strides(query, out.shape[-1])
+        if any(n > 1 and st != w for n, st, w in zip(out.shape, out.stride(), want)):
+            out = new_out(query, out.shape[-1]).copy_(out)
+        return out, res[1].reshape(B, H, L).float().contiguous()
     return None
 
 
@@ -866,13 +874,13 @@ def _native_gqa(run, query, group: int) -> bool:
     return _NATIVE_GQA[key]
 
 
-def _dense_choice_buffers(query, value):
-    """(out, lse, flag int32[1] = 0) for a dense choice to fill, and whether it may read the
-    device now: on CUDA and not while a CUDA graph is being captured."""
+def _dense_choice_buffers(query, value, flag: bool = True):
+    """(out, lse, flag int32[1] = 0, or None if not ``flag``) for a dense choice to fill, and
+    whether it may read the device now: on CUDA and not while a CUDA graph is being captured."""
     B, H, L, _ = query.shape
-    out = torch.empty(B, H, L, value.shape[-1], device=query.device, dtype=query.dtype)
+    out = new_out(query, value.shape[-1])
     lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
-    flag = torch.zeros(1, device=query.device, dtype=torch.int32)
+    flag = torch.zeros(1, device=query.device, dtype=torch.int32) if flag else None
     can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
     return out, lse, flag, can_read
 
@@ -1002,20 +1010,17 @@ def sampled_visit_fraction(query, key, value, is_causal: bool, scale, eps: float
     return visit / live if live else None
 
 
-def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float, block_m: int,
-                   block_n: int, fraction: float, site: int = -1):
-    """The dense choice of traced graphs, made before planning: (out, lse, decision int32[1]).
-
-    Where the certified visit of a sample of the rows (``sample_visit_counts``; the whole call
-    where no smaller sample exists) exceeds ``fraction`` of its live blocks, runs the fastest dense
-    SDPA kernel into out and lse and sets decision to 1; the plan's kernels and the pass then
-    return at once. The sample is of an earlier call of this ``site`` (``dense_choice``: its first
-    call, then every 16th, read without a sync). During CUDA-graph capture nothing is sampled or
-    read: the site's choice so far is captured (sparse if none). No mask; ``dense_eligible``
-    inputs."""
-    out, lse, decision, can_read = _dense_choice_buffers(query, value)
+def precheck_choice(query, key, value, is_causal: bool, scale: float, eps: float, block_m: int,
+                    block_n: int, fraction: float, site: int = -1):
+    """Compiled graphs' dense choice, made before planning: (out, lse, dense). Where the certified
+    visit of a sample of the rows (``sample_visit_counts``; the whole call where no smaller sample
+    exists) exceeds ``fraction`` of its live blocks, runs the fastest dense SDPA kernel into out and
+    lse. The sample is of an earlier call of this ``site`` (``dense_choice``: its first call, then
+    every 16th, read without a sync). During CUDA-graph capture nothing is sampled or read: the
+    site's choice so far is captured (sparse if none). No mask; ``dense_eligible`` inputs."""
+    out, lse, _, can_read = _dense_choice_buffers(query, value, flag=False)
     if query.device.type != "cuda":
-        return out, lse, decision
+        return out, lse, False
     sample = functools.partial(sample_visit_counts, query, key, value, is_causal, scale, eps,
                                block_m, block_n, whole_if_no_sample=True)
     site_key = (site, is_causal, eps, fraction, *dense_choice.shape_bucket(query, key))
@@ -1025,13 +1030,90 @@ def dense_precheck(query, key, value, is_causal: bool, scale: float, eps: float,
         dense = dense_sdpa_with_lse(query, key, value, is_causal, scale,
                                     try_cudnn=True if can_read else "if_sdpa_picks")
         if dense is not None:
-            out, lse = dense
-            decision.fill_(1)
-    return out, lse, decision
+            return *dense, True
+    return out, lse, False
+
+
+def gate_applies(query, key, value, attn_mask, is_causal: bool, dense_fraction) -> bool:
+    """Whether the twopass forward puts the dense gate between its probe and its pass: a dense
+    crossover is set and a dense kernel computes the call exactly, or the mask may turn out to be
+    exactly causal (L == S; ``dense_gate`` then runs the dense causal kernel)."""
+    return dense_fraction is not None and (
+        dense_eligible(query, key, value, attn_mask, is_causal)
+        or (attn_mask is not None and query.shape[-2] == key.shape[-2]
+            and _dense_kernel_fits(query, key, value, True)))
+
+
+def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, eps: float,
+                 block_m: int, block_n: int, fraction, precheck: bool, gated: bool,
+                 site: int = -1):
+    """Everything of the twopass forward before its attention pass, run eagerly: the body of the
+    opaque op ``aether::prepare_pass`` that compiled graphs call, so that Inductor compiles one
+    Triton launch per attention site (the pass, ``attention_after_prepare``) where it compiled
+    five to six (compile time, issue 5); the kernels here launch directly when the graph runs.
+
+    precheck (no mask, ``dense_eligible``): the lagged dense choice of ``precheck_choice`` first;
+    dense leaves an empty plan (identity order, nothing live) and skip = 1. gated
+    (``gate_applies``, no precheck): plan, probe and ``dense_gate``; n_visit is the certified count,
+    or every live block where the gate went dense. Otherwise: the plan.
+    Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
+    lse hold the dense answer where skip is 1, else the pass fills them."""
+    B, H, L, _ = query.shape
+    dev = query.device
+    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    n_visit = None
+    if precheck:
+        out, lse, dense = precheck_choice(query, key, value, is_causal, scale, eps, block_m,
+                                          block_n, fraction, site)
+        skip = torch.full((1,), int(dense), device=dev, dtype=torch.int32)
+        if dense:
+            # The pass returns at once and its kept map is every live block (``torch.where`` in
+            # ``attention_after_prepare``); only the order is read, by the map of the branch not
+            # taken, so it must be valid. The rest stays unwritten (no kernels).
+            order = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.int32)
+            order.copy_(_eager_constant(("arange", nkb, dev), lambda: torch.arange(
+                nkb, device=dev, dtype=torch.int32)))
+            tiles = torch.empty(B, H, nqt, device=dev, dtype=torch.int32)
+            return (out, lse, order, torch.empty(order.shape, device=dev), tiles,
+                    torch.empty_like(tiles), skip)
+        plan = plan_attention(query, key, value, None, is_causal, scale, block_m, block_n)
+    else:
+        plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+        if gated:
+            n_visit = _probe_visit_count(query, key, value, plan, eps)
+            out, lse, skip = dense_gate(query, key, value, n_visit, _live_for_gate(plan),
+                                        is_causal, plan.scale, fraction, plan.mask_not_causal)
+            n_visit = torch.where(skip.bool(), plan.n_live, n_visit)
+        else:
+            out, lse, skip, _ = _dense_choice_buffers(query, value)
+    if n_visit is None:
+        n_visit = torch.zeros(B, H, nqt, device=dev, dtype=torch.int32)
+    return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
+
+
+def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale: float,
+                            eps: float, block_m: int, block_n: int, prepared, precheck: bool,
+                            gated: bool):
+    """The pass after ``prepare_pass`` (traced: the one Triton launch of a compiled site):
+    (out, lse, kept). Gated: a fixed-count pass over n_visit; otherwise one launch that probes,
+    certifies and finishes (VISIT_CERTIFY). Either returns at once where skip is 1."""
+    out, lse, order, tail_log2, n_live, n_visit, skip = prepared
+    B, H, L, D = query.shape
+    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    mask4 = None if attn_mask is None else mask_as_4d(attn_mask, B, H, L, S)
+    plan = VisitPlan(B, H, L, S, int(D), int(DV), H // Hkv, scale, block_m, block_n, is_causal,
+                     mask4, order, tail_log2, n_live, None)
+    out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, skip,
+                                 certify=not gated)
+    kept = _kept_map(plan, n_visit)
+    if precheck:
+        live = all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device)
+        kept = torch.where(skip.bool(), live, kept)
+    return out, lse, kept
 
 
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
-                  dense_fraction: float | None = None, gate=None, pre=None):
+                  dense_fraction: float | None = None):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
 
     mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
@@ -1041,46 +1123,35 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
-    blocks, run the fastest dense SDPA kernel instead (twopass, where ``dense_eligible``);
-    ``kept`` then marks every live block. ``gate(n_visit, n_live, mask_not_causal) -> (out, lse,
-    use_dense)``
-    overrides how that choice is made (the op passes a custom op so that traced graphs keep it
-    opaque); by default ``dense_gate`` is called directly.
-    pre: (out, lse) of a dense choice made before planning, in force where ``plan.skip`` holds 1
-    (twopass, no mask): the pass writes into them unless skipped, and no gate runs."""
-    mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
-    if mode not in FORWARD_MODES:
-        raise ValueError(f"AETHER_FORWARD_MODE must be one of {FORWARD_MODES}, got {mode!r}")
+    blocks, run the fastest dense SDPA kernel instead (twopass, ``gate_applies``); ``kept`` then
+    marks every live block."""
+    mode = forward_mode(mode)
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
     if mode == "stop":
         kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
         out, lse = _launch_attention(query, key, value, plan, eps, None, kept)
         return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
-    mask_not_causal = plan.mask_not_causal
-    gated = pre is None and dense_fraction is not None and (
-        dense_eligible(query, key, value, plan.mask4, plan.is_causal)
-        or (mask_not_causal is not None and plan.L == plan.S
-            and _dense_kernel_fits(query, key, value, True)))
-    if not gated:  # probe, certified count and the rest in one launch
+    if not gate_applies(query, key, value, plan.mask4, plan.is_causal, dense_fraction):
+        # probe, certified count and the rest in one launch
         n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
-        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None,
-                                     *(pre or (None, None)), certify=True)
-        kept = _kept_map(plan, n_visit)
-        if pre is None:
-            return out, lse, kept
-        live = all_live_blocks(plan.L, plan.S, plan.block_m, plan.block_n, plan.is_causal,
-                               plan.B, plan.H, query.device)
-        return out, lse, torch.where(plan.skip.bool(), live, kept)
+        out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, certify=True)
+        return out, lse, _kept_map(plan, n_visit)
     # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
     n_visit = _probe_visit_count(query, key, value, plan, eps)
-    if gate is None:
-        def gate(nv, nl, nc):
-            return dense_gate(query, key, value, nv, nl, plan.is_causal, plan.scale,
-                              dense_fraction, nc)
-    out, lse, use_dense = gate(n_visit, _live_for_gate(plan), mask_not_causal)
+    out, lse, use_dense = dense_gate(query, key, value, n_visit, _live_for_gate(plan),
+                                     plan.is_causal, plan.scale, dense_fraction,
+                                     plan.mask_not_causal)
     out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
     n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
     return out, lse, _kept_map(plan, n_visit)
+
+
+def forward_mode(mode: str | None = None) -> str:
+    """The forward's mode: ``mode``, else AETHER_FORWARD_MODE, else "twopass"."""
+    mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"AETHER_FORWARD_MODE must be one of {FORWARD_MODES}, got {mode!r}")
+    return mode
 
 
 def _kept_map(plan: VisitPlan, n_visit: torch.Tensor) -> torch.Tensor:
@@ -1112,17 +1183,10 @@ def _cached_causal_block_map(L, nqt, nkb, block_m, block_n, device) -> torch.Ten
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                      enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None,
-                     dense_fraction=None, gate=None, precheck=None):
-    """Certified block-sparse attention on the Triton path.
+                     dense_fraction=None):
+    """Certified block-sparse attention on the Triton path, eager (compiled graphs split it into
+    ``prepare_pass`` and ``attention_after_prepare``).
 
-    Same contract as ``reference.reference_attention``: returns (out, lse, kept).
-    precheck: ``() -> (out, lse, decision int32[1])``, a dense choice made before planning (the
-    op passes ``aether::dense_precheck`` in traced graphs). Where decision holds 1, out and lse are
-    the answer and every kernel after it returns at once. Twopass without a mask only."""
-    mode = mode or os.environ.get("AETHER_FORWARD_MODE", "twopass")
-    pre = skip = None
-    if precheck is not None and mode == "twopass" and attn_mask is None:
-        out, lse, skip = precheck()
-        pre = (out, lse)
-    plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n, skip)
-    return run_attention(query, key, value, plan, eps, mode, dense_fraction, gate, pre)
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+    return run_attention(query, key, value, plan, eps, mode, dense_fraction)

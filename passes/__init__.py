@@ -22,7 +22,8 @@ from .site import DENSE, SPARSE, Decline, Site
 log = logging.getLogger("aether_compile.passes")
 
 MATCHERS = (sdpa, softmax, mha)
-_QUIET_CODES = ("device", "min_seq_len", "excluded")  # expected, by configuration: info level
+# Expected declines (by configuration, or dense is simply faster): logged at info level
+_QUIET_CODES = ("device", "min_seq_len", "excluded", "short")
 _listeners: list[Callable[[Site], None]] = []
 _DONE = "aether_compile.rewritten"
 

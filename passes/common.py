@@ -135,7 +135,8 @@ def check_common(m: AttentionMatch, options, module: str, module_type: str) -> O
             or checks.dtypes(q, k, v)
             or checks.head_dims(q, v)
             or checks.device(q, options.allow_cpu)
-            or checks.seq_len(k, options.min_seq_len))
+            or checks.seq_len(k, options.min_seq_len)
+            or checks.short_attention(q, k, v))
 
 
 def apply(gm: GraphModule, m: AttentionMatch, options) -> None:

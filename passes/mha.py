@@ -107,11 +107,16 @@ class MhaMatch:
         D = E // H
         qh = q.new_empty(1, H, 1, D)
         kh = k.new_empty(1, H, k.shape[0], D)
+        if q.dim() == 3:  # [L, N, E], or [N, L, E] on the batch-first native path
+            N, L = (q.shape[0], q.shape[1]) if self.native else (q.shape[1], q.shape[0])
+        else:
+            N, L = 1, q.shape[0]
         return (checks.excluded(module, module_type, options.exclude)
                 or checks.dtypes(q, k, ev(a["value"]))
                 or checks.head_dims(qh, qh)
                 or checks.device(q, options.allow_cpu)
-                or checks.seq_len(kh, options.min_seq_len))
+                or checks.seq_len(kh, options.min_seq_len)
+                or checks.short_attention(q.new_empty(N, H, L, D), kh, kh))
 
     def apply(self, gm, options) -> None:
         a = self.args

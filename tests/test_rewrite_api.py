@@ -241,3 +241,36 @@ def test_inductor_failure_on_the_op_compiles_the_graph_as_captured(monkeypatch):
     assert [s.decision for s in report.sites] == ["dense"]
     assert "Inductor failed" in report.sites[0].reason
     assert counters["aether"]["compile_failed"] == 1 and counters["aether"]["rewritten"] == 0
+
+
+def test_short_cuda_attention_stays_dense(monkeypatch):
+    """A CUDA site whose static sizes leave the sparse path nothing to win is declined as "short"
+    (few key blocks, or little work): it stays the dense attention it is, mask included, and
+    compiles exactly as in the default compile. Long or symbolic sizes are rewritten, and
+    AETHER_STATIC_DENSE=0 rewrites everything (tests, benchmarks). Fake CUDA tensors: no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from aether_compile.passes import checks
+
+    def qkv(B, H, L, D, mode):
+        with mode:
+            q = torch.empty(B, H, L, D, device="cuda", dtype=torch.float16)
+        return q, q, q
+
+    mode = FakeTensorMode()
+    few_blocks = checks.short_attention(*qkv(8, 32, 512, 128, mode))  # 8 key blocks, much work
+    assert few_blocks is not None and few_blocks.code == "short" and "8 key blocks" in few_blocks.message
+    small = checks.short_attention(*qkv(2, 12, 1024, 64, mode))  # GPT-2 at 1024 tokens
+    assert small is not None and "2**36" in small.message
+    assert checks.short_attention(*qkv(1, 32, 16384, 128, mode)) is None  # long: rewritten
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+    assert checks.short_attention(*qkv(2, 12, 1024, 64, mode)) is None
+    monkeypatch.delenv("AETHER_STATIC_DENSE")
+    from aether_compile import ops
+
+    length = ShapeEnv().create_unbacked_symint()  # a symbolic length: the op decides per call
+    assert ops.static_dense_reason(2, 12, length, length, 64, 64, 64, True) is None
+    with mode:
+        cpu = torch.empty(2, 12, 1024, 64, dtype=torch.float16)
+    assert checks.short_attention(cpu, cpu, cpu) is None  # the CPU reference is not about speed

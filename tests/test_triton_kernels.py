@@ -294,25 +294,34 @@ def test_sampled_visit_fraction_tracks_the_full_plan():
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("decision", [0, 1], ids=["sparse", "dense-before-planning"])
-def test_precheck_decision_skips_the_plan_or_leaves_it(is_causal, decision):
-    """Traced graphs decide dense before planning (``precheck``). Decision 1: the plan's kernels
-    and the pass return at once, the output is the precheck's and every live block is kept.
-    Decision 0: the same output and kept map as without a precheck."""
+@pytest.mark.parametrize("route", ["precheck-sparse", "precheck-dense", "gated-mask",
+                                   "plain-mask"])
+def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
+    """Compiled graphs split the forward into the opaque ``prepare_pass`` and the traced pass
+    (``attention_after_prepare``). Sparse, with or without a mask and gate: the same out, lse and
+    kept map as the eager forward. Dense before planning: the pass returns at once, out and lse
+    are the dense kernel's and every live block is kept."""
+    tam = triton_attention_module
     q, k, v = WORKLOADS["clustered"](1, 2, 256, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=32, centers=4)
-    want_out, want_lse, want_kept = triton_attention(q, k, v, None, is_causal, None, False, 1e-3,
-                                                     BM, BN)
+    mask = make_mask("bool", 1, 2, 256, 256, None, DEVICE, seed=5) if "mask" in route else None
+    fraction = None if route == "plain-mask" else 0.65
+    if route == "gated-mask":  # the gate needs a dense kernel (CUDA); its read only happens there
+        monkeypatch.setattr(tam, "_dense_kernel_fits", lambda *a: True)
+    want_out, want_lse, want_kept = triton_attention(q, k, v, mask, is_causal, None, False, 1e-3,
+                                                     BM, BN, dense_fraction=fraction)
     marker_out = torch.full_like(want_out, 7.0)  # what a dense kernel would have written
     marker_lse = torch.full_like(want_lse, 3.0)
-
-    def precheck():
-        return (marker_out.clone(), marker_lse.clone(),
-                torch.full((1,), decision, device=DEVICE, dtype=torch.int32))
-
-    out, lse, kept = triton_attention(q, k, v, None, is_causal, None, False, 1e-3, BM, BN,
-                                      precheck=precheck)
-    if decision:
+    monkeypatch.setattr(tam, "precheck_choice", lambda *a, **kw: (
+        marker_out.clone(), marker_lse.clone(), route == "precheck-dense"))
+    precheck = route.startswith("precheck")
+    gated = not precheck and tam.gate_applies(q, k, v, mask, is_causal, fraction)
+    assert gated == (route == "gated-mask")
+    args = (q, k, v, mask, is_causal, 32 ** -0.5, 1e-3, BM, BN)
+    prepared = tam.prepare_pass(*args, fraction, precheck, gated)
+    out, lse, kept = tam.attention_after_prepare(*args, prepared, precheck, gated)
+    assert out.stride() == want_out.stride() == tam.out_strides(q, 32)
+    if route == "precheck-dense":
         assert torch.equal(out, marker_out) and torch.equal(lse, marker_lse)
         live = triton_attention_module.all_live_blocks(256, 256, BM, BN, is_causal, 1, 2, DEVICE)
         assert torch.equal(kept, live)
@@ -322,16 +331,15 @@ def test_precheck_decision_skips_the_plan_or_leaves_it(is_causal, decision):
         assert torch.equal(kept, want_kept)
 
 
-def test_skipped_plan_is_empty_and_valid():
-    """With skip set, the fused plan kernel writes an empty plan (identity order, no live
-    blocks) instead of leaving memory uninitialised: the torch ops after it index with it."""
-    q, k, v = _inputs(1, 2, 2, 64, 64, 16, 16, torch.float16, seed=4)
-    skip = torch.ones(1, device=DEVICE, dtype=torch.int32)
-    plan = triton_attention_module.plan_attention(q, k, v, None, False, None, BM, BN, skip)
-    nkb = plan.order.shape[-1]
-    assert torch.equal(plan.order.long(), torch.arange(nkb, device=DEVICE).expand_as(plan.order))
-    assert torch.equal(plan.n_live, torch.zeros_like(plan.n_live))
-    assert torch.isneginf(plan.tail_log2).all()
+def test_output_follows_the_query_layout():
+    """Heads split from a [B, L, H * D] projection give a [B, L, H, D]-ordered output, so that
+    the reshape back is free; contiguous queries a contiguous one. Same numbers either way."""
+    q, k, v = _inputs(1, 4, 4, 64, 64, 16, 16, torch.float16, seed=6)
+    interleaved = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out_c, _, _ = triton_attention(q, k, v, None, False, None, False, 1e-3, BM, BN)
+    out_i, _, _ = triton_attention(interleaved, k, v, None, False, None, False, 1e-3, BM, BN)
+    assert out_c.is_contiguous() and out_i.transpose(1, 2).is_contiguous()
+    assert torch.equal(out_c, out_i)
 
 
 def test_all_live_blocks_copies_the_cached_causal_map():
