@@ -66,6 +66,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {} if device == "cuda" else {"allow_cpu": True}
+    # Training through the op is what this checks: at these lengths the pass would otherwise leave
+    # CUDA attention dense ("short"). Read when the graphs are traced.
+    os.environ.setdefault("AETHER_STATIC_DENSE", "0")
     dense = train("inductor", args.steps, args.seq_len, args.batch, device)
     sparse = train("aether", args.steps, args.seq_len, args.batch, device, options)
     last = slice(-50, None)
