@@ -154,8 +154,9 @@ def test_hf_zoo_gpu(name, impl, monkeypatch):
     # that the sparse path's kernels must appear in Inductor's code.
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     calls = []
-    real = tri.triton_attention
-    monkeypatch.setattr(tri, "triton_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for path in ("triton_attention", "attention_after_prepare"):  # eager, traced
+        real = getattr(tri, path)
+        monkeypatch.setattr(tri, path, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     case = zoo.hf_case(name, impl, device="cuda", dtype=torch.float16)
     compiled = torch.compile(case.model, backend="aether", options=GPU_OPTIONS)
     from aether_compile.passes import add_listener, remove_listener
@@ -173,7 +174,7 @@ def test_hf_zoo_gpu(name, impl, monkeypatch):
     assert len(sites) == case.sites and all(s.rewritten for s in sites), sites
     assert any("_attention_kernel" in c for c in code), "our Triton kernel not in Inductor's code"
     assert calls, "the op did not take its Triton path"
-    assert err < GPU_REL_TOL
+    assert err < GPU_REL_TOL, err
 
 
 @pytest.mark.gpu
