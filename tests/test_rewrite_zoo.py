@@ -144,15 +144,20 @@ GPU_OPTIONS = dict(eps=0.0)  # default compiler: inductor
 GPU_REL_TOL = 5e-3  # fp16 vs fp16 eager, relative Frobenius
 
 
+@pytest.fixture(autouse=True)
+def _rewrite_short_cuda_sites(monkeypatch):
+    """The zoo's sequences are short enough that the pass leaves CUDA attention dense ("short");
+    these tests are about the rewrite and the sparse path, so the static choice is off (CPU sites
+    never take it)."""
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,impl", [(n, i) for n in zoo.HF_MODELS for i in zoo.HF_IMPLS],
                          ids=HF_IDS)
 def test_hf_zoo_gpu(name, impl, monkeypatch):
     from aether_compile.kernels import triton_attention as tri
 
-    # The zoo's sequences are short enough for the op's static dense choice; switch it off so
-    # that the sparse path's kernels must appear in Inductor's code.
-    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     calls = []
     for path in ("triton_attention", "attention_after_prepare"):  # eager, traced
         real = getattr(tri, path)
