@@ -163,7 +163,8 @@ def test_traced_body_launches_one_kernel(sm90_target, monkeypatch, mask):
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert targets.count("triton_kernel_wrapper_functional") == 1, targets
     assert [t for t in targets if t.startswith("aether.")] == ["aether.prepare_pass.default"]
-    prepare = next(n for n in graphs[0].graph.nodes if str(n.target) == "aether.prepare_pass.default")
+    prepare = next(n for n in graphs[0].graph.nodes
+                   if str(n.target) == "aether.prepare_pass.default")
     precheck, gated = prepare.args[10:12]
     assert (precheck, gated) == ((False, True) if mask else (True, False))
 

@@ -1,6 +1,7 @@
 """GPU-only: the op inside Inductor (issue 5). The attention kernel lands in Inductor's generated
-code (triton_op; the stages before it are one opaque op), the static dense choice, CUDA-graph replays, max-autotune, dynamic lengths
-without per-length recompiles, fullgraph on a transformers model, and opcheck of the traced op.
+code (triton_op; the stages before it are one opaque op), the static dense choice, CUDA-graph
+replays, max-autotune, dynamic lengths without per-length recompiles, fullgraph on a transformers
+model, and opcheck of the traced op.
 Run on an H100: python -m pytest -q -m gpu tests/test_inductor_gpu.py"""
 
 import pytest
