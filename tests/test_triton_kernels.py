@@ -393,3 +393,28 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     assert traced is not two
     causal = triton_attention_module._cached_causal_block_map  # the same sharing
     assert causal(100, 7, 7, 16, 16, DEVICE) is causal(100, 7, 7, 16, 16, DEVICE)
+
+
+@pytest.mark.parametrize("route", ["precheck-sparse", "precheck-dense", "gated-mask", "plain"])
+def test_prepare_pass_fake_matches_real(route, monkeypatch):
+    """aether::prepare_pass is opaque to Inductor, which plans memory from its fake: shapes,
+    dtypes and strides (the output's layout follows the query's) must be the real ones on every
+    route (opcheck's schema and fake-tensor checks; its AOT check compares values, and the
+    outputs the pass fills later are uninitialised)."""
+    tam = triton_attention_module
+    q, k, v = WORKLOADS["clustered"](1, 2, 128, 32, dtype=torch.float16, device=DEVICE, seed=3,
+                                     run=32, centers=4)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads split from a projection
+    mask = None
+    if route == "precheck-dense":
+        monkeypatch.setattr(tam, "precheck_choice", lambda q, k, v, *a, **kw: (
+            tam.new_out(q, v.shape[-1]).zero_(), torch.zeros(q.shape[:3], device=q.device), True))
+    if route == "gated-mask":
+        mask = make_mask("bool", 1, 2, 128, 128, None, DEVICE, seed=5)
+    precheck, gated = route.startswith("precheck"), route == "gated-mask"
+    args = (q, k, v, mask, False, 32 ** -0.5, 1e-3, BM, BN, None if route == "plain" else 0.65,
+            precheck, gated, 0)
+    torch.library.opcheck(torch.ops.aether.prepare_pass.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.aether.prepare_pass(*args)[0]
+    assert out.stride() == tam.out_strides(q, 32) and out.transpose(1, 2).is_contiguous()
