@@ -156,7 +156,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         gated = not sample and _tri.gate_applies(query, key, value, attn_mask, is_causal, fraction)
         prepared = torch.ops.aether.prepare_pass(
             query, key, value, attn_mask, is_causal, scale_f, eps, block_m, block_n, fraction,
-            sample, gated, _traced_site_id(query))
+            sample, gated, _tri.heads_interleaved(query), _traced_site_id(query))
         return _tri.attention_after_prepare(query, key, value, attn_mask, is_causal, scale_f, eps,
                                             block_m, block_n, prepared, sample, gated)
     return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
@@ -231,22 +231,24 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, 
 @torch.library.custom_op("aether::prepare_pass", mutates_args=())
 def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                  is_causal: bool, scale: float, eps: float, block_m: int, block_n: int,
-                 fraction: Optional[float], precheck: bool, gated: bool, site: int = -1
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 fraction: Optional[float], precheck: bool, gated: bool, out_interleaved: bool,
+                 site: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compiled graphs' stages before the attention pass (kernels.triton_attention.prepare_pass):
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
-    Inductor compiles one Triton launch per site instead of six."""
-    return _tri.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
-                             fraction, precheck, gated, site)
+    Inductor compiles one Triton launch per site instead of six. The output's layout is fixed when
+    the graph is traced (``out_interleaved``), where the fake decides it, so the two always agree."""
+    out, *rest = _tri.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m,
+                                   block_n, fraction, precheck, gated, site)
+    return (_tri.as_out_layout(out, query, out_interleaved), *rest)
 
 
 @prepare_pass.register_fake
 def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fraction, precheck,
-      gated, site=-1):
+      gated, out_interleaved, site=-1):
     B, H, L, _ = query.shape
     nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
     tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
-    return (_tri.new_out(query, value.shape[-1]),
+    return (_tri.new_out(query, value.shape[-1], out_interleaved),
             query.new_empty(B, H, L, dtype=torch.float32),
             query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
             query.new_empty(B, H, nqt, nkb, dtype=torch.float32),

@@ -64,7 +64,8 @@ def run_case(name, workload, N, H, Hkv, D, dtype, causal) -> dict:
     counts = tri.sample_visit_counts(q, k, v, causal, scale, eps, bm, bn, True)
     steps = {
         "prepare_pass (lagged)": lambda: torch.ops.aether.prepare_pass(
-            q, k, v, None, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, True, False, 0),
+            q, k, v, None, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, True, False,
+            tri.heads_interleaved(q), 0),
         "precheck_choice (read every call)": lambda: tri.precheck_choice(
             q, k, v, causal, scale, eps, bm, bn, tri.DENSE_FRACTION, 1),
         "sample_visit_counts": lambda: tri.sample_visit_counts(q, k, v, causal, scale, eps, bm,

@@ -681,21 +681,30 @@ def heads_interleaved(query) -> bool:
     return query.shape[1] > 1 and statically_known_true(query.stride(1) < query.stride(2))
 
 
-def out_strides(query, dv: int) -> tuple:
+def out_strides(query, dv: int, interleaved: bool | None = None) -> tuple:
     """Strides of the op's [B, H, L, dv] output: the memory order SDPA's fused kernels give this
-    query, [B, L, H, dv] seen through a transpose where the heads are interleaved, else
-    contiguous. The model's reshape back to [B, L, H * dv] is then free, and a dense kernel's
-    output needs no copy."""
+    query, [B, L, H, dv] seen through a transpose where the heads are interleaved
+    (``interleaved``, by default ``heads_interleaved(query)``), else contiguous. The model's
+    reshape back to [B, L, H * dv] is then free, and a dense kernel's output needs no copy."""
     B, H, L, _ = query.shape
-    if heads_interleaved(query):
+    if heads_interleaved(query) if interleaved is None else interleaved:
         return (L * H * dv, dv, H * dv, 1)
     return (H * L * dv, L * dv, dv, 1)
 
 
-def new_out(query, dv: int) -> torch.Tensor:
+def new_out(query, dv: int, interleaved: bool | None = None) -> torch.Tensor:
     """An uninitialised output of the op, strided as ``out_strides``."""
     B, H, L, _ = query.shape
-    return query.new_empty_strided((B, H, L, dv), out_strides(query, dv))
+    return query.new_empty_strided((B, H, L, dv), out_strides(query, dv, interleaved))
+
+
+def as_out_layout(out, query, interleaved: bool | None = None) -> torch.Tensor:
+    """``out`` itself where its layout is ``out_strides``' (size-1 dims aside), else a copy that
+    has it."""
+    want = out_strides(query, out.shape[-1], interleaved)
+    if any(n > 1 and st != w for n, st, w in zip(out.shape, out.stride(), want)):
+        return new_out(query, out.shape[-1], interleaved).copy_(out)
+    return out
 
 
 def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
@@ -835,11 +844,7 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
             res = run(query, *kv, is_causal, scale)
         except RuntimeError:  # backend unavailable for these inputs / this build
             continue
-        out = res[0]
-        want = out_strides(query, out.shape[-1])
-        if any(n > 1 and st != w for n, st, w in zip(out.shape, out.stride(), want)):
-            out = new_out(query, out.shape[-1]).copy_(out)
-        return out, res[1].reshape(B, H, L).float().contiguous()
+        return as_out_layout(res[0], query), res[1].reshape(B, H, L).float().contiguous()
     return None
 
 

@@ -395,12 +395,14 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     assert causal(100, 7, 7, 16, 16, DEVICE) is causal(100, 7, 7, 16, 16, DEVICE)
 
 
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "traced-contiguous"])
 @pytest.mark.parametrize("route", ["precheck-sparse", "precheck-dense", "gated-mask", "plain"])
-def test_prepare_pass_fake_matches_real(route, monkeypatch):
+def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
     """aether::prepare_pass is opaque to Inductor, which plans memory from its fake: shapes,
-    dtypes and strides (the output's layout follows the query's) must be the real ones on every
-    route (opcheck's schema and fake-tensor checks; its AOT check compares values, and the
-    outputs the pass fills later are uninitialised)."""
+    dtypes and strides must be the real ones on every route (opcheck's schema and fake-tensor
+    checks; its AOT check compares values, and the outputs the pass fills later are
+    uninitialised). The output's layout is the one fixed at trace time (``out_interleaved``),
+    even where the query at run time would pick the other."""
     tam = triton_attention_module
     q, k, v = WORKLOADS["clustered"](1, 2, 128, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=32, centers=4)
@@ -413,8 +415,9 @@ def test_prepare_pass_fake_matches_real(route, monkeypatch):
         mask = make_mask("bool", 1, 2, 128, 128, None, DEVICE, seed=5)
     precheck, gated = route.startswith("precheck"), route == "gated-mask"
     args = (q, k, v, mask, False, 32 ** -0.5, 1e-3, BM, BN, None if route == "plain" else 0.65,
-            precheck, gated, 0)
+            precheck, gated, interleaved, 0)
     torch.library.opcheck(torch.ops.aether.prepare_pass.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.aether.prepare_pass(*args)[0]
-    assert out.stride() == tam.out_strides(q, 32) and out.transpose(1, 2).is_contiguous()
+    assert out.stride() == tam.out_strides(q, 32, interleaved)
+    assert (out.transpose(1, 2) if interleaved else out).is_contiguous()
