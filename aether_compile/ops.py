@@ -86,11 +86,9 @@ def static_dense(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal
     torch.compile): ``static_dense_reason``, with "exact" where a dense SDPA kernel computes this
     call exactly (no general mask)."""
     B, H, L, D = query.shape
-    sizes = (B, H, L, key.shape[-2], D, value.shape[-1], block_n)
-    if static_dense_reason(*sizes, exact_dense=False) is not None:
-        return True
-    return (static_dense_reason(*sizes, exact_dense=True) is not None
-            and _tri.dense_eligible(query, key, value, attn_mask, is_causal))
+    exact = _tri.dense_eligible(query, key, value, attn_mask, is_causal)  # metadata only
+    return static_dense_reason(B, H, L, key.shape[-2], D, value.shape[-1], block_n,
+                               exact_dense=exact) is not None
 
 
 def _tracing(t: Tensor) -> bool:

@@ -879,15 +879,19 @@ def _native_gqa(run, query, group: int) -> bool:
     return _NATIVE_GQA[key]
 
 
-def _dense_choice_buffers(query, value, flag: bool = True):
-    """(out, lse, flag int32[1] = 0, or None if not ``flag``) for a dense choice to fill, and
-    whether it may read the device now: on CUDA and not while a CUDA graph is being captured."""
+def _dense_choice_buffers(query, value):
+    """(out, lse) for a dense choice to fill, and whether it may read the device now: on CUDA and
+    not while a CUDA graph is being captured."""
     B, H, L, _ = query.shape
     out = new_out(query, value.shape[-1])
     lse = torch.empty(B, H, L, device=query.device, dtype=torch.float32)
-    flag = torch.zeros(1, device=query.device, dtype=torch.int32) if flag else None
     can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-    return out, lse, flag, can_read
+    return out, lse, can_read
+
+
+def _new_flag(query) -> torch.Tensor:
+    """A fresh int32[1] Skip flag holding 0, for a dense choice to set."""
+    return torch.zeros(1, device=query.device, dtype=torch.int32)
 
 
 def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float,
@@ -900,7 +904,8 @@ def dense_gate(query, key, value, n_visit, n_live, is_causal: bool, scale: float
     entries unlike a causal mask, read in the same sync) the dense kernel runs only where the mask
     is exactly causal, as is_causal. During CUDA-graph capture no read is possible: use_dense
     stays 0, so the sparse path runs and replays stay correct."""
-    out, lse, use_dense, can_read = _dense_choice_buffers(query, value)
+    out, lse, can_read = _dense_choice_buffers(query, value)
+    use_dense = _new_flag(query)
     if not can_read:
         return out, lse, use_dense
     stats = [n_visit.sum(), n_live.sum()]
@@ -1023,7 +1028,7 @@ def precheck_choice(query, key, value, is_causal: bool, scale: float, eps: float
     lse. The sample is of an earlier call of this ``site`` (``dense_choice``: its first call, then
     every 16th, read without a sync). During CUDA-graph capture nothing is sampled or read: the
     site's choice so far is captured (sparse if none). No mask; ``dense_eligible`` inputs."""
-    out, lse, _, can_read = _dense_choice_buffers(query, value, flag=False)
+    out, lse, can_read = _dense_choice_buffers(query, value)
     if query.device.type != "cuda":
         return out, lse, False
     sample = functools.partial(sample_visit_counts, query, key, value, is_causal, scale, eps,
@@ -1085,12 +1090,10 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     else:
         plan = plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
         if gated:
-            n_visit = _probe_visit_count(query, key, value, plan, eps)
-            out, lse, skip = dense_gate(query, key, value, n_visit, _live_for_gate(plan),
-                                        is_causal, plan.scale, fraction, plan.mask_not_causal)
-            n_visit = torch.where(skip.bool(), plan.n_live, n_visit)
+            out, lse, n_visit, skip = _probe_and_gate(query, key, value, plan, eps, fraction)
         else:
-            out, lse, skip, _ = _dense_choice_buffers(query, value)
+            out, lse, _ = _dense_choice_buffers(query, value)
+            skip = _new_flag(query)
     if n_visit is None:
         n_visit = torch.zeros(B, H, nqt, device=dev, dtype=torch.int32)
     return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
@@ -1142,13 +1145,19 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, certify=True)
         return out, lse, _kept_map(plan, n_visit)
     # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
+    out, lse, n_visit, use_dense = _probe_and_gate(query, key, value, plan, eps, dense_fraction)
+    out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
+    return out, lse, _kept_map(plan, n_visit)
+
+
+def _probe_and_gate(query, key, value, plan: VisitPlan, eps: float, fraction: float):
+    """The gated forward up to its pass: probe, certified count, ``dense_gate``. Returns (out,
+    lse, n_visit, use_dense int32[1]); n_visit counts every live block where the gate went dense
+    (the pass then returns at once and the kept map is the dense one)."""
     n_visit = _probe_visit_count(query, key, value, plan, eps)
     out, lse, use_dense = dense_gate(query, key, value, n_visit, _live_for_gate(plan),
-                                     plan.is_causal, plan.scale, dense_fraction,
-                                     plan.mask_not_causal)
-    out, lse = _launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
-    n_visit = torch.where(use_dense.bool(), plan.n_live, n_visit)
-    return out, lse, _kept_map(plan, n_visit)
+                                     plan.is_causal, plan.scale, fraction, plan.mask_not_causal)
+    return out, lse, torch.where(use_dense.bool(), plan.n_live, n_visit), use_dense
 
 
 def forward_mode(mode: str | None = None) -> str:
