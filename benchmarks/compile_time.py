@@ -20,12 +20,12 @@ per repeat. Per model: seconds per repeat; ratio aether/inductor of the medians,
 of the median CPU seconds; time inside the rewrite pass, sites rewritten, output difference.
 
 Models: tiny transformers configs (random init) with position tables long enough for ``--seq``
-(default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA the op would take its static
-dense choice for attention this small (ops.static_dense: <= 8 key blocks, or little work and no
-mask), which compiles far less than the sparse path that long sequences get; the benchmark sets
-``AETHER_STATIC_DENSE=0`` (read while tracing) so every site compiles the sparse path, the worst
-case. ``--static-dense`` keeps the op's own choice. On CPU the op is its plain-torch reference
-either way. ``--profile`` adds a cProfile of the rewrite pass (top functions by cumulative time)
+(default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA attention this small is
+"short" (ops.static_dense_reason: <= 8 key blocks, or little work): the pass leaves it as written,
+so both backends compile the same graph, while long sequences get the sparse path. The benchmark
+sets ``AETHER_STATIC_DENSE=0`` (read while tracing) so every site compiles the sparse path, the
+worst case; ``--static-dense`` keeps the default choices. On CPU the op is its plain-torch
+reference either way. ``--profile`` adds a cProfile of the rewrite pass (top functions by cumulative time)
 to the JSON.
 """
 
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
                          "functions by cumulative and by own time go into the JSON")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--static-dense", action="store_true",
-                    help="keep the op's static dense choice for small attention (default: "
+                    help="keep the default choices: short CUDA sites stay dense (default: "
                          "AETHER_STATIC_DENSE=0, every site compiles the sparse path)")
     args = ap.parse_args(argv)
 
