@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from aether_compile import _compat
+from aether_compile.kernels import precompile as _precompile
 from aether_compile.kernels import reference as _ref
 from aether_compile.kernels import triton_attention as _tri
 from aether_compile.kernels import triton_backward as _bwd
@@ -235,6 +236,7 @@ def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
     Inductor compiles one Triton launch per site instead of six. The output's layout is fixed when
     the graph is traced (``out_interleaved``), where the fake decides it, so the two always agree."""
+    _precompile.wait()  # kernels this graph's trace started compiling (its first call)
     out, *rest = _tri.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                    block_n, fraction, precheck, gated, site)
     return (_tri.as_out_layout(out, query, out_interleaved), *rest)
@@ -243,6 +245,9 @@ def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
 @prepare_pass.register_fake
 def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fraction, precheck,
       gated, out_interleaved, site=-1):
+    # Tracing sees the real shapes: start JIT-compiling the kernels the first call will launch.
+    _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
+                                  block_n, fraction, precheck, gated)
     B, H, L, _ = query.shape
     nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
     tiles = query.new_empty(B, H, nqt, dtype=torch.int32)

@@ -18,8 +18,10 @@ The same semantics in plain torch live in ``reference.py``; tests compare the tw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -60,10 +62,37 @@ def traceable(kernel):
     Otherwise the plain kernel: an eager launch through wrap_triton's higher-order op costs about
     0.2 ms of host time on an H100 (Torch skips it only inside a triton_op's own eager call, not
     in the runtime dense choice's custom op; benchmarks/profile_host.py). The interpreter's
-    kernels cannot be traced, only launched."""
+    kernels cannot be traced, only launched. Under ``launches_to`` each launch goes to its hook."""
+    hook = getattr(_LAUNCH_HOOK, "fn", None)
+    if hook is not None:
+        return _HookedLauncher(kernel, hook)
     if INTERPRET or not _tracing_now():
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+_LAUNCH_HOOK = threading.local()
+
+
+@contextlib.contextmanager
+def launches_to(hook):
+    """In this thread, ``traceable(kernel)[grid](*args, **kwargs)`` calls
+    ``hook(kernel, grid, args, kwargs)`` instead of launching (kernels/precompile.py compiles
+    each launch of a replay on fake tensors; tests record launches)."""
+    previous = getattr(_LAUNCH_HOOK, "fn", None)
+    _LAUNCH_HOOK.fn = hook
+    try:
+        yield
+    finally:
+        _LAUNCH_HOOK.fn = previous
+
+
+class _HookedLauncher:
+    def __init__(self, kernel, hook):
+        self._kernel, self._hook = kernel, hook
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._hook(self._kernel, grid, args, kwargs)
 
 
 def _tracing_now() -> bool:

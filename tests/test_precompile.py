@@ -1,0 +1,147 @@
+"""Compiling the prepare op's kernels while the graph compiles (kernels/precompile.py).
+
+The replay on fake tensors must ask Triton for exactly the specialisations the op's first real
+call launches, or the warm-up compiles kernels nobody uses and the first call still waits. On CPU
+both run through the interpreter and their launches are compared; on a GPU, after the warm-up
+the first call compiles nothing."""
+
+import itertools
+
+import pytest
+import torch
+
+from aether_compile.kernels import precompile
+from aether_compile.kernels import triton_attention as tam
+from aether_compile.workloads import WORKLOADS
+
+from conftest import TRITON_INTERPRET
+from helpers import make_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
+                                reason="Triton on CPU needs TRITON_INTERPRET=1")
+_SITES = itertools.count(10_000)  # dense-choice state of its own per call
+
+
+def _arg_signature(a):
+    """What decides a launch's compiled specialisation, and more (shapes) for a stricter test."""
+    if isinstance(a, torch.Tensor):
+        aligned = a.storage_offset() * a.element_size() % 16 == 0
+        return ("tensor", a.dtype, tuple(a.shape), tuple(a.stride()), aligned)
+    return (type(a).__name__, a)
+
+
+def _launch_signature(kernel, grid, args, kwargs):
+    return (repr(kernel), tuple(grid), tuple(map(_arg_signature, args)),
+            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+
+
+def _record(launches, run_too):
+    def hook(kernel, grid, args, kwargs):
+        launches.add(_launch_signature(kernel, grid, args, kwargs))
+        if run_too:
+            kernel[grid](*args, **kwargs)
+    return hook
+
+
+def _case(route, L=128, D=32):
+    """Inputs and the op's arguments for one route of prepare_pass. The query is split from a
+    projection and the key sits at an offset of a fused qkv buffer, as in GPT-2."""
+    q, _, v = WORKLOADS["clustered"](1, 2, L, D, dtype=torch.float16, device=DEVICE, seed=3,
+                                     run=32, centers=4)
+    qkv = torch.cat([q, q.flip(2), v], dim=-1).transpose(1, 2).contiguous()  # [B, L, H, 3D]
+    q, k, v = (t.transpose(1, 2) for t in qkv.split(D, dim=-1))
+    mask = make_mask("bool", 1, 2, L, L, None, DEVICE, seed=5) if route == "gated-mask" else None
+    bm, bn = tam.default_blocks(D, q.device.type)
+    fraction = None if route == "plain" else 0.65
+    is_causal = route == "precheck-causal"
+    args = (is_causal, D ** -0.5, 1e-3, bm, bn, fraction, route.startswith("precheck"),
+            route == "gated-mask")
+    return (q, k, v, mask), args
+
+
+ROUTES = ["precheck", "precheck-causal", "gated-mask", "plain"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_replay_asks_for_the_launches_of_the_first_call(route):
+    """Every launch of the op's first call (recorded while it runs) is one the replay on fake
+    tensors asks for: same kernel, grid, constexprs, dtypes, shapes, strides and alignment. The
+    replay may ask for more only where the first call's host read picks one of two branches."""
+    tensors, args = _case(route)
+    real = set()
+    with tam.launches_to(_record(real, run_too=True)):
+        tam.prepare_pass(*tensors, *args, site=next(_SITES))
+    replayed = set()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), tam.launches_to(_record(replayed, run_too=False)):
+        fakes = [None if t is None else precompile._fake(precompile._tensor_spec(t), t.device)
+                 for t in tensors]
+        precompile.replay_prepare(*fakes, *args)
+    assert real, "the first call launched nothing: the test would pass vacuously"
+    assert real <= replayed, sorted(real - replayed)
+    if not route.startswith("precheck"):
+        assert replayed == real
+
+
+def test_pointer_arg_alignment_follows_the_view_offset():
+    base = torch.empty(64, dtype=torch.float16)
+    assert precompile._PointerArg(base[8:]).data_ptr() % 16 == 0
+    assert precompile._PointerArg(base[4:]).data_ptr() % 16 == 8
+
+
+def test_symbolic_or_cpu_inputs_start_nothing(monkeypatch):
+    """CPU inputs have nothing to compile; symbolic sizes (dynamic shapes) give no specialisation
+    to replay: the first call compiles what it needs, as before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    started = []
+    monkeypatch.setattr(precompile, "_executor", lambda: started.append(1))
+    monkeypatch.setattr(precompile, "enabled", lambda: True)
+    (q, k, v, _), args = _case("plain")
+    precompile.start_for_prepare(q.cpu(), k.cpu(), v.cpu(), None, *args)
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env):
+        L = shape_env.create_unbacked_symint()
+        q, k, v = (torch.empty(1, 2, L, 32, device="cuda") for _ in range(3))
+        precompile.start_for_prepare(q, k, v, None, *args)
+    assert not started
+
+
+def test_a_failing_replay_is_logged_not_raised(monkeypatch, caplog):
+    def boom(*a, **kw):
+        raise RuntimeError("replay broke")
+    monkeypatch.setattr(precompile, "replay_prepare", boom)
+    (q, k, v, _), args = _case("plain")
+    spec = (q.device, tuple(precompile._tensor_spec(t) for t in (q, k, v, None)), args)
+    with caplog.at_level("DEBUG", logger=precompile.__name__):
+        precompile._warm(spec)
+    assert "replay broke" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ROUTES)
+def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch):
+    """From the fake's start to the first real call: with the in-memory caches emptied, the
+    warm-up compiles (from Triton's disk cache if it has them) and the call then compiles
+    nothing."""
+    import triton
+
+    monkeypatch.setenv("AETHER_PRECOMPILE", "1")
+    for kernel in tam.JIT_KERNELS:
+        monkeypatch.setattr(kernel, "device_caches",
+                            type(kernel.device_caches)(kernel.device_caches.default_factory))
+    compiles = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda *a, **kw: compiles.append(kw.get("repr")) or False)
+    tensors, args = _case(route, L=1024, D=64)
+    monkeypatch.setattr(precompile, "_started", set())
+    precompile.start_for_prepare(*tensors, *args)
+    precompile.wait()
+    warmed = len(compiles)
+    assert warmed > 0
+    torch.ops.aether.prepare_pass(*tensors, *args, False, next(_SITES))
+    torch.cuda.synchronize()
+    assert len(compiles) == warmed, f"the first call compiled {compiles[warmed:]}"
