@@ -4,36 +4,29 @@
 pass) eagerly when the graph first runs, so on a cold Triton cache their JIT compiles came after
 the whole of torch.compile, one after another: most of the compile-time excess of a site forced
 onto the sparse path. Tracing the graph calls the op's fake with the real shapes, and that is
-when we start them:
+when we start them: a background thread replays the op's launch sequence on fake CUDA tensors of
+those shapes, strides and dtypes, and each launch becomes ``kernel.warmup`` (compile, no launch)
+on a small thread pool. Triton's in-memory and disk caches then hold the exact specialisations
+the first call asks for. The first eager call waits for compiles still in flight rather than
+start the same ones again.
 
-1. a background thread replays the op's launch sequence on fake CUDA tensors of those shapes,
-   strides and dtypes (``replay_prepare``); each launch yields what Triton would compile for it
-   (signature, constexprs, alignment attributes, options: ``_compile_request``), nothing runs;
-2. worker processes (``_start_worker``: a new Python that imports this module) compile those into
-   Triton's disk cache. Processes, not threads: the front end of a Triton compile is Python, and
-   threads would take the GIL from Inductor's own compile (measured: 1.52 -> only 1.37 geomean).
-   A worker compiles for the target named in the request and needs no CUDA context;
-3. the op's first call waits for workers still running (``wait``) and then finds every kernel in
-   the disk cache.
+Threads share the GIL with Inductor's own compile (the front end of a Triton compile is Python),
+so only part of the JIT overlaps; on the H100, 8 zoo models forced sparse, cold: geomean 1.37 with
+it against 1.52 without (same run, 25b738f). Worker processes that compile into the disk cache
+(76a4329) were worse, 2.58 against 1.64: each pays a Python that imports torch and this package
+before compiling, longer than the compile it hides.
 
-Only a speed-up: static shapes on CUDA; it never raises into the compile (failures are logged at
-debug level, and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off. The
-request is built from Triton's own binder (``JITFunction.device_caches``, ``_pack_args``), the
-internals Triton's ``run`` uses (Triton 3.6); a Triton that changes them only loses the speed-up.
+Only a speed-up: static shapes on CUDA, never raises into the compile (a failure is logged at
+debug level and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib
 import logging
 import os
-import pickle
-import subprocess
-import sys
 import threading
-import time
 
 import torch
 
@@ -41,14 +34,13 @@ from . import triton_attention as _tri
 
 log = logging.getLogger(__name__)
 
-_WORKERS_PER_SHAPE = 3  # processes per replay; each pays a Python + torch start
-_WAIT_TIMEOUT_S = 300.0
+_MAX_WORKERS = 4
 _MAX_REMEMBERED = 256
 
 _lock = threading.Lock()
-_replayer: concurrent.futures.ThreadPoolExecutor | None = None
-_started: set = set()  # replay specs and compile keys already started in this process
-_pending: list = []  # replay futures and worker processes not yet waited for
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_started: set = set()  # spec keys whose warm-up was started in this process
+_pending: list = []  # futures of warm-ups and their compiles not yet waited for
 
 
 class _PointerArg:
@@ -68,12 +60,8 @@ def enabled() -> bool:
             and torch.cuda.is_available())
 
 
-class _Symbolic(Exception):
-    pass
-
-
 def _tensor_spec(t):
-    """(sizes, strides, offset, dtype) in plain ints; raises _Symbolic where any is symbolic."""
+    """(sizes, strides, offset, dtype) in plain ints, or None where any is symbolic."""
     if t is None:
         return None
     sizes, strides, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
@@ -82,10 +70,13 @@ def _tensor_spec(t):
     return sizes, strides, offset, t.dtype
 
 
+class _Symbolic(Exception):
+    pass
+
+
 def start_for_prepare(query, key, value, attn_mask, *args) -> None:
     """From ``aether::prepare_pass``'s fake: start compiling the kernels its first call will
-    launch for these inputs (``args``: the op's arguments from is_causal to gated). Returns at
-    once."""
+    launch for these inputs (``args``: the op's arguments after the mask). Returns at once."""
     if query.device.type != "cuda" or not enabled():
         return
     try:
@@ -93,71 +84,43 @@ def start_for_prepare(query, key, value, attn_mask, *args) -> None:
     except _Symbolic:
         return  # dynamic shapes: the first call compiles what it needs
     spec = (query.device, specs, args)
-    if not _remember(spec):
-        return
-    global _replayer
     with _lock:
-        if _replayer is None:
-            _replayer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aether-jit")
-        _pending.append(_replayer.submit(_replay_and_compile, spec))
-
-
-def wait(timeout_s: float = _WAIT_TIMEOUT_S) -> None:
-    """Wait for every compile started so far: an eager call is about to launch those kernels,
-    and compiling them again here would only duplicate the workers' work."""
-    deadline = time.monotonic() + timeout_s
-    while _pending:
-        with _lock:
-            todo, _pending[:] = list(_pending), []
-        for item in todo:
-            left = max(0.0, deadline - time.monotonic())
-            if isinstance(item, concurrent.futures.Future):
-                concurrent.futures.wait([item], timeout=left)
-            else:
-                _finish(item, left)
-
-
-def _remember(key) -> bool:
-    """True the first time ``key`` is seen (bounded memory)."""
-    with _lock:
-        if key in _started:
-            return False
+        if spec in _started:
+            return
         if len(_started) >= _MAX_REMEMBERED:
             _started.clear()
-        _started.add(key)
-        return True
+        _started.add(spec)
+        _pending.append(_executor().submit(_warm, spec))
 
 
-def _replay_and_compile(spec) -> None:
+def wait() -> None:
+    """Wait for every warm-up started so far (an eager call is about to launch those kernels:
+    compiling them again in this thread would only race the pool)."""
+    while _pending:
+        with _lock:
+            futures, _pending[:] = list(_pending), []
+        concurrent.futures.wait(futures)
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="aether-jit")
+    return _pool
+
+
+def _warm(spec) -> None:
+    """Replay the prepare op on fake tensors of ``spec``; each launch queues its compile."""
     device, specs, args = spec
     try:
-        requests = compile_requests(device, specs, args)
-        for share in (requests[i::_WORKERS_PER_SHAPE] for i in range(_WORKERS_PER_SHAPE)):
-            if share:
-                proc = _start_worker(share)
-                with _lock:
-                    _pending.append(proc)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, FakeTensorMode(), _tri.launches_to(_queue_compile):
+            q, k, v, m = (_fake(s, device) for s in specs)
+            replay_prepare(q, k, v, m, *args)
     except Exception as e:  # a speed-up only: the first call compiles as before
         log.debug("aether: precompiling the prepare op's kernels failed: %r", e)
-
-
-def compile_requests(device, specs, args) -> list:
-    """What the prepare op's first call on tensors of ``specs`` would compile, as picklable
-    requests, less what this process has compiled or asked for already."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    requests = []
-
-    def collect(kernel, grid, launch_args, kwargs):
-        made = _compile_request(kernel, launch_args, kwargs)
-        if made is not None and _remember(made[0]):
-            requests.append(made[1])
-
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device, FakeTensorMode(), _tri.launches_to(collect):
-        q, k, v, m = (_fake(s, device) for s in specs)
-        replay_prepare(q, k, v, m, *args)
-    return requests
 
 
 def _fake(spec, device):
@@ -169,72 +132,20 @@ def _fake(spec, device):
     return base.as_strided(sizes, strides, offset)
 
 
-def _compile_request(kernel, args, kwargs):
-    """(key, request) for one launch: Triton's in-memory cache key and what ``triton.compile``
-    needs to build the same binary (hence the same disk-cache entry) elsewhere; None where this
-    process has the kernel already. Mirrors ``JITFunction.run`` up to its compile."""
-    from triton import knobs
-    from triton.runtime.jit import compute_cache_key
-
+def _queue_compile(kernel, grid, args, kwargs) -> None:
+    """A launch in warm-up mode: compile it on the pool with this call's specialisation."""
     args = tuple(_PointerArg(a) if isinstance(a, torch.Tensor) else a for a in args)
-    kwargs = dict(kwargs)
-    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kernel_cache, key_cache, target, backend, binder = kernel.device_caches[_current_device()]
-    bound_args, specialization, options = binder(*args, **kwargs)
-    key = compute_cache_key(key_cache, specialization, options)
-    if key in kernel_cache:
-        return None
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
-                                                              specialization, options)
-    return ((kernel.fn.__qualname__, key),
-            (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
-             options.__dict__, target))
+    device = torch.cuda.current_device()
+    # Triton makes a kernel's per-device cache on first use, unlocked: make it here, in one
+    # thread, so that two compiles of one kernel cannot each make one and lose the other's.
+    kernel.device_caches[device]
 
+    def compile_one():
+        with torch.cuda.device(device):
+            kernel.warmup(*args, grid=grid, **kwargs)
 
-def _current_device() -> int:
-    from triton.runtime.driver import driver
-
-    return driver.active.get_current_device()
-
-
-def _start_worker(requests) -> subprocess.Popen:
-    """A process that compiles ``requests`` into Triton's disk cache and exits. It inherits this
-    process's environment (the cache directory and every variable in the cache key) and its
-    import path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    proc.stdin.write(pickle.dumps(requests))
-    proc.stdin.close()
-    proc.stdin = None  # so that communicate() later only collects stderr
-    return proc
-
-
-_WORKER_MAIN = ("import pickle, sys; from aether_compile.kernels import precompile; "
-                "precompile.compile_in_this_process(pickle.load(sys.stdin.buffer))")
-
-
-def _finish(proc: subprocess.Popen, timeout_s: float) -> None:
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # its cache writes are atomic; the first call compiles what is missing
-        proc.communicate()
-        log.debug("aether: a precompile worker ran past %.0f s and was stopped", timeout_s)
-        return
-    if proc.returncode != 0:
-        log.debug("aether: a precompile worker failed (%d): %s", proc.returncode,
-                  err.decode(errors="replace")[-2000:])
-
-
-def compile_in_this_process(requests) -> None:
-    """The worker's body: compile each request for its target, into Triton's disk cache."""
-    from triton.compiler import ASTSource, compile
-
-    for module, name, signature, constexprs, attrs, options, target in requests:
-        fn = getattr(importlib.import_module(module), name)
-        compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    with _lock:
+        _pending.append(_executor().submit(compile_one))
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
