@@ -343,6 +343,29 @@ def _visit_block(
 
 
 @triton.jit
+def _tile_min_log2_norm(m_i, l_i, m_m):
+    """The tile's smallest row normaliser log2(Z) so far, rounded through the natural lse as
+    ``certified_visit_count`` sees it; rows seeing only floored keys, or NaN, certify nothing."""
+    has = l_i > 0
+    z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                 -float("inf")) * 1.4426950408889634
+    z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
+    return tl.min(tl.where(m_m, z, float("inf")), 0)
+
+
+@triton.jit
+def _first_certified(TailLog2, plan, lo, hi, thr):
+    """The first position p in [lo, hi) of the tile's order whose bounded tail mass
+    TailLog2[p] <= thr (stopping there is certified), else hi."""
+    n = hi
+    for c0 in range(lo, hi, _SCAN_BLOCKS):
+        o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
+        tail = tl.load(TailLog2 + plan + o_c, mask=o_c < hi, other=float("inf"))
+        n = tl.minimum(n, tl.min(tl.where((tail <= thr) & (o_c < hi), o_c, hi), 0))
+    return n
+
+
+@triton.jit
 def _attention_kernel(
     Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit, Skip,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -354,7 +377,7 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
-    PROBE: tl.constexpr,
+    PROBE: tl.constexpr, RECERT: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -362,7 +385,9 @@ def _attention_kernel(
     Kept. VISIT_CERTIFY (2): visit the first PROBE blocks, derive the certified count from their
     normalisers exactly as ``certified_visit_count`` does (stop_log2 is then log2(margin * eps),
     or EXACT for eps == 0), store it in NVisit and visit the rest: the two-pass result without
-    recomputing the probe's blocks.
+    recomputing the probe's blocks. With RECERT > 0 the count is certified again as the visit
+    goes on, with the grown normalisers (fewer blocks, never more), and NVisit ends as the count
+    visited.
     Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Skip[0] == 2
     (VISIT_CERTIFY): count only, returning once NVisit is stored (the row sample of the runtime
     dense choice). Every launch passes Skip (zero where there is no dense choice), so the probe and
@@ -409,33 +434,41 @@ def _attention_kernel(
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
                     HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
-            # The tile's smallest probe normaliser (log2), rounded through the stored natural
-            # lse as certified_visit_count sees it; rows seeing only floored keys, or NaN,
-            # certify nothing.
-            has = l_i > 0
-            z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
-                         -float("inf")) * 1.4426950408889634
-            z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
-            z_min = tl.min(tl.where(m_m, z, float("inf")), 0)
-            thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + z_min)
-            n_visit = n_kb
-            for c0 in range(0, n_kb, _SCAN_BLOCKS):
-                o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
-                tail = tl.load(TailLog2 + plan + o_c, mask=o_c < n_kb, other=float("inf"))
-                can_stop = (tail <= thr) & (o_c >= n_probe) & (o_c < n_kb)
-                n_visit = tl.minimum(n_visit, tl.min(tl.where(can_stop, o_c, n_kb), 0))
-            n_visit = tl.minimum(n_visit, n_live)
+            thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
+            n_visit = tl.minimum(_first_certified(TailLog2, plan, n_probe, n_kb, thr), n_live)
             tl.store(NVisit + pid, n_visit)
             if skip == 2:
                 return
             first = n_probe
-        for p in range(first, n_visit):
-            j = tl.load(Order + plan + p).to(tl.int64)
-            m_i, l_i, acc = _visit_block(
-                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
-                S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+        if (VISIT == 2) & (RECERT > 0):
+            # Re-certify as the normalisers grow (Z only grows, so the count only shrinks): visit
+            # half of what is left (at least RECERT blocks) as one pipelined loop, then search
+            # the tail again from there. The probe's blocks hold a small share of a row's mass
+            # where it is spread over many blocks (long clustered sequences): a count fixed from
+            # them alone visits up to half again as many blocks as the in-kernel stop.
+            p0 = first
+            while p0 < n_visit:
+                p1 = tl.minimum(n_visit, p0 + tl.maximum(RECERT, (n_visit - p0) // 2))
+                for p in range(p0, p1):
+                    j = tl.load(Order + plan + p).to(tl.int64)
+                    m_i, l_i, acc = _visit_block(
+                        m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                        sm_scale_log2, S, D, DV,
+                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                p0 = p1
+                thr = tl.where(EXACT != 0, -float("inf"),
+                               stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
+                n_visit = tl.minimum(n_visit, _first_certified(TailLog2, plan, p0, n_visit, thr))
+            tl.store(NVisit + pid, n_visit)
+        else:
+            for p in range(first, n_visit):
+                j = tl.load(Order + plan + p).to(tl.int64)
+                m_i, l_i, acc = _visit_block(
+                    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                    sm_scale_log2, S, D, DV,
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
     else:
         n_live = tl.load(NLive + pid)
         p = n_live * 0
@@ -699,6 +732,14 @@ MASK_STATS_BLOCKS = 16
 
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
 PROBE_BLOCKS = 8
+# VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks.
+RECERT_BLOCKS = 8
+
+
+def recert_blocks() -> int:
+    """VISIT_CERTIFY's re-certification step (``RECERT_BLOCKS``); AETHER_RECERT_BLOCKS=0 turns
+    it off (the count fixed from the probe alone). Read when a launch is issued or traced."""
+    return int(os.environ.get("AETHER_RECERT_BLOCKS", RECERT_BLOCKS))
 FORWARD_MODES = ("twopass", "stop")
 
 
@@ -770,6 +811,7 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
+        RECERT=recert_blocks() if certify else 0,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

@@ -356,10 +356,11 @@ def test_all_live_blocks_copies_the_cached_causal_map():
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.1])
 @pytest.mark.parametrize("is_causal,with_mask", [(False, False), (True, False), (False, True)],
                          ids=["full", "causal", "bool-mask"])
-def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_mask):
+def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_mask, monkeypatch):
     """VISIT_CERTIFY (probe, certified count and the rest in one launch, no recomputation) gives
     bit for bit the counts, output and lse of the two-launch form (probe, certified_visit_count
-    in torch, fixed-count pass)."""
+    in torch, fixed-count pass), with its re-certification off."""
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "0")
     q, k, v = WORKLOADS["clustered"](1, 2, 333, 32, dtype=torch.float16, device=DEVICE, seed=1,
                                      run=32, centers=4)
     mask = (torch.rand(1, 1, 333, 333, generator=torch.Generator().manual_seed(2)) > 0.3
@@ -421,3 +422,24 @@ def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
     out = torch.ops.aether.prepare_pass(*args)[0]
     assert out.stride() == tam.out_strides(q, 32, interleaved)
     assert (out.transpose(1, 2) if interleaved else out).is_contiguous()
+
+
+def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
+    """VISIT_CERTIFY certifies again as the normalisers grow. Where each row's mass is spread over
+    many blocks (two clusters, each in 16-key runs all over the sequence), the probe's 8 blocks
+    hold a small share of it: the re-certified visit is a subset of the probe-fixed one, clearly
+    smaller, and still drops at most eps of every row's mass (float64), with the output equal to
+    attention restricted to the blocks it kept."""
+    q, k, v = WORKLOADS["clustered"](1, 1, 512, 16, dtype=torch.float16, device=DEVICE, seed=1,
+                                     run=16, centers=2)
+    eps = 1e-2
+    kept = {}
+    for step in ("0", "8"):
+        monkeypatch.setenv("AETHER_RECERT_BLOCKS", step)
+        out, _, kept[step] = triton_attention(q, k, v, None, False, None, False, eps, BM, BN)
+    assert torch.all(kept["8"] <= kept["0"])
+    assert kept["8"].sum() < 0.9 * kept["0"].sum()  # 702 of 844 blocks when written
+    assert float(dropped_mass(q, k, kept["8"], BM, BN).max()) <= eps
+    ref = restricted_attention(q.double(), k.double(), v.double(), None, False, None, kept["8"],
+                               BM, BN)
+    assert rel_err(out, ref) < REL_TOL[torch.float16]
