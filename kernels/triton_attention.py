@@ -732,14 +732,26 @@ MASK_STATS_BLOCKS = 16
 
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
 PROBE_BLOCKS = 8
-# VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks.
+# VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks,
+# where a row of tiles has at least RECERT_MIN_KEY_BLOCKS key blocks. On the H100 (W2 clustered,
+# benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept 3.3% -> 2.5%)
+# and 5% less at 64K, but 2.6% more at 32K and the same at 16K, where the probe's blocks already
+# hold most of each row's mass and the extra loop boundaries cost more than they save.
 RECERT_BLOCKS = 8
+RECERT_MIN_KEY_BLOCKS = 1024
 
 
-def recert_blocks() -> int:
-    """VISIT_CERTIFY's re-certification step (``RECERT_BLOCKS``); AETHER_RECERT_BLOCKS=0 turns
-    it off (the count fixed from the probe alone). Read when a launch is issued or traced."""
-    return int(os.environ.get("AETHER_RECERT_BLOCKS", RECERT_BLOCKS))
+def recert_blocks(n_key_blocks=None) -> int:
+    """VISIT_CERTIFY's re-certification step for a row of ``n_key_blocks`` key blocks: 0 (the
+    count fixed from the probe alone) below RECERT_MIN_KEY_BLOCKS or where the count is symbolic,
+    else ``RECERT_BLOCKS``. AETHER_RECERT_BLOCKS sets the step (0: off) for every length. Read when
+    a launch is issued or traced."""
+    env = os.environ.get("AETHER_RECERT_BLOCKS")
+    if env is not None:
+        return int(env)
+    if n_key_blocks is None or not is_static(n_key_blocks) or n_key_blocks < RECERT_MIN_KEY_BLOCKS:
+        return 0
+    return RECERT_BLOCKS
 FORWARD_MODES = ("twopass", "stop")
 
 
@@ -811,7 +823,7 @@ def _launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, k
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
-        RECERT=recert_blocks() if certify else 0,
+        RECERT=recert_blocks(nkb) if certify else 0,
         **_launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

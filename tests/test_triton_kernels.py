@@ -434,7 +434,7 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
                                      run=16, centers=2)
     eps = 1e-2
     kept = {}
-    for step in ("0", "8"):
+    for step in ("0", "8"):  # set for every length (the default starts at 1024 key blocks)
         monkeypatch.setenv("AETHER_RECERT_BLOCKS", step)
         out, _, kept[step] = triton_attention(q, k, v, None, False, None, False, eps, BM, BN)
     assert torch.all(kept["8"] <= kept["0"])
@@ -443,3 +443,13 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
     ref = restricted_attention(q.double(), k.double(), v.double(), None, False, None, kept["8"],
                                BM, BN)
     assert rel_err(out, ref) < REL_TOL[torch.float16]
+
+
+def test_recertification_starts_at_long_rows(monkeypatch):
+    """By default only rows of RECERT_MIN_KEY_BLOCKS key blocks or more re-certify (measured
+    slower at 32K on an H100), never a symbolic count; the variable overrides it."""
+    rb = triton_attention_module.recert_blocks
+    monkeypatch.delenv("AETHER_RECERT_BLOCKS", raising=False)
+    assert rb(512) == 0 and rb(1024) == triton_attention_module.RECERT_BLOCKS and rb(None) == 0
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "4")
+    assert rb(16) == 4
