@@ -303,9 +303,9 @@ def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
     kept map as the eager forward. Dense before planning: the pass returns at once, out and lse
     are the dense kernel's and every live block is kept."""
     tam = triton_attention_module
-    q, k, v = WORKLOADS["clustered"](1, 2, 256, 32, dtype=torch.float16, device=DEVICE, seed=3,
+    q, k, v = WORKLOADS["clustered"](1, 2, 192, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=32, centers=4)
-    mask = make_mask("bool", 1, 2, 256, 256, None, DEVICE, seed=5) if "mask" in route else None
+    mask = make_mask("bool", 1, 2, 192, 192, None, DEVICE, seed=5) if "mask" in route else None
     fraction = None if route == "plain-mask" else 0.65
     if route == "gated-mask":  # the gate needs a dense kernel (CUDA); its read only happens there
         monkeypatch.setattr(tam, "_dense_kernel_fits", lambda *a: True)
@@ -324,7 +324,7 @@ def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
     assert out.stride() == want_out.stride() == tam.out_strides(q, 32)
     if route == "precheck-dense":
         assert torch.equal(out, marker_out) and torch.equal(lse, marker_lse)
-        live = triton_attention_module.all_live_blocks(256, 256, BM, BN, is_causal, 1, 2, DEVICE)
+        live = triton_attention_module.all_live_blocks(192, 192, BM, BN, is_causal, 1, 2, DEVICE)
         assert torch.equal(kept, live)
         assert want_kept.sum() < live.sum()  # the sparse answer kept fewer: the map is the dense one
     else:
