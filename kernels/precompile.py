@@ -61,7 +61,8 @@ def enabled() -> bool:
 
 
 def _tensor_spec(t):
-    """(sizes, strides, offset, dtype) in plain ints, or None where any is symbolic."""
+    """(sizes, strides, offset, dtype) in plain ints (None for no tensor); raises _Symbolic
+    where any is symbolic."""
     if t is None:
         return None
     sizes, strides, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
@@ -149,7 +150,7 @@ def _queue_compile(kernel, grid, args, kwargs) -> None:
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
-                   fraction, precheck, gated, out_interleaved=False, site=-1) -> None:
+                   fraction, precheck, gated) -> None:
     """The Triton launches of ``triton_attention.prepare_pass``'s first call, without its host
     reads: both branches of the precheck's dense choice (the sample's plan and count, the full
     plan); for a gated call the plan and the probe (the gate itself launches only SDPA)."""

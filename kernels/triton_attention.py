@@ -732,6 +732,7 @@ MASK_STATS_BLOCKS = 16
 
 # Blocks the two-pass forward computes exactly before fixing each tile's visit count.
 PROBE_BLOCKS = 8
+FORWARD_MODES = ("twopass", "stop")
 # VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks,
 # where a row of tiles has at least RECERT_MIN_KEY_BLOCKS key blocks. On the H100 (W2 clustered,
 # benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept 3.3% -> 2.5%)
@@ -752,7 +753,6 @@ def recert_blocks(n_key_blocks=None) -> int:
     if n_key_blocks is None or not is_static(n_key_blocks) or n_key_blocks < RECERT_MIN_KEY_BLOCKS:
         return 0
     return RECERT_BLOCKS
-FORWARD_MODES = ("twopass", "stop")
 
 
 def heads_interleaved(query) -> bool:
