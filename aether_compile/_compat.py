@@ -289,3 +289,24 @@ def _memoised(original: Callable) -> Callable:
     analysis.__wrapped__ = original
     analysis.cache = cache
     return analysis
+
+
+def inductor_compile_pool():
+    """Inductor's pool of compile worker processes (persistent, torch already imported), and the
+    environment a job must set (cache directories may change after the workers started), or None
+    where Inductor compiles in-process (one compile thread, a daemonic process) or the internals
+    differ. Same calls on 2.11 and 2.13: ``AsyncCompile.process_pool`` and the variables
+    ``AsyncCompile.triton`` passes to its own jobs."""
+    import os
+
+    try:
+        from torch._inductor import async_compile as ac
+
+        allowed = getattr(ac, "_process_pool_allowed", lambda: True)
+        if ac.get_compile_threads() <= 1 or not allowed():
+            return None
+        pool = ac.AsyncCompile.process_pool()
+    except Exception:
+        return None
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_LIBDEVICE_PATH")
+    return pool, {n: os.environ[n] for n in names if n in os.environ}

@@ -395,6 +395,7 @@ def main(argv=None) -> int:
                          "budget_s": budget if math.isfinite(budget) else None,
                          "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
                          "AETHER_ACCESS_MEMO": os.environ.get("AETHER_ACCESS_MEMO", "1"),
+                         "AETHER_PRECOMPILE": os.environ.get("AETHER_PRECOMPILE", "1"),
                          "caches": ("fx_graph_cache=False, enable_autograd_cache=False, " + (
                              "on-disk Inductor/Triton caches kept (warm), in-memory cleared"
                              if args.warm else "fresh_cache() per compile (cold)")),

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh reliability  # adversarial + property tests and the large profile on CUDA
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 #   bash benchmarks/gpu_session.sh compile   # compile-time ratios: cold forced sparse, cold default, warm
+#   bash benchmarks/gpu_session.sh precompile  # precompile GPU tests; cold forced sparse: workers, threads, off
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
 #   bash benchmarks/gpu_session.sh check     # short: inductor + kernel tests, warm compile, e2e no mask
@@ -90,6 +91,16 @@ case "${1:-tests}" in
     timeout 120 python3 benchmarks/compile_time.py --warm --models bert,gpt2,llama,vit --budget-s 80 \
       --tag _warm --out "$OUT" > "$OUT/compile_time_warm.txt" 2>&1
     for f in compile_time compile_time_default compile_time_warm; do echo "== $f"; grep -E "ratio|summary|error" "$OUT/$f.txt"; done
+    ;;
+  precompile)  # the prepare op's kernels compiled while tracing: Inductor's workers (default),
+               # this process's threads, none; cold forced sparse, 8 models each, one run
+    $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    for how in 1 threads 0; do
+      AETHER_PRECOMPILE=$how timeout 160 python3 benchmarks/compile_time.py --budget-s 140 \
+        --tag "_precompile_$how" --out "$OUT" > "$OUT/compile_time_precompile_$how.txt" 2>&1
+    done
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    for how in 1 threads 0; do echo "== AETHER_PRECOMPILE=$how"; grep -E "ratio |summary" "$OUT/compile_time_precompile_$how.txt"; done
     ;;
   dense)  # the runtime dense choice (lagged in compiled graphs, GQA dense kernels), its end-to-end
          # effect, and a profile of a warm compile (where the rest of compile time goes)

@@ -4,43 +4,55 @@
 pass) eagerly when the graph first runs, so on a cold Triton cache their JIT compiles came after
 the whole of torch.compile, one after another: most of the compile-time excess of a site forced
 onto the sparse path. Tracing the graph calls the op's fake with the real shapes, and that is
-when we start them: a background thread replays the op's launch sequence on fake CUDA tensors of
-those shapes, strides and dtypes, and each launch becomes ``kernel.warmup`` (compile, no launch)
-on a small thread pool. Triton's in-memory and disk caches then hold the exact specialisations
-the first call asks for. The first eager call waits for compiles still in flight rather than
-start the same ones again.
+when we start them:
 
-Threads share the GIL with Inductor's own compile (the front end of a Triton compile is Python),
-so only part of the JIT overlaps; on the H100, 8 zoo models forced sparse, cold: geomean 1.37 with
-it against 1.52 without (same run, 25b738f). Worker processes that compile into the disk cache
-(76a4329) were worse, 2.58 against 1.64: each pays a Python that imports torch and this package
-before compiling, longer than the compile it hides.
+1. a background thread replays the op's launch sequence on fake CUDA tensors of those shapes,
+   strides and dtypes (``replay_prepare``); each launch yields what Triton would compile for it
+   (signature, constexprs, alignment attributes, options, target: ``_compile_request``), from
+   Triton's own binder; nothing runs;
+2. Inductor's compile workers compile those into Triton's disk cache (``compile_in_this_process``):
+   persistent processes that have torch imported already, so a job costs the compile (and once
+   per worker, importing this package: 0.1 s). Where Inductor has no worker pool (one compile
+   thread), a thread pool here compiles them instead;
+3. the op's first call waits for compiles still running (``wait``) and finds every kernel in the
+   disk cache.
+
+Measured on the H100 (8 zoo models forced sparse, cold): threads in this process gave geomean 1.37
+against 1.52 without (25b738f): the front end of a Triton compile is Python and took the GIL from
+Inductor's own compile. Processes of our own (76a4329) were worse, 2.58 against 1.64: each paid a
+Python start that imports torch, longer than the compile it hid. Inductor's workers pay neither.
 
 Only a speed-up: static shapes on CUDA, never raises into the compile (a failure is logged at
-debug level and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off.
+debug level and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off;
+AETHER_PRECOMPILE=threads compiles on this process's threads even where Inductor has workers. The
+request mirrors ``JITFunction.run`` up to its compile (Triton 3.6 internals: ``device_caches``,
+``_pack_args``); a Triton that changes them only loses the speed-up.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib
 import logging
 import os
 import threading
 
 import torch
 
+from aether_compile import _compat
+
 from . import triton_attention as _tri
 
 log = logging.getLogger(__name__)
 
-_MAX_WORKERS = 4
+_MAX_THREADS = 4  # the fallback without Inductor's worker pool
 _MAX_REMEMBERED = 256
 
 _lock = threading.Lock()
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_started: set = set()  # spec keys whose warm-up was started in this process
-_pending: list = []  # futures of warm-ups and their compiles not yet waited for
+_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_started: set = set()  # replay specs and compile keys already started in this process
+_pending: list = []  # futures of replays and compiles not yet waited for
 
 
 class _PointerArg:
@@ -85,43 +97,78 @@ def start_for_prepare(query, key, value, attn_mask, *args) -> None:
     except _Symbolic:
         return  # dynamic shapes: the first call compiles what it needs
     spec = (query.device, specs, args)
-    with _lock:
-        if spec in _started:
-            return
-        if len(_started) >= _MAX_REMEMBERED:
-            _started.clear()
-        _started.add(spec)
-        _pending.append(_executor().submit(_warm, spec))
+    if _remember(spec):
+        with _lock:
+            _pending.append(_thread_pool().submit(_replay_and_compile, spec))
 
 
 def wait() -> None:
-    """Wait for every warm-up started so far (an eager call is about to launch those kernels:
-    compiling them again in this thread would only race the pool)."""
+    """Wait for every compile started so far (an eager call is about to launch those kernels:
+    compiling them again here would only duplicate the work)."""
     while _pending:
         with _lock:
             futures, _pending[:] = list(_pending), []
-        concurrent.futures.wait(futures)
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:
+                log.debug("aether: a precompile job failed: %r", future.exception())
 
 
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="aether-jit")
-    return _pool
+def _remember(key) -> bool:
+    """True the first time ``key`` is seen (bounded memory)."""
+    with _lock:
+        if key in _started:
+            return False
+        if len(_started) >= _MAX_REMEMBERED:
+            _started.clear()
+        _started.add(key)
+        return True
 
 
-def _warm(spec) -> None:
-    """Replay the prepare op on fake tensors of ``spec``; each launch queues its compile."""
-    device, specs, args = spec
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _threads
+    with _lock:
+        if _threads is None:
+            _threads = concurrent.futures.ThreadPoolExecutor(_MAX_THREADS,
+                                                             thread_name_prefix="aether-jit")
+        return _threads
+
+
+def _replay_and_compile(spec) -> None:
+    """Replay the prepare op on fake tensors of ``spec`` and start compiling what it launches:
+    on Inductor's workers where it has them, else on this module's threads."""
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, FakeTensorMode(), _tri.launches_to(_queue_compile):
-            q, k, v, m = (_fake(s, device) for s in specs)
-            replay_prepare(q, k, v, m, *args)
+        requests = compile_requests(*spec)
+        in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
+        workers = None if in_threads or not requests else _compat.inductor_compile_pool()
+        for request in requests:  # one job each: the pool spreads them over its workers
+            if workers is not None:
+                pool, env = workers
+                future = pool.submit(compile_in_this_process, [request], env)
+            else:
+                future = _thread_pool().submit(compile_in_this_process, [request])
+            with _lock:
+                _pending.append(future)
     except Exception as e:  # a speed-up only: the first call compiles as before
         log.debug("aether: precompiling the prepare op's kernels failed: %r", e)
+
+
+def compile_requests(device, specs, args) -> list:
+    """What the prepare op's first call on tensors of ``specs`` would compile, as picklable
+    requests, less what this process has compiled or asked for already."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    requests = []
+
+    def collect(kernel, grid, launch_args, kwargs):
+        made = _compile_request(kernel, launch_args, kwargs)
+        if made is not None and _remember(made[0]):
+            requests.append(made[1])
+
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, FakeTensorMode(), _tri.launches_to(collect):
+        q, k, v, m = (_fake(s, device) for s in specs)
+        replay_prepare(q, k, v, m, *args)
+    return requests
 
 
 def _fake(spec, device):
@@ -133,20 +180,46 @@ def _fake(spec, device):
     return base.as_strided(sizes, strides, offset)
 
 
-def _queue_compile(kernel, grid, args, kwargs) -> None:
-    """A launch in warm-up mode: compile it on the pool with this call's specialisation."""
+def _compile_request(kernel, args, kwargs):
+    """(key, request) for one launch: Triton's in-memory cache key and what ``triton.compile``
+    needs to build the same binary (hence the same disk-cache entry) elsewhere; None where this
+    process has the kernel already. Mirrors ``JITFunction.run`` up to its compile."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
     args = tuple(_PointerArg(a) if isinstance(a, torch.Tensor) else a for a in args)
-    device = torch.cuda.current_device()
-    # Triton makes a kernel's per-device cache on first use, unlocked: make it here, in one
-    # thread, so that two compiles of one kernel cannot each make one and lose the other's.
-    kernel.device_caches[device]
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kernel_cache, key_cache, target, backend, binder = kernel.device_caches[_current_device()]
+    bound_args, specialization, options = binder(*args, **kwargs)
+    key = compute_cache_key(key_cache, specialization, options)
+    if key in kernel_cache:
+        return None
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
+                                                              specialization, options)
+    return ((kernel.fn.__qualname__, key),
+            (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
+             options.__dict__, target))
 
-    def compile_one():
-        with torch.cuda.device(device):
-            kernel.warmup(*args, grid=grid, **kwargs)
 
-    with _lock:
-        _pending.append(_executor().submit(compile_one))
+def _current_device() -> int:
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_device()
+
+
+def compile_in_this_process(requests, env=None) -> None:
+    """A compile job (in an Inductor worker or a thread): build each request for its target into
+    Triton's disk cache. ``env``: the cache directories of the process that asked, which may have
+    changed since the worker started."""
+    from triton.compiler import ASTSource, compile
+
+    if env:
+        os.environ.update(env)
+    for module, name, signature, constexprs, attrs, options, target in requests:
+        fn = getattr(importlib.import_module(module), name)
+        compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,

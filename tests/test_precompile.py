@@ -98,7 +98,7 @@ def test_symbolic_or_cpu_inputs_start_nothing(monkeypatch):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     started = []
-    monkeypatch.setattr(precompile, "_executor", lambda: started.append(1))
+    monkeypatch.setattr(precompile, "_remember", lambda key: started.append(key))
     monkeypatch.setattr(precompile, "enabled", lambda: True)
     (q, k, v, _), args = _case("plain")
     precompile.start_for_prepare(q.cpu(), k.cpu(), v.cpu(), None, *args)
@@ -117,31 +117,94 @@ def test_a_failing_replay_is_logged_not_raised(monkeypatch, caplog):
     (q, k, v, _), args = _case("plain")
     spec = (q.device, tuple(precompile._tensor_spec(t) for t in (q, k, v, None)), args)
     with caplog.at_level("DEBUG", logger=precompile.__name__):
-        precompile._warm(spec)
+        precompile._replay_and_compile(spec)
     assert "replay broke" in caplog.text
+
+
+_POOL_CHECK = """
+import collections, contextlib, json, os
+import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from aether_compile import _compat
+from aether_compile.kernels import precompile, triton_attention as tam
+
+# An H100 as Triton's binder sees it, without a GPU: compiles need only the target.
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+for k in tam.JIT_KERNELS:
+    k.device_caches = collections.defaultdict(lambda k=k: (
+        {}, {}, target, backend, create_function_from_signature(k.signature, k.params, backend)))
+precompile._current_device = lambda: 0
+torch.cuda.device = lambda d: contextlib.nullcontext()
+L, H, D = 2048, 4, 64
+specs = tuple(((1, H, L, D), (L * H * 3 * D, 3 * D, H * 3 * D, 1), off, torch.float16)
+              for off in (0, D, 2 * D)) + (None,)
+args = (False, D ** -0.5, 1e-3, 128, 64, None, False, False)
+requests = precompile.compile_requests(torch.device("cuda", 0), specs, args)
+_compat.inductor_compile_pool()  # the workers start with the first cache directory...
+os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does
+pool, env = _compat.inductor_compile_pool()
+jobs = [pool.submit(precompile.compile_in_this_process, [r], env) for r in requests]
+for job in jobs:
+    job.result(timeout=300)
+hits = []
+knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+precompile.compile_in_this_process(requests)
+print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits}))
+"""
+
+
+def test_inductor_workers_fill_the_disk_cache_the_first_call_reads(tmp_path):
+    """The whole path without a GPU, for an H100 target (Triton compiles for a named target
+    without a device): requests from the replay, compiled by Inductor's worker processes into the
+    cache directory this process names now (not the one they started with), after which the same compiles here all hit Triton's disk
+    cache. Outside the interpreter (real JIT kernels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kernels"] == ["_geometry_kernel", "_bounds_kernel", "_plan_kernel"]
+    assert result["hits"] == [True, True, True]
+    assert len(list((tmp_path / "later").rglob("*.cubin"))) == 3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("route", ROUTES)
-def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch):
-    """From the fake's start to the first real call: with the in-memory caches emptied, the
-    warm-up compiles (from Triton's disk cache if it has them) and the call then compiles
-    nothing."""
-    import triton
+def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path):
+    """From the fake's start to the first real call, with a fresh Triton cache and the in-memory
+    caches emptied: Inductor's workers compile, and every compile of the first call is a
+    disk-cache hit."""
+    from triton import knobs
 
+    from aether_compile import _compat
+
+    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
     monkeypatch.setenv("AETHER_PRECOMPILE", "1")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     for kernel in tam.JIT_KERNELS:
         monkeypatch.setattr(kernel, "device_caches",
                             type(kernel.device_caches)(kernel.device_caches.default_factory))
-    compiles = []
-    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
-                        lambda *a, **kw: compiles.append(kw.get("repr")) or False)
-    tensors, args = _case(route, L=1024, D=64)
     monkeypatch.setattr(precompile, "_started", set())
+    tensors, args = _case(route, L=1024, D=64)
     precompile.start_for_prepare(*tensors, *args)
     precompile.wait()
-    warmed = len(compiles)
-    assert warmed > 0
+    compiled = list(tmp_path.rglob("*.cubin"))
+    assert compiled, "the workers compiled nothing"
+    hits = []
+    monkeypatch.setattr(knobs.compilation, "listener",
+                        lambda **kw: hits.append((kw["src"].name, kw["cache_hit"])))
     torch.ops.aether.prepare_pass(*tensors, *args, False, next(_SITES))
     torch.cuda.synchronize()
-    assert len(compiles) == warmed, f"the first call compiled {compiles[warmed:]}"
+    assert hits, "the first call compiled nothing at all: the in-memory caches were not emptied"
+    assert all(hit for _, hit in hits), hits
+    assert len(list(tmp_path.rglob("*.cubin"))) == len(compiled)
