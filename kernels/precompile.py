@@ -98,8 +98,9 @@ def start_for_prepare(query, key, value, attn_mask, *args) -> None:
         return  # dynamic shapes: the first call compiles what it needs
     spec = (query.device, specs, args)
     if _remember(spec):
+        future = _thread_pool().submit(_replay_and_compile, spec)
         with _lock:
-            _pending.append(_thread_pool().submit(_replay_and_compile, spec))
+            _pending.append(future)
 
 
 def wait() -> None:
@@ -125,6 +126,7 @@ def _remember(key) -> bool:
 
 
 def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The module's threads (made on first use). Takes ``_lock``: never call it holding it."""
     global _threads
     with _lock:
         if _threads is None:

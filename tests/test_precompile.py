@@ -140,41 +140,55 @@ for k in tam.JIT_KERNELS:
 precompile._current_device = lambda: 0
 torch.cuda.device = lambda d: contextlib.nullcontext()
 L, H, D = 2048, 4, 64
-specs = tuple(((1, H, L, D), (L * H * 3 * D, 3 * D, H * 3 * D, 1), off, torch.float16)
-              for off in (0, D, 2 * D)) + (None,)
 args = (False, D ** -0.5, 1e-3, 128, 64, None, False, False)
-requests = precompile.compile_requests(torch.device("cuda", 0), specs, args)
+in_threads = []  # what this process's threads run
+threads = precompile._thread_pool()
+submit = threads.submit
+threads.submit = lambda fn, *a: in_threads.append(fn.__name__) or submit(fn, *a)
+precompile.enabled = lambda: True
 _compat.inductor_compile_pool()  # the workers start with the first cache directory...
 os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does
-pool, env = _compat.inductor_compile_pool()
-jobs = [pool.submit(precompile.compile_in_this_process, [r], env) for r in requests]
-for job in jobs:
-    job.result(timeout=300)
+from torch._subclasses.fake_tensor import FakeTensorMode
+with FakeTensorMode():  # what the op's fake sees while tracing: a fused qkv projection
+    q, k, v = torch.empty(1, L, H, 3 * D, dtype=torch.float16, device="cuda").split(D, dim=-1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+precompile.start_for_prepare(q, k, v, None, *args)
+precompile.wait()
+# The same compiles in this process, as the first call would ask for them
+precompile._started.clear()
+specs = tuple(precompile._tensor_spec(t) for t in (q, k, v, None))
+requests = precompile.compile_requests(torch.device("cuda", 0), specs, args)
 hits = []
 knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
 precompile.compile_in_this_process(requests)
-print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits}))
+print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits,
+                  "in_threads": in_threads}))
 """
 
 
-def test_inductor_workers_fill_the_disk_cache_the_first_call_reads(tmp_path):
+@pytest.mark.parametrize("how", ["workers", "threads"])
+def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     """The whole path without a GPU, for an H100 target (Triton compiles for a named target
-    without a device): requests from the replay, compiled by Inductor's worker processes into the
-    cache directory this process names now (not the one they started with), after which the same compiles here all hit Triton's disk
-    cache. Outside the interpreter (real JIT kernels)."""
+    without a device): the fake's start, the replay's requests, compiled by Inductor's worker
+    processes (or, with AETHER_PRECOMPILE=threads, this process's threads) into the cache
+    directory this process names now (not the one the workers started with), the wait; the same
+    compiles here then all hit Triton's disk cache. Outside the interpreter (real JIT kernels)."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2")
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2",
+               AETHER_PRECOMPILE="threads" if how == "threads" else "1")
     done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["kernels"] == ["_geometry_kernel", "_bounds_kernel", "_plan_kernel"]
     assert result["hits"] == [True, True, True]
+    compiled_here = ["compile_in_this_process"] * 3 if how == "threads" else []
+    assert result["in_threads"] == ["_replay_and_compile"] + compiled_here
     assert len(list((tmp_path / "later").rglob("*.cubin"))) == 3
 
 
