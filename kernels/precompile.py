@@ -12,8 +12,10 @@ when we start them:
    Triton's own binder; nothing runs;
 2. Inductor's compile workers compile those into Triton's disk cache (``compile_in_this_process``):
    persistent processes that have torch imported already, so a job costs the compile (and once
-   per worker, importing this package: 0.1 s). Where Inductor has no worker pool (one compile
-   thread), a thread pool here compiles them instead;
+   per worker, importing this package: 0.1 s). A job runs with this process's cache
+   directories and ptxas (``_job_env``; Inductor's workers run torch's ptxas, and its version is
+   in the cache key). Where Inductor has no worker pool (one compile thread), a thread pool here
+   compiles them instead;
 3. the op's first call waits for compiles still running (``wait``) and finds every kernel in the
    disk cache.
 
@@ -144,8 +146,8 @@ def _replay_and_compile(spec) -> None:
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
         for request in requests:  # one job each: the pool spreads them over its workers
             if workers is not None:
-                pool, env = workers
-                future = pool.submit(compile_in_this_process, [request], env)
+                pool, cache_env = workers
+                future = pool.submit(compile_in_this_process, [request], _job_env(cache_env))
             else:
                 future = _thread_pool().submit(compile_in_this_process, [request])
             with _lock:
@@ -211,17 +213,50 @@ def _current_device() -> int:
     return driver.active.get_current_device()
 
 
+# Inductor's workers run torch's bundled ptxas (TRITON_PTXAS_PATH, set when they start), and
+# ptxas's version is part of Triton's cache key: a job compiles with the ptxas of the process
+# that asked, or its entries would never be found there.
+_TOOL_VARS = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")
+
+
+def _job_env(cache_env: dict) -> dict:
+    """What a worker's job sets while it compiles: the cache directories (``cache_env``) and this
+    process's ptxas (None: unset, Triton's own)."""
+    return {**cache_env, **{name: os.environ.get(name) for name in _TOOL_VARS}}
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    """``env`` set (None values unset) for the duration, then restored."""
+    saved = {name: os.environ.get(name) for name in env}
+    _set_environment(env)
+    try:
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    with contextlib.suppress(Exception):  # Triton memoises ptxas's version: forget it
+        from triton.backends.nvidia.compiler import get_ptxas_version
+        get_ptxas_version.cache_clear()
+
+
 def compile_in_this_process(requests, env=None) -> None:
     """A compile job (in an Inductor worker or a thread): build each request for its target into
-    Triton's disk cache. ``env``: the cache directories of the process that asked, which may have
-    changed since the worker started."""
+    Triton's disk cache. ``env`` (workers only): the cache directories and ptxas of the process
+    that asked, which may differ from the worker's."""
     from triton.compiler import ASTSource, compile
 
-    if env:
-        os.environ.update(env)
-    for module, name, signature, constexprs, attrs, options, target in requests:
-        fn = getattr(importlib.import_module(module), name)
-        compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    with _environment(env) if env else contextlib.nullcontext():
+        for module, name, signature, constexprs, attrs, options, target in requests:
+            fn = getattr(importlib.import_module(module), name)
+            compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,

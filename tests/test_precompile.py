@@ -146,7 +146,10 @@ threads = precompile._thread_pool()
 submit = threads.submit
 threads.submit = lambda fn, *a: in_threads.append(fn.__name__) or submit(fn, *a)
 precompile.enabled = lambda: True
-_compat.inductor_compile_pool()  # the workers start with the first cache directory...
+# The workers start with another ptxas (Inductor's run torch's) and the first cache directory...
+os.environ["TRITON_PTXAS_PATH"] = os.environ["WRAPPED_PTXAS"]
+_compat.inductor_compile_pool()
+del os.environ["TRITON_PTXAS_PATH"]
 os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does
 from torch._subclasses.fake_tensor import FakeTensorMode
 with FakeTensorMode():  # what the op's fake sees while tracing: a fused qkv projection
@@ -171,15 +174,24 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     """The whole path without a GPU, for an H100 target (Triton compiles for a named target
     without a device): the fake's start, the replay's requests, compiled by Inductor's worker
     processes (or, with AETHER_PRECOMPILE=threads, this process's threads) into the cache
-    directory this process names now (not the one the workers started with), the wait; the same
-    compiles here then all hit Triton's disk cache. Outside the interpreter (real JIT kernels)."""
+    directory this process names now, with the ptxas it runs (not those the workers started
+    with), the wait; the same compiles here then all hit Triton's disk cache. Outside the
+    interpreter (real JIT kernels)."""
     import json
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from triton import knobs
+
+    # A ptxas whose version reads differently (Triton's cache key holds it), as torch's does
+    wrapped = tmp_path / "ptxas"
+    wrapped.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then "{knobs.nvidia.ptxas.path}" '
+                       f'--version; echo wrapped; else exec "{knobs.nvidia.ptxas.path}" "$@"; fi\n')
+    wrapped.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_PTXAS_PATH")}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2",
+               WRAPPED_PTXAS=str(wrapped),
                AETHER_PRECOMPILE="threads" if how == "threads" else "1")
     done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
                           text=True, timeout=240)
