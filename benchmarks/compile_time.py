@@ -57,6 +57,7 @@ import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backe
 from provenance import git_commit  # noqa: E402
 import aether_compile.passes as aether_passes  # noqa: E402
 from aether_compile import _compat  # noqa: E402
+from aether_compile.kernels import precompile  # noqa: E402
 
 TARGET_RATIO = 1.2
 MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nanogpt")
@@ -247,6 +248,7 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             fcfg.patch(enable_autograd_cache=False), torch.no_grad():
         compiled = torch.compile(model, **kwargs)
         sync(device)
+        mark = time.monotonic()
         c0, t0 = cpu_seconds(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
@@ -272,7 +274,10 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"],
             "access_analysis": {k: v - memo_before[k]  # Triton TTIR analyses run / memoised
                                 for k, v in _compat.access_analysis_stats.items()},
-            "not_memoised_types": dict(_compat.not_memoised_types)}  # cumulative, per process
+            "not_memoised_types": dict(_compat.not_memoised_types),  # cumulative, per process
+            # the prepare op's precompile: replay, jobs, the first call's wait (s from the call)
+            "precompile": [(round(t - mark, 3), event, detail)
+                           for t, event, detail in list(precompile.timeline) if t >= mark]}
 
 
 @contextlib.contextmanager

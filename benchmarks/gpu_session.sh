@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 #   bash benchmarks/gpu_session.sh compile   # compile-time ratios: cold forced sparse, cold default, warm
 #   bash benchmarks/gpu_session.sh precompile  # precompile GPU tests; cold forced sparse: workers, threads, off
+#   bash benchmarks/gpu_session.sh precompile_timeline  # 3 models, workers and threads: where the first call waits
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
 #   bash benchmarks/gpu_session.sh check     # short: inductor + kernel tests, warm compile, e2e no mask
@@ -101,6 +102,23 @@ case "${1:-tests}" in
     done
     echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
     for how in 1 threads 0; do echo "== AETHER_PRECOMPILE=$how"; grep -E "ratio |summary" "$OUT/compile_time_precompile_$how.txt"; done
+    ;;
+  precompile_timeline)  # the replay, the compile jobs and the first call's wait, per model
+    $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    for how in 1 threads; do
+      AETHER_PRECOMPILE=$how timeout 100 python3 benchmarks/compile_time.py --models bert,vit,gpt2 \
+        --tag "_timeline_$how" --out "$OUT" > "$OUT/compile_time_timeline_$how.txt" 2>&1
+      echo "== AETHER_PRECOMPILE=$how"; grep -E "ratio |summary" "$OUT/compile_time_timeline_$how.txt"
+      python3 - "$OUT"/compile_time_*_timeline_$how.json <<'PY'
+import json, sys
+for name, row in json.load(open(sys.argv[1]))["models"].items():
+    run = row["runs"]["aether"][0]
+    print(name, "compile_inner", run["phases_s"].get("_compile.compile_inner"), "first", round(run["first_call_s"], 2))
+    for t, event, detail in run["precompile"]:
+        print(f"  {t:7.3f} {event} {detail if detail is not None else ''}")
+PY
+    done
     ;;
   dense)  # the runtime dense choice (lagged in compiled graphs, GQA dense kernels), its end-to-end
          # effect, and a profile of a warm compile (where the rest of compile time goes)

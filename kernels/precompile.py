@@ -33,12 +33,14 @@ request mirrors ``JITFunction.run`` up to its compile (Triton 3.6 internals: ``d
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import importlib
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -55,6 +57,13 @@ _lock = threading.Lock()
 _threads: concurrent.futures.ThreadPoolExecutor | None = None
 _started: set = set()  # replay specs and compile keys already started in this process
 _pending: list = []  # futures of replays and compiles not yet waited for
+# (monotonic seconds, event, detail) of the last replays, jobs and waits: where a first call's
+# time goes (benchmarks/compile_time.py records it)
+timeline: collections.deque = collections.deque(maxlen=512)
+
+
+def _note(event: str, detail=None) -> None:
+    timeline.append((time.monotonic(), event, detail))
 
 
 class _PointerArg:
@@ -108,12 +117,17 @@ def start_for_prepare(query, key, value, attn_mask, *args) -> None:
 def wait() -> None:
     """Wait for every compile started so far (an eager call is about to launch those kernels:
     compiling them again here would only duplicate the work)."""
+    if _pending:
+        _note("wait")
     while _pending:
         with _lock:
             futures, _pending[:] = list(_pending), []
         for future in concurrent.futures.as_completed(futures):
             if future.exception() is not None:
                 log.debug("aether: a precompile job failed: %r", future.exception())
+            elif future.result() is not None:
+                _note("compiled", future.result())
+        _note("waited")
 
 
 def _remember(key) -> bool:
@@ -141,7 +155,9 @@ def _replay_and_compile(spec) -> None:
     """Replay the prepare op on fake tensors of ``spec`` and start compiling what it launches:
     on Inductor's workers where it has them, else on this module's threads."""
     try:
+        _note("replay")
         requests = compile_requests(*spec)
+        _note("replayed", [r[1] for r in requests])
         in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
         for request in requests:  # one job each: the pool spreads them over its workers
@@ -247,16 +263,21 @@ def _set_environment(values: dict) -> None:
         get_ptxas_version.cache_clear()
 
 
-def compile_in_this_process(requests, env=None) -> None:
+def compile_in_this_process(requests, env=None) -> dict:
     """A compile job (in an Inductor worker or a thread): build each request for its target into
     Triton's disk cache. ``env`` (workers only): the cache directories and ptxas of the process
-    that asked, which may differ from the worker's."""
+    that asked, which may differ from the worker's. Returns where its time went."""
     from triton.compiler import ASTSource, compile
 
+    took = {"pid": os.getpid()}
     with _environment(env) if env else contextlib.nullcontext():
         for module, name, signature, constexprs, attrs, options, target in requests:
+            t0 = time.monotonic()
             fn = getattr(importlib.import_module(module), name)
+            t1 = time.monotonic()
             compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+            took[name] = (round(t1 - t0, 3), round(time.monotonic() - t1, 3))  # import, compile
+    return took
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
