@@ -163,8 +163,13 @@ specs = tuple(precompile._tensor_spec(t) for t in (q, k, v, None))
 requests = precompile.compile_requests(torch.device("cuda", 0), specs, args)
 hits = []
 knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+import triton.runtime.build as build
+launchers_built_here = []  # gcc runs for C launchers (the first launch's), after the wait
+gcc = build._build
+build._build = lambda name, *a, **kw: launchers_built_here.append(name) or gcc(name, *a, **kw)
 precompile.compile_in_this_process(requests)
 print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits,
+                  "launchers_built_here": launchers_built_here,
                   "in_threads": in_threads}))
 """
 
@@ -175,8 +180,8 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     without a device): the fake's start, the replay's requests, compiled by Inductor's worker
     processes (or, with AETHER_PRECOMPILE=threads, this process's threads) into the cache
     directory this process names now, with the ptxas it runs (not those the workers started
-    with), the wait; the same compiles here then all hit Triton's disk cache. Outside the
-    interpreter (real JIT kernels)."""
+    with), the wait; the same compiles here then all hit Triton's disk cache, and the kernels' C
+    launchers are in it too (no gcc here). Outside the interpreter (real JIT kernels)."""
     import json
     import os
     import subprocess
@@ -189,9 +194,19 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     wrapped.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then "{knobs.nvidia.ptxas.path}" '
                        f'--version; echo wrapped; else exec "{knobs.nvidia.ptxas.path}" "$@"; fi\n')
     wrapped.chmod(0o755)
+    # Launchers link libcuda: a stub with the driver calls they import stands in for it
+    stub = tmp_path / "libcuda"
+    stub.mkdir()
+    calls = ("cuCtxGetCurrent cuCtxSetCurrent cuDeviceGet cuDevicePrimaryCtxRetain "
+             "cuFuncSetAttribute cuGetErrorString cuPointerGetAttribute").split()
+    (stub / "stub.c").write_text("".join(f"int {c}(void) {{ return 0; }}\n" for c in calls))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(stub / "libcuda.so.1"),
+                    str(stub / "stub.c")], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_PTXAS_PATH")}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2",
-               WRAPPED_PTXAS=str(wrapped),
+               WRAPPED_PTXAS=str(wrapped), TRITON_LIBCUDA_PATH=str(stub),
+               LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(stub),
+                                                             env.get("LD_LIBRARY_PATH")])),
                AETHER_PRECOMPILE="threads" if how == "threads" else "1")
     done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
                           text=True, timeout=240)
@@ -202,6 +217,8 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     compiled_here = ["compile_in_this_process"] * 3 if how == "threads" else []
     assert result["in_threads"] == ["_replay_and_compile"] + compiled_here
     assert len(list((tmp_path / "later").rglob("*.cubin"))) == 3
+    assert result["launchers_built_here"] == []
+    assert list((tmp_path / "later").rglob("__triton_launcher*.so"))
 
 
 @pytest.mark.gpu
@@ -209,7 +226,7 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
 def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path):
     """From the fake's start to the first real call, with a fresh Triton cache and the in-memory
     caches emptied: Inductor's workers compile, and every compile of the first call is a
-    disk-cache hit."""
+    disk-cache hit, its C launchers too."""
     from triton import knobs
 
     from aether_compile import _compat
@@ -229,8 +246,14 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
     hits = []
     monkeypatch.setattr(knobs.compilation, "listener",
                         lambda **kw: hits.append((kw["src"].name, kw["cache_hit"])))
+    import triton.runtime.build as build
+
+    gcc, launchers_built = build._build, []
+    monkeypatch.setattr(build, "_build", lambda name, *a, **kw: launchers_built.append(name)
+                        or gcc(name, *a, **kw))
     torch.ops.aether.prepare_pass(*tensors, *args, False, next(_SITES))
     torch.cuda.synchronize()
     assert hits, "the first call compiled nothing at all: the in-memory caches were not emptied"
     assert all(hit for _, hit in hits), hits
+    assert launchers_built == [], "the first call built C launchers with gcc"
     assert len(list(tmp_path.rglob("*.cubin"))) == len(compiled)
