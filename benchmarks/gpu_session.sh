@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh diag      # stage profile, MiniLM on GPU, adversarial, compile time
 #   bash benchmarks/gpu_session.sh compile   # compile-time ratios: cold forced sparse, cold default, warm
 #   bash benchmarks/gpu_session.sh precompile  # precompile GPU tests; cold forced sparse: workers, threads, off
+#                                             # (PRECOMPILE_MODES="1 0" picks which)
 #   bash benchmarks/gpu_session.sh precompile_timeline  # 3 models, workers and threads: where the first call waits
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
@@ -96,12 +97,12 @@ case "${1:-tests}" in
   precompile)  # the prepare op's kernels compiled while tracing: Inductor's workers (default),
                # this process's threads, none; cold forced sparse, 8 models each, one run
     $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
-    for how in 1 threads 0; do
+    for how in ${PRECOMPILE_MODES:-1 threads 0}; do
       AETHER_PRECOMPILE=$how timeout 160 python3 benchmarks/compile_time.py --budget-s 140 \
         --tag "_precompile_$how" --out "$OUT" > "$OUT/compile_time_precompile_$how.txt" 2>&1
     done
     echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
-    for how in 1 threads 0; do echo "== AETHER_PRECOMPILE=$how"; grep -E "ratio |summary" "$OUT/compile_time_precompile_$how.txt"; done
+    for how in ${PRECOMPILE_MODES:-1 threads 0}; do echo "== AETHER_PRECOMPILE=$how"; grep -E "ratio |summary" "$OUT/compile_time_precompile_$how.txt"; done
     ;;
   precompile_timeline)  # the replay, the compile jobs and the first call's wait, per model
     $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
