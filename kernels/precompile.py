@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _MAX_THREADS = 4  # the fallback without Inductor's worker pool
 _MAX_REMEMBERED = 256
+_WAIT_TIMEOUT_S = 300.0  # a first call waits at most this for jobs (then compiles itself)
 
 _lock = threading.Lock()
 _threads: concurrent.futures.ThreadPoolExecutor | None = None
@@ -120,14 +121,21 @@ def wait() -> None:
     compiling them again here would only duplicate the work)."""
     if _pending:
         _note("wait")
+    deadline = time.monotonic() + _WAIT_TIMEOUT_S
     while _pending:
         with _lock:
             futures, _pending[:] = list(_pending), []
-        for future in concurrent.futures.as_completed(futures):
-            if future.exception() is not None:
-                log.debug("aether: a precompile job failed: %r", future.exception())
-            elif future.result() is not None:
-                _note("compiled", future.result())
+        try:
+            for future in concurrent.futures.as_completed(
+                    futures, timeout=max(0.0, deadline - time.monotonic())):
+                if future.exception() is not None:
+                    log.debug("aether: a precompile job failed: %r", future.exception())
+                elif future.result() is not None:
+                    _note("compiled", future.result())
+        except concurrent.futures.TimeoutError:  # a stuck pool: the call compiles what it needs
+            log.debug("aether: precompile jobs still running after %.0f s; not waiting",
+                      _WAIT_TIMEOUT_S)
+            return
         _note("waited")
 
 
@@ -294,7 +302,7 @@ def _build_launcher(kernel) -> None:
     that fails, the file is in the cache already."""
     from triton.backends.nvidia.driver import CudaLauncher
 
-    with contextlib.suppress(ImportError, RuntimeError):
+    with contextlib.suppress(Exception):  # a speed-up only (no libcuda: cannot even link)
         CudaLauncher(kernel.src, kernel.metadata)
 
 

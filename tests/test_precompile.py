@@ -121,6 +121,18 @@ def test_a_failing_replay_is_logged_not_raised(monkeypatch, caplog):
     assert "replay broke" in caplog.text
 
 
+def test_wait_gives_up_on_a_stuck_job(monkeypatch, caplog):
+    """A job that never finishes (a broken pool) delays the first call by the timeout, no more;
+    the call then compiles what it needs itself."""
+    import concurrent.futures
+
+    monkeypatch.setattr(precompile, "_WAIT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(precompile, "_pending", [concurrent.futures.Future()])
+    with caplog.at_level("DEBUG", logger=precompile.__name__):
+        precompile.wait()
+    assert "still running" in caplog.text
+
+
 _POOL_CHECK = """
 import collections, contextlib, json, os
 import torch
