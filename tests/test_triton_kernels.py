@@ -354,9 +354,10 @@ def test_all_live_blocks_copies_the_cached_causal_map():
     assert torch.equal(again[0, 0], want)
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-3, 0.1])
-@pytest.mark.parametrize("is_causal,with_mask", [(False, False), (True, False), (False, True)],
-                         ids=["full", "causal", "bool-mask"])
+# Each mask kind and each eps once (the full product took 105 s of interpreted CPU CI)
+@pytest.mark.parametrize("eps,is_causal,with_mask", [(0.1, False, False), (0.0, True, False),
+                                                     (1e-3, False, True)],
+                         ids=["full-0.1", "causal-0.0", "bool-mask-0.001"])
 def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_mask, monkeypatch):
     """VISIT_CERTIFY (probe, certified count and the rest in one launch, no recomputation) gives
     bit for bit the counts, output and lse of the two-launch form (probe, certified_visit_count
