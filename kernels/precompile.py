@@ -296,10 +296,11 @@ def compile_in_this_process(requests, env=None) -> dict:
 
 
 def _build_launcher(kernel) -> None:
-    """The kernel's C launcher, which Triton builds with gcc at the kernel's first launch (about
-    0.5 s each on a cold cache: most of a first call's time once the kernels themselves are
-    compiled), into the same disk cache, keyed by its source. Loading it needs libcuda; where
-    that fails, the file is in the cache already."""
+    """The kernel's C launcher, which Triton 3.6 builds with gcc at the kernel's first launch
+    (about 0.5 s each on a cold cache: most of a first call's time once the kernels themselves
+    are compiled), into the same disk cache, keyed by its source. Loading it needs libcuda; where
+    that fails, the file is in the cache already. (Triton 3.9 has one generic launcher: nothing
+    to build.)"""
     from triton.backends.nvidia.driver import CudaLauncher
 
     with contextlib.suppress(Exception):  # a speed-up only (no libcuda: cannot even link)

@@ -180,8 +180,11 @@ launchers_built_here = []  # gcc runs for C launchers (the first launch's), afte
 gcc = build._build
 build._build = lambda name, *a, **kw: launchers_built_here.append(name) or gcc(name, *a, **kw)
 precompile.compile_in_this_process(requests)
+from triton.backends.nvidia import driver as nvidia_driver
 print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits,
                   "launchers_built_here": launchers_built_here,
+                  # Triton 3.6 builds a C launcher per kernel signature; 3.9 has one generic
+                  "per_kernel_launchers": hasattr(nvidia_driver, "make_launcher"),
                   "in_threads": in_threads}))
 """
 
@@ -230,7 +233,8 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     assert result["in_threads"] == ["_replay_and_compile"] + compiled_here
     assert len(list((tmp_path / "later").rglob("*.cubin"))) == 3
     assert result["launchers_built_here"] == []
-    assert list((tmp_path / "later").rglob("__triton_launcher*.so"))
+    if result["per_kernel_launchers"]:
+        assert list((tmp_path / "later").rglob("__triton_launcher*.so"))
 
 
 @pytest.mark.gpu
