@@ -294,8 +294,9 @@ def _memoised(original: Callable) -> Callable:
 def inductor_compile_pool():
     """Inductor's pool of compile worker processes (persistent, torch already imported), and the
     environment a job must set (cache directories may change after the workers started), or None
-    where Inductor compiles in-process (one compile thread, a daemonic process) or the internals
-    differ. Same calls on 2.11 and 2.13: ``AsyncCompile.process_pool`` and the variables
+    where Inductor would compile in-process now: one compile thread, a daemonic process, a pool
+    still starting (a process's first compile), or internals that differ. Same calls on 2.11 and
+    2.13: ``AsyncCompile.use_process_pool`` / ``process_pool`` and the variables
     ``AsyncCompile.triton`` passes to its own jobs."""
     import os
 
@@ -304,6 +305,8 @@ def inductor_compile_pool():
 
         allowed = getattr(ac, "_process_pool_allowed", lambda: True)
         if ac.get_compile_threads() <= 1 or not allowed():
+            return None
+        if not ac.AsyncCompile.use_process_pool():  # not ready: Inductor compiles in-process too
             return None
         pool = ac.AsyncCompile.process_pool()
     except Exception:

@@ -15,21 +15,23 @@ when we start them:
    persistent processes that have torch imported already, so a job costs the compile (and once
    per worker, importing this package: 0.1 s). A job runs with this process's cache
    directories and ptxas (``_job_env``; Inductor's workers run torch's ptxas, and its version is
-   in the cache key). Where Inductor has no worker pool (one compile thread), a thread pool here
-   compiles them instead;
+   in the cache key). Where Inductor would compile in-process (one compile thread, or its pool
+   still starting: a process's first compile), a thread pool here compiles them instead;
 3. the op's first call waits for compiles still running (``wait``) and finds every kernel in the
    disk cache.
 
 Measured on the H100 (8 zoo models forced sparse, cold): threads in this process gave geomean 1.37
 against 1.52 without (25b738f): the front end of a Triton compile is Python and took the GIL from
 Inductor's own compile. Processes of our own (76a4329) were worse, 2.58 against 1.64: each paid a
-Python start that imports torch, longer than the compile it hid. Inductor's workers pay neither.
+Python start that imports torch, longer than the compile it hid. Inductor's workers pay neither:
+1.26 (04ae454), once the C launchers were built there too (before that, the first call spent
+about 4 s in gcc after every compile job had finished).
 
 Only a speed-up: static shapes on CUDA, never raises into the compile (a failure is logged at
 debug level and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off;
 AETHER_PRECOMPILE=threads compiles on this process's threads even where Inductor has workers. The
-request mirrors ``JITFunction.run`` up to its compile (Triton 3.6 internals: ``device_caches``,
-``_pack_args``); a Triton that changes them only loses the speed-up.
+request mirrors ``JITFunction.run`` up to its compile (Triton internals, the same in 3.6 and 3.9:
+``device_caches``, ``_pack_args``); a Triton that changes them only loses the speed-up.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ both run through the interpreter and their launches are compared; on a GPU, afte
 the first call compiles nothing."""
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -121,6 +122,21 @@ def test_a_failing_replay_is_logged_not_raised(monkeypatch, caplog):
     assert "replay broke" in caplog.text
 
 
+def test_no_worker_pool_while_inductor_would_compile_in_process(monkeypatch):
+    """A pool still starting (a process's first compile) or one compile thread: Inductor compiles
+    in-process then, and so do we (threads), rather than queue behind the pool's start."""
+    from torch._inductor import async_compile
+
+    from aether_compile import _compat
+
+    monkeypatch.setattr(async_compile.AsyncCompile, "use_process_pool", staticmethod(lambda: False))
+    monkeypatch.setattr(async_compile, "get_compile_threads", lambda: 4)
+    assert _compat.inductor_compile_pool() is None
+    monkeypatch.setattr(async_compile.AsyncCompile, "use_process_pool", staticmethod(lambda: True))
+    monkeypatch.setattr(async_compile, "get_compile_threads", lambda: 1)
+    assert _compat.inductor_compile_pool() is None
+
+
 def test_wait_gives_up_on_a_stuck_job(monkeypatch, caplog):
     """A job that never finishes (a broken pool) delays the first call by the timeout, no more;
     the call then compiles what it needs itself."""
@@ -159,8 +175,11 @@ submit = threads.submit
 threads.submit = lambda fn, *a: in_threads.append(fn.__name__) or submit(fn, *a)
 precompile.enabled = lambda: True
 # The workers start with another ptxas (Inductor's run torch's) and the first cache directory...
+import time
 os.environ["TRITON_PTXAS_PATH"] = os.environ["WRAPPED_PTXAS"]
-_compat.inductor_compile_pool()
+deadline = time.monotonic() + 120
+while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+    time.sleep(0.1)  # started; ready once its workers answer
 del os.environ["TRITON_PTXAS_PATH"]
 os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -247,6 +266,9 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
 
     from aether_compile import _compat
 
+    deadline = time.monotonic() + 120
+    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # a new process's pool starts with the first ask
     assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
     monkeypatch.setenv("AETHER_PRECOMPILE", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
