@@ -46,7 +46,7 @@ from helpers import REL_TOL, rel_err
 PATHS = ("op", "twopass", "stop")
 # Cases per path in each profile (tests/test_properties.py, benchmarks/run_reliability.py).
 # "fuzz": random modules through the rewrite pass (tests/fuzz_modules.py).
-PROFILE_CASES = {"ci": {"op": 200, "twopass": 30, "stop": 30, "fuzz": 40},
+PROFILE_CASES = {"ci": {"op": 200, "twopass": 20, "stop": 20, "fuzz": 40},
                  "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000, "fuzz": 500}}
 TRITON_BLOCK = 16  # tiles of the Triton modes (several blocks per case; tl.dot needs >= 16)
 DEVICES = ("cpu", "cuda")

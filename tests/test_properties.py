@@ -6,7 +6,7 @@ asserting and records benchmarks/results/reliability_cpu.json, or reliability_<c
 ``--device cuda``).
 
 Profiles (``AETHER_HYPOTHESIS_PROFILE``, cases per path in ``property_cases.PROFILE_CASES``):
-  ci     (default) 200 op cases, 30 per Triton mode, derandomized (the same cases every run);
+  ci     (default) 200 op cases, 20 per Triton mode, derandomized (the same cases every run);
          under a minute on 2 cores with TRITON_INTERPRET=1.
   large  10,000 op cases and 1,000 per Triton mode, random; the tests are marked slow and skipped
          unless this profile is selected:

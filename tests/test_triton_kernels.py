@@ -77,8 +77,10 @@ CERT_CASES = list(itertools.product(["clustered", "adversarial", "sink_local"],
 BOUND_SETS = pytest.mark.parametrize("box", ["0", "1"], ids=["ball", "ball+box"])
 
 
-@BOUND_SETS
-@pytest.mark.parametrize("mode", ["twopass", "stop"])
+# The box bound changes only the bounds kernel, which both modes share: it runs with the
+# default mode alone (the full product took 2 minutes of interpreted CPU CI)
+@pytest.mark.parametrize("mode,box", [("twopass", "0"), ("stop", "0"), ("twopass", "1")],
+                         ids=["twopass-ball", "stop-ball", "twopass-ball+box"])
 @pytest.mark.parametrize("workload,eps,is_causal", CERT_CASES,
                          ids=[f"{w}-eps{e:g}-{'causal' if c else 'full'}" for w, e, c in CERT_CASES])
 def test_certificate_every_row(workload, eps, is_causal, mode, box, monkeypatch):
@@ -363,9 +365,9 @@ def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_ma
     bit for bit the counts, output and lse of the two-launch form (probe, certified_visit_count
     in torch, fixed-count pass), with its re-certification off."""
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "0")
-    q, k, v = WORKLOADS["clustered"](1, 2, 257, 32, dtype=torch.float16, device=DEVICE, seed=1,
+    q, k, v = WORKLOADS["clustered"](1, 2, 193, 32, dtype=torch.float16, device=DEVICE, seed=1,
                                      run=32, centers=4)
-    mask = (torch.rand(1, 1, 257, 257, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask = (torch.rand(1, 1, 193, 193, generator=torch.Generator().manual_seed(2)) > 0.3
             ).to(DEVICE) if with_mask else None
     plan = triton_attention_module.plan_attention(q, k, v, mask, is_causal, None, BM, BN)
     launch = triton_attention_module._launch_attention
