@@ -171,12 +171,14 @@ def _replay_and_compile(spec) -> None:
         _note("replayed", [r[1] for r in requests])
         in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
+        if workers is not None:
+            pool, cache_env = workers
+            job_env = _job_env(cache_env)
+            submit = lambda request: pool.submit(compile_in_this_process, [request], job_env)
+        else:
+            submit = lambda request: _thread_pool().submit(compile_in_this_process, [request])
         for request in requests:  # one job each: the pool spreads them over its workers
-            if workers is not None:
-                pool, cache_env = workers
-                future = pool.submit(compile_in_this_process, [request], _job_env(cache_env))
-            else:
-                future = _thread_pool().submit(compile_in_this_process, [request])
+            future = submit(request)
             with _lock:
                 _pending.append(future)
     except Exception as e:  # a speed-up only: the first call compiles as before

@@ -236,7 +236,8 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     (stub / "stub.c").write_text("".join(f"int {c}(void) {{ return 0; }}\n" for c in calls))
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(stub / "libcuda.so.1"),
                     str(stub / "stub.c")], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_PTXAS_PATH")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_PTXAS_PATH")}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_COMPILE_THREADS="2",
                WRAPPED_PTXAS=str(wrapped), TRITON_LIBCUDA_PATH=str(stub),
                LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(stub),
