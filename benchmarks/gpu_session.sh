@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_session.sh precompile  # precompile GPU tests; cold forced sparse: workers, threads, off
 #                                             # (PRECOMPILE_MODES="1 0" picks which)
 #   bash benchmarks/gpu_session.sh precompile_timeline  # 3 models, workers and threads: where the first call waits
+#   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
+#                                             # cold compiles of bert+vit and whisper+gpt2
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
 #   bash benchmarks/gpu_session.sh check     # short: inductor + kernel tests, warm compile, e2e no mask
@@ -120,6 +122,17 @@ for name, row in json.load(open(sys.argv[1]))["models"].items():
         print(f"  {t:7.3f} {event} {detail if detail is not None else ''}")
 PY
     done
+    ;;
+  firstcall)  # where a cold compile's excess goes once every Triton compile has finished
+    $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    timeout 60 python3 benchmarks/probe_first_call.py --out "$OUT" > "$OUT/probe_first_call.txt" 2>&1
+    echo "== probe_first_call"; cat "$OUT/probe_first_call.txt"
+    timeout 120 python3 benchmarks/compile_time.py --models bert,vit --profile-compile vit \
+      --tag _profile_vit --out "$OUT" > "$OUT/compile_time_profile_vit.txt" 2>&1
+    timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
+      --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
+    for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
     ;;
   dense)  # the runtime dense choice (lagged in compiled graphs, GQA dense kernels), its end-to-end
          # effect, and a profile of a warm compile (where the rest of compile time goes)
