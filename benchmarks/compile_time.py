@@ -44,7 +44,9 @@ import pstats
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import unittest.mock
 
 import torch
@@ -252,8 +254,9 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
         c0, t0 = cpu_seconds(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        out = _call(compiled, inputs)
-        sync(device)
+        with TritonCompileLog(mark) as triton_compiles:
+            out = _call(compiled, inputs)
+            sync(device)
         if profiler is not None:
             profiler.disable()
         first, first_cpu = time.perf_counter() - t0, cpu_seconds() - c0
@@ -277,7 +280,51 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "not_memoised_types": dict(_compat.not_memoised_types),  # cumulative, per process
             # the prepare op's precompile: replay, jobs, the first call's wait (s from the call)
             "precompile": [(round(t - mark, 3), event, detail)
-                           for t, event, detail in list(precompile.timeline) if t >= mark]}
+                           for t, event, detail in list(precompile.timeline) if t >= mark],
+            # Triton compiles in this process (not in Inductor's workers) during the first call
+            "triton_compiles": triton_compiles}
+
+
+class TritonCompileLog(list):
+    """Every Triton compile this process runs (any thread) while the block runs, through Triton's
+    compile listener: (s from ``mark``, kernel, cache hit, ms, thread, the nearest callers outside
+    Triton). Inductor's workers compile elsewhere; a Triton without the listener logs nothing."""
+
+    def __init__(self, mark: float, limit: int = 200):
+        super().__init__()
+        self.mark, self.limit = mark, limit
+
+    def __enter__(self):
+        try:
+            from triton import knobs
+            self.knobs, self.before = knobs.compilation, knobs.compilation.listener
+        except (ImportError, AttributeError):
+            self.knobs = None
+            return self
+
+        def listener(**kw):
+            if len(self) < self.limit:
+                times = kw.get("times")
+                ms = None
+                if times is not None:
+                    ms = round((times.ir_initialization + times.total_lowering
+                                + times.store_results) / 1e3, 1)
+                callers = [f"{os.path.basename(f.filename)}:{f.lineno}({f.name})"
+                           for f in traceback.extract_stack()[:-1]
+                           if "/triton/" not in f.filename][-3:]
+                self.append((round(time.monotonic() - self.mark, 3),
+                             getattr(kw["src"], "name", str(kw["src"])[:40]), kw["cache_hit"], ms,
+                             threading.current_thread().name, callers))
+            if self.before is not None:
+                self.before(**kw)
+
+        self.knobs.listener = listener
+        return self
+
+    def __exit__(self, *exc):
+        if self.knobs is not None:
+            self.knobs.listener = self.before
+        return False
 
 
 @contextlib.contextmanager

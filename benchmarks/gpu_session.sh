@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh precompile_timeline  # 3 models, workers and threads: where the first call waits
 #   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
 #                                             # cold compiles of bert+vit and whisper+gpt2
+#   bash benchmarks/gpu_session.sh compiles   # the Triton compiles of cold first calls in this process
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
 #   bash benchmarks/gpu_session.sh check     # short: inductor + kernel tests, warm compile, e2e no mask
@@ -133,6 +134,23 @@ PY
     timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
       --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
     for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
+    ;;
+  compiles)  # which Triton compiles a cold first call runs in this process, and why
+    timeout 200 python3 benchmarks/compile_time.py --models ${MODELS:-bert,vit,gpt2,whisper} \
+      --tag _compiles --out "$OUT" > "$OUT/compile_time_compiles.txt" 2>&1
+    grep -E "ratio |summary|error" "$OUT/compile_time_compiles.txt"
+    python3 - "$OUT"/compile_time_*_compiles.json <<'PY'
+import json, sys
+for name, row in json.load(open(sys.argv[1]))["models"].items():
+    for backend, runs in row.get("runs", {}).items():
+        run = runs[0]
+        print(name, backend, "first", round(run["first_call_s"], 2), "inner",
+              run["phases_s"].get("_compile.compile_inner"))
+        for c in run.get("triton_compiles", []):
+            print("   ", c)
+        for t, event, detail in run.get("precompile", []):
+            print(f"  {t:7.3f} {event} {detail if detail is not None else ''}")
+PY
     ;;
   dense)  # the runtime dense choice (lagged in compiled graphs, GQA dense kernels), its end-to-end
          # effect, and a profile of a warm compile (where the rest of compile time goes)
