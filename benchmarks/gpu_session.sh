@@ -99,7 +99,7 @@ case "${1:-tests}" in
     ;;
   precompile)  # the prepare op's kernels compiled while tracing: Inductor's workers (default),
                # this process's threads, none; cold forced sparse, 8 models each, one run
-    $T 90 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    $T 200 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
     for how in ${PRECOMPILE_MODES:-1 threads 0}; do
       AETHER_PRECOMPILE=$how timeout 160 python3 benchmarks/compile_time.py --budget-s 140 \
         --tag "_precompile_$how" --out "$OUT" > "$OUT/compile_time_precompile_$how.txt" 2>&1

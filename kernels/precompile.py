@@ -14,8 +14,8 @@ when we start them:
    disk cache (``compile_in_this_process``):
    persistent processes that have torch imported already, so a job costs the compile (and once
    per worker, importing this package: 0.1 s). A job runs with this process's cache
-   directories and ptxas (``_job_env``; Inductor's workers run torch's ptxas, and its version is
-   in the cache key). Where Inductor would compile in-process (one compile thread, or its pool
+   directories, ptxas and the ptxas version this process keys on (``_job_env``; Inductor's
+   workers run torch's ptxas, and the version is in the cache key). Where Inductor would compile in-process (one compile thread, or its pool
    still starting: a process's first compile), a thread pool here compiles them instead;
 3. the op's first call waits for compiles still running (``wait``) and finds every kernel in the
    disk cache.
@@ -171,9 +171,11 @@ def _replay_and_compile(spec) -> None:
         _note("replayed", [r[1] for r in requests])
         in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
+        job_env = None
         if workers is not None:
             pool, cache_env = workers
-            job_env = _job_env(cache_env)
+            job_env = _job_env(cache_env, requests[0][-1])
+        if job_env is not None:
             submit = lambda request: pool.submit(compile_in_this_process, [request], job_env)
         else:
             submit = lambda request: _thread_pool().submit(compile_in_this_process, [request])
@@ -244,14 +246,29 @@ def _current_device() -> int:
 
 # Inductor's workers run torch's bundled ptxas (TRITON_PTXAS_PATH, set when they start), and
 # ptxas's version is part of Triton's cache key: a job compiles with the ptxas of the process
-# that asked, or its entries would never be found there.
+# that asked, or its entries would never be found there. And with the version that process keys
+# on, which may not be its ptxas's: Triton memoises the version at the process's first ask, and
+# Inductor asks early (its own cache keys) but points TRITON_PTXAS_PATH at torch's ptxas only at
+# its first in-process compile. On the H100 every job's entry was missed that way (8503c71's
+# compile log: bert, vit, gpt2 and whisper each recompiled all their kernels at the first call).
 _TOOL_VARS = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")
+_VERSION_VAR = "TRITON_MOCK_PTX_VERSION"  # what Triton's get_ptxas_version answers, where set
 
 
-def _job_env(cache_env: dict) -> dict:
-    """What a worker's job sets while it compiles: the cache directories (``cache_env``) and this
-    process's ptxas (None: unset, Triton's own)."""
-    return {**cache_env, **{name: os.environ.get(name) for name in _TOOL_VARS}}
+def _job_env(cache_env: dict, target) -> dict | None:
+    """What a worker's job sets while it compiles: the cache directories (``cache_env``), this
+    process's ptxas (None: unset, Triton's own) and the ptxas version this process keys
+    ``target``'s compiles on (asked now, so the answer stays fixed in this process from here on);
+    None where that cannot be had (then the jobs run on this process's threads)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        version = get_ptxas_version(target.arch)
+    except Exception as e:  # noqa: BLE001  (another backend or Triton: threads key as we do)
+        log.debug("aether: no ptxas version to give the workers: %r", e)
+        return None
+    return {**cache_env, **{name: os.environ.get(name) for name in _TOOL_VARS},
+            _VERSION_VAR: version}
 
 
 @contextlib.contextmanager

@@ -181,7 +181,12 @@ deadline = time.monotonic() + 120
 while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
     time.sleep(0.1)  # started; ready once its workers answer
 del os.environ["TRITON_PTXAS_PATH"]
-os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does
+os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does.
+# This process keys on Triton's own ptxas (memoised at its first ask, as Inductor asks early)
+# but then points at another, as Inductor's first in-process compile does
+from triton.backends.nvidia.compiler import get_ptxas_version
+get_ptxas_version(target.arch)
+os.environ["TRITON_PTXAS_PATH"] = os.environ["WRAPPED_PTXAS"]
 from torch._subclasses.fake_tensor import FakeTensorMode
 with FakeTensorMode():  # what the op's fake sees while tracing: a fused qkv projection
     q, k, v = torch.empty(1, L, H, 3 * D, dtype=torch.float16, device="cuda").split(D, dim=-1)
@@ -214,7 +219,7 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     without a device): the fake's start, the replay's requests, compiled by Inductor's worker
     processes (or, with AETHER_PRECOMPILE=threads, this process's threads) into the cache
     directory this process names now, with the ptxas it runs (not those the workers started
-    with), the wait; the same compiles here then all hit Triton's disk cache, and the kernels' C
+    with) and the ptxas version it keys on (memoised before it changed ptxas), the wait; the same compiles here then all hit Triton's disk cache, and the kernels' C
     launchers are in it too (no gcc here). Outside the interpreter (real JIT kernels)."""
     import json
     import os
@@ -296,3 +301,52 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
     assert all(hit for _, hit in hits), hits
     assert launchers_built == [], "the first call built C launchers with gcc"
     assert len(list(tmp_path.rglob("*.cubin"))) == len(compiled)
+
+
+@pytest.mark.gpu
+def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
+    """A cold compile as a user's process runs it: its first compile in-process (Inductor's pool
+    still starting: this points TRITON_PTXAS_PATH at torch's ptxas after Triton memoised the
+    version of its own), then a model forced onto the sparse path with empty caches. From the
+    compile's start to its first call's end, every compile of our kernels in this process is a
+    disk-cache hit (the workers built them, keyed as this process keys) and gcc builds no
+    launcher (the jobs built the prepare op's; Inductor launches the pass statically)."""
+    import torch.nn.functional as F
+    import triton.runtime.build as build
+    from torch._inductor.utils import fresh_cache
+    from triton import knobs
+
+    from aether_compile import _compat
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).sin()
+
+    with fresh_cache():  # the process's first compile, in-process
+        small = [torch.randn(1, 2, 64, 16, device="cuda") for _ in range(3)]
+        torch.compile(attend)(*small)
+    deadline = time.monotonic() + 120
+    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
+    torch._dynamo.reset()
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # 1024 tokens: else short, dense
+    for kernel in tam.JIT_KERNELS:  # as in a new process: nothing of ours in memory
+        monkeypatch.setattr(kernel, "device_caches",
+                            type(kernel.device_caches)(kernel.device_caches.default_factory))
+    monkeypatch.setattr(precompile, "_started", set())
+    ours = {k.fn.__name__ for k in tam.JIT_KERNELS}
+    compiles, gcc_builds = [], []
+    gcc = build._build
+    monkeypatch.setattr(build, "_build", lambda name, *a, **kw: gcc_builds.append(name)
+                        or gcc(name, *a, **kw))
+    monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: compiles.append(
+        (kw["src"].name, kw["cache_hit"])))
+    q, k, v = WORKLOADS["clustered"](2, 4, 1024, 64, dtype=torch.float16, device="cuda", seed=1)
+    with fresh_cache():
+        out = torch.compile(lambda q, k, v: attend(q, k, v), backend="aether")(q, k, v)
+        torch.cuda.synchronize()
+    ours_compiled = [(name, hit) for name, hit in compiles if name in ours]
+    assert ours_compiled, "no kernel of ours was asked for: the sparse path was not compiled"
+    assert all(hit for _, hit in ours_compiled), ours_compiled
+    assert gcc_builds == [], gcc_builds
+    torch.testing.assert_close(out, attend(q, k, v), atol=2e-2, rtol=2e-2)
