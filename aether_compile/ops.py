@@ -248,14 +248,7 @@ def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fra
     # Tracing sees the real shapes: start JIT-compiling the kernels the first call will launch.
     _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                   block_n, fraction, precheck, gated)
-    B, H, L, _ = query.shape
-    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
-    tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
-    return (_tri.new_out(query, value.shape[-1], out_interleaved),
-            query.new_empty(B, H, L, dtype=torch.float32),
-            query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
-            query.new_empty(B, H, nqt, nkb, dtype=torch.float32),
-            tiles, torch.empty_like(tiles), query.new_empty(1, dtype=torch.int32))
+    return _tri.new_prepared(query, key, value, block_m, block_n, out_interleaved)
 
 
 @torch.library.custom_op("aether::reference_attention_backward", mutates_args=())

@@ -174,7 +174,7 @@ def _replay_and_compile(spec) -> None:
         job_env = None
         if workers is not None:
             pool, cache_env = workers
-            job_env = _job_env(cache_env, requests[0][-1])
+            job_env = _job_env(cache_env, target=requests[0][6])
         if job_env is not None:
             submit = lambda request: pool.submit(compile_in_this_process, [request], job_env)
         else:
@@ -193,9 +193,10 @@ def compile_requests(device, specs, args) -> list:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     requests = []
+    launcher_only = False  # the pass: Inductor compiles its own copy of the kernel
 
     def collect(kernel, grid, launch_args, kwargs):
-        made = _compile_request(kernel, launch_args, kwargs)
+        made = _compile_request(kernel, launch_args, kwargs, launcher_only)
         if made is not None and _remember(made[0]):
             requests.append(made[1])
 
@@ -203,6 +204,8 @@ def compile_requests(device, specs, args) -> list:
     with on_device, FakeTensorMode(), _tri.launches_to(collect):
         q, k, v, m = (_fake(s, device) for s in specs)
         replay_prepare(q, k, v, m, *args)
+        launcher_only = True
+        replay_pass(q, k, v, m, *args)
     return requests
 
 
@@ -215,10 +218,11 @@ def _fake(spec, device):
     return base.as_strided(sizes, strides, offset)
 
 
-def _compile_request(kernel, args, kwargs):
+def _compile_request(kernel, args, kwargs, launcher_only: bool = False):
     """(key, request) for one launch: Triton's in-memory cache key and what ``triton.compile``
     needs to build the same binary (hence the same disk-cache entry) elsewhere; None where this
-    process has the kernel already. Mirrors ``JITFunction.run`` up to its compile."""
+    process has the kernel already. Mirrors ``JITFunction.run`` up to its compile.
+    ``launcher_only``: the request builds the launch's C launcher and not the kernel."""
     from triton import knobs
     from triton.runtime.jit import compute_cache_key
 
@@ -229,13 +233,13 @@ def _compile_request(kernel, args, kwargs):
     kernel_cache, key_cache, target, backend, binder = kernel.device_caches[_current_device()]
     bound_args, specialization, options = binder(*args, **kwargs)
     key = compute_cache_key(key_cache, specialization, options)
-    if key in kernel_cache:
+    if key in kernel_cache and not launcher_only:
         return None
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
                                                               specialization, options)
-    return ((kernel.fn.__qualname__, key),
+    return ((kernel.fn.__qualname__, key, launcher_only),
             (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
-             options.__dict__, target))
+             options.__dict__, target, launcher_only))
 
 
 def _current_device() -> int:
@@ -301,31 +305,50 @@ def compile_in_this_process(requests, env=None) -> dict:
 
     took = {"pid": os.getpid()}
     with _environment(env) if env else contextlib.nullcontext():
-        for module, name, signature, constexprs, attrs, options, target in requests:
+        for module, name, signature, constexprs, attrs, options, target, launcher_only in requests:
             t0 = time.monotonic()
             fn = getattr(importlib.import_module(module), name)
             t1 = time.monotonic()
-            kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                             options=options)
+            source = ASTSource(fn, signature, constexprs, attrs)
+            kernel = None if launcher_only else compile(source, target=target, options=options)
             t2 = time.monotonic()
             if target.backend == "cuda":
-                _build_launcher(kernel)
+                _build_launcher(source, kernel.metadata if kernel is not None else _NO_SCRATCH)
             # import, compile, launcher seconds
             took[name] = tuple(round(b - a, 3) for a, b in ((t0, t1), (t1, t2),
                                                             (t2, time.monotonic())))
     return took
 
 
-def _build_launcher(kernel) -> None:
-    """The kernel's C launcher, which Triton 3.6 builds with gcc at the kernel's first launch
-    (about 0.5 s each on a cold cache: most of a first call's time once the kernels themselves
-    are compiled), into the same disk cache, keyed by its source. Loading it needs libcuda; where
-    that fails, the file is in the cache already. (Triton 3.9 has one generic launcher: nothing
-    to build.)"""
+# What a launcher reads of a kernel's metadata besides its signature (the C source depends on the
+# signature and tensor descriptors only): for the pass, whose kernel Inductor compiles itself
+_NO_SCRATCH = type("NoScratch", (), dict(
+    num_ctas=1, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
+    profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False,
+    tensordesc_meta=None))()
+
+
+def _build_launcher(source, metadata) -> None:
+    """The C launcher of a kernel of this ``source`` (its signature), which Triton 3.6 builds with
+    gcc at the kernel's first launch (about 0.5 s each on a cold cache: most of a first call's
+    time once the kernels themselves are compiled), into the same disk cache, keyed by its C
+    source. Inductor builds one the same way for the pass it compiles. Loading it needs libcuda;
+    where that fails, the file is in the cache already. (Triton 3.9 has one generic launcher:
+    nothing to build.)"""
     from triton.backends.nvidia.driver import CudaLauncher
 
     with contextlib.suppress(Exception):  # a speed-up only (no libcuda: cannot even link)
-        CudaLauncher(kernel.src, kernel.metadata)
+        CudaLauncher(source, metadata)
+
+
+def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
+                fraction, precheck, gated) -> None:
+    """The traced pass after the prepare op (``attention_after_prepare``) on fresh outputs of the
+    op's fake: the launch whose C launcher Inductor builds for its copy of the kernel."""
+    prepared = _tri.new_prepared(query, key, value, block_m, block_n,
+                                 _tri.heads_interleaved(query))
+    _tri.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
+                                 block_n, prepared, precheck, gated)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,

@@ -1182,6 +1182,18 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
 
 
+def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved: bool):
+    """New buffers shaped as ``prepare_pass``'s outputs (the op's fake; the precompile replay)."""
+    B, H, L, _ = query.shape
+    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
+    return (new_out(query, value.shape[-1], out_interleaved),
+            query.new_empty(B, H, L, dtype=torch.float32),
+            query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
+            query.new_empty(B, H, nqt, nkb, dtype=torch.float32),
+            tiles, torch.empty_like(tiles), query.new_empty(1, dtype=torch.int32))
+
+
 def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale: float,
                             eps: float, block_m: int, block_n: int, prepared, precheck: bool,
                             gated: bool):
