@@ -291,42 +291,6 @@ def _memoised(original: Callable) -> Callable:
     return analysis
 
 
-# -- static launches of user-defined Triton kernels ------------------------------------------------
-# Inductor launches its own kernels through a static launcher but, by default, launches kernels
-# traced from wrap_triton/triton_op through Triton's C launcher, which Triton 3.6 builds with gcc
-# per kernel signature in this process on a cold cache: about 0.5 s per attention variant of a
-# graph, on the critical path of its compile (an H100 profile of whisper: 2 builds, 1.1 s).
-# The config entry (2.11 and 2.13) lets Inductor launch those statically too where it can (it falls
-# back to Triton's launcher where it cannot).
-STATIC_LAUNCH_USER_KERNELS = "static_launch_user_defined_triton_kernels"
-
-
-def has_static_launch_config() -> bool:
-    import torch._inductor.config as icfg
-
-    return hasattr(icfg, STATIC_LAUNCH_USER_KERNELS)
-
-
-def foreign_triton_kernels(gm: torch.fx.GraphModule, ours: str = "aether::") -> bool:
-    """Whether Dynamo's graph launches user-defined Triton kernels other than our op's:
-    wrap_triton launches (a higher-order op) or calls of another package's triton_op."""
-    from torch._library.triton import triton_ops_to_kernels
-
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", "")
-        if name.startswith("triton_kernel_wrapper"):
-            return True
-        op_name = getattr(node.target, "name", None)
-        op_name = op_name() if callable(op_name) else getattr(node.target, "_qualified_op_name",
-                                                              None)
-        if (isinstance(op_name, str) and not op_name.startswith(ours)
-                and op_name.split(".")[0] in triton_ops_to_kernels):
-            return True
-    return False
-
-
 def inductor_compile_pool():
     """Inductor's pool of compile worker processes (persistent, torch already imported), and the
     environment a job must set (cache directories may change after the workers started), or None

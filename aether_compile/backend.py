@@ -57,8 +57,6 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     chained = patches.get(_compat.POST_GRAD_POST_PASS, _compat.get_post_grad_post_pass())
     patches[_compat.POST_GRAD_POST_PASS] = CacheSalt(aether, chained=chained)
     rewritten = [site for site in sites if site.rewritten]
-    if rewritten and static_launch_applies(gm, patches):
-        patches[_compat.STATIC_LAUNCH_USER_KERNELS] = True
     try:
         return _compat.compile_fx(gm, example_inputs, patches)
     except Exception as exc:
@@ -71,22 +69,6 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
         gm.graph = original_graph
         gm.recompile()
         return _compat.compile_fx(gm, example_inputs, patches)
-
-
-def static_launch_applies(gm, patches: dict) -> bool:
-    """Whether Inductor may launch the op's Triton kernels statically, as it launches its own
-    (no gcc-built launcher per kernel on a cold cache; _compat): where the graph has no
-    user-defined Triton kernels of its own (the config entry reaches every one in the graph), the
-    caller did not set the entry, and AETHER_STATIC_LAUNCH is not 0."""
-    import os
-
-    if (os.environ.get("AETHER_STATIC_LAUNCH", "1") == "0" or not _compat.has_static_launch_config()
-            or _compat.STATIC_LAUNCH_USER_KERNELS in patches):
-        return False
-    try:
-        return not _compat.foreign_triton_kernels(gm)
-    except Exception:  # noqa: BLE001  (an internals change: Triton's launcher, as by default)
-        return False
 
 
 def _mark_dense(sites, reason: str) -> None:

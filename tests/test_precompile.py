@@ -312,7 +312,7 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
     version of its own), then a model forced onto the sparse path with empty caches. From the
     compile's start to its first call's end, every compile of our kernels in this process is a
     disk-cache hit (the workers built them, keyed as this process keys) and gcc builds no
-    launcher (the jobs built the prepare op's; Inductor launches the pass statically)."""
+    launcher (the jobs built the prepare op's and the one Inductor asks for its pass)."""
     import torch.nn.functional as F
     import triton.runtime.build as build
     from torch._inductor.utils import fresh_cache

@@ -243,55 +243,6 @@ def test_inductor_failure_on_the_op_compiles_the_graph_as_captured(monkeypatch):
     assert counters["aether"]["compile_failed"] == 1 and counters["aether"]["rewritten"] == 0
 
 
-def test_static_launch_of_our_kernels_only_where_the_graph_has_none_of_its_own(monkeypatch):
-    """A rewritten graph compiles with Inductor's static launcher for user-defined Triton kernels
-    (ours: no gcc-built launcher per kernel); not where the graph launches Triton kernels of its
-    own (wrap_triton, another package's triton_op), the caller set the entry, or
-    AETHER_STATIC_LAUNCH=0; nor where nothing was rewritten."""
-    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
-
-    from aether_compile import _compat
-    from aether_compile.backend import static_launch_applies
-
-    if not _compat.has_static_launch_config():
-        pytest.skip("this torch has no static launch of user-defined Triton kernels")
-    entry = _compat.STATIC_LAUNCH_USER_KERNELS
-
-    def graph(*targets):
-        g = torch.fx.Graph()
-        x = g.placeholder("x")
-        for target in targets:
-            x = g.call_function(target, (x, x, x) if target is torch.ops.aether.attention.default
-                                else (x,))
-        g.output(x)
-        return torch.fx.GraphModule(torch.nn.Module(), g)
-
-    @torch.library.triton_op("user_ns::twice", mutates_args=())
-    def twice(x: torch.Tensor) -> torch.Tensor:
-        return x * 2
-
-    ours = graph(torch.ops.aether.attention.default, torch.ops.aten.sin.default)
-    assert static_launch_applies(ours, {})
-    assert not static_launch_applies(ours, {entry: False})
-    monkeypatch.setenv("AETHER_STATIC_LAUNCH", "0")
-    assert not static_launch_applies(ours, {})
-    monkeypatch.delenv("AETHER_STATIC_LAUNCH")
-    assert not static_launch_applies(graph(torch.ops.aether.attention.default,
-                                           triton_kernel_wrapper_mutation), {})
-    assert not static_launch_applies(graph(torch.ops.aether.attention.default,
-                                           torch.ops.user_ns.twice.default), {})
-    # Through torch.compile: the entry reaches Inductor with a rewrite, not without
-    real, seen = _compat.compile_fx, []
-    monkeypatch.setattr(_compat, "compile_fx", lambda gm, inputs, patches: seen.append(
-        patches.get(entry)) or real(gm, inputs, patches))
-    block, x = _block()
-    with torch.no_grad():
-        torch.compile(block, backend="aether", options={"allow_cpu": True})(x)
-        torch._dynamo.reset()
-        torch.compile(block, backend="aether")(x)  # CPU without allow_cpu: nothing rewritten
-    assert seen == [True, None]
-
-
 def test_short_cuda_attention_stays_dense(monkeypatch):
     """A CUDA site whose static sizes leave the sparse path nothing to win is declined as "short"
     (few key blocks, or little work): it stays the dense attention it is, mask included, and
