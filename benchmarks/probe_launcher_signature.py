@@ -34,7 +34,7 @@ def main() -> None:
     nvd.make_launcher = lambda constants, signature, meta: built.append(
         (dict(constants), dict(signature))) or make(constants, signature, meta)
     requests = precompile.compile_requests
-    precompile.compile_requests = lambda *a: asked.extend(requests(*a)) or asked
+    precompile.compile_requests = lambda *a: (lambda r: asked.extend(r) or r)(requests(*a))
     import os
     os.environ["AETHER_STATIC_DENSE"] = "0"
     q, k, v = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.float16) for _ in range(3))
