@@ -291,6 +291,18 @@ def _memoised(original: Callable) -> Callable:
     return analysis
 
 
+def inductor_launch_signature(signature: dict) -> dict:
+    """The signature Inductor gives a launch of a user-defined Triton kernel, from Triton's own
+    for the same arguments (a C launcher is keyed by it): Inductor types Python floats fp64 where
+    ``_use_fp64_for_unbacked_floats`` is on (2.11 and 2.13; CUDA supports fp64), Triton fp32.
+    Ints, bools, pointers and constexprs (ints equal to 1 included) agree."""
+    import torch._inductor.config as icfg
+
+    if not getattr(icfg, "_use_fp64_for_unbacked_floats", False):
+        return dict(signature)
+    return {k: "fp64" if ty == "fp32" else ty for k, ty in signature.items()}
+
+
 def inductor_compile_pool():
     """Inductor's pool of compile worker processes (persistent, torch already imported), and the
     environment a job must set (cache directories may change after the workers started), or None

@@ -206,6 +206,7 @@ build._build = lambda name, *a, **kw: launchers_built_here.append(name) or gcc(n
 precompile.compile_in_this_process(requests)
 from triton.backends.nvidia import driver as nvidia_driver
 print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits,
+                  "launcher_only": [sorted(set(r[2].values())) for r in requests if r[-1]],
                   "launchers_built_here": launchers_built_here,
                   # Triton 3.6 builds a C launcher per kernel signature; 3.9 has one generic
                   "per_kernel_launchers": hasattr(nvidia_driver, "make_launcher"),
@@ -256,6 +257,9 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     assert result["kernels"] == ["_geometry_kernel", "_bounds_kernel", "_plan_kernel",
                                  "_attention_kernel"]
     assert result["hits"] == [True, True, True]
+    # typed as Inductor types the launch it generates (Python floats fp64), not as Triton does
+    [pass_types] = result["launcher_only"]
+    assert "fp64" in pass_types and "fp32" not in pass_types, pass_types
     compiled_here = ["compile_in_this_process"] * 4 if how == "threads" else []
     assert result["in_threads"] == ["_replay_and_compile"] + compiled_here
     assert len(list((tmp_path / "later").rglob("*.cubin"))) == 3
