@@ -25,7 +25,9 @@ against 1.52 without (25b738f): the front end of a Triton compile is Python and 
 Inductor's own compile. Processes of our own (76a4329) were worse, 2.58 against 1.64: each paid a
 Python start that imports torch, longer than the compile it hid. Inductor's workers pay neither:
 1.26 (04ae454), once the C launchers were built there too (before that, the first call spent
-about 4 s in gcc after every compile job had finished).
+about 4 s in gcc after every compile job had finished), and 1.11-1.13 (three runs, 7ff0347) once
+the jobs keyed on the asking process's ptxas version (until then the first call missed every
+entry and compiled again) and built the traced pass's launcher as well.
 
 Only a speed-up: static shapes on CUDA, never raises into the compile (a failure is logged at
 debug level and the first call compiles as before). AETHER_PRECOMPILE=0 turns it off;
