@@ -15,8 +15,10 @@ when we start them:
    persistent processes that have torch imported already, so a job costs the compile (and once
    per worker, importing this package: 0.1 s). A job runs with this process's cache
    directories, ptxas and the ptxas version this process keys on (``_job_env``; Inductor's
-   workers run torch's ptxas, and the version is in the cache key). Where Inductor would compile in-process (one compile thread, or its pool
-   still starting: a process's first compile), a thread pool here compiles them instead;
+   workers run torch's ptxas, and the version is in the cache key). The jobs also build the C
+   launcher Inductor needs for its own copy of the traced pass (``replay_pass``). Where Inductor
+   would compile in-process (one compile thread, or its pool still starting: a process's first
+   compile), a thread pool here compiles them instead;
 3. the op's first call waits for compiles still running (``wait``) and finds every kernel in the
    disk cache.
 
