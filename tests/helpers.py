@@ -79,3 +79,20 @@ def chunked_oracle(q, k, v, attn_mask=None, is_causal=False, kept=None, block_m=
     from aether_compile.kernels.reference import chunked_attention_fp64
 
     return chunked_attention_fp64(q, k, v, attn_mask, is_causal, kept, block_m, block_n)
+
+
+def causal_and_dtypes(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Parametrises ``is_causal, dtype``: every pair on a GPU. Under Triton's interpreter (CPU CI,
+    where a small case takes seconds) float32 with both, and each half precision with one of them
+    (float16 full, bfloat16 causal): every dtype and both masks still run on every case."""
+    import pytest
+
+    from conftest import TRITON_INTERPRET
+
+    pairs = [(c, d) for c in (False, True) for d in dtypes]
+    if TRITON_INTERPRET:
+        pairs = [(c, d) for c, d in pairs if d not in (torch.float16, torch.bfloat16)
+                 or (d == torch.bfloat16) == c]
+    return pytest.mark.parametrize("is_causal,dtype", [
+        pytest.param(c, d, id=f"{'causal' if c else 'full'}-{str(d).split('.')[-1]}")
+        for c, d in pairs])

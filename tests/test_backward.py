@@ -11,7 +11,7 @@ from aether_compile.kernels.triton_backward import triton_attention_backward
 from aether_compile.workloads import clustered_qkv
 
 from conftest import TRITON_INTERPRET
-from helpers import REL_TOL, make_mask, rel_err
+from helpers import REL_TOL, causal_and_dtypes, make_mask, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
@@ -35,9 +35,7 @@ CASES = [  # (L, S, D, DV, H, Hkv, mask kind, workload)
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@causal_and_dtypes()
 @pytest.mark.parametrize("L,S,D,DV,H,Hkv,mask_kind,workload", CASES,
                          ids=[f"L{c[0]}-S{c[1]}-D{c[2]}-H{c[4]}-Hkv{c[5]}-{c[6]}-{c[7]}"
                               for c in CASES])

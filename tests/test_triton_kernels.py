@@ -14,7 +14,8 @@ from aether_compile.kernels.triton_attention import triton_attention
 from aether_compile.workloads import WORKLOADS
 
 from conftest import TRITON_INTERPRET
-from helpers import REL_TOL, SMALL_WORKLOAD_KW, dense_oracle, make_mask, rel_err
+from helpers import (REL_TOL, SMALL_WORKLOAD_KW, causal_and_dtypes, dense_oracle, make_mask,
+                     rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
@@ -43,8 +44,7 @@ NUMERIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@causal_and_dtypes(DTYPES)
 @pytest.mark.parametrize("L,S,D,DV,H,Hkv,mask_kind", NUMERIC_CASES,
                          ids=[f"L{c[0]}-S{c[1]}-D{c[2]}-H{c[4]}-Hkv{c[5]}-{c[6]}"
                               for c in NUMERIC_CASES])
