@@ -268,6 +268,16 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
         assert list((tmp_path / "later").rglob("__triton_launcher*.so"))
 
 
+def _wait_for_inductor_pool(timeout_s: float = 120.0) -> None:
+    """Until Inductor's worker pool answers (a new process's pool starts with the first ask)."""
+    from aether_compile import _compat
+
+    deadline = time.monotonic() + timeout_s
+    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("route", ROUTES)
 def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path):
@@ -276,12 +286,7 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
     disk-cache hit, its C launchers too."""
     from triton import knobs
 
-    from aether_compile import _compat
-
-    deadline = time.monotonic() + 120
-    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # a new process's pool starts with the first ask
-    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
+    _wait_for_inductor_pool()
     monkeypatch.setenv("AETHER_PRECOMPILE", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     for kernel in tam.JIT_KERNELS:
@@ -322,18 +327,13 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
     from torch._inductor.utils import fresh_cache
     from triton import knobs
 
-    from aether_compile import _compat
-
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v).sin()
 
     with fresh_cache():  # the process's first compile, in-process
         small = [torch.randn(1, 2, 64, 16, device="cuda") for _ in range(3)]
         torch.compile(attend)(*small)
-    deadline = time.monotonic() + 120
-    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
+    _wait_for_inductor_pool()
     torch._dynamo.reset()
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # 1024 tokens: else short, dense
     for kernel in tam.JIT_KERNELS:  # as in a new process: nothing of ours in memory
