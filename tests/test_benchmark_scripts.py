@@ -114,3 +114,21 @@ def test_sparse_summary_picks_best_within_noise():
     assert s["e2e_sparse_speedup"] == 2.0 and s["e2e_sparse_eps"] == 1e-2
     assert s["best_speedup_any_eps"] == 3.0 and s["rows_failed"] == 1
     assert lm.summarize([row(32768, 1e-1, 3.0, False)], [32768], 1.1)["e2e_sparse_speedup"] is None
+
+
+def test_kernel_compile_time_for_an_h100_without_one(tmp_path):
+    """benchmarks/kernel_compile_time.py compiles the kernels a compiled site asks for, for sm_90,
+    on any machine (outside the interpreter: real Triton compiles, Triton's own ptxas), and
+    records each stage; the traced pass is among them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_PTXAS_PATH")}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_compile_time.py"),
+                           "--out", str(tmp_path)], cwd=ROOT, env={**env, "AETHER_COMMIT": "t"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = _only_json(tmp_path, "kernel_compile_time_")
+    assert rec["env"]["commit"] == "t" and rec["target"] == "cuda sm_90"
+    passes = [r for r in rec["rows"] if r["traced_pass"]]
+    assert [r["kernel"] for r in passes] == ["_attention_kernel"] * 2  # full and causal
+    for r in rec["rows"]:
+        assert r["wall_s"] > 0 and {"ttir", "ttgir", "llir", "ptx", "cubin"} <= set(r["stages_ms"])
