@@ -63,16 +63,16 @@ def main(argv=None) -> int:
         precompile._started.clear()
         requests = precompile.compile_requests(
             torch.device("cuda", 0), specs, (causal, D ** -0.5, 1e-3, bm, bn, None, False, False))
-        for module, name, signature, constexprs, attrs, options, tgt, pass_only in requests:
+        for r in requests:
             times = []
             knobs.compilation.listener = lambda **kw: times.append(kw["times"])
-            source = ASTSource(getattr(tam, name), signature, constexprs, attrs)
+            source = ASTSource(getattr(tam, r.name), r.signature, r.constexprs, r.attrs)
             for _ in range(2):
                 t0 = time.perf_counter()
-                compile(source, target=tgt, options=options)
+                compile(source, target=r.target, options=r.options)
                 wall = time.perf_counter() - t0
             t = times[-1]
-            row = {"kernel": name, "traced_pass": pass_only, "causal": causal,
+            row = {"kernel": r.name, "traced_pass": r.launcher_only, "causal": causal,
                    "wall_s": round(wall, 3), "ir_ms": t.ir_initialization // 1000,
                    "stages_ms": {s: us // 1000 for s, us in t.lowering_stages}}
             rows.append(row)

@@ -41,9 +41,10 @@ def main() -> None:
     with fresh_cache():
         torch.compile(lambda q, k, v: attend(q, k, v), backend="aether")(q, k, v)
         torch.cuda.synchronize()
-    for module, name, signature, constexprs, attrs, options, target, launcher_only in asked:
-        print("ASKED", name, "launcher_only" if launcher_only else "", list(signature.values()))
-        print("   constexprs", constexprs)
+    for r in asked:
+        print("ASKED", r.name, "launcher_only" if r.launcher_only else "",
+              list(r.signature.values()))
+        print("   constexprs", r.constexprs)
     for constants, signature in built:
         print("BUILT HERE", list(signature.values()))
         print("   constants", constants)

@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -172,13 +173,13 @@ def _replay_and_compile(spec) -> None:
     try:
         _note("replay")
         requests = compile_requests(*spec)
-        _note("replayed", [r[1] for r in requests])
+        _note("replayed", [r.name for r in requests])
         in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
         job_env = None
         if workers is not None:
             pool, cache_env = workers
-            job_env = _job_env(cache_env, target=requests[0][6])
+            job_env = _job_env(cache_env, requests[0].target)
         if job_env is not None:
             submit = lambda request: pool.submit(compile_in_this_process, [request], job_env)
         else:
@@ -222,6 +223,19 @@ def _fake(spec, device):
     return base.as_strided(sizes, strides, offset)
 
 
+class CompileRequest(NamedTuple):
+    """What ``triton.compile`` needs to build a launch's binary elsewhere (picklable: it travels
+    to Inductor's workers), and whether only its C launcher is wanted."""
+    module: str
+    name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    target: object  # triton.backends.compiler.GPUTarget
+    launcher_only: bool
+
+
 def _compile_request(kernel, args, kwargs, launcher_only: bool = False):
     """(key, request) for one launch: Triton's in-memory cache key and what ``triton.compile``
     needs to build the same binary (hence the same disk-cache entry) elsewhere; None where this
@@ -244,8 +258,8 @@ def _compile_request(kernel, args, kwargs, launcher_only: bool = False):
     if launcher_only:  # the launch Inductor generates: its signature types floats its own way
         signature = _compat.inductor_launch_signature(signature)
     return ((kernel.fn.__qualname__, key, launcher_only),
-            (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
-             options.__dict__, target, launcher_only))
+            CompileRequest(kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
+                           options.__dict__, target, launcher_only))
 
 
 def _current_device() -> int:
@@ -305,23 +319,25 @@ def _set_environment(values: dict) -> None:
 
 def compile_in_this_process(requests, env=None) -> dict:
     """A compile job (in an Inductor worker or a thread): build each request for its target into
-    Triton's disk cache. ``env`` (workers only): the cache directories and ptxas of the process
-    that asked, which may differ from the worker's. Returns where its time went."""
+    Triton's disk cache (``CompileRequest``s). ``env`` (workers only, ``_job_env``): the cache
+    directories, ptxas and ptxas version of the process that asked, which may differ from the
+    worker's. Returns where its time went."""
     from triton.compiler import ASTSource, compile
 
     took = {"pid": os.getpid()}
     with _environment(env) if env else contextlib.nullcontext():
-        for module, name, signature, constexprs, attrs, options, target, launcher_only in requests:
+        for r in requests:
             t0 = time.monotonic()
-            fn = getattr(importlib.import_module(module), name)
+            fn = getattr(importlib.import_module(r.module), r.name)
             t1 = time.monotonic()
-            source = ASTSource(fn, signature, constexprs, attrs)
-            kernel = None if launcher_only else compile(source, target=target, options=options)
+            source = ASTSource(fn, r.signature, r.constexprs, r.attrs)
+            kernel = (None if r.launcher_only
+                      else compile(source, target=r.target, options=r.options))
             t2 = time.monotonic()
-            if target.backend == "cuda":
+            if r.target.backend == "cuda":
                 _build_launcher(source, kernel.metadata if kernel is not None else _NO_SCRATCH)
             # import, compile, launcher seconds
-            took[name] = tuple(round(b - a, 3) for a, b in ((t0, t1), (t1, t2),
+            took[r.name] = tuple(round(b - a, 3) for a, b in ((t0, t1), (t1, t2),
                                                             (t2, time.monotonic())))
     return took
 

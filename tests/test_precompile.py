@@ -205,8 +205,9 @@ gcc = build._build
 build._build = lambda name, *a, **kw: launchers_built_here.append(name) or gcc(name, *a, **kw)
 precompile.compile_in_this_process(requests)
 from triton.backends.nvidia import driver as nvidia_driver
-print(json.dumps({"kernels": [r[1] for r in requests], "hits": hits,
-                  "launcher_only": [sorted(set(r[2].values())) for r in requests if r[-1]],
+print(json.dumps({"kernels": [r.name for r in requests], "hits": hits,
+                  "launcher_only": [sorted(set(r.signature.values())) for r in requests
+                                    if r.launcher_only],
                   "launchers_built_here": launchers_built_here,
                   # Triton 3.6 builds a C launcher per kernel signature; 3.9 has one generic
                   "per_kernel_launchers": hasattr(nvidia_driver, "make_launcher"),
