@@ -389,6 +389,27 @@ TRACED_CALLEES = ("generate_ttir", "make_ir", "identify_accessed_tensors",
                   "identify_mutated_tensors", "save_graph_repro")
 
 
+def profile_excess(aether: cProfile.Profile, inductor: cProfile.Profile, n: int = 150) -> list:
+    """Functions by how much longer they ran (cumulative) in the aether compile than in the
+    default one: where the excess goes, attributed through the call tree."""
+    def cumulative(profiler):
+        stats = pstats.Stats(profiler, stream=io.StringIO())
+        out = {}
+        for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
+            where = (os.path.relpath(file, ROOT) if file.startswith(ROOT)
+                     else os.path.basename(file))
+            out[f"{where}:{line}({fn})"] = (nc, ct, tt)
+        return out
+
+    a, i = cumulative(aether), cumulative(inductor)
+    rows = [{"function": k, "excess_cum_s": round(a.get(k, (0, 0.0, 0.0))[1]
+                                                  - i.get(k, (0, 0.0, 0.0))[1], 4),
+             "excess_own_s": round(a.get(k, (0, 0.0, 0.0))[2] - i.get(k, (0, 0.0, 0.0))[2], 4),
+             "calls": [a.get(k, (0,))[0], i.get(k, (0,))[0]]} for k in set(a) | set(i)]
+    rows.sort(key=lambda r: -r["excess_cum_s"])
+    return rows[:n]
+
+
 def profile_callers(profiler: cProfile.Profile) -> dict:
     """For each function named in TRACED_CALLEES: its callers, with calls and cumulative time."""
     stats = pstats.Stats(profiler, stream=io.StringIO())
@@ -478,13 +499,14 @@ def main(argv=None) -> int:
                     measure(model, inputs, backend, device, allow_cpu, timer, warm_dir)
                 for r in range(args.repeats):
                     order = ("inductor", "aether") if (i + r) % 2 == 0 else ("aether", "inductor")
-                    outs = {}
+                    outs, profiles = {}, {}
                     for backend in order:
                         prof = (cProfile.Profile() if args.profile_compile == name and r == 0
                                 else None)
                         res = measure(model, inputs, backend, device, allow_cpu, timer,
                                       warm_dir, prof)
                         if prof is not None:
+                            profiles[backend] = prof
                             record.setdefault("profile_compile", {})[backend] = {
                                 "model": name, "by_cumtime": profile_top(prof, 40),
                                 "by_tottime": profile_top(prof, 40, "tottime_s"),
@@ -497,6 +519,9 @@ def main(argv=None) -> int:
                               + (f"  (pass {res['pass_s']:.3f}s, "
                                  f"rewritten {res['aether'].get('rewritten', 0)}/{layers})"
                                  if backend == "aether" else ""), flush=True)
+                    if len(profiles) == 2:  # [calls aether, calls inductor]
+                        record["profile_compile"]["excess"] = profile_excess(
+                            profiles["aether"], profiles["inductor"])
                     row.setdefault("max_abs_diff", float(
                         (outs["aether"].float() - outs["inductor"].float()).abs().max()))
                 med = {b: statistics.median(x["compile_s"] for x in runs[b]) for b in runs}

@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh precompile_timeline  # 3 models, workers and threads: where the first call waits
 #   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
 #                                             # cold compiles of bert+vit and whisper+gpt2
+#   bash benchmarks/gpu_session.sh excess    # 3-repeat ratios of whisper, distilbert, nanogpt; profiled excess
 #   bash benchmarks/gpu_session.sh compiles   # the Triton compiles of cold first calls in this process
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
@@ -134,6 +135,22 @@ PY
     timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
       --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
     for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
+    ;;
+  excess)  # robust ratios (3 repeats) of the models over 1.2, and where each one's excess goes
+    # (cProfile of both backends' first call, functions by aether-minus-inductor cumulative time)
+    timeout 200 python3 benchmarks/compile_time.py --models ${MODELS:-whisper,distilbert,nanogpt} \
+      --repeats 3 --tag _rep3 --out "$OUT" > "$OUT/compile_time_rep3.txt" 2>&1
+    grep -E "ratio |summary|error" "$OUT/compile_time_rep3.txt"
+    for m in ${PROFILE_MODELS:-whisper distilbert}; do
+      timeout 120 python3 benchmarks/compile_time.py --models $m --profile-compile $m \
+        --tag _excess_$m --out "$OUT" > "$OUT/compile_time_excess_$m.txt" 2>&1
+      grep -E "ratio |error" "$OUT/compile_time_excess_$m.txt"
+      python3 - "$OUT"/compile_time_*_excess_$m.json <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["profile_compile"]["excess"][:70]:
+    print(f"  {r['excess_cum_s']:7.3f} {r['excess_own_s']:7.3f} {r['calls']} {r['function']}")
+PY
+    done
     ;;
   compiles)  # which Triton compiles a cold first call runs in this process, and why
     timeout 200 python3 benchmarks/compile_time.py --models ${MODELS:-bert,vit,gpt2,whisper} \
