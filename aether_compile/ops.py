@@ -282,6 +282,11 @@ _define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_
 # import) turns that off, to compare compile times.
 if USE_TRITON_OP and os.environ.get("AETHER_ACCESS_MEMO", "1") != "0":
     _compat.memoise_kernel_access_analysis(_tri.JIT_KERNELS + _bwd.JIT_KERNELS)
+# Inductor compiles its copy of a traced kernel when it loads its module, after every kernel of
+# its own has started: ours start as soon as they are generated instead (_compat).
+# AETHER_EARLY_COMPILE=0 (read at import) turns that off, to compare compile times.
+if USE_TRITON_OP and os.environ.get("AETHER_EARLY_COMPILE", "1") != "0":
+    _compat.compile_user_kernels_early(_tri.JIT_KERNELS + _bwd.JIT_KERNELS)
 
 
 # -- aether::attention_with_stats -----------------------------------------------------------------

@@ -245,6 +245,7 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     threads = {"compile_threads": 1} if device == "cpu" else {}
     before = timer.seconds
     memo_before = dict(_compat.access_analysis_stats)
+    early_before = dict(_compat.early_compile_stats)
     cache = kept_cache(cache_dir) if cache_dir else fresh_cache()
     with cache, icfg.patch(fx_graph_cache=False, **threads), \
             fcfg.patch(enable_autograd_cache=False), torch.no_grad():
@@ -278,6 +279,9 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "access_analysis": {k: v - memo_before[k]  # Triton TTIR analyses run / memoised
                                 for k, v in _compat.access_analysis_stats.items()},
             "not_memoised_types": dict(_compat.not_memoised_types),  # cumulative, per process
+            # our traced kernels whose compile Inductor's workers started at generation
+            "early_compile": {k: v - early_before[k]
+                              for k, v in _compat.early_compile_stats.items()},
             # the prepare op's precompile: replay, jobs, the first call's wait (s from the call)
             "precompile": [(round(t - mark, 3), event, detail)
                            for t, event, detail in list(precompile.timeline) if t >= mark],
@@ -469,6 +473,7 @@ def main(argv=None) -> int:
                          "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
                          "AETHER_ACCESS_MEMO": os.environ.get("AETHER_ACCESS_MEMO", "1"),
                          "AETHER_PRECOMPILE": os.environ.get("AETHER_PRECOMPILE", "1"),
+                         "AETHER_EARLY_COMPILE": os.environ.get("AETHER_EARLY_COMPILE", "1"),
                          "caches": ("fx_graph_cache=False, enable_autograd_cache=False, " + (
                              "on-disk Inductor/Triton caches kept (warm), in-memory cleared"
                              if args.warm else "fresh_cache() per compile (cold)")),

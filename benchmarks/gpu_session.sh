@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
 #                                             # cold compiles of bert+vit and whisper+gpt2
 #   bash benchmarks/gpu_session.sh excess    # 3-repeat ratios of whisper, distilbert, nanogpt; profiled excess
+#   bash benchmarks/gpu_session.sh early     # precompile GPU tests; 3-repeat ratios, early compile on/off
 #   bash benchmarks/gpu_session.sh compiles   # the Triton compiles of cold first calls in this process
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
 #   bash benchmarks/gpu_session.sh host      # host time of the runtime dense choice; e2e lag on/off
@@ -135,6 +136,16 @@ PY
     timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
       --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
     for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
+    ;;
+  early)  # precompile GPU tests; 3-repeat ratios with our kernels' early compile on and off
+    $T 150 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    for early in 1 0; do
+      AETHER_EARLY_COMPILE=$early timeout 200 python3 benchmarks/compile_time.py \
+        --models ${MODELS:-whisper,distilbert,nanogpt} --repeats 3 --tag _early$early --out "$OUT" \
+        > "$OUT/compile_time_early$early.txt" 2>&1
+      echo "== early $early"; grep -E "ratio |summary|error" "$OUT/compile_time_early$early.txt"
+    done
     ;;
   excess)  # robust ratios (3 repeats) of the models over 1.2, and where each one's excess goes
     # (cProfile of both backends' first call, functions by aether-minus-inductor cumulative time)

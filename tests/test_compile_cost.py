@@ -183,6 +183,78 @@ def test_eager_launches_skip_the_higher_order_op():
     assert traced is not kernel and type(traced) is type(wrap_triton(kernel))
 
 
+class _Wrapper:
+    """Inductor's Python wrapper as ``define_user_defined_triton_kernel`` uses it: the kernel
+    definitions it is given."""
+
+    def __init__(self):
+        self.defined = []
+
+    def define_kernel(self, name, body, metadata=None):
+        self.defined.append((name, body, metadata))
+
+
+# A kernel definition as Inductor writes it: a source with a backslash and triple quotes, escaped
+# for the literal (the module's call gets the unescaped text)
+_BODY = "async_compile.triton('k_0', '''\n@triton.jit\ndef k_0(x):\n    s = \"a\\\\b \\\'\\\'\\\' c\"\n''', device_str='cuda')"
+
+
+def _define(self, kernel, *args):  # what Inductor's define_user_defined_triton_kernel does
+    self.define_kernel("k_0", _BODY, "# Original path: x.py:1")
+    return "k_0", {}, {}, []
+
+
+class _Calls:
+    def __init__(self):
+        self.calls = []
+
+    def triton(self, name, source, device_str="cuda"):
+        self.calls.append((name, source, device_str))
+
+
+@pytest.fixture
+def async_compile(monkeypatch):
+    """Inductor's AsyncCompile with a warm pool (or not), recording what is asked of it."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    calls, state = _Calls(), {"pool": True}
+    monkeypatch.setattr(AsyncCompile, "use_process_pool", classmethod(lambda cls: state["pool"]))
+    monkeypatch.setattr(AsyncCompile, "triton", lambda self, *a, **kw: calls.triton(*a, **kw))
+    calls.state = state
+    return calls
+
+
+def test_our_kernels_compile_as_soon_as_inductor_writes_them(async_compile):
+    """Inductor starts its own kernels' compiles when it generates them, a user kernel's only when
+    the module loads (ours was the tail of async_compile.wait). The early call must be exactly
+    the module's: same name and the source the literal evaluates to (the future is keyed by it)."""
+    wrapper, define = _Wrapper(), _compat._starting_early(_define)
+    expected = _Calls()
+    eval(_BODY, {"async_compile": expected})  # what the module's own call will pass
+    before = dict(_compat.early_compile_stats)
+    assert define(wrapper, tri._attention_kernel) == ("k_0", {}, {}, [])
+    assert async_compile.calls == expected.calls and len(expected.calls) == 1
+    assert wrapper.defined == [("k_0", _BODY, "# Original path: x.py:1")]  # passed on unchanged
+    assert "define_kernel" not in vars(wrapper)  # the recording was for that call only
+    assert _compat.early_compile_stats["started"] == before["started"] + 1
+
+
+def test_early_compile_leaves_other_kernels_and_in_process_compiles_alone(async_compile):
+    define = _compat._starting_early(_define)
+    define(_Wrapper(), _foreign_kernel)  # not ours: as before
+    async_compile.state["pool"] = False  # Inductor compiles in-process: the module's call does it
+    before = dict(_compat.early_compile_stats)
+    define(_Wrapper(), tri._attention_kernel)
+    assert async_compile.calls == []
+    assert _compat.early_compile_stats["skipped"] == before["skipped"] + 1
+
+
+def test_early_compile_is_installed():
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+
+    assert getattr(PythonWrapperCodegen.define_user_defined_triton_kernel, "_aether_early", False)
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="runs the tests above in a process without the "
                     "interpreter; they already ran in this one")
 def test_in_a_process_without_the_interpreter():
@@ -191,4 +263,4 @@ def test_in_a_process_without_the_interpreter():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
-    assert res.returncode == 0 and "6 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and "9 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]

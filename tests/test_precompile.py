@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from aether_compile import _compat
 from aether_compile.kernels import precompile
 from aether_compile.kernels import triton_attention as tam
 from aether_compile.workloads import WORKLOADS
@@ -271,8 +272,6 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
 
 def _wait_for_inductor_pool(timeout_s: float = 120.0) -> None:
     """Until Inductor's worker pool answers (a new process's pool starts with the first ask)."""
-    from aether_compile import _compat
-
     deadline = time.monotonic() + timeout_s
     while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -357,3 +356,36 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
     assert all(hit for _, hit in ours_compiled), ours_compiled
     assert gcc_builds == [], gcc_builds
     torch.testing.assert_close(out, attend(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_our_pass_as_soon_as_it_writes_it(monkeypatch):
+    """Inductor starts its own kernels' compiles as it generates them, a user kernel's only when
+    its module loads: our pass, the graph's longest compile, was the tail of async_compile.wait.
+    With the pool ready, the pass's compile starts at generation (_compat), and the module's own
+    call finds that compile (Inductor's in-memory future, keyed by the source) instead of
+    starting another."""
+    import torch.nn.functional as F
+    from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
+    from torch._inductor.utils import fresh_cache
+
+    _wait_for_inductor_pool()
+    torch._dynamo.reset()
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+    asked, triton = [], AsyncCompile.triton
+
+    def recording(self, kernel_name, source_code, *args, **kwargs):
+        asked.append((kernel_name, CompiledTritonKernels.get(source_code) is not None))
+        return triton(self, kernel_name, source_code, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncCompile, "triton", recording)
+    before = _compat.early_compile_stats["started"]
+    q, k, v = WORKLOADS["clustered"](2, 4, 1024, 64, dtype=torch.float16, device="cuda", seed=2)
+    with fresh_cache():
+        out = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v).cos(),
+                            backend="aether")(q, k, v)
+    ours = [hit for name, hit in asked if name.startswith("_attention_kernel")]
+    assert _compat.early_compile_stats["started"] == before + 1
+    assert ours == [False, True], asked  # started early, then found by the module
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).cos(),
+                               atol=2e-2, rtol=2e-2)
