@@ -15,6 +15,8 @@
 #   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
 #                                             # cold compiles of bert+vit and whisper+gpt2
 #   bash benchmarks/gpu_session.sh excess    # 3-repeat ratios of whisper, distilbert, nanogpt; profiled excess
+#   bash benchmarks/gpu_session.sh ratios    # recorded compile ratios: 8 models, cold, forced sparse, 3 repeats
+#   bash benchmarks/gpu_session.sh verify5   # inductor + precompile GPU tests; default choices' ratios
 #   bash benchmarks/gpu_session.sh early     # precompile GPU tests; 3-repeat ratios, early compile on/off
 #   bash benchmarks/gpu_session.sh compiles   # the Triton compiles of cold first calls in this process
 #   bash benchmarks/gpu_session.sh verify    # inductor + kernel GPU tests; compile time profiled, cold and warm
@@ -136,6 +138,20 @@ PY
     timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
       --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
     for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
+    ;;
+  ratios)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
+    timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
+      --out "$OUT" > "$OUT/compile_time.txt" 2>&1
+    grep -E "ratio |summary|error|skipped" "$OUT/compile_time.txt"
+    ;;
+  verify5)  # inductor + precompile GPU tests; default choices' compile ratios (1 repeat)
+    $T 170 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    echo "== inductor_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/inductor_gpu.txt" | tail -8
+    $T 100 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    timeout 200 python3 benchmarks/compile_time.py --static-dense --tag _default --out "$OUT" \
+      > "$OUT/compile_time_default.txt" 2>&1
+    grep -E "ratio |summary|error" "$OUT/compile_time_default.txt"
     ;;
   early)  # precompile GPU tests; 3-repeat ratios with our kernels' early compile on and off
     $T 150 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
