@@ -34,6 +34,7 @@ to the JSON.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import datetime
@@ -227,7 +228,8 @@ def _call(compiled, inputs):
 
 
 def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: PassTimer,
-            cache_dir: str | None = None, profiler: cProfile.Profile | None = None) -> dict:
+            cache_dir: str | None = None, profiler: cProfile.Profile | None = None,
+            sample: bool = False) -> dict:
     """One compile of ``model`` with ``backend`` ("inductor" or "aether"): cold, or with
     ``cache_dir`` an on-disk Inductor/Triton cache kept between compiles (in-memory caches are
     still cleared, as in a new process). ``profiler`` profiles the first call."""
@@ -258,7 +260,8 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
         c0, t0 = cpu_seconds(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        with TritonCompileLog(mark) as triton_compiles:
+        sampler = StackSampler() if sample else contextlib.nullcontext()
+        with TritonCompileLog(mark) as triton_compiles, sampler:
             out = _call(compiled, inputs)
             sync(device)
         if profiler is not None:
@@ -289,7 +292,72 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "precompile": [(round(t - mark, 3), event, detail)
                            for t, event, detail in list(precompile.timeline) if t >= mark],
             # Triton compiles in this process (not in Inductor's workers) during the first call
-            "triton_compiles": triton_compiles}
+            "triton_compiles": triton_compiles,
+            # --sample: the first call's wall time by function (top 300 inclusive, 100 leaf)
+            **({"samples": {"inclusive": dict(sampler.inclusive.most_common(300)),
+                            "leaf": dict(sampler.leaf.most_common(100))}} if sample else {})}
+
+
+class StackSampler:
+    """Wall time of the calling thread by function, from its stack sampled every ``interval`` s
+    by another thread: inclusive (the function is on the stack) and leaf (it is on top). Unlike
+    cProfile it does not slow the traced code down unevenly, and a wait (the GIL, a lock, a
+    child process) is charged to whoever waits."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.inclusive: collections.Counter = collections.Counter()
+        self.leaf: collections.Counter = collections.Counter()
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self.target = threading.get_ident()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        return False
+
+    def _run(self):
+        last = time.perf_counter()
+        while not self.done.wait(self.interval):
+            now = time.perf_counter()
+            weight, last = now - last, now
+            frame = sys._current_frames().get(self.target)
+            seen = set()
+            while frame is not None:
+                code = frame.f_code
+                name = code.co_filename
+                where = os.path.relpath(name, ROOT) if name.startswith(ROOT) else os.path.basename(name)
+                key = f"{where}:{code.co_firstlineno}({code.co_name})"
+                if not seen:
+                    self.leaf[key] += weight
+                if key not in seen:
+                    seen.add(key)
+                    self.inclusive[key] += weight
+                frame = frame.f_back
+            self.seconds += weight
+
+
+def sampled_excess(runs: dict, n: int = 80) -> dict:
+    """Mean seconds per compile by function, aether minus inductor, from the runs' samples."""
+    def mean(backend, kind):
+        total: collections.Counter = collections.Counter()
+        for run in runs[backend]:
+            total.update(run["samples"][kind])
+        return {k: v / len(runs[backend]) for k, v in total.items()}
+
+    out = {}
+    for kind in ("inclusive", "leaf"):
+        a, i = mean("aether", kind), mean("inductor", kind)
+        rows = sorted(((round(a.get(k, 0.0) - i.get(k, 0.0), 3), round(a.get(k, 0.0), 3), k)
+                       for k in set(a) | set(i)), reverse=True)
+        out[kind] = rows[:n]
+    return out
 
 
 def forget_our_state() -> None:
@@ -469,6 +537,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-compile", default=None, metavar="MODEL",
                     help="cProfile the first (compiling) call of MODEL for each backend; the top "
                          "functions by cumulative and by own time go into the JSON")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample the first call's stack (StackSampler) and record, per model, "
+                         "the functions by aether-minus-inductor wall seconds")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--static-dense", action="store_true",
                     help="keep the default choices: short CUDA sites stay dense (default: "
@@ -531,7 +602,7 @@ def main(argv=None) -> int:
                         prof = (cProfile.Profile() if args.profile_compile == name and r == 0
                                 else None)
                         res = measure(model, inputs, backend, device, allow_cpu, timer,
-                                      warm_dir, prof)
+                                      warm_dir, prof, sample=args.sample)
                         if prof is not None:
                             profiles[backend] = prof
                             record.setdefault("profile_compile", {})[backend] = {
@@ -570,6 +641,10 @@ def main(argv=None) -> int:
                 excess = {k: round(ph_a.get(k, 0.0) - ph_i.get(k, 0.0), 3)
                           for k in set(ph_a) | set(ph_i)}
                 row["phase_excess_s"] = dict(sorted(excess.items(), key=lambda kv: -kv[1])[:15])
+                if args.sample:
+                    row["sampled_excess"] = sampled_excess(runs)
+                    for r in runs["aether"] + runs["inductor"]:
+                        del r["samples"]  # the excess is what is kept
                 row["loadavg_end"] = loadavg()
                 print(f"  {name:<10} ratio {row['ratio']:.3f} (inductor {med['inductor']:.2f}s, "
                       f"aether {med['aether']:.2f}s); of min {row['ratio_of_min']:.3f}; "

@@ -16,6 +16,7 @@
 #                                             # cold compiles of bert+vit and whisper+gpt2
 #   bash benchmarks/gpu_session.sh excess    # 3-repeat ratios of whisper, distilbert, nanogpt; profiled excess
 #   bash benchmarks/gpu_session.sh ratios    # recorded compile ratios: 8 models, cold, forced sparse, 3 repeats
+#   bash benchmarks/gpu_session.sh sampled   # 3 models, 3 repeats, first call's stack sampled
 #   bash benchmarks/gpu_session.sh verify5   # inductor + precompile GPU tests; default choices' ratios
 #   bash benchmarks/gpu_session.sh early     # precompile GPU tests; 3-repeat ratios, early compile on/off
 #   bash benchmarks/gpu_session.sh compiles   # the Triton compiles of cold first calls in this process
@@ -143,6 +144,11 @@ PY
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
       --out "$OUT" > "$OUT/compile_time.txt" 2>&1
     grep -E "ratio |summary|error|skipped" "$OUT/compile_time.txt"
+    ;;
+  sampled)  # the models over 1.2: 3 repeats with the first call's stack sampled (where the excess goes)
+    timeout 400 python3 benchmarks/compile_time.py --models ${MODELS:-nanogpt,distilbert,whisper} \
+      --repeats 3 --sample --tag _sampled --out "$OUT" > "$OUT/compile_time_sampled.txt" 2>&1
+    grep -E "ratio |summary|error" "$OUT/compile_time_sampled.txt"
     ;;
   verify5)  # inductor + precompile GPU tests; default choices' compile ratios (1 repeat)
     $T 170 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
