@@ -278,10 +278,12 @@ USE_TRITON_OP = os.environ.get("AETHER_TRITON_OP", "1") != "0"
 _define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_TRITON_OP
            else (lambda name: torch.library.custom_op(name, mutates_args=())))
 # Inductor re-derives which arguments each traced launch writes, from the kernel's TTIR, several
-# times per launch; for our kernels the answer is memoised (_compat). AETHER_ACCESS_MEMO=0 (read at
-# import) turns that off, to compare compile times.
+# times per launch; for our kernels the answer comes from what each declares it writes
+# (KERNEL_WRITES), else from a memo (_compat). AETHER_ACCESS_MEMO=0 (read at import) turns both
+# off, to compare compile times.
 if USE_TRITON_OP and os.environ.get("AETHER_ACCESS_MEMO", "1") != "0":
-    _compat.memoise_kernel_access_analysis(_tri.JIT_KERNELS + _bwd.JIT_KERNELS)
+    _compat.memoise_kernel_access_analysis(_tri.JIT_KERNELS + _bwd.JIT_KERNELS,
+                                           {**_tri.KERNEL_WRITES, **_bwd.KERNEL_WRITES})
 # Inductor compiles its copy of a traced kernel when it loads its module, after every kernel of
 # its own has started: ours start as soon as they are generated instead (_compat).
 # AETHER_EARLY_COMPILE=0 (read at import) turns that off, to compare compile times.

@@ -573,6 +573,20 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
 # Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
 JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _attention_kernel,
                _plan_kernel)
+# The pointer arguments each kernel writes (tl.store, atomics), given a launch's arguments by name.
+# Inductor would otherwise find them by generating each traced launch's TTIR: 0.4-0.5 s of the
+# compile's main thread per kernel variant on the H100's host (_compat.memoise_kernel_access_
+# analysis). tests/test_compile_cost.py checks them against that analysis for every launch the op
+# makes.
+KERNEL_WRITES = {
+    "_geometry_kernel": lambda args: ("Geo16", "GeoNorm"),
+    "_mask_stats_kernel": lambda args: ("MaskMax", "NotCausal"),
+    "_bounds_kernel": lambda args: ("Bounds",),
+    "_attention_kernel": lambda args: (
+        ("Out", "Lse") + (("NVisit",) if args["VISIT"] == VISIT_CERTIFY else ())
+        + (("Kept",) if args["VISIT"] == VISIT_STOP else ())),
+    "_plan_kernel": lambda args: ("Order", "TailLog2", "NLive"),
+}
 
 
 _EAGER_CONSTANTS: dict = {}

@@ -162,6 +162,8 @@ def _dkv_kernel(
 
 # Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
 JIT_KERNELS = (_dq_kernel, _dkv_kernel)
+# What each writes (as triton_attention.KERNEL_WRITES)
+KERNEL_WRITES = {"_dq_kernel": lambda args: ("DQ",), "_dkv_kernel": lambda args: ("DK", "DV_")}
 
 
 def _block_lists(kept: torch.Tensor):
