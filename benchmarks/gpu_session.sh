@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh firstcall  # precompile GPU tests; dense kernels' first calls; profiled
 #                                             # cold compiles of bert+vit and whisper+gpt2
 #   bash benchmarks/gpu_session.sh excess    # 3-repeat ratios of whisper, distilbert, nanogpt; profiled excess
+#   bash benchmarks/gpu_session.sh final5    # compile-cost CPU tests on 2.11, GPU tests, recorded ratios
 #   bash benchmarks/gpu_session.sh ratios    # recorded compile ratios: 8 models, cold, forced sparse, 3 repeats
 #   bash benchmarks/gpu_session.sh sampled   # 3 models, 3 repeats, first call's stack sampled
 #   bash benchmarks/gpu_session.sh verify5   # inductor + precompile GPU tests; default choices' ratios
@@ -139,6 +140,20 @@ PY
     timeout 120 python3 benchmarks/compile_time.py --models gpt2,whisper --profile-compile whisper \
       --tag _profile_whisper --out "$OUT" > "$OUT/compile_time_profile_whisper.txt" 2>&1
     for f in profile_vit profile_whisper; do echo "== $f"; grep -E "ratio |summary" "$OUT/compile_time_$f.txt"; done
+    ;;
+  final5)  # issue 5 at one commit: the CPU compile-cost tests on this torch (2.11), precompile and
+           # inductor GPU tests, then the recorded ratios (the models nearest the target first)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_compile_cost.py \
+      > "$OUT/compile_cost.txt" 2>&1
+    echo "== compile_cost"; tail -3 "$OUT/compile_cost.txt"
+    $T 80 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    echo "== precompile_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/precompile_gpu.txt" | tail -8
+    $T 170 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    echo "== inductor_gpu"; grep -E "passed|failed|^FAILED|Error" "$OUT/inductor_gpu.txt" | tail -8
+    timeout 290 python3 benchmarks/compile_time.py --repeats 3 --budget-s 250 \
+      --models whisper,distilbert,nanogpt,bert,gpt2,vit,llama,qwen2 --out "$OUT" \
+      > "$OUT/compile_time.txt" 2>&1
+    grep -E "ratio |summary|error|skipped" "$OUT/compile_time.txt"
     ;;
   ratios)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
