@@ -12,9 +12,10 @@ Each measurement is cold: ``torch._dynamo.reset()``, the FX graph cache and the 
 off, and a fresh Inductor/Triton cache directory with Inductor's in-memory caches cleared
 (``torch._inductor.utils.fresh_cache``), so neither side reuses kernels the other compiled. One
 warm-up compile per backend first pays the one-time costs (imports, CPU SIMD probe, compile
-workers). Compile seconds = first call - steady call (forward, eval mode, no_grad), as wall time
-and, on CPU, as CPU seconds of the process and its g++ children (Inductor's ``compile_threads=1``
-there, for both backends, so every compile runs in counted processes): other load on a shared
+workers; on CUDA a whole zoo model too, ``--warm-up-model``). Compile seconds = first call -
+steady call (forward, eval mode, no_grad), as wall time and, on CPU, as CPU seconds of the
+process and its g++ children (Inductor's ``compile_threads=1`` there, for both backends, so every
+compile runs in counted processes): other load on a shared
 machine inflates wall time far more than CPU time. The two backends alternate order per model and
 per repeat; before each compile our in-process state is dropped (``forget_our_state``), so a
 repeat is as cold for aether as a new process's first compile. Per model: seconds per repeat;
@@ -443,7 +444,11 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer) -> None:
+def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer, model: str | None,
+            L: int) -> None:
+    """Untimed compiles per backend: an SDPA function, then ``model`` (a zoo model: lowerings,
+    kernels' first launches, library handles; at 6e03aa8, with the SDPA function alone, both
+    backends' first whisper compiles took 8 s against 5-7 s later)."""
     import torch.nn.functional as F
 
     def attn(q, k, v):
@@ -451,8 +456,13 @@ def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer) -> None:
 
     g = torch.Generator().manual_seed(0)
     qkv = tuple(torch.randn(1, 2, 64, 16, generator=g).to(device, dtype) for _ in range(3))
-    for backend in ("inductor", "aether"):
-        measure(attn, qkv, backend, device, allow_cpu, timer)
+    cases = [(attn, qkv)]
+    if model:
+        net, inputs, _, _ = build(model, L)
+        cases.append((net.to(device=device, dtype=dtype), _to(inputs, device, dtype)))
+    for fn, inputs in cases:
+        for backend in ("inductor", "aether"):
+            measure(fn, inputs, backend, device, allow_cpu, timer)
 
 
 def write_json(path: str, record: dict) -> None:
@@ -537,6 +547,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-compile", default=None, metavar="MODEL",
                     help="cProfile the first (compiling) call of MODEL for each backend; the top "
                          "functions by cumulative and by own time go into the JSON")
+    ap.add_argument("--warm-up-model", default=None,
+                    help="a zoo model compiled untimed per backend before the timed ones "
+                         "(default: bert on CUDA, none on CPU; '' for none)")
     ap.add_argument("--sample", action="store_true",
                     help="sample the first call's stack (StackSampler) and record, per model, "
                          "the functions by aether-minus-inductor wall seconds")
@@ -550,6 +563,8 @@ def main(argv=None) -> int:
     dtype = torch.float16 if device == "cuda" else torch.float32
     allow_cpu = device != "cuda"
     L = args.seq or (1024 if device == "cuda" else 128)
+    if args.warm_up_model is None:
+        args.warm_up_model = "bert" if device == "cuda" else ""
     budget = args.budget_s if args.budget_s is not None else (220.0 if device == "cuda"
                                                                else math.inf)
     models = [m for m in args.models.split(",") if m]
@@ -561,6 +576,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"compile_time_{tag}{args.tag}.json")
     record = {"benchmark": "compile_time", "env": env,
               "config": {"seq": L, "dtype": str(dtype).replace("torch.", ""), "batch": 2,
+                         "warm_up_model": args.warm_up_model or None,
                          "repeats": args.repeats, "allow_cpu": allow_cpu,
                          "budget_s": budget if math.isfinite(budget) else None,
                          "AETHER_STATIC_DENSE": os.environ.get("AETHER_STATIC_DENSE"),
@@ -578,7 +594,7 @@ def main(argv=None) -> int:
           f"commit {env['commit']}, seq {L}, models {models}", flush=True)
     with timer:
         t0 = time.perf_counter()
-        warm_up(device, dtype, allow_cpu, timer)
+        warm_up(device, dtype, allow_cpu, timer, args.warm_up_model, L)
         timer.seconds = 0.0
         print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
         for i, name in enumerate(models):
