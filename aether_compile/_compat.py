@@ -12,6 +12,9 @@
   gets hashed; the pass's ``uuid`` is not part of any key); on 2.13 a pass with a ``uuid`` runs
   after the lookup and the ``uuid`` is hashed instead. ``post_grad_custom_post_pass``'s ``uuid``
   is in the FX and AOTAutograd keys on both, which is where ``context.CacheSalt`` goes.
+* Inductor's analysis of what a user Triton kernel writes: ``identify_mutated_tensors`` returns
+  names on 2.11, ``identify_accessed_tensors`` a ``TensorAccesses`` on 2.13 (``declared_access``
+  builds either). ``define_user_defined_triton_kernel`` and ``AsyncCompile.triton`` are the same.
 """
 
 from __future__ import annotations
@@ -211,11 +214,10 @@ def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
 # of Triton code generations on the main thread. The answer depends only on the kernel and on what
 # TTIR generation sees of each argument (a tensor's dtype, a symbolic size's placeholder, a plain
 # value), so for our own kernels it is computed once per such key.
-ACCESS_ANALYSIS_FNS = ("identify_accessed_tensors", "identify_mutated_tensors")
-#
 # Better still, our kernels declare what they write (``writes``): the answer is then built from
 # that declaration, as each version's analysis returns it, and no TTIR is generated at all (0.4-0.5
 # s of the main thread per kernel variant in a process's first compile on the H100's host).
+ACCESS_ANALYSIS_FNS = ("identify_accessed_tensors", "identify_mutated_tensors")
 _memoised_kernels: set = set()
 _declared_writes: dict = {}  # id(JITFunction's function) -> launch arguments -> names written
 access_analysis_stats = {"hits": 0, "misses": 0, "not_memoised": 0, "declared": 0}
