@@ -13,8 +13,6 @@ first pays one-time imports.
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
 import os
 import sys
@@ -23,6 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.sm90
 from provenance import git_commit  # noqa: E402
 
 
@@ -36,21 +35,14 @@ def main(argv=None) -> int:
     import triton
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource, compile
 
     from aether_compile.kernels import precompile
     from aether_compile.kernels import triton_attention as tam
 
-    # An H100 as Triton's binder sees it: compiles need only the target (as tests/test_precompile)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    for k in tam.JIT_KERNELS:
-        k.device_caches = collections.defaultdict(lambda k=k: (
-            {}, {}, target, backend, create_function_from_signature(k.signature, k.params, backend)))
-    precompile._current_device = lambda: 0
-    torch.cuda.device = lambda d: contextlib.nullcontext()
+    from tests.sm90 import pretend_sm90
+
+    pretend_sm90()  # an H100 as Triton's binder sees it: compiles need only the target
     L, H, D = args.seq, 4, args.head_dim
     with FakeTensorMode():  # a fused qkv projection split into heads, as GPT-2 writes it
         q, k, v = torch.empty(2, L, H, 3 * D, dtype=torch.float16, device="cuda").split(D, dim=-1)

@@ -151,23 +151,14 @@ def test_wait_gives_up_on_a_stuck_job(monkeypatch, caplog):
 
 
 _POOL_CHECK = """
-import collections, contextlib, json, os
+import json, os
 import torch
 from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
 from aether_compile import _compat
 from aether_compile.kernels import precompile, triton_attention as tam
+from sm90 import pretend_sm90
 
-# An H100 as Triton's binder sees it, without a GPU: compiles need only the target.
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
-for k in tam.JIT_KERNELS:
-    k.device_caches = collections.defaultdict(lambda k=k: (
-        {}, {}, target, backend, create_function_from_signature(k.signature, k.params, backend)))
-precompile._current_device = lambda: 0
-torch.cuda.device = lambda d: contextlib.nullcontext()
+target = pretend_sm90()  # an H100 as Triton's binder sees it, without a GPU
 L, H, D = 2048, 4, 64
 args = (False, D ** -0.5, 1e-3, 128, 64, None, False, False)
 in_threads = []  # what this process's threads run
@@ -250,7 +241,9 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
                WRAPPED_PTXAS=str(wrapped), TRITON_LIBCUDA_PATH=str(stub),
                LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(stub),
                                                              env.get("LD_LIBRARY_PATH")])),
-               AETHER_PRECOMPILE="threads" if how == "threads" else "1")
+               AETHER_PRECOMPILE="threads" if how == "threads" else "1",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                        env.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
