@@ -15,12 +15,12 @@ warm-up compile per backend first pays the one-time costs (imports, CPU SIMD pro
 workers; on CUDA a whole zoo model too, ``--warm-up-model``). Compile seconds = first call -
 steady call (forward, eval mode, no_grad), as wall time and, on CPU, as CPU seconds of the
 process and its g++ children (Inductor's ``compile_threads=1`` there, for both backends, so every
-compile runs in counted processes): other load on a shared
-machine inflates wall time far more than CPU time. The two backends alternate order per model and
-per repeat; before each compile our in-process state is dropped (``forget_our_state``), so a
-repeat is as cold for aether as a new process's first compile. Per model: seconds per repeat;
-ratio aether/inductor of the medians, of the minima, of the means
-and of the median CPU seconds; time inside the rewrite pass, sites rewritten, output difference.
+compile runs in counted processes): other load on a shared machine inflates wall time far more
+than CPU time. The two backends alternate order per model and per repeat; before each compile our
+in-process state is dropped (``forget_our_state``), so a repeat is as cold for aether as a new
+process's first compile. Per model: seconds per repeat; ratio aether/inductor of the medians, of
+the minima, of the means and of the median CPU seconds; time inside the rewrite pass, sites
+rewritten, output difference.
 
 Models: tiny transformers configs (random init) with position tables long enough for ``--seq``
 (default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA attention this small is
@@ -299,6 +299,13 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
                             "leaf": dict(sampler.leaf.most_common(100))}} if sample else {})}
 
 
+def function_name(file: str, line: int, name: str) -> str:
+    """``path:line(name)`` as the profiles and the sampler list a function: a path in this
+    repository relative to it, any other by its file name."""
+    where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
+    return f"{where}:{line}({name})"
+
+
 class StackSampler:
     """Wall time of the calling thread by function, from its stack sampled every ``interval`` s
     by another thread: inclusive (the function is on the stack) and leaf (it is on top). Unlike
@@ -332,9 +339,7 @@ class StackSampler:
             seen = set()
             while frame is not None:
                 code = frame.f_code
-                name = code.co_filename
-                where = os.path.relpath(name, ROOT) if name.startswith(ROOT) else os.path.basename(name)
-                key = f"{where}:{code.co_firstlineno}({code.co_name})"
+                key = function_name(code.co_filename, code.co_firstlineno, code.co_name)
                 if not seen:
                     self.leaf[key] += weight
                 if key not in seen:
@@ -480,8 +485,7 @@ def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s",
     for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
         if ours and not file.startswith(ROOT):
             continue
-        where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
-        rows.append({"function": f"{where}:{line}({fn})", "calls": nc,
+        rows.append({"function": function_name(file, line, fn), "calls": nc,
                      "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
     rows.sort(key=lambda r: -r[key])
     return rows[:n]
@@ -498,12 +502,8 @@ def profile_excess(aether: cProfile.Profile, inductor: cProfile.Profile, n: int 
     default one: where the excess goes, attributed through the call tree."""
     def cumulative(profiler):
         stats = pstats.Stats(profiler, stream=io.StringIO())
-        out = {}
-        for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
-            where = (os.path.relpath(file, ROOT) if file.startswith(ROOT)
-                     else os.path.basename(file))
-            out[f"{where}:{line}({fn})"] = (nc, ct, tt)
-        return out
+        return {function_name(file, line, fn): (nc, ct, tt)
+                for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items()}
 
     a, i = cumulative(aether), cumulative(inductor)
     rows = [{"function": k, "excess_cum_s": round(a.get(k, (0, 0.0, 0.0))[1]

@@ -570,7 +570,8 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     return order, tail, n_live
 
 
-# Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
+# Every kernel this module launches through wrap_triton (ops.py hands them to _compat for
+# Inductor: the access analysis, the early compile).
 JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _attention_kernel,
                _plan_kernel)
 # The pointer arguments each kernel writes (tl.store, atomics), given a launch's arguments by name.

@@ -160,7 +160,7 @@ def _dkv_kernel(
              mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
-# Every kernel this module launches through wrap_triton (ops.py memoises Inductor's analysis).
+# Every kernel this module launches through wrap_triton (as triton_attention.JIT_KERNELS).
 JIT_KERNELS = (_dq_kernel, _dkv_kernel)
 # What each writes (as triton_attention.KERNEL_WRITES)
 KERNEL_WRITES = {"_dq_kernel": lambda args: ("DQ",), "_dkv_kernel": lambda args: ("DK", "DV_")}

@@ -96,3 +96,15 @@ def causal_and_dtypes(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     return pytest.mark.parametrize("is_causal,dtype", [
         pytest.param(c, d, id=f"{'causal' if c else 'full'}-{str(d).split('.')[-1]}")
         for c, d in pairs])
+
+
+def wait_for_inductor_pool(timeout_s: float = 120.0) -> None:
+    """Until Inductor's worker pool answers (a new process's pool starts with the first ask)."""
+    import time
+
+    from aether_compile import _compat
+
+    deadline = time.monotonic() + timeout_s
+    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"

@@ -6,7 +6,6 @@ both run through the interpreter and their launches are compared; on a GPU, afte
 the first call compiles nothing."""
 
 import itertools
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from aether_compile.kernels import triton_attention as tam
 from aether_compile.workloads import WORKLOADS
 
 from conftest import TRITON_INTERPRET
-from helpers import make_mask
+from helpers import make_mask, wait_for_inductor_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
@@ -154,8 +153,8 @@ _POOL_CHECK = """
 import json, os
 import torch
 from triton import knobs
-from aether_compile import _compat
 from aether_compile.kernels import precompile, triton_attention as tam
+from helpers import wait_for_inductor_pool
 from sm90 import pretend_sm90
 
 target = pretend_sm90()  # an H100 as Triton's binder sees it, without a GPU
@@ -167,11 +166,8 @@ submit = threads.submit
 threads.submit = lambda fn, *a: in_threads.append(fn.__name__) or submit(fn, *a)
 precompile.enabled = lambda: True
 # The workers start with another ptxas (Inductor's run torch's) and the first cache directory...
-import time
 os.environ["TRITON_PTXAS_PATH"] = os.environ["WRAPPED_PTXAS"]
-deadline = time.monotonic() + 120
-while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
-    time.sleep(0.1)  # started; ready once its workers answer
+wait_for_inductor_pool()  # started; ready once its workers answer
 del os.environ["TRITON_PTXAS_PATH"]
 os.environ["TRITON_CACHE_DIR"] += "/later"  # ...which then changes, as fresh_cache() does.
 # This process keys on Triton's own ptxas (memoised at its first ask, as Inductor asks early)
@@ -213,8 +209,9 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
     without a device): the fake's start, the replay's requests, compiled by Inductor's worker
     processes (or, with AETHER_PRECOMPILE=threads, this process's threads) into the cache
     directory this process names now, with the ptxas it runs (not those the workers started
-    with) and the ptxas version it keys on (memoised before it changed ptxas), the wait; the same compiles here then all hit Triton's disk cache, and the kernels' C
-    launchers are in it too (no gcc here). Outside the interpreter (real JIT kernels)."""
+    with) and the ptxas version it keys on (memoised before it changed ptxas), the wait; the same
+    compiles here then all hit Triton's disk cache, and the kernels' C launchers are in it too
+    (no gcc here). Outside the interpreter (real JIT kernels)."""
     import json
     import os
     import subprocess
@@ -263,14 +260,6 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
         assert list((tmp_path / "later").rglob("__triton_launcher*.so"))
 
 
-def _wait_for_inductor_pool(timeout_s: float = 120.0) -> None:
-    """Until Inductor's worker pool answers (a new process's pool starts with the first ask)."""
-    deadline = time.monotonic() + timeout_s
-    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("route", ROUTES)
 def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path):
@@ -279,7 +268,7 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
     disk-cache hit, its C launchers too."""
     from triton import knobs
 
-    _wait_for_inductor_pool()
+    wait_for_inductor_pool()
     monkeypatch.setenv("AETHER_PRECOMPILE", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     for kernel in tam.JIT_KERNELS:
@@ -326,7 +315,7 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
     with fresh_cache():  # the process's first compile, in-process
         small = [torch.randn(1, 2, 64, 16, device="cuda") for _ in range(3)]
         torch.compile(attend)(*small)
-    _wait_for_inductor_pool()
+    wait_for_inductor_pool()
     torch._dynamo.reset()
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # 1024 tokens: else short, dense
     for kernel in tam.JIT_KERNELS:  # as in a new process: nothing of ours in memory
@@ -362,7 +351,7 @@ def test_inductor_compiles_our_pass_as_soon_as_it_writes_it(monkeypatch):
     from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
     from torch._inductor.utils import fresh_cache
 
-    _wait_for_inductor_pool()
+    wait_for_inductor_pool()
     torch._dynamo.reset()
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     asked, triton = [], AsyncCompile.triton
