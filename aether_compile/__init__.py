@@ -1,17 +1,39 @@
 """aether_compile: certified geometric block-sparse attention for torch.compile."""
 
+import importlib.machinery as _machinery
+import importlib.util as _importlib_util
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
-# passes/ and kernels/ install as aether_compile.passes / aether_compile.kernels (setuptools
-# package-dir). When this package is imported straight from a source checkout (repo root on
-# sys.path, no install, or an editable install whose finder is not active), look for them beside it.
-_here = _os.path.dirname(__file__)
-_root = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
-        _os.path.join(_root, "kernels", "__init__.py")):
-    __path__.append(_root)  # noqa: F821  (the package's own __path__)
+# passes/ and kernels/ sit at the top of the source tree and install as aether_compile.passes /
+# aether_compile.kernels (pyproject's package-dir). They have no __init__.py on purpose: a folder
+# without one is only a namespace portion, which any installed package of the same name outranks,
+# so running from the repository root (its folder first on sys.path) never hides Hugging Face's
+# `kernels` (which transformers imports) or any other `passes`. A wheel install copies them into
+# this package, where they import as plain namespace subpackages. From a checkout (an editable
+# install, or no install) nothing maps them: setuptools' editable finder skips nested folders
+# without an __init__.py. Attach them here, from beside this package.
+_SUBPACKAGES = ("passes", "kernels")
+
+
+def _attach_source_subpackages() -> None:
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    for name in _SUBPACKAGES:
+        full = f"{__name__}.{name}"
+        if full in _sys.modules or _importlib_util.find_spec(full) is not None:
+            continue
+        spec = _machinery.PathFinder.find_spec(full, [root])
+        if spec is None:
+            raise ImportError(f"{full}: no {name}/ folder beside {_os.path.dirname(__file__)}; "
+                              "reinstall aether_compile")
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules[full] = module
+        globals()[name] = module
+
+
+_attach_source_subpackages()
 
 from . import ops  # noqa: F401  (registers the torch.ops.aether.* ops)
 from .attention import AttentionStats, attention

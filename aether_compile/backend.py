@@ -41,7 +41,7 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     """Dynamo backend. ``mode`` as torch.compile's (Inductor modes); ``options`` see
     ``split_options``."""
     from aether_compile import ops  # noqa: F401  (registers torch.ops.aether.*)
-    from aether_compile.passes import rewrite_attention
+    from aether_compile.passes.rewrite import rewrite_attention
 
     aether, inductor_options = split_options(options)
     original_graph = _compat.copy_graph(gm.graph)  # the graph only: parameters stay shared

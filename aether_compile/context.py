@@ -60,9 +60,9 @@ def _source_files() -> tuple[str, ...]:
 
     here = os.path.dirname(os.path.abspath(__file__))
     files = [os.path.join(here, f) for f in _PACKAGE_SOURCES]
-    for pkg in (passes, kernels):
-        files += sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(pkg.__file__)),
-                                               "*.py")))
+    for pkg in (passes, kernels):  # namespace packages: no __file__, one folder each
+        for folder in pkg.__path__:
+            files += sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.py")))
     return tuple(dict.fromkeys(f for f in files if os.path.isfile(f)))
 
 
@@ -133,7 +133,7 @@ class AetherPass(_compat.CustomGraphPass):
         self.chained = chained
 
     def __call__(self, graph) -> None:
-        from aether_compile.passes import rewrite_attention
+        from aether_compile.passes.rewrite import rewrite_attention
 
         try:
             rewrite_attention(_compat.graph_module_of(graph), self.options)

@@ -64,7 +64,7 @@ def explain(model, *args, options: Any = None, **kwargs) -> ExplainReport:
     ``options``: AetherOptions or a dict of its fields (``compiler="eager"`` skips Inductor and
     only rewrites, which is quick)."""
     from aether_compile.backend import aether_backend, split_options
-    from aether_compile.passes import add_listener, remove_listener
+    from aether_compile.passes.rewrite import add_listener, remove_listener
 
     opts, inductor = split_options(options)
     report = ExplainReport()

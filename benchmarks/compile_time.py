@@ -61,7 +61,7 @@ if ROOT not in sys.path:  # run from a source checkout without an install
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
 from provenance import git_commit  # noqa: E402
-import aether_compile.passes as aether_passes  # noqa: E402
+import aether_compile.passes.rewrite as aether_passes  # noqa: E402
 from aether_compile import _compat  # noqa: E402
 from aether_compile.kernels import precompile  # noqa: E402
 

@@ -54,7 +54,7 @@ if ROOT not in sys.path:  # run from a source checkout without an install
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
 from provenance import git_commit  # noqa: E402
-from aether_compile.passes import add_listener, remove_listener  # noqa: E402
+from aether_compile.passes.rewrite import add_listener, remove_listener  # noqa: E402
 
 
 # -- shared helpers (train_stdlib_lm.py imports these) ---------------------------------------------

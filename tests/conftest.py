@@ -1,9 +1,5 @@
-import os
-
 import pytest
 import torch
-
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pytest_collection_modifyitems(config, items):

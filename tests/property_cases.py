@@ -41,7 +41,7 @@ from aether_compile.kernels.reference import dropped_mass
 from aether_compile.ops import default_eps
 from aether_compile.workloads import adversarial_qkv
 
-from helpers import REL_TOL, rel_err
+from tests.helpers import REL_TOL, rel_err
 
 PATHS = ("op", "twopass", "stop")
 # Cases per path in each profile (tests/test_properties.py, benchmarks/run_reliability.py).

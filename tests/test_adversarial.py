@@ -46,8 +46,8 @@ import aether_compile
 from aether_compile.kernels import triton_attention as tri
 from aether_compile.kernels.reference import dropped_mass
 
-from helpers import REL_TOL, rel_err
-from property_cases import device_from_env, restricted_oracle, triton_runs_on
+from tests.helpers import REL_TOL, rel_err
+from tests.property_cases import device_from_env, restricted_oracle, triton_runs_on
 
 DEVICE = device_from_env("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE == "cuda"

@@ -10,8 +10,8 @@ from aether_compile.kernels.triton_attention import triton_attention
 from aether_compile.kernels.triton_backward import triton_attention_backward
 from aether_compile.workloads import clustered_qkv
 
-from conftest import TRITON_INTERPRET
-from helpers import REL_TOL, causal_and_dtypes, make_mask, rel_err
+from tests.helpers import TRITON_INTERPRET
+from tests.helpers import REL_TOL, causal_and_dtypes, make_mask, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import aether_compile
 
-from helpers import rel_err
+from tests.helpers import rel_err
 
 B, H, L, S, D = 2, 4, 10, 12, 16
 

@@ -9,7 +9,7 @@ import aether_compile
 from aether_compile.kernels.reference import dropped_mass
 from aether_compile.workloads import WORKLOADS
 
-from helpers import REL_TOL, chunked_oracle, rel_err
+from tests.helpers import REL_TOL, chunked_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -14,7 +14,7 @@ from aether_compile._compat import run_and_get_code
 from aether_compile.kernels import dense_choice
 from aether_compile.workloads import WORKLOADS
 
-from helpers import REL_TOL, chunked_oracle, dense_oracle, rel_err
+from tests.helpers import REL_TOL, chunked_oracle, dense_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 

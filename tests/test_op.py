@@ -12,7 +12,7 @@ from aether_compile.kernels.reference import dropped_mass
 from aether_compile.ops import DEFAULT_EPS
 from aether_compile.workloads import clustered_qkv
 
-from helpers import dense_oracle, rel_err
+from tests.helpers import dense_oracle, rel_err
 
 
 def _qkv(B=2, H=4, Hkv=4, L=50, S=50, D=16, dtype=torch.float32, seed=0):

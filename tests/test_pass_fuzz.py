@@ -16,8 +16,8 @@ import random
 
 import pytest
 
-from fuzz_modules import check_spec, random_spec
-from property_cases import PROFILE_CASES
+from tests.fuzz_modules import check_spec, random_spec
+from tests.property_cases import PROFILE_CASES
 
 PROFILE = os.environ.get("AETHER_HYPOTHESIS_PROFILE", "ci")
 

@@ -15,8 +15,8 @@ from aether_compile.kernels import precompile
 from aether_compile.kernels import triton_attention as tam
 from aether_compile.workloads import WORKLOADS
 
-from conftest import TRITON_INTERPRET
-from helpers import make_mask, wait_for_inductor_pool
+from tests.helpers import TRITON_INTERPRET
+from tests.helpers import make_mask, wait_for_inductor_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
@@ -154,8 +154,8 @@ import json, os
 import torch
 from triton import knobs
 from aether_compile.kernels import precompile, triton_attention as tam
-from helpers import wait_for_inductor_pool
-from sm90 import pretend_sm90
+from tests.helpers import wait_for_inductor_pool
+from tests.sm90 import pretend_sm90
 
 target = pretend_sm90()  # an H100 as Triton's binder sees it, without a GPU
 L, H, D = 2048, 4, 64

@@ -28,7 +28,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from property_cases import PROFILE_CASES, cases, check_case, device_from_env, triton_runs_on
+from tests.property_cases import PROFILE_CASES, cases, check_case, device_from_env, triton_runs_on
 
 for _name, _n in PROFILE_CASES.items():
     settings.register_profile(

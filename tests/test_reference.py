@@ -8,7 +8,7 @@ import torch
 from aether_compile.kernels.reference import dropped_mass, reference_attention
 from aether_compile.workloads import WORKLOADS
 
-from helpers import SMALL_WORKLOAD_KW, dense_oracle, make_mask, rel_err
+from tests.helpers import SMALL_WORKLOAD_KW, dense_oracle, make_mask, rel_err
 
 SHAPES = [(1, 1), (63, 63), (113, 113), (113, 77), (77, 113), (1023, 1023)]
 

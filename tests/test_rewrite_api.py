@@ -10,6 +10,8 @@ import torch._inductor.config as icfg
 from torch._dynamo.utils import counters
 
 import aether_compile
+import aether_compile.passes.common  # noqa: F401
+import aether_compile.passes.softmax  # noqa: F401
 from aether_compile import AetherOptions, passes
 from aether_compile.backend import split_options
 from aether_compile.context import AetherPass
@@ -172,8 +174,6 @@ def test_internal_error_leaves_graph_and_compile_goes_on(monkeypatch):
 
 def test_rewrite_failure_rolls_back(monkeypatch):
     """A failure while inserting the replacement restores the graph (no half-built nodes)."""
-    from passes import common  # noqa: F401  (same module object as aether_compile.passes.common)
-
     def boom(*a, **k):
         raise RuntimeError("fake-mode trouble")
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from aether_compile import AetherOptions
 from aether_compile._compat import TORCH_VERSION
-from aether_compile.passes import rewrite_attention
+from aether_compile.passes.rewrite import rewrite_attention
 
 OPTIONS = AetherOptions(allow_cpu=True, eps=0.0)
 

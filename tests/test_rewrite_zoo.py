@@ -164,7 +164,7 @@ def test_hf_zoo_gpu(name, impl, monkeypatch):
         monkeypatch.setattr(tri, path, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     case = zoo.hf_case(name, impl, device="cuda", dtype=torch.float16)
     compiled = torch.compile(case.model, backend="aether", options=GPU_OPTIONS)
-    from aether_compile.passes import add_listener, remove_listener
+    from aether_compile.passes.rewrite import add_listener, remove_listener
 
     sites = []
     add_listener(sites.append)
@@ -228,7 +228,7 @@ def test_hf_dynamic_shapes(name, impl):
     import functools
 
     from aether_compile.backend import aether_backend
-    from aether_compile.passes import add_listener, remove_listener
+    from aether_compile.passes.rewrite import add_listener, remove_listener
 
     sites = []
     add_listener(sites.append)

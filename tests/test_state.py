@@ -38,7 +38,7 @@ def _clean():
 @pytest.fixture
 def seen(monkeypatch):
     """(thread name, eps) of every rewrite the pre-grad pass runs."""
-    import aether_compile.passes as passes
+    import aether_compile.passes.rewrite as passes
 
     log, real = [], passes.rewrite_attention
 

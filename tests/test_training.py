@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from aether_compile.training_task import recall_batch
 
-from helpers import rel_err
+from tests.helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ from aether_compile.kernels import triton_attention as triton_attention_module
 from aether_compile.kernels.triton_attention import triton_attention
 from aether_compile.workloads import WORKLOADS
 
-from conftest import TRITON_INTERPRET
-from helpers import (REL_TOL, SMALL_WORKLOAD_KW, causal_and_dtypes, dense_oracle, make_mask,
+from tests.helpers import TRITON_INTERPRET
+from tests.helpers import (REL_TOL, SMALL_WORKLOAD_KW, causal_and_dtypes, dense_oracle, make_mask,
                      rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
