@@ -46,3 +46,8 @@ from .explain import ExplainReport, explain  # noqa: E402
 from .options import AetherOptions  # noqa: E402
 
 __all__ += ["AetherOptions", "AetherPass", "ExplainReport", "aether_backend", "enable", "explain"]
+
+# attn_implementation="aether" in transformers, once its modeling code loads (nothing imported now)
+from .transformers_attention import install_import_hook as _install_transformers_hook  # noqa: E402
+
+_install_transformers_hook()

@@ -85,6 +85,14 @@ def mode_options(mode: Optional[str], dynamic: Optional[bool] = None) -> dict:
     return dict(list_mode_options(mode, dynamic))
 
 
+def is_inductor_option(key: str) -> bool:
+    """Whether ``key`` names an entry of Inductor's config (what ``torch.compile(options=...)``
+    accepts for the inductor backend)."""
+    from torch._inductor import config
+
+    return key in config._config
+
+
 def compile_fx(gm, example_inputs, config_patches: dict):
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 

@@ -14,7 +14,9 @@ the same options hits, one with other options, code or knobs misses.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
+
+import torch
 
 from . import _compat
 from .context import CacheSalt
@@ -30,22 +32,35 @@ def split_options(options: Any) -> tuple[AetherOptions, dict]:
         return AetherOptions(), {}
     if isinstance(options, AetherOptions):
         return options, {}
+    if not isinstance(options, Mapping):
+        raise TypeError("options must be a dict or an AetherOptions, got "
+                        f"{type(options).__name__}")
     options = dict(options)
     ours = options.pop("aether", None)
     fields = {k: options.pop(k) for k in list(options) if k in AetherOptions.field_names()}
+    unknown = sorted(k for k in options if not _compat.is_inductor_option(k))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}: aether's options are "
+            f"{sorted(AetherOptions.field_names())}; any other key must name an Inductor config "
+            "entry (e.g. 'max_autotune', 'triton.cudagraphs'), which is passed through to Inductor")
     aether = AetherOptions.coerce(ours, **fields)
     return aether, options
 
 
-def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: Any = None):
+def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: Any = None,
+                   on_rewritten: Optional[Callable] = None):
     """Dynamo backend. ``mode`` as torch.compile's (Inductor modes); ``options`` see
-    ``split_options``."""
+    ``split_options``. ``on_rewritten(graph_module, example_inputs)`` gets a copy of the rewritten
+    graph before it is compiled (``explain()`` replays it)."""
     from aether_compile import ops  # noqa: F401  (registers torch.ops.aether.*)
     from aether_compile.passes.rewrite import rewrite_attention
 
     aether, inductor_options = split_options(options)
     original_graph = _compat.copy_graph(gm.graph)  # the graph only: parameters stay shared
     sites = rewrite_attention(gm, aether)
+    if on_rewritten is not None:
+        on_rewritten(torch.fx.GraphModule(gm, _compat.copy_graph(gm.graph)), example_inputs)
     if aether.compiler == "eager":
         return gm.forward
     if aether.compiler == "aot_eager":

@@ -9,9 +9,14 @@
 It installs ``AetherPass`` as Inductor's ``pre_grad_custom_pass``, chaining whatever pass was set,
 and a ``CacheSalt`` as ``post_grad_custom_post_pass`` (chaining that one too; it changes nothing in
 the graph, only the cache keys), and restores both previous values on exit (also on exceptions).
-Contexts nest; the innermost options win. Only compiles that happen inside are affected: Dynamo
-does not recompile code that was compiled before, and a backward compiled lazily after exit misses
-nothing (the rewrite is in the forward graph, before AOT autograd).
+Contexts nest; the innermost options win.
+
+A model compiled inside is rewritten even when it first runs after the block: ``torch.compile``
+compiles lazily, at the first call, so inside ``enable()`` a ``torch.compile(...)`` call with the
+default (Inductor) backend is bound to the aether backend with these options (``mode``,
+``options``, ``dynamic``, ``fullgraph`` pass through unchanged). Code compiled earlier and first run
+inside is rewritten too (the Inductor pass). A model compiled outside and first run outside is
+not; neither is a compile through a reference to ``torch.compile`` taken before the block.
 
 Threads: ``enable()`` changes Inductor's config, and what that reaches depends on torch:
 
@@ -35,12 +40,15 @@ compiles hit across processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import logging
 import os
 import threading
 from typing import Any, Optional
+
+import torch
 
 from . import _compat
 from .options import AetherOptions
@@ -50,7 +58,7 @@ log = logging.getLogger("aether_compile")
 # Modules of the package whose code can end up in (or decide) a compiled graph; the rest (demo,
 # workloads, explain...) cannot, and editing them must not invalidate caches.
 _PACKAGE_SOURCES = ("__init__.py", "_compat.py", "attention.py", "backend.py", "context.py",
-                    "ops.py", "options.py")
+                    "ops.py", "options.py", "transformers_attention.py")
 _ENV_PREFIX = "AETHER_"
 _ENV_EXTRA = ("TRITON_INTERPRET",)
 
@@ -210,6 +218,61 @@ def _release_global_config() -> None:
             _holders.pop(me, None)
 
 
+class _EnabledBackend:
+    """The ``aether`` backend with an ``enable()`` block's options: what ``torch.compile`` inside
+    the block gets instead of Inductor, so the rewrite happens whenever the compile does."""
+
+    __name__ = "aether"
+
+    def __init__(self, options: AetherOptions):
+        self.options = options
+
+    def __call__(self, gm, example_inputs, mode: Optional[str] = None, options: Any = None):
+        from .backend import aether_backend
+
+        return aether_backend(gm, example_inputs, mode=mode,
+                              options={"aether": self.options, **dict(options or {})})
+
+
+_compile_lock = threading.Lock()
+_compile_users = 0  # enable() blocks open in any thread while torch.compile is wrapped
+_unwrapped_compile = None
+
+
+def _options_in_force() -> Optional[AetherOptions]:
+    stack = getattr(_local, "options", None)
+    return stack[-1] if stack else None
+
+
+def _compile_in_enable(*args, **kwargs):
+    """``torch.compile`` while an ``enable()`` block is open somewhere: compiles in a thread that
+    holds one, with Inductor's backend, take the aether backend; everything else passes through."""
+    options = _options_in_force()
+    if options is not None and kwargs.get("backend", "inductor") == "inductor":
+        kwargs["backend"] = _EnabledBackend(options)
+    return _unwrapped_compile(*args, **kwargs)
+
+
+def _wrap_torch_compile() -> None:
+    global _compile_users, _unwrapped_compile
+    with _compile_lock:
+        if _compile_users == 0 and torch.compile is not _compile_in_enable:
+            _unwrapped_compile = torch.compile
+            functools.update_wrapper(_compile_in_enable, _unwrapped_compile)
+            torch.compile = _compile_in_enable
+        _compile_users += 1
+
+
+def _unwrap_torch_compile() -> None:
+    global _compile_users
+    with _compile_lock:
+        _compile_users -= 1
+        # Someone who wrapped torch.compile after us keeps their wrapper (ours then passes
+        # through, no block being open).
+        if _compile_users == 0 and torch.compile is _compile_in_enable:
+            torch.compile = _unwrapped_compile
+
+
 class enable(contextlib.ContextDecorator):
     """Context manager and decorator turning the rewrite on for compiles inside it.
 
@@ -236,12 +299,17 @@ class enable(contextlib.ContextDecorator):
             _compat.set_pre_grad_pass(AetherPass(self.options, chained=pre))
             _compat.set_post_grad_post_pass(CacheSalt(self.options, chained=post))
         except BaseException:
-            self._restore(pushed)
+            self._restore(pushed, bound=False)
             raise
+        _local.options = getattr(_local, "options", []) + [self.options]
+        _wrap_torch_compile()
         return self
 
-    def _restore(self, pushed: bool = True) -> None:
+    def _restore(self, pushed: bool = True, bound: bool = True) -> None:
         try:
+            if bound:
+                _local.options = _local.options[:-1]
+                _unwrap_torch_compile()
             if pushed:
                 pre, post = _saved_stack().pop()
                 _compat.set_pre_grad_pass(pre)

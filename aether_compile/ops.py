@@ -31,8 +31,8 @@ from aether_compile.kernels.certificate import num_blocks
 from aether_compile.validation import check_inputs
 
 # Default eps per dtype: the largest eps whose output error stays inside that dtype's own
-# rounding noise (SDPA in the dtype vs float64); measured by benchmarks/calibrate_eps.py,
-# table in README. float64 is the oracle dtype and defaults to exact (dense) attention.
+# rounding noise (SDPA in the dtype vs float64); measured by `benchmarks/bench_attention.py
+# --suite calibrate` (results/calibrate_NVIDIA_H200.json, docs/certificate.md). float64 is the oracle dtype and defaults to exact (dense) attention.
 DEFAULT_EPS = {
     torch.float16: 1e-3,
     torch.bfloat16: 4e-3,

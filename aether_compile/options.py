@@ -34,14 +34,25 @@ class AetherOptions:
     compiler: str = "inductor"
 
     def __post_init__(self):
-        if self.eps is not None and not float(self.eps) >= 0.0:
-            raise ValueError(f"eps must be None or >= 0, got {self.eps}")
-        if int(self.min_seq_len) < 0:
-            raise ValueError(f"min_seq_len must be >= 0, got {self.min_seq_len}")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        else:
-            object.__setattr__(self, "exclude", tuple(self.exclude))
+        # Checked here, with the bad value named, so that a typo fails where it was written and not
+        # as a crash inside the compile (a bool is an int in Python: refused where a number is meant).
+        if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(
+                self.eps, (int, float)) or not float(self.eps) >= 0.0):
+            raise ValueError(f"eps must be None or a number >= 0, got {self.eps!r}")
+        if (isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int)
+                or self.min_seq_len < 0):
+            raise ValueError(f"min_seq_len must be an int >= 0, got {self.min_seq_len!r}")
+        if not isinstance(self.allow_cpu, bool):
+            raise TypeError(f"allow_cpu must be True or False, got {self.allow_cpu!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        try:
+            exclude = tuple(exclude)
+        except TypeError:
+            raise TypeError("exclude must be a module path pattern or a sequence of them, got "
+                            f"{self.exclude!r}") from None
+        if not all(isinstance(x, str) for x in exclude):
+            raise TypeError(f"exclude must hold strings (module path patterns), got {exclude!r}")
+        object.__setattr__(self, "exclude", exclude)
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
 
@@ -52,6 +63,10 @@ class AetherOptions:
     @classmethod
     def coerce(cls, options: Any = None, **overrides) -> "AetherOptions":
         """AetherOptions from None, an AetherOptions, or a mapping of its fields (plus overrides)."""
+        bad = set(overrides) - cls.field_names()
+        if bad:
+            raise TypeError(f"unknown aether option(s) {sorted(bad)}; aether's options are "
+                            f"{sorted(cls.field_names())}")
         if options is None:
             base = cls()
         elif isinstance(options, cls):
@@ -59,8 +74,8 @@ class AetherOptions:
         elif isinstance(options, Mapping):
             unknown = set(options) - cls.field_names()
             if unknown:
-                raise TypeError(f"unknown aether option(s) {sorted(unknown)}; known: "
-                                f"{sorted(cls.field_names())}")
+                raise TypeError(f"unknown aether option(s) {sorted(unknown)}; aether's options "
+                                f"are {sorted(cls.field_names())}")
             base = cls(**options)
         else:
             raise TypeError(f"options must be None, a dict or AetherOptions, got "

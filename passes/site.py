@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 SPARSE = "sparse"
 DENSE = "dense"
@@ -29,6 +30,9 @@ class Site:
     module_type: str = ""
     source: str = ""  # "file.py:line  code"
     node: str = ""  # name of the anchor node in the graph
+    # What the op did when explain() replayed the rewritten graph on the model's inputs:
+    # computed blocks over the causally live ones (1.0: dense), or None (not replayed).
+    kept_fraction: Optional[float] = None
 
     @property
     def rewritten(self) -> bool:

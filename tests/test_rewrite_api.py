@@ -43,6 +43,42 @@ def test_options_frozen_and_coerced():
     assert AetherOptions.coerce(o, min_seq_len=64).min_seq_len == 64
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"allow_cpu": "yes"}, "allow_cpu must be True or False, got 'yes'"),
+    ({"eps": True}, "eps must be None or a number >= 0, got True"),
+    ({"eps": "1e-3"}, "eps must be None or a number >= 0, got '1e-3'"),
+    ({"min_seq_len": 1.5}, "min_seq_len must be an int >= 0, got 1.5"),
+    ({"exclude": [3]}, "exclude must hold strings"),
+    ({"compiler": "tvm"}, "compiler must be one of"),
+])
+def test_options_of_the_wrong_type_are_refused_by_name(bad, message):
+    with pytest.raises((TypeError, ValueError), match=message.replace("(", r"\(")):
+        AetherOptions.coerce(bad)
+    with pytest.raises((TypeError, ValueError), match="must"):
+        aether_compile.enable(**bad)
+
+
+def test_unknown_option_named_with_ours_listed_and_inductor_keys_passed_through():
+    with pytest.raises(TypeError) as info:
+        split_options({"epsilon": 1e-3})
+    text = str(info.value)
+    assert "['epsilon']" in text and "'eps'" in text and "'allow_cpu'" in text
+    assert "Inductor config" in text
+    with pytest.raises(TypeError, match="unknown aether option.*'epsilon'.*'eps'"):
+        aether_compile.enable(epsilon=1e-3)
+    assert split_options({"triton.cudagraphs": False, "eps": 0.0})[1] == {"triton.cudagraphs": False}
+
+
+def test_unknown_option_through_torch_compile_names_the_key_not_inductor():
+    model, x = _block()
+    compiled = torch.compile(model, backend="aether", options={"epsilon": 1e-3})
+    with pytest.raises(Exception) as info:
+        compiled(x)
+    text = str(info.value)
+    assert "unknown option(s) ['epsilon']" in text and "'eps'" in text
+    assert "torch._inductor.config.epsilon does not exist" not in text
+
+
 def test_backend_options_split():
     ours, inductor = split_options({"eps": 0.0, "allow_cpu": True, "max_autotune": False})
     assert ours == AetherOptions(eps=0.0, allow_cpu=True)
@@ -274,3 +310,90 @@ def test_short_cuda_attention_stays_dense(monkeypatch):
     with mode:
         cpu = torch.empty(2, 12, 1024, 64, dtype=torch.float16)
     assert checks.short_attention(cpu, cpu, cpu) is None  # the CPU reference is not about speed
+
+
+# -- enable() binds torch.compile ----------------------------------------------------------------
+def _no_caches():
+    return icfg.patch(fx_graph_cache=False), torch._functorch.config.patch(
+        enable_autograd_cache=False)
+
+
+def test_model_compiled_inside_enable_is_rewritten_when_first_run_after_it():
+    model, x = _block()
+    original = torch.compile
+    with aether_compile.enable(allow_cpu=True, eps=0.0):
+        assert torch.compile is not original
+        compiled = torch.compile(model)
+    assert torch.compile is original  # unwrapped on exit
+    assert counters["aether"]["sites"] == 0  # nothing compiled yet: torch.compile is lazy
+    a, b = _no_caches()
+    with a, b, torch.no_grad():
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert counters["aether"]["rewritten"] == 1 and counters["aether"]["sites"] == 1
+
+
+def test_enable_binding_keeps_mode_and_leaves_other_backends_alone():
+    model, x = _block()
+    with aether_compile.enable(allow_cpu=True):
+        with_mode = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        eager = torch.compile(model, backend="eager")
+    a, b = _no_caches()
+    with a, b, torch.no_grad():
+        eager(x)
+        assert counters["aether"]["sites"] == 0  # backend="eager" was not ours to change
+        with_mode(x)
+    assert counters["aether"]["rewritten"] == 1
+
+
+def test_enable_binding_is_per_thread():
+    import threading
+
+    model, x = _block()
+    compiled = {}
+    with aether_compile.enable(allow_cpu=True):
+        t = threading.Thread(target=lambda: compiled.setdefault("other", torch.compile(model)))
+        t.start()
+        t.join()
+    a, b = _no_caches()
+    with a, b, torch.no_grad():
+        compiled["other"](x)
+    assert counters["aether"]["sites"] == 0  # compiled in a thread that held no enable()
+
+
+# -- explain(): inputs as the model takes them, and what ran ------------------------------------
+class _TwoInputs(torch.nn.Module):
+    def forward(self, q, k=None, *, causal=False):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=causal)
+
+
+def test_explain_unpacks_a_dict_of_keyword_arguments():
+    from aether_compile.explain import _call_arguments
+
+    m = _TwoInputs()
+    q = torch.randn(1, 2, 8, 16)
+    assert _call_arguments(m, ({"q": q, "k": q},), {}) == ((), {"q": q, "k": q})
+    assert _call_arguments(m, ({"k": q},), {})[0] == ({"k": q},)  # q missing: passed as given
+    assert _call_arguments(m, ({"other": q},), {})[0] == ({"other": q},)
+    with torch.no_grad():
+        report = aether_compile.explain(m, {"q": q, "k": q}, options={"compiler": "eager"})
+    assert report.counters == {"device": 1}
+
+
+def test_explain_replays_and_reports_what_the_op_did():
+    from aether_compile.workloads import clustered_qkv
+
+    q, k, _ = clustered_qkv(1, 2, 2048, 64, dtype=torch.float32, device="cpu", seed=0)
+    with torch.no_grad():
+        sparse = aether_compile.explain(_TwoInputs(), q, k, options={"allow_cpu": True,
+                                                                     "compiler": "eager"})
+        exact = aether_compile.explain(_TwoInputs(), q, k, causal=True,
+                                       options={"allow_cpu": True, "compiler": "eager",
+                                                "eps": 0.0})
+    (site,) = sparse.sites
+    out, stats = aether_compile.attention(q, k, k, return_stats=True)
+    assert site.kept_fraction == pytest.approx(stats.kept_fraction) and site.kept_fraction < 1
+    assert f"kept {site.kept_fraction:.0%}" in str(sparse)
+    (site,) = exact.sites
+    assert site.kept_fraction == 1.0  # every causally live block: dense
+    assert "dense" in str(exact).splitlines()[2]
