@@ -2,6 +2,8 @@
 # One device call per part (each fits the device's 10-minute limit); logs and JSON go to $OUT.
 #   bash benchmarks/gpu_session.sh tests     # inductor integration + the model zoo
 #   bash benchmarks/gpu_session.sh kernels   # kernel, backward and training GPU tests
+#   bash benchmarks/gpu_session.sh first_contact  # the API, layout and README tests on this torch,
+#                                             # the inductor and precompile GPU tests, the demo
 #   bash benchmarks/gpu_session.sh bench     # the issue-6 suite (JSON kept if cut short)
 #   bash benchmarks/gpu_session.sh w4        # issue-6 W4 alone (1M tokens), which the bench part cannot reach
 #   bash benchmarks/gpu_session.sh compiled  # the op in compiled graphs; torch-plan issue-2 suite
@@ -45,6 +47,15 @@ case "${1:-tests}" in
     $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
     AETHER_ZOO_RECORD="$OUT/zoo_gpu_record.json" $T 440 $PYTEST tests/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
     for f in inductor_gpu zoo_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
+    ;;
+  first_contact)  # the user-facing surface on the GPU box's torch and transformers
+    $T 170 python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short tests/test_layout.py \
+      tests/test_readme.py tests/test_rewrite_api.py tests/test_transformers_attention.py \
+      tests/test_state.py > "$OUT/api_tests.txt" 2>&1
+    $T 220 $PYTEST tests/test_inductor_gpu.py tests/test_precompile.py > "$OUT/inductor_gpu.txt" 2>&1
+    $T 150 python3 -m aether_compile.demo > "$OUT/demo_cuda.txt" 2>&1
+    for f in api_tests inductor_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
+    echo "== demo"; tail -n 25 "$OUT/demo_cuda.txt"
     ;;
   kernels)
     $T 400 $PYTEST tests/test_gpu_attention.py tests/test_backward.py tests/test_training.py \
