@@ -34,12 +34,17 @@ def test_no_top_level_name_is_claimed_by_another_installed_distribution():
         others = [d for d in provided.get(name, []) if d.replace("-", "_") != OURS]
         if not others:
             continue
-        # Installed elsewhere: from the root, the import must still be theirs.
-        code = f"import {name}, os; print(os.path.dirname(os.path.abspath({name}.__file__)))"
+        # Installed elsewhere: from the root the import must still reach theirs, as the package
+        # itself or, where theirs is a namespace portion too (some wheels ship a bare `docs/`),
+        # as one of the merged namespace's folders.
+        code = (f"import {name}, os; m = {name}; print(*[os.path.abspath(p) for p in "
+                "([m.__file__] if getattr(m, '__file__', None) else list(m.__path__))], sep='\\n')")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                               text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert not proc.stdout.strip().startswith(ROOT + os.sep), (name, others, proc.stdout)
+        places = proc.stdout.split()
+        assert any(not p.startswith(ROOT + os.sep) and p != ROOT for p in places), (
+            name, others, places)
 
 
 def test_transformers_and_kernels_import_from_the_root():
