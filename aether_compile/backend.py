@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from . import _compat
-from .context import CacheSalt
+from .context import AetherPass, CacheSalt
 from .options import AetherOptions
 
 log = logging.getLogger("aether_compile")
@@ -66,6 +66,11 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     if aether.compiler == "aot_eager":
         return _compat.aot_eager(gm, example_inputs)
     patches = {**_compat.mode_options(mode), **inductor_options}
+    # Compiled inside enable(): its pre-grad pass would run the rewrite on this graph again (and
+    # count its sites twice); keep only the pass it chains.
+    pre = patches.get("pre_grad_custom_pass", _compat.get_pre_grad_pass())
+    if isinstance(pre, AetherPass):
+        patches["pre_grad_custom_pass"] = pre.chained
     # The rewritten graph names aether::attention but not the code and knobs behind it: the salt
     # puts them (and the options) into the FX graph / AOTAutograd cache keys. It chains a post-grad
     # pass passed in options= or already set (e.g. by enable()).

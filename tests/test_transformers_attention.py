@@ -100,15 +100,25 @@ def test_compiled_model_with_aether_attention_runs_the_op():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_unsupported_feature_runs_transformers_sdpa(caplog):
-    from aether_compile.transformers_attention import aether_attention_forward
+def test_unsupported_feature_runs_transformers_sdpa(caplog, monkeypatch):
+    """softcap and attention sinks are not in the op: the call goes to transformers' own SDPA
+    path, with its arguments, and says so once."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
 
+    from aether_compile import transformers_attention
+
+    seen = []
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward",
+                        lambda *args, **kwargs: seen.append(kwargs) or ("sdpa", None))
+    monkeypatch.setattr(transformers_attention, "_fallbacks_logged", set())
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
-    module = torch.nn.Module()
-    with caplog.at_level("WARNING", logger="aether_compile"), pytest.raises(ValueError,
-                                                                            match="softcap"):
-        aether_attention_forward(module, q, k, v, None, softcap=30.0)
-    assert "softcap is not expressible" in caplog.text
+    with caplog.at_level("WARNING", logger="aether_compile"):
+        for _ in range(2):
+            out = transformers_attention.aether_attention_forward(torch.nn.Module(), q, k, v,
+                                                                  None, softcap=30.0)
+            assert out == ("sdpa", None)
+    assert [kw["softcap"] for kw in seen] == [30.0, 30.0]
+    assert caplog.text.count("softcap is not expressible") == 1
 
 
 def test_registered_whether_transformers_is_imported_before_or_after():
