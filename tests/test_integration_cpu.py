@@ -220,9 +220,13 @@ _CACHE_SCRIPT = textwrap.dedent("""
                 compiled = torch.compile(model, backend="aether",
                                          options=dict(allow_cpu=True, eps=job["eps"]))
                 y = compiled(x)
-            elif job["path"] == "enable":
+            elif job["path"] == "enable":  # compiled inside: bound to the aether backend
                 with aether_compile.enable(allow_cpu=True, eps=job["eps"]):
                     compiled = torch.compile(model)
+                    y = compiled(x)
+            elif job["path"] == "enable_late":  # compiled before: Inductor's pre-grad pass
+                compiled = torch.compile(model)
+                with aether_compile.enable(allow_cpu=True, eps=job["eps"]):
                     y = compiled(x)
             else:
                 compiled = torch.compile(model)
@@ -264,7 +268,7 @@ def _runs_op(r):
     return "aether::reference_attention_with_stats" in r["ops"]
 
 
-SAME = [dict(path="backend", eps=0.0), dict(path="enable", eps=0.0)]
+SAME = [dict(path="backend", eps=0.0), dict(path="enable_late", eps=0.0)]
 
 
 def _assert_first(results):
@@ -288,18 +292,21 @@ def _assert_miss(r, rewritten=1):
 
 
 def test_caches_hit_across_processes_and_key_on_options(tmp_path):
-    """Process 1 compiles a nanoGPT block with backend="aether" and under enable() (default
-    Inductor), eps=0. Process 2, same cache dir: the same two compiles hit the FX graph cache and
-    the AOTAutograd cache and still run the op; enable() with eps=1e-3 misses (issue 7 §5: no
-    graph compiled under other options is reused), and so does backend="aether" with an AETHER_*
-    knob changed (knobs read while tracing are in the key)."""
+    """Process 1 compiles a nanoGPT block with backend="aether" and, compiled beforehand, runs it
+    under enable() (Inductor's pre-grad pass), eps=0. Process 2, same cache dir: the same two
+    compiles hit the FX graph cache and the AOTAutograd cache and still run the op; a compile
+    made inside enable() (bound to the aether backend) is the backend's compile and hits too;
+    enable() with eps=1e-3 misses (issue 7 §5: no graph compiled under other options is reused),
+    and so does backend="aether" with an AETHER_* knob changed (knobs read while tracing are in
+    the key)."""
     _assert_first(_cache_run(tmp_path, SAME))
     second = _cache_run(tmp_path, SAME + [
+        dict(path="enable", eps=0.0),
         dict(path="enable", eps=1e-3),
         dict(path="backend", eps=0.0, env={"AETHER_DENSE_FRACTION": "off"})])
-    _assert_hits(second[:2])
-    _assert_miss(second[2])
+    _assert_hits(second[:3])
     _assert_miss(second[3])
+    _assert_miss(second[4])
 
 
 @pytest.mark.slow
