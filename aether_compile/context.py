@@ -31,8 +31,8 @@ Threads: ``enable()`` changes Inductor's config, and what that reaches depends o
   compile.
 
 Caching: ``CacheSalt.uuid()`` (and ``AetherPass.uuid()``) hash the options, the sources that shape
-a compiled graph (``passes/``, ``kernels/``, the op and backend modules) and the ``AETHER_*``
-environment knobs read while tracing, so the FX graph cache and the AOTAutograd cache never hand a
+a compiled graph (``passes/``, ``kernels/``, the op and backend modules) and the environment
+switches that change generated code (``settings.KEYED``), so the FX graph cache and the AOTAutograd cache never hand a
 graph compiled under other options, other code or other knobs to this compile, and identical
 compiles hit across processes.
 """
@@ -50,24 +50,22 @@ from typing import Any, Optional
 
 import torch
 
-from . import _compat
+from . import _compat, settings
 from .options import AetherOptions
 
 log = logging.getLogger("aether_compile")
 
-# Modules of the package whose code can end up in (or decide) a compiled graph; the rest (demo,
-# workloads, explain...) cannot, and editing them must not invalidate caches.
-_PACKAGE_SOURCES = ("__init__.py", "_compat.py", "attention.py", "backend.py", "context.py",
-                    "ops.py", "options.py", "transformers_attention.py")
-_ENV_PREFIX = "AETHER_"
-_ENV_EXTRA = ("TRITON_INTERPRET",)
+# Modules of the package whose code cannot end up in (or decide) a compiled graph: editing them
+# must not invalidate caches. Every other module of the package, passes/ and kernels/ counts.
+_NOT_IN_GRAPHS = ("demo.py", "workloads.py", "explain.py", "training_task.py", "settings.py")
 
 
 def _source_files() -> tuple[str, ...]:
     from aether_compile import kernels, passes
 
     here = os.path.dirname(os.path.abspath(__file__))
-    files = [os.path.join(here, f) for f in _PACKAGE_SOURCES]
+    files = [f for f in sorted(glob.glob(os.path.join(here, "*.py")))
+             if os.path.basename(f) not in _NOT_IN_GRAPHS]
     for pkg in (passes, kernels):  # namespace packages: no __file__, one folder each
         for folder in pkg.__path__:
             files += sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.py")))
@@ -75,8 +73,7 @@ def _source_files() -> tuple[str, ...]:
 
 
 def _env_knobs() -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in os.environ.items()
-                        if k.startswith(_ENV_PREFIX) or k in _ENV_EXTRA))
+    return settings.keyed()
 
 
 _fingerprints: dict = {}
@@ -84,7 +81,7 @@ _fingerprint_lock = threading.Lock()
 
 
 def code_fingerprint() -> str:
-    """Hex digest of the package version, the graph-shaping sources and the ``AETHER_*`` knobs.
+    """Hex digest of the package version, the graph-shaping sources and ``settings.keyed()``.
     Recomputed when a file's mtime/size or a knob changes (a stat per file otherwise)."""
     from aether_compile import __version__
 

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from aether_compile import _compat
+from aether_compile import _compat, dense_policy, settings, triton_forward
+from aether_compile.kernels import backward as _bwd
+from aether_compile.kernels import dense as kernel_dense
+from aether_compile.kernels import forward as kernel_forward
+from aether_compile.kernels import launch
+from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels import precompile as _precompile
 from aether_compile.kernels import reference as _ref
-from aether_compile.kernels import triton_attention as _tri
-from aether_compile.kernels import triton_backward as _bwd
+from aether_compile.kernels import registry
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.validation import check_inputs
 
@@ -47,49 +50,14 @@ def default_eps(dtype: torch.dtype) -> float:
 
 def resolve_blocks(query: Tensor, value: Tensor, block_m: Optional[int], block_n: Optional[int]):
     """Tile sizes a call will use; the fake implementation and both backends agree on them."""
-    dm, dn = _tri.default_blocks(max(query.shape[-1], value.shape[-1]), "cuda")
+    dm, dn = launch.default_blocks(max(query.shape[-1], value.shape[-1]), "cuda")
     return block_m or dm, block_n or dn
 
 
 def use_triton(query: Tensor, key: Tensor, value: Tensor) -> bool:
     if query.device.type == "cuda":
-        return _tri.unsupported_reason(query, key, value) is None
+        return launch.unsupported_reason(query, key, value) is None
     return False
-
-
-# Below this much attention work (B * H * L * S * D) the dense kernel takes well under half a
-# millisecond on an H100 (4K tokens x 16 heads x 128 dims: 0.23 ms in cuDNN), less than the sparse
-# path's fixed cost (bounds, plan, probe: ~0.3 ms at 4K, benchmarks/results), so no data could
-# make the sparse path pay.
-STATIC_DENSE_WORK = 2 ** 36
-
-
-def static_dense_reason(B, H, L, S, D, DV, block_n: int, exact_dense: bool) -> Optional[str]:
-    """Why static sizes alone make the sparse path pointless, or None. The shape rule both the op
-    and the pass use: at most PROBE_BLOCKS key blocks (the probe alone would visit every live
-    block), or, where a dense kernel computes the call exactly (``exact_dense``), too little work
-    (B * H * L * S * D <= STATIC_DENSE_WORK) for skipping to repay the sparse path's fixed cost.
-    Symbolic sizes never take it (decided at run time instead). AETHER_STATIC_DENSE=0 (read when
-    tracing) turns it off."""
-    if os.environ.get("AETHER_STATIC_DENSE", "1") == "0" or not _tri.is_static(B, H, L, S, D, DV):
-        return None
-    if num_blocks(S, block_n) <= _tri.PROBE_BLOCKS:
-        return f"{S} keys fill at most {_tri.PROBE_BLOCKS} key blocks of {block_n}"
-    work = B * H * L * S * D
-    if exact_dense and work <= STATIC_DENSE_WORK:
-        return f"attention work B*H*L*S*D = {work} <= 2**{STATIC_DENSE_WORK.bit_length() - 1}"
-    return None
-
-
-def static_dense(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal: bool,
-                 block_n: int) -> bool:
-    """The op's shape-based choice, made before any kernel runs (at compile time under
-    torch.compile): ``static_dense_reason``, with "exact" where a dense SDPA kernel computes this
-    call exactly (no general mask)."""
-    B, H, L, D = query.shape
-    exact = _tri.dense_eligible(query, key, value, attn_mask, is_causal)  # metadata only
-    return static_dense_reason(B, H, L, key.shape[-2], D, value.shape[-1], block_n,
-                               exact_dense=exact) is not None
 
 
 def _tracing(t: Tensor) -> bool:
@@ -108,7 +76,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     B, H, L, _ = query.shape
     S = key.shape[-2]
     if L == 0 or S == 0 or B == 0 or H == 0:  # empty, or no keys: zeros, as SDPA
-        out = (_tri.new_out(query, value.shape[-1]) if use_triton(query, key, value)
+        out = (kernel_forward.new_out(query, value.shape[-1]) if use_triton(query, key, value)
                else query.new_empty(B, H, L, value.shape[-1])).zero_()
         lse = torch.full((B, H, L), -math.inf, device=query.device, dtype=torch.float32)
         kept = torch.zeros(B, H, num_blocks(L, block_m), num_blocks(S, block_n),
@@ -120,45 +88,45 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
-        return (*dense, _tri.all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
+        return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
 
     tracing = _tracing(query)
-    if static_dense(query, key, value, attn_mask, is_causal, block_n):
+    if dense_policy.static_dense(query, key, value, attn_mask, is_causal, block_n):
         dense = None
-        if _tri.dense_eligible(query, key, value, attn_mask, is_causal):
+        if kernel_dense.dense_eligible(query, key, value, attn_mask, is_causal):
             # cuDNN where a failure can still be caught (eager); in traced graphs cuDNN only
             # where SDPA's dispatcher picks it (as Inductor's default compile does), else flash
-            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
+            dense = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
                                              try_cudnn="if_sdpa_picks" if tracing else True)
         if dense is not None:
             return with_all_blocks_kept(dense)
         eps, fraction, sample = 0.0, None, False  # exact, on our kernel (a general mask)
     else:
-        fraction = dense_fraction()
-        sample = fraction is not None and _row_sample_applies(query, key, value, attn_mask,
+        fraction = dense_policy.dense_fraction()
+        sample = fraction is not None and dense_policy.row_sample_applies(query, key, value, attn_mask,
                                                               is_causal)
     if sample and not tracing and not torch.cuda.is_current_stream_capturing():
         # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
         # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
-        sampled = _tri.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
+        sampled = dense_policy.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
                                               block_m, block_n)
         if sampled is not None and sampled > fraction:
-            dense = _tri.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
+            dense = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
             if dense is not None:
                 return with_all_blocks_kept(dense)
         if sampled is not None:
             fraction = None
-    if tracing and _tri.forward_mode() == "twopass":
+    if tracing and kernel_forward.forward_mode() == "twopass":
         # Compiled graphs: everything before the pass (the dense choice from a sample of an
         # earlier call, the plan, the probe and gate) is one opaque op that runs when the graph
         # runs; Inductor compiles the pass alone.
-        gated = not sample and _tri.gate_applies(query, key, value, attn_mask, is_causal, fraction)
+        gated = not sample and dense_policy.gate_applies(query, key, value, attn_mask, is_causal, fraction)
         prepared = torch.ops.aether.prepare_pass(
             query, key, value, attn_mask, is_causal, scale_f, eps, block_m, block_n, fraction,
-            sample, gated, _tri.heads_interleaved(query), _traced_site_id(query))
-        return _tri.attention_after_prepare(query, key, value, attn_mask, is_causal, scale_f, eps,
+            sample, gated, kernel_forward.heads_interleaved(query), _traced_site_id(query))
+        return triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale_f, eps,
                                             block_m, block_n, prepared, sample, gated)
-    return _tri.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+    return triton_forward.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
                                  eps, block_m, block_n, dense_fraction=fraction)
 
 
@@ -179,31 +147,13 @@ def _traced_site_id(query: Tensor) -> int:
     return next(counter)
 
 
-def _row_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
-    """Whether a sample of the rows may decide "dense" before the full plan: no mask, a call a
-    dense kernel computes exactly. Eager calls sample at once (not while capturing a CUDA graph);
-    traced graphs through ``aether::prepare_pass``. AETHER_DENSE_SAMPLE=0 turns it off (then
-    the gate after the full plan decides, as for masked calls)."""
-    return (os.environ.get("AETHER_DENSE_SAMPLE", "1") != "0" and attn_mask is None
-            and _tri.dense_eligible(query, key, value, None, is_causal))
-
-
-def dense_fraction() -> float | None:
-    """The sparse/dense crossover for runtime dispatch; AETHER_DENSE_FRACTION=off disables it
-    (benchmarks use that to time the sparse kernel alone). Read when a graph is traced."""
-    env = os.environ.get("AETHER_DENSE_FRACTION")
-    if env is None:
-        return _tri.DENSE_FRACTION
-    return None if env.lower() in ("off", "none", "") else float(env)
-
-
 def _fake_outputs(query, key, value, block_m=None, block_n=None, kernel_layout=False):
     """Fake (out, lse, kept); out strided as the Triton path writes it where ``kernel_layout``,
     else contiguous (the reference)."""
     B, H, L, _ = query.shape
     S = key.shape[-2]
     block_m, block_n = resolve_blocks(query, value, block_m, block_n)
-    out = (_tri.new_out(query, value.shape[-1]) if kernel_layout
+    out = (kernel_forward.new_out(query, value.shape[-1]) if kernel_layout
            else query.new_empty(B, H, L, value.shape[-1]))
     lse = query.new_empty(B, H, L, dtype=torch.float32)
     kept = query.new_empty(B, H, num_blocks(L, block_m), num_blocks(S, block_n), dtype=torch.bool)
@@ -232,14 +182,14 @@ def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
                  is_causal: bool, scale: float, eps: float, block_m: int, block_n: int,
                  fraction: Optional[float], precheck: bool, gated: bool, out_interleaved: bool,
                  site: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Compiled graphs' stages before the attention pass (kernels.triton_attention.prepare_pass):
+    """Compiled graphs' stages before the attention pass (triton_forward.prepare_pass):
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
     Inductor compiles one Triton launch per site instead of six. The output's layout is fixed when
     the graph is traced (``out_interleaved``), where the fake decides it, so the two always agree."""
     _precompile.wait()  # kernels this graph's trace started compiling (its first call)
-    out, *rest = _tri.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m,
+    out, *rest = triton_forward.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                    block_n, fraction, precheck, gated, site)
-    return (_tri.as_out_layout(out, query, out_interleaved), *rest)
+    return (kernel_forward.as_out_layout(out, query, out_interleaved), *rest)
 
 
 @prepare_pass.register_fake
@@ -248,7 +198,7 @@ def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fra
     # Tracing sees the real shapes: start JIT-compiling the kernels the first call will launch.
     _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                   block_n, fraction, precheck, gated)
-    return _tri.new_prepared(query, key, value, block_m, block_n, out_interleaved)
+    return triton_forward.new_prepared(query, key, value, block_m, block_n, out_interleaved)
 
 
 @torch.library.custom_op("aether::reference_attention_backward", mutates_args=())
@@ -274,21 +224,20 @@ def _(grad_out, query, key, value, kept, attn_mask, is_causal, scale, block_m, b
 # them and Inductor emits the kernels in its own generated code (triton_op). AETHER_TRITON_OP=0
 # (read at import) registers the same bodies as opaque custom ops instead: a switch for
 # torch/Triton combinations whose tracing of user kernels misbehaves.
-USE_TRITON_OP = os.environ.get("AETHER_TRITON_OP", "1") != "0"
+USE_TRITON_OP = settings.triton_op()
 _define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_TRITON_OP
            else (lambda name: torch.library.custom_op(name, mutates_args=())))
 # Inductor re-derives which arguments each traced launch writes, from the kernel's TTIR, several
 # times per launch; for our kernels the answer comes from what each declares it writes
 # (KERNEL_WRITES), else from a memo (_compat). AETHER_ACCESS_MEMO=0 (read at import) turns both
 # off, to compare compile times.
-if USE_TRITON_OP and os.environ.get("AETHER_ACCESS_MEMO", "1") != "0":
-    _compat.memoise_kernel_access_analysis(_tri.JIT_KERNELS + _bwd.JIT_KERNELS,
-                                           {**_tri.KERNEL_WRITES, **_bwd.KERNEL_WRITES})
+if USE_TRITON_OP and settings.access_memo():
+    _compat.memoise_kernel_access_analysis(registry.JIT_KERNELS, registry.KERNEL_WRITES)
 # Inductor compiles its copy of a traced kernel when it loads its module, after every kernel of
 # its own has started: ours start as soon as they are generated instead (_compat).
 # AETHER_EARLY_COMPILE=0 (read at import) turns that off, to compare compile times.
-if USE_TRITON_OP and os.environ.get("AETHER_EARLY_COMPILE", "1") != "0":
-    _compat.compile_user_kernels_early(_tri.JIT_KERNELS + _bwd.JIT_KERNELS)
+if USE_TRITON_OP and settings.early_compile():
+    _compat.compile_user_kernels_early(registry.JIT_KERNELS)
 
 
 # -- aether::attention_with_stats -----------------------------------------------------------------

@@ -27,7 +27,8 @@ import triton
 
 import aether_compile
 from aether_compile.kernels.reference import dropped_mass
-from aether_compile.kernels.triton_attention import plan_attention, run_attention
+from aether_compile.kernels.plan import plan_attention
+from aether_compile.triton_forward import run_attention
 from aether_compile.ops import default_eps
 from aether_compile.workloads import WORKLOADS
 

@@ -373,16 +373,17 @@ def forget_our_state() -> None:
     compile than a user's first."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
-    from aether_compile.kernels import dense_choice, triton_attention, triton_backward
+    from aether_compile import dense_policy
+    from aether_compile.kernels import launch, registry
 
-    for kernel in triton_attention.JIT_KERNELS + triton_backward.JIT_KERNELS:
+    for kernel in registry.JIT_KERNELS:
         kernel.device_caches = type(kernel.device_caches)(kernel.device_caches.default_factory)
     with precompile._lock:
         precompile._started.clear()
     for name in _compat.ACCESS_ANALYSIS_FNS:
         getattr(getattr(tkw, name, None), "cache", {}).clear()
-    triton_attention._EAGER_CONSTANTS.clear()
-    dense_choice.forget()
+    launch.clear_eager_constants()
+    dense_policy.forget_lagged_choices()
 
 
 class TritonCompileLog(list):

@@ -25,7 +25,6 @@ that both implement one function.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -38,7 +37,9 @@ def use_box_bound() -> bool:
     row-block pairs; LLM-like W3: neither prunes anything beyond causality), while it costs two of
     the bounds kernel's three matmuls, the largest overhead measured on the H100 (benchmarks/
     results/profile_stages_*). Read per call, by the reference and the Triton path alike."""
-    return os.environ.get("AETHER_BOX_BOUND", "0") == "1"
+    from aether_compile import settings
+
+    return settings.box_bound()
 
 
 # Relative slack added to every bound, in units of |q'| * (norms of the block's summaries).

@@ -52,9 +52,11 @@ from typing import NamedTuple
 
 import torch
 
-from aether_compile import _compat
+from aether_compile import _compat, dense_policy, settings, triton_forward
 
-from . import triton_attention as _tri
+from . import forward as kernel_forward
+from . import launch
+from . import plan as kernel_plan
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class _PointerArg:
 
 
 def enabled() -> bool:
-    return (os.environ.get("AETHER_PRECOMPILE", "1") != "0" and not _tri.INTERPRET
+    return (settings.precompile_mode() != "off" and not launch.INTERPRET
             and torch.cuda.is_available())
 
 
@@ -98,7 +100,7 @@ def _tensor_spec(t):
     if t is None:
         return None
     sizes, strides, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
-    if not _tri.is_static(*sizes, *strides, offset):
+    if not launch.is_static(*sizes, *strides, offset):
         raise _Symbolic
     return sizes, strides, offset, t.dtype
 
@@ -174,7 +176,7 @@ def _replay_and_compile(spec) -> None:
         _note("replay")
         requests = compile_requests(*spec)
         _note("replayed", [r.name for r in requests])
-        in_threads = os.environ.get("AETHER_PRECOMPILE") == "threads"
+        in_threads = settings.precompile_mode() == "threads"
         workers = None if in_threads or not requests else _compat.inductor_compile_pool()
         job_env = None
         if workers is not None:
@@ -206,7 +208,7 @@ def compile_requests(device, specs, args) -> list:
             requests.append(made[1])
 
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device, FakeTensorMode(), _tri.launches_to(collect):
+    with on_device, FakeTensorMode(), launch.launches_to(collect):
         q, k, v, m = (_fake(s, device) for s in specs)
         replay_prepare(q, k, v, m, *args)
         launcher_only = True
@@ -369,21 +371,21 @@ def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, bl
     op's fake: the launch whose C launcher Inductor builds for its copy of the kernel (in this
     process, with gcc, after its workers compiled the kernel: 0.5 s of the compile's critical
     path on the H100; 16adb64's probe showed the signatures differ in the float types only)."""
-    prepared = _tri.new_prepared(query, key, value, block_m, block_n,
-                                 _tri.heads_interleaved(query))
-    _tri.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
+    prepared = triton_forward.new_prepared(query, key, value, block_m, block_n,
+                                 kernel_forward.heads_interleaved(query))
+    triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                  block_n, prepared, precheck, gated)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
                    fraction, precheck, gated) -> None:
-    """The Triton launches of ``triton_attention.prepare_pass``'s first call, without its host
+    """The Triton launches of ``triton_forward.prepare_pass``'s first call, without its host
     reads: both branches of the precheck's dense choice (the sample's plan and count, the full
     plan); for a gated call the plan and the probe (the gate itself launches only SDPA)."""
     if precheck and query.device.type == "cuda":
-        _tri.sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n,
+        dense_policy.sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n,
                                  whole_if_no_sample=True)
-    plan = _tri.plan_attention(query, key, value, None if precheck else attn_mask, is_causal,
+    plan = kernel_plan.plan_attention(query, key, value, None if precheck else attn_mask, is_causal,
                                scale, block_m, block_n)
     if gated and not precheck:
-        _tri._probe_visit_count(query, key, value, plan, eps)
+        kernel_forward.probe_visit_count(query, key, value, plan, eps)

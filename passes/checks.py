@@ -57,19 +57,19 @@ def seq_len(k, min_seq_len: int) -> Optional[Decline]:
 
 
 def short_attention(q, k, v) -> Optional[Decline]:
-    """CUDA sites whose static sizes make the sparse path pointless (``ops.static_dense_reason``:
+    """CUDA sites whose static sizes make the sparse path pointless (``dense_policy.static_dense_reason``:
     few key blocks, or little work) stay as written: the dense attention they already are, with
     its mask if any, compiles and runs exactly as in Inductor's default compile. Symbolic sizes
     are rewritten (the op decides at run time); on CPU the op is its reference either way."""
     if q.device.type != "cuda":
         return None
-    from aether_compile import ops
+    from aether_compile import dense_policy, ops
 
     q4 = tuple(q.shape) if q.dim() == 4 else (1, *q.shape)
     B, H, L, D = q4
     S, DV = k.shape[-2], v.shape[-1]
     block_n = ops.resolve_blocks(q, v, None, None)[1]
-    reason = ops.static_dense_reason(B, H, L, S, D, DV, block_n, exact_dense=True)
+    reason = dense_policy.static_dense_reason(B, H, L, S, D, DV, block_n, exact_dense=True)
     return None if reason is None else Decline("short", f"dense is faster: {reason}")
 
 

@@ -290,16 +290,17 @@ def run_path(case: Case, path: str, q, k, v, mask):
             raise AssertionError("aether.attention and attention_with_stats disagree")
         assert stats.eps == eps
         return out, stats.lse, stats.kept_blocks, stats.block_m, stats.block_n, eps
-    from aether_compile.kernels import triton_attention as tri
+    from aether_compile.kernels import forward as kernel_forward
+    from aether_compile import triton_forward
 
-    saved = tri.PROBE_BLOCKS
-    tri.PROBE_BLOCKS = case.probe
+    saved = kernel_forward.PROBE_BLOCKS
+    kernel_forward.PROBE_BLOCKS = case.probe
     try:
-        out, lse, kept = tri.triton_attention(q, k, v, mask, case.is_causal, case.scale,
+        out, lse, kept = triton_forward.triton_attention(q, k, v, mask, case.is_causal, case.scale,
                                               case.enable_gqa, eps, TRITON_BLOCK, TRITON_BLOCK,
                                               path)
     finally:
-        tri.PROBE_BLOCKS = saved
+        kernel_forward.PROBE_BLOCKS = saved
     return out, lse, kept, TRITON_BLOCK, TRITON_BLOCK, eps
 
 

@@ -18,11 +18,11 @@ def pretend_sm90():
     from triton.runtime.jit import create_function_from_signature
 
     from aether_compile.kernels import precompile
-    from aether_compile.kernels import triton_attention as tam
+    from aether_compile.kernels import registry
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    for k in tam.JIT_KERNELS:
+    for k in registry.JIT_KERNELS:
         k.device_caches = collections.defaultdict(lambda k=k: (
             {}, {}, target, backend,
             create_function_from_signature(k.signature, k.params, backend)))

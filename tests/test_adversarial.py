@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import aether_compile
-from aether_compile.kernels import triton_attention as tri
+from aether_compile import triton_forward
+from aether_compile.kernels import forward as kernel_forward
 from aether_compile.kernels.reference import dropped_mass
 
 from tests.helpers import REL_TOL, rel_err
@@ -106,7 +107,7 @@ def run(path, q, k, v, mask=None, is_causal=False, scale=None, eps=0.0):
         out, st = aether_compile.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            scale=scale, enable_gqa=gqa, eps=eps, return_stats=True)
         return out, st.kept_blocks, st.block_m, st.block_n
-    out, _, kept = tri.triton_attention(q, k, v, mask, is_causal, scale, gqa, eps, BT, BT, path)
+    out, _, kept = triton_forward.triton_attention(q, k, v, mask, is_causal, scale, gqa, eps, BT, BT, path)
     return out, kept, BT, BT
 
 
@@ -165,7 +166,7 @@ def tight_qkv(path, dtype, eps, n_cold=15, seed=0):
 @pytest.mark.parametrize("eps", [1e-3, 1e-1])
 @pytest.mark.parametrize("path", path_params)
 def test_tight_bounds_certified_close_to_eps(path, eps, dtype, monkeypatch, sparse_op):
-    monkeypatch.setattr(tri, "PROBE_BLOCKS", 1)
+    monkeypatch.setattr(kernel_forward, "PROBE_BLOCKS", 1)
     q, k, v = tight_qkv(path, dtype, eps)
     out, kept, bm, bn = run(path, q, k, v, eps=eps)
     dropped = dropped_mass(q, k, kept, bm, bn)
@@ -292,7 +293,7 @@ def test_nan_value_in_a_skipped_block(path, monkeypatch, sparse_op):
     zero-filled probability matrix by v). Documented difference: the Triton kernels (and the op
     on CUDA) read only kept blocks, so the NaN reaches exactly the rows whose query tile kept its
     block."""
-    monkeypatch.setattr(tri, "PROBE_BLOCKS", 1)
+    monkeypatch.setattr(kernel_forward, "PROBE_BLOCKS", 1)
     q, k, v = tight_qkv(path, torch.float32, 0.1)
     bm, bn = blocks_of(path)
     j = bn  # first key of block 1: the coldest block (tight_qkv raises the later ones)
@@ -407,7 +408,7 @@ def test_hf_min_row_averages_uniformly_on_the_op(dtype):
 
 @pytest.mark.parametrize("path", path_params)
 def test_hf_min_tile_is_not_pruned(path, monkeypatch, sparse_op):
-    monkeypatch.setattr(tri, "PROBE_BLOCKS", 1)
+    monkeypatch.setattr(kernel_forward, "PROBE_BLOCKS", 1)
     q, k, v = qkv(1, 1, 1, 16, 512, seed=10)
     mask = hf_mask(torch.float32, 16, 512, slice(None))
     out, kept, *_ = run(path, q, k, v, mask, eps=1e-3)

@@ -6,8 +6,8 @@ import torch
 
 import aether_compile
 from aether_compile.kernels.reference import restricted_attention
-from aether_compile.kernels.triton_attention import triton_attention
-from aether_compile.kernels.triton_backward import triton_attention_backward
+from aether_compile.triton_forward import triton_attention
+from aether_compile.kernels.backward import triton_attention_backward
 from aether_compile.workloads import clustered_qkv
 
 from tests.helpers import TRITON_INTERPRET

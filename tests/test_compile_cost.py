@@ -23,7 +23,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
 
 from aether_compile import _compat, ops  # noqa: F401  (ops installs the memo)
-from aether_compile.kernels import triton_attention as tri
+from aether_compile.kernels import bounds
+from aether_compile.kernels import dense as kernel_dense
+from aether_compile.kernels import forward as kernel_forward
+from aether_compile.kernels import launch
+from aether_compile.kernels import plan as kernel_plan
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not ops.USE_TRITON_OP, reason="AETHER_TRITON_OP=0: no tracing")
@@ -65,8 +69,8 @@ def _written(result) -> set:
 
 # Under TRITON_INTERPRET=1 the module's kernels are interpreter functions; Torch's analysis needs
 # the JITFunction of the same Python function (the memo keys on that function either way).
-GEOMETRY = triton.runtime.jit.JITFunction(getattr(tri._geometry_kernel, "fn",
-                                                  tri._geometry_kernel))
+GEOMETRY = triton.runtime.jit.JITFunction(getattr(bounds._geometry_kernel, "fn",
+                                                  bounds._geometry_kernel))
 
 
 def _geometry_kwargs(dtype, n_kb):
@@ -121,7 +125,7 @@ def _every_launch_of_the_op():
     bool mask and causal, the pass in each of its visit modes, the backward's two kernels (meta
     tensors; nothing runs)."""
     from aether_compile.kernels import precompile
-    from aether_compile.kernels import triton_backward as bwd
+    from aether_compile.kernels import backward as bwd
 
     launches = []
 
@@ -130,18 +134,18 @@ def _every_launch_of_the_op():
         named.update((k, v) for k, v in kwargs.items() if k in kernel.arg_names)
         launches.append((kernel, named))
 
-    with FakeTensorMode(), tri.launches_to(record):
+    with FakeTensorMode(), launch.launches_to(record):
         B, H, L, D = 1, 4, 1024, 64
         q, k, v = (torch.empty(B, H, L, D, device="meta", dtype=torch.float16) for _ in range(3))
         mask = torch.empty(B, 1, L, L, device="meta", dtype=torch.bool)
-        bm, bn = tri.default_blocks(D, "cuda")
+        bm, bn = launch.default_blocks(D, "cuda")
         for m, causal in ((mask, False), (None, True)):
-            plan = tri.plan_attention(q, k, v, m, causal, D ** -0.5, bm, bn)
+            plan = kernel_plan.plan_attention(q, k, v, m, causal, D ** -0.5, bm, bn)
             for gated in (True, False):  # VISIT_FIXED, VISIT_CERTIFY
                 precompile.replay_pass(q, k, v, m, causal, D ** -0.5, 1e-3, bm, bn, None,
                                        False, gated)
             kept = torch.zeros(plan.order.shape, dtype=torch.int8, device="meta")
-            tri._launch_attention(q, k, v, plan, 1e-3, None, kept)  # VISIT_STOP
+            kernel_forward.launch_attention(q, k, v, plan, 1e-3, None, kept)  # VISIT_STOP
         lse = torch.empty(B, H, L, device="meta")
         kept = torch.ones(B, H, L // bm, L // bn, dtype=torch.bool, device="meta")
         bwd.triton_attention_backward(q, q, k, v, q, lse, kept, mask, False)
@@ -206,7 +210,7 @@ def test_traced_body_launches_one_kernel(sm90_target, monkeypatch, mask):
     from torch._functorch.aot_autograd import aot_function
 
     monkeypatch.setattr(ops, "use_triton", lambda q, k, v: True)
-    monkeypatch.setattr(tri, "_dense_kernel_fits", lambda q, k, v, causal: (
+    monkeypatch.setattr(kernel_dense, "dense_kernel_fits", lambda q, k, v, causal: (
         q.dtype in (torch.float16, torch.bfloat16) and (not causal or q.shape[-2] == k.shape[-2])))
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     graphs = []
@@ -237,14 +241,14 @@ def test_traced_body_launches_one_kernel(sm90_target, monkeypatch, mask):
 @compiled_triton
 def test_eager_launches_skip_the_higher_order_op():
     """wrap_triton only while tracing: an eager launch through its higher-order op cost about
-    0.2 ms of host time on an H100 (benchmarks/profile_host.py), and the runtime dense choice's
+    0.2 ms of host time on an H100 (the retired benchmarks/profile_host.py), and the runtime dense choice's
     custom op launches kernels eagerly on every sample."""
     from torch.library import wrap_triton
 
-    kernel = tri._geometry_kernel
-    assert tri.traceable(kernel) is kernel
+    kernel = bounds._geometry_kernel
+    assert launch.traceable(kernel) is kernel
     with FakeTensorMode():
-        traced = tri.traceable(kernel)
+        traced = launch.traceable(kernel)
     assert traced is not kernel and type(traced) is type(wrap_triton(kernel))
 
 
@@ -297,7 +301,7 @@ def test_our_kernels_compile_as_soon_as_inductor_writes_them(async_compile):
     expected = _Calls()
     eval(_BODY, {"async_compile": expected})  # what the module's own call will pass
     before = dict(_compat.early_compile_stats)
-    assert define(wrapper, tri._attention_kernel) == ("k_0", {}, {}, [])
+    assert define(wrapper, kernel_forward._attention_kernel) == ("k_0", {}, {}, [])
     assert async_compile.calls == expected.calls and len(expected.calls) == 1
     assert wrapper.defined == [("k_0", _BODY, "# Original path: x.py:1")]  # passed on unchanged
     assert "define_kernel" not in vars(wrapper)  # the recording was for that call only
@@ -309,7 +313,7 @@ def test_early_compile_leaves_other_kernels_and_in_process_compiles_alone(async_
     define(_Wrapper(), _foreign_kernel)  # not ours: as before
     async_compile.state["pool"] = False  # Inductor compiles in-process: the module's call does it
     before = dict(_compat.early_compile_stats)
-    define(_Wrapper(), tri._attention_kernel)
+    define(_Wrapper(), kernel_forward._attention_kernel)
     assert async_compile.calls == []
     assert _compat.early_compile_stats["skipped"] == before["skipped"] + 1
 

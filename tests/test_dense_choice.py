@@ -1,4 +1,4 @@
-"""The lagged dense/sparse choice of compiled graphs (kernels/dense_choice.py) and the site
+"""The lagged dense/sparse choice of compiled graphs (dense_policy.choose_dense) and the site
 numbers it keys on. The GPU side (the choice inside a compiled graph, and under CUDA-graph
 capture) is in test_inductor_gpu.py."""
 
@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from aether_compile import ops
-from aether_compile.kernels import dense_choice
+from aether_compile import dense_policy
 
 # Samples' (visits, live blocks): dense and sparse at fraction 0.6
 DENSE, SPARSE = (lambda: torch.tensor([90, 100])), (lambda: torch.tensor([20, 100]))
@@ -18,42 +18,42 @@ DENSE, SPARSE = (lambda: torch.tensor([90, 100])), (lambda: torch.tensor([20, 10
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "1")  # every call samples (one test sets 4)
-    dense_choice.forget()
+    dense_policy.forget_lagged_choices()
     yield
-    dense_choice.forget()
+    dense_policy.forget_lagged_choices()
 
 
 def test_first_call_decides_from_its_own_counts_then_lags_by_one():
     site = ("s",)
-    assert dense_choice.choose_dense(site, DENSE, 0.6) is True  # read at once: no choice yet
-    assert dense_choice.choose_dense(site, SPARSE, 0.6) is True  # the previous call's counts
-    assert dense_choice.choose_dense(site, SPARSE, 0.6) is False
-    assert dense_choice.choose_dense(site, DENSE, 0.6) is False
-    assert dense_choice.choose_dense(site, DENSE, 0.6) is True
+    assert dense_policy.choose_dense(site, DENSE, 0.6) is True  # read at once: no choice yet
+    assert dense_policy.choose_dense(site, SPARSE, 0.6) is True  # the previous call's counts
+    assert dense_policy.choose_dense(site, SPARSE, 0.6) is False
+    assert dense_policy.choose_dense(site, DENSE, 0.6) is False
+    assert dense_policy.choose_dense(site, DENSE, 0.6) is True
 
 
 def test_without_lag_each_call_uses_its_own_counts():
     site = ("s",)
     for counts, dense in ((DENSE, True), (SPARSE, False), (DENSE, True)):
-        assert dense_choice.choose_dense(site, counts, 0.6, lagged=False) is dense
+        assert dense_policy.choose_dense(site, counts, 0.6, lagged=False) is dense
 
 
 def test_sites_keep_their_own_choices():
-    assert dense_choice.choose_dense(("a",), DENSE, 0.6) is True
-    assert dense_choice.choose_dense(("b",), SPARSE, 0.6) is False
-    assert dense_choice.choose_dense(("a",), SPARSE, 0.6) is True
-    assert dense_choice.choose_dense(("b",), DENSE, 0.6) is False
+    assert dense_policy.choose_dense(("a",), DENSE, 0.6) is True
+    assert dense_policy.choose_dense(("b",), SPARSE, 0.6) is False
+    assert dense_policy.choose_dense(("a",), SPARSE, 0.6) is True
+    assert dense_policy.choose_dense(("b",), DENSE, 0.6) is False
 
 
 def test_unreadable_counts_keep_the_last_choice_else_sparse():
     """CUDA-graph capture passes no counts: the site's choice so far is captured, else sparse."""
-    assert dense_choice.choose_dense(("new",), None, 0.6) is False
-    dense_choice.choose_dense(("seen",), DENSE, 0.6)
-    assert dense_choice.choose_dense(("seen",), None, 0.6) is True
+    assert dense_policy.choose_dense(("new",), None, 0.6) is False
+    dense_policy.choose_dense(("seen",), DENSE, 0.6)
+    assert dense_policy.choose_dense(("seen",), None, 0.6) is True
 
 
 def test_nothing_live_is_not_dense():
-    assert dense_choice.choose_dense(("s",), lambda: torch.tensor([0, 0]), 0.6) is False
+    assert dense_policy.choose_dense(("s",), lambda: torch.tensor([0, 0]), 0.6) is False
 
 
 def test_a_site_resamples_every_nth_call(monkeypatch):
@@ -64,12 +64,12 @@ def test_a_site_resamples_every_nth_call(monkeypatch):
         sampled.append(1)
         return torch.tensor([20, 100])
 
-    choices = [dense_choice.choose_dense(("s",), sample, 0.6) for _ in range(9)]
+    choices = [dense_policy.choose_dense(("s",), sample, 0.6) for _ in range(9)]
     assert len(sampled) == 3  # the first call, then calls 4 and 8 after it
     assert choices == [False] * 9
-    dense_choice.forget()
+    dense_policy.forget_lagged_choices()
     sampled.clear()
-    choices = [dense_choice.choose_dense(("s",), DENSE if i == 0 else sample, 0.6)
+    choices = [dense_policy.choose_dense(("s",), DENSE if i == 0 else sample, 0.6)
                for i in range(6)]
     assert choices == [True] * 5 + [False]  # the sample of call 5 decides call 6
 
@@ -77,7 +77,7 @@ def test_a_site_resamples_every_nth_call(monkeypatch):
 def test_shape_buckets_group_lengths_by_power_of_two():
     def bucket(L, S=None, H=4, dtype=torch.float16):
         q = torch.empty(1, H, L, 64, dtype=dtype)
-        return dense_choice.shape_bucket(q, torch.empty(1, 2, S or L, 64, dtype=dtype))
+        return dense_policy.shape_bucket(q, torch.empty(1, 2, S or L, 64, dtype=dtype))
 
     assert bucket(1000) == bucket(1024) != bucket(1025)
     assert bucket(1024, 4096) != bucket(1024)

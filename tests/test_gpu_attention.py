@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import aether_compile
+from aether_compile import triton_forward
+from aether_compile.kernels import dense as kernel_dense
+from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels.reference import dropped_mass
 from aether_compile.workloads import WORKLOADS
 
@@ -93,7 +96,7 @@ def test_batch_heads_beyond_grid_limit_and_int64_offsets():
 
 
 def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
-    from aether_compile.kernels.triton_attention import triton_attention
+    from aether_compile.triton_forward import triton_attention
 
     q, k, v = WORKLOADS["clustered"](1, 2, 32768, 128, dtype=torch.float16, device="cuda")
     _, _, kept_stop = triton_attention(q, k, v, eps=1e-3, mode="stop")
@@ -111,11 +114,9 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypat
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
     SDPA kernel (GQA from k and v as they are, or expanded); stats say every live block was
     computed, the result matches the sparse kernel run densely, and gradients still flow."""
-    from aether_compile.kernels import triton_attention as tri
-
     dense_calls = []
-    real = tri.dense_sdpa_with_lse
-    monkeypatch.setattr(tri, "dense_sdpa_with_lse",
+    real = kernel_dense.dense_sdpa_with_lse
+    monkeypatch.setattr(kernel_dense, "dense_sdpa_with_lse",
                         lambda *a, **k: dense_calls.append(1) or real(*a, **k))
     q, _, _ = WORKLOADS["uniform"](1, H, 8192, 128, dtype=torch.float16, device="cuda")
     _, k, v = WORKLOADS["uniform"](1, Hkv, 8192, 128, dtype=torch.float16, device="cuda", seed=1)
@@ -128,7 +129,7 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypat
     out, stats = aether_compile.attention(*leaves, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=H != Hkv, return_stats=True)
     assert dense_calls, "the dense path was not taken"
-    ref_out, ref_lse, ref_kept = tri.triton_attention(q, k, v, mask, is_causal, None, H != Hkv,
+    ref_out, ref_lse, ref_kept = triton_forward.triton_attention(q, k, v, mask, is_causal, None, H != Hkv,
                                                       0.0)  # the sparse kernel, dense
     assert torch.equal(stats.kept_blocks, ref_kept)  # every live block
     assert rel_err(out, ref_out) < 2e-3
@@ -143,12 +144,11 @@ def test_dense_gqa_reads_kv_heads_natively_or_expands(try_cudnn, is_causal):
     """The dense kernels serve GQA from the unexpanded k and v where a one-time check on a small
     problem found that they can (no copy), else from expanded ones; either way query head h must
     read kv head h // group (a kernel reading the wrong heads would pass any shape check)."""
-    from aether_compile.kernels import triton_attention as tri
 
     q, _, _ = WORKLOADS["uniform"](1, 8, 4096, 128, dtype=torch.float16, device="cuda")
     _, k, v = WORKLOADS["uniform"](1, 2, 4096, 128, dtype=torch.float16, device="cuda", seed=1)
     v = v + torch.arange(2, device="cuda", dtype=v.dtype)[None, :, None, None]  # heads differ
-    out, lse = tri.dense_sdpa_with_lse(q, k, v, is_causal, 128 ** -0.5, try_cudnn=try_cudnn)
+    out, lse = kernel_dense.dense_sdpa_with_lse(q, k, v, is_causal, 128 ** -0.5, try_cudnn=try_cudnn)
     ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     assert rel_err(out, F.scaled_dot_product_attention(q.double(), ke.double(), ve.double(),
                                                        is_causal=is_causal)) < 2 * REL_TOL[q.dtype]
@@ -157,7 +157,7 @@ def test_dense_gqa_reads_kv_heads_natively_or_expands(try_cudnn, is_causal):
         above = torch.ones(4096, 4096, device="cuda", dtype=torch.bool).triu(1)
         logits = logits.masked_fill(above, -torch.inf)
     assert torch.allclose(lse.double(), logits.logsumexp(-1), atol=1e-2)
-    print("native GQA:", {k[0]: ok for k, ok in tri._NATIVE_GQA.items()})
+    print("native GQA:", {k[0]: ok for k, ok in kernel_dense._NATIVE_GQA.items()})
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
@@ -165,11 +165,10 @@ def test_eager_sample_sends_unprunable_data_dense_before_the_full_plan(is_causal
     """Eager calls without a mask plan a sample of their rows first: uniform data goes dense
     having planned only the sample (every plan is shorter than the call), clustered data still
     takes the sparse path, and AETHER_DENSE_SAMPLE=0 plans the whole call again."""
-    from aether_compile.kernels import triton_attention as tri
 
     planned = []
-    real = tri.plan_attention
-    monkeypatch.setattr(tri, "plan_attention",
+    real = kernel_plan.plan_attention
+    monkeypatch.setattr(kernel_plan, "plan_attention",
                         lambda q, *a, **k: planned.append(q.shape[2]) or real(q, *a, **k))
     N = 16384
     q, k, v = WORKLOADS["uniform"](1, 8, N, 128, dtype=torch.float16, device="cuda")
@@ -191,12 +190,11 @@ def test_eager_sample_sends_unprunable_data_dense_before_the_full_plan(is_causal
 def test_static_dense_in_eager(monkeypatch):
     """4K tokens x 4 heads: too little work for the sparse path to repay its fixed cost, so the op
     runs dense SDPA without planning; every live block is reported kept."""
-    from aether_compile.kernels import triton_attention as tri
 
     monkeypatch.delenv("AETHER_STATIC_DENSE")
     planned = []
-    real = tri.plan_attention
-    monkeypatch.setattr(tri, "plan_attention", lambda *a, **k: planned.append(1) or real(*a, **k))
+    real = kernel_plan.plan_attention
+    monkeypatch.setattr(kernel_plan, "plan_attention", lambda *a, **k: planned.append(1) or real(*a, **k))
     q, k, v = WORKLOADS["clustered"](1, 4, 4096, 128, dtype=torch.float16, device="cuda")
     out, stats = aether_compile.attention(q, k, v, is_causal=True, return_stats=True)
     assert not planned

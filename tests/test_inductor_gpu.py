@@ -11,7 +11,9 @@ from torch._dynamo.utils import counters
 
 import aether_compile  # noqa: F401  (registers the ops)
 from aether_compile._compat import run_and_get_code
-from aether_compile.kernels import dense_choice
+from aether_compile import dense_policy
+from aether_compile.kernels import dense as kernel_dense
+from aether_compile.kernels import plan as kernel_plan
 from aether_compile.workloads import WORKLOADS
 
 from tests.helpers import REL_TOL, chunked_oracle, dense_oracle, rel_err
@@ -46,7 +48,7 @@ def _fresh(monkeypatch):
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     torch._dynamo.reset()
     counters.clear()
-    dense_choice.forget()  # each test's sites start without a previous call's choice
+    dense_policy.forget_lagged_choices()  # each test's sites start without a previous call's choice
     yield
     torch._dynamo.reset()
 
@@ -116,23 +118,22 @@ def test_compiled_graph_decides_dense_before_planning(is_causal, monkeypatch):
     """In a compiled graph the opaque aether::prepare_pass plans a sample of the rows when the
     graph runs: uniform data goes to a dense SDPA kernel, nothing more is planned and the traced
     pass returns at once; clustered data takes the sparse path. Both match the oracle. The choice comes from an
-    earlier call's sample (kernels/dense_choice.py; here every call samples): the first clustered
+    earlier call's sample (dense_policy.choose_dense; here every call samples): the first clustered
     call still runs dense, the next sparse."""
     from torch._subclasses.fake_tensor import is_fake
 
-    from aether_compile.kernels import triton_attention as tri
 
     monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "1")
     planned, dense_calls = [], []
-    real_plan, real_dense = tri.plan_attention, tri.dense_sdpa_with_lse
+    real_plan, real_dense = kernel_plan.plan_attention, kernel_dense.dense_sdpa_with_lse
 
     def plan(q, *a, **k):
         if not is_fake(q):  # tracing runs the op's body on fake tensors too
             planned.append(q.shape[2])
         return real_plan(q, *a, **k)
 
-    monkeypatch.setattr(tri, "plan_attention", plan)
-    monkeypatch.setattr(tri, "dense_sdpa_with_lse",
+    monkeypatch.setattr(kernel_plan, "plan_attention", plan)
+    monkeypatch.setattr(kernel_dense, "dense_sdpa_with_lse",
                         lambda *a, **k: dense_calls.append(1) or real_dense(*a, **k))
     N = 16384
     compiled = torch.compile(Attention(is_causal), backend="aether")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,9 +61,13 @@ def test_wheel_carries_the_subpackages(tmp_path):
     """A wheel install (not the editable checkout) imports passes and kernels from inside the
     package, away from the source tree."""
     pytest.importorskip("setuptools")
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    wheel_dir, target, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # A copy: setuptools builds in the source tree (build/, *.egg-info), and would leave files
+    # there that a later build packs although their source is gone.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".venv", ".whl", "benchmarks", "tests"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                            "--no-build-isolation", "-w", str(wheel_dir), ROOT],
+                            "--no-build-isolation", "-w", str(wheel_dir), str(src)],
                            capture_output=True, text=True, cwd=tmp_path)
     if build.returncode != 0 and "No module named" in build.stderr:
         pytest.skip(f"cannot build a wheel here: {build.stderr.strip()[-200:]}")

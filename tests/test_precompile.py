@@ -12,7 +12,9 @@ import torch
 
 from aether_compile import _compat
 from aether_compile.kernels import precompile
-from aether_compile.kernels import triton_attention as tam
+from aether_compile.kernels import launch
+from aether_compile.kernels import registry
+from aether_compile import triton_forward
 from aether_compile.workloads import WORKLOADS
 
 from tests.helpers import TRITON_INTERPRET
@@ -53,7 +55,7 @@ def _case(route, L=128, D=32):
     qkv = torch.cat([q, q.flip(2), v], dim=-1).transpose(1, 2).contiguous()  # [B, L, H, 3D]
     q, k, v = (t.transpose(1, 2) for t in qkv.split(D, dim=-1))
     mask = make_mask("bool", 1, 2, L, L, None, DEVICE, seed=5) if route == "gated-mask" else None
-    bm, bn = tam.default_blocks(D, q.device.type)
+    bm, bn = launch.default_blocks(D, q.device.type)
     fraction = None if route == "plain" else 0.65
     is_causal = route == "precheck-causal"
     args = (is_causal, D ** -0.5, 1e-3, bm, bn, fraction, route.startswith("precheck"),
@@ -71,12 +73,12 @@ def test_replay_asks_for_the_launches_of_the_first_call(route):
     replay may ask for more only where the first call's host read picks one of two branches."""
     tensors, args = _case(route)
     real = set()
-    with tam.launches_to(_record(real, run_too=True)):
-        tam.prepare_pass(*tensors, *args, site=next(_SITES))
+    with launch.launches_to(_record(real, run_too=True)):
+        triton_forward.prepare_pass(*tensors, *args, site=next(_SITES))
     replayed = set()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), tam.launches_to(_record(replayed, run_too=False)):
+    with FakeTensorMode(), launch.launches_to(_record(replayed, run_too=False)):
         fakes = [None if t is None else precompile._fake(precompile._tensor_spec(t), t.device)
                  for t in tensors]
         precompile.replay_prepare(*fakes, *args)
@@ -153,7 +155,7 @@ _POOL_CHECK = """
 import json, os
 import torch
 from triton import knobs
-from aether_compile.kernels import precompile, triton_attention as tam
+from aether_compile.kernels import precompile
 from tests.helpers import wait_for_inductor_pool
 from tests.sm90 import pretend_sm90
 
@@ -271,7 +273,7 @@ def test_first_call_after_warm_up_compiles_nothing(route, monkeypatch, tmp_path)
     wait_for_inductor_pool()
     monkeypatch.setenv("AETHER_PRECOMPILE", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    for kernel in tam.JIT_KERNELS:
+    for kernel in registry.JIT_KERNELS:
         monkeypatch.setattr(kernel, "device_caches",
                             type(kernel.device_caches)(kernel.device_caches.default_factory))
     monkeypatch.setattr(precompile, "_started", set())
@@ -318,11 +320,11 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
     wait_for_inductor_pool()
     torch._dynamo.reset()
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # 1024 tokens: else short, dense
-    for kernel in tam.JIT_KERNELS:  # as in a new process: nothing of ours in memory
+    for kernel in registry.JIT_KERNELS:  # as in a new process: nothing of ours in memory
         monkeypatch.setattr(kernel, "device_caches",
                             type(kernel.device_caches)(kernel.device_caches.default_factory))
     monkeypatch.setattr(precompile, "_started", set())
-    ours = {k.fn.__name__ for k in tam.JIT_KERNELS}
+    ours = {k.fn.__name__ for k in registry.JIT_KERNELS}
     compiles, gcc_builds = [], []
     gcc = build._build
     monkeypatch.setattr(build, "_build", lambda name, *a, **kw: gcc_builds.append(name)

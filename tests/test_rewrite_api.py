@@ -303,10 +303,10 @@ def test_short_cuda_attention_stays_dense(monkeypatch):
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     assert checks.short_attention(*qkv(2, 12, 1024, 64, mode)) is None
     monkeypatch.delenv("AETHER_STATIC_DENSE")
-    from aether_compile import ops
+    from aether_compile import dense_policy
 
     length = ShapeEnv().create_unbacked_symint()  # a symbolic length: the op decides per call
-    assert ops.static_dense_reason(2, 12, length, length, 64, 64, 64, True) is None
+    assert dense_policy.static_dense_reason(2, 12, length, length, 64, 64, 64, True) is None
     with mode:
         cpu = torch.empty(2, 12, 1024, 64, dtype=torch.float16)
     assert checks.short_attention(cpu, cpu, cpu) is None  # the CPU reference is not about speed

@@ -156,12 +156,13 @@ def _rewrite_short_cuda_sites(monkeypatch):
 @pytest.mark.parametrize("name,impl", [(n, i) for n in zoo.HF_MODELS for i in zoo.HF_IMPLS],
                          ids=HF_IDS)
 def test_hf_zoo_gpu(name, impl, monkeypatch):
-    from aether_compile.kernels import triton_attention as tri
+
+    from aether_compile import triton_forward
 
     calls = []
     for path in ("triton_attention", "attention_after_prepare"):  # eager, traced
-        real = getattr(tri, path)
-        monkeypatch.setattr(tri, path, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        real = getattr(triton_forward, path)
+        monkeypatch.setattr(triton_forward, path, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     case = zoo.hf_case(name, impl, device="cuda", dtype=torch.float16)
     compiled = torch.compile(case.model, backend="aether", options=GPU_OPTIONS)
     from aether_compile.passes.rewrite import add_listener, remove_listener

@@ -333,6 +333,22 @@ def test_fingerprint_covers_graph_shaping_sources():
     import os
 
     names = {os.path.basename(f) for f in context._source_files()}
-    assert {"common.py", "checks.py", "triton_attention.py", "reference.py", "certificate.py",
-            "ops.py", "backend.py", "attention.py"} <= names, sorted(names)
-    assert not names & {"demo.py", "workloads.py", "explain.py"}
+    assert {"common.py", "checks.py", "forward.py", "plan.py", "bounds.py", "reference.py",
+            "certificate.py", "ops.py", "backend.py", "attention.py", "dense_policy.py",
+            "triton_forward.py", "transformers_attention.py"} <= names, sorted(names)
+    assert not names & {"demo.py", "workloads.py", "explain.py", "settings.py"}
+
+
+def test_cache_key_covers_exactly_the_switches_that_change_generated_code(monkeypatch):
+    """A harness's AETHER_* variable or a run-time switch leaves the key alone; a switch read
+    while tracing changes it."""
+    from aether_compile import settings
+
+    base = context.code_fingerprint()
+    monkeypatch.setenv("AETHER_BENCH_PARTIAL", "/tmp/x.json")  # a benchmark's own variable
+    monkeypatch.setenv("AETHER_DENSE_RESAMPLE", "4")  # read at run time only
+    assert context.code_fingerprint() == base
+    for name in settings.KEYED:
+        monkeypatch.setenv(name, "0")
+        assert context.code_fingerprint() != base, name
+        monkeypatch.delenv(name)

@@ -9,8 +9,13 @@ import torch
 
 from aether_compile.kernels.reference import (dropped_mass, reference_attention,
                                               restricted_attention)
-from aether_compile.kernels import triton_attention as triton_attention_module
-from aether_compile.kernels.triton_attention import triton_attention
+from aether_compile import dense_policy
+from aether_compile.kernels import dense as kernel_dense
+from aether_compile.kernels import forward as kernel_forward
+from aether_compile.kernels import launch
+from aether_compile.kernels import plan as kernel_plan
+from aether_compile import triton_forward
+from aether_compile.triton_forward import triton_attention
 from aether_compile.workloads import WORKLOADS
 
 from tests.helpers import TRITON_INTERPRET
@@ -115,7 +120,7 @@ def test_prunes_and_agrees_with_reference_selection(box, monkeypatch):
     assert (kept != ref_kept.to(kept.device)).float().mean() < 0.02
     # Two-pass visits a superset: the same order, cut no earlier than the in-kernel stop. (This
     # input has only 8 key blocks, so probe fewer than the default.)
-    monkeypatch.setattr(triton_attention_module, "PROBE_BLOCKS", 2)
+    monkeypatch.setattr(kernel_forward, "PROBE_BLOCKS", 2)
     _, _, kept2 = triton_attention(q, k, v, None, False, None, False, 1e-2, 32, 32, "twopass")
     assert torch.all(kept2 | ~kept) and kept2.float().mean() < 0.95
 
@@ -198,12 +203,12 @@ def test_mask_stats_count_entries_unlike_causal(name, mask, expected, blocks_per
     """The mask statistics count, per tile, the entries that differ from a top-left causal mask;
     zero lets the dense dispatch run a materialised causal mask (HF's) as is_causal. Programs
     that split a tile's key blocks add their counts up."""
-    monkeypatch.setattr(triton_attention_module, "MASK_STATS_BLOCKS", blocks_per_program)
+    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", blocks_per_program)
     q, k, _ = WORKLOADS["uniform"](1, 2, 40, 16, device=DEVICE)
-    plan = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
+    plan = kernel_plan.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
-    monkeypatch.setattr(triton_attention_module, "MASK_STATS_BLOCKS", 16)
-    whole = triton_attention_module.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
+    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", 16)
+    whole = kernel_plan.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert torch.equal(plan.mask_not_causal, whole.mask_not_causal)  # per tile, not just in sum
     assert torch.equal(plan.n_live, whole.n_live) and torch.equal(plan.order, whole.order)
 
@@ -217,13 +222,13 @@ def test_dense_choice_counts_causal_blocks_under_a_materialised_causal_mask():
     q, k, v = WORKLOADS["uniform"](1, 2, L, 16, device=DEVICE)
     tril = torch.ones(L, L, dtype=torch.bool).tril()
     mask = torch.zeros(1, 1, L, L).masked_fill(~tril, torch.finfo(torch.float16).min).to(DEVICE)
-    plan = triton_attention_module.plan_attention(q, k, v, mask, False, None, 16, 16)
-    causal = triton_attention_module.plan_attention(q, k, v, None, True, None, 16, 16)
-    live = triton_attention_module._live_for_gate(plan)
+    plan = kernel_plan.plan_attention(q, k, v, mask, False, None, 16, 16)
+    causal = kernel_plan.plan_attention(q, k, v, None, True, None, 16, 16)
+    live = dense_policy.live_blocks_for_gate(plan)
     assert torch.equal(live, causal.n_live)
     assert bool((plan.n_live > live).any())  # the masked blocks count as live in the plan itself
-    no_mask = triton_attention_module.plan_attention(q, k, v, None, False, None, 16, 16)
-    assert triton_attention_module._live_for_gate(no_mask) is no_mask.n_live
+    no_mask = kernel_plan.plan_attention(q, k, v, None, False, None, 16, 16)
+    assert dense_policy.live_blocks_for_gate(no_mask) is no_mask.n_live
 
 
 @pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
@@ -244,7 +249,7 @@ def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
     b = b.to(DEVICE)
     L = nqt * 16
     order, tail, n_live = plan_visits(b, S, 16, 16, is_causal, L)
-    f_order, f_tail, f_live = triton_attention_module.plan_visits_fused(b, S, 16, 16, is_causal, L)
+    f_order, f_tail, f_live = kernel_plan.plan_visits_fused(b, S, 16, 16, is_causal, L)
     assert torch.equal(order, f_order) and torch.equal(n_live, f_live)
     finite = torch.isfinite(tail)
     assert torch.equal(finite, torch.isfinite(f_tail))
@@ -256,7 +261,7 @@ def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
     """Traced graphs run cuDNN for the static dense path only where SDPA's dispatcher would pick
     it; off CUDA it never does, and a dispatcher that raises answers False, not an error."""
     q = torch.randn(1, 2, 64, 64)
-    assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is False
+    assert kernel_dense.sdpa_picks_cudnn(q, q, q, True, 0.125) is False
 
     class Chooser:  # stands in for aten::_fused_sdp_choice, both ways the function asks it
         def __init__(self, answer):
@@ -278,7 +283,7 @@ def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
     for answer, want in ((lambda: int(SDPBackend.CUDNN_ATTENTION), True), (broken, False)):
         chooser = Chooser(answer)
         monkeypatch.setattr(torch.ops.aten._fused_sdp_choice, "default", chooser)
-        assert triton_attention_module._sdpa_picks_cudnn(q, q, q, True, 0.125) is want
+        assert kernel_dense.sdpa_picks_cudnn(q, q, q, True, 0.125) is want
         assert chooser.calls >= 1
 
 
@@ -287,7 +292,7 @@ def test_sampled_visit_fraction_tracks_the_full_plan():
     visited; on clustered data the non-causal sample (tiles spread over the sequence) is close to
     the full call's visited fraction (the plain-torch reference's, which in the interpreter
     costs 0.1 s where the Triton call takes a minute); calls too short to sample give None."""
-    sample = triton_attention_module.sampled_visit_fraction
+    sample = dense_policy.sampled_visit_fraction
     q, k, v = WORKLOADS["uniform"](1, 1, 2048, 32, dtype=torch.float16, device=DEVICE, seed=1)
     assert sample(q, k, v, False, None, 1e-3, 16, 16) == 1.0
     assert sample(q, k, v, True, None, 1e-3, 16, 16) == 1.0
@@ -308,29 +313,28 @@ def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
     (``attention_after_prepare``). Sparse, with or without a mask and gate: the same out, lse and
     kept map as the eager forward. Dense before planning: the pass returns at once, out and lse
     are the dense kernel's and every live block is kept."""
-    tam = triton_attention_module
     q, k, v = WORKLOADS["clustered"](1, 2, 192, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=32, centers=4)
     mask = make_mask("bool", 1, 2, 192, 192, None, DEVICE, seed=5) if "mask" in route else None
     fraction = None if route == "plain-mask" else 0.65
     if route == "gated-mask":  # the gate needs a dense kernel (CUDA); its read only happens there
-        monkeypatch.setattr(tam, "_dense_kernel_fits", lambda *a: True)
+        monkeypatch.setattr(kernel_dense, "dense_kernel_fits", lambda *a: True)
     want_out, want_lse, want_kept = triton_attention(q, k, v, mask, is_causal, None, False, 1e-3,
                                                      BM, BN, dense_fraction=fraction)
     marker_out = torch.full_like(want_out, 7.0)  # what a dense kernel would have written
     marker_lse = torch.full_like(want_lse, 3.0)
-    monkeypatch.setattr(tam, "precheck_choice", lambda *a, **kw: (
+    monkeypatch.setattr(dense_policy, "sampled_dense_choice", lambda *a, **kw: (
         marker_out.clone(), marker_lse.clone(), route == "precheck-dense"))
     precheck = route.startswith("precheck")
-    gated = not precheck and tam.gate_applies(q, k, v, mask, is_causal, fraction)
+    gated = not precheck and dense_policy.gate_applies(q, k, v, mask, is_causal, fraction)
     assert gated == (route == "gated-mask")
     args = (q, k, v, mask, is_causal, 32 ** -0.5, 1e-3, BM, BN)
-    prepared = tam.prepare_pass(*args, fraction, precheck, gated)
-    out, lse, kept = tam.attention_after_prepare(*args, prepared, precheck, gated)
-    assert out.stride() == want_out.stride() == tam.out_strides(q, 32)
+    prepared = triton_forward.prepare_pass(*args, fraction, precheck, gated)
+    out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, precheck, gated)
+    assert out.stride() == want_out.stride() == kernel_forward.out_strides(q, 32)
     if route == "precheck-dense":
         assert torch.equal(out, marker_out) and torch.equal(lse, marker_lse)
-        live = triton_attention_module.all_live_blocks(192, 192, BM, BN, is_causal, 1, 2, DEVICE)
+        live = kernel_plan.all_live_blocks(192, 192, BM, BN, is_causal, 1, 2, DEVICE)
         assert torch.equal(kept, live)
         assert want_kept.sum() < live.sum()  # the sparse answer kept fewer: the map is the dense one
     else:
@@ -351,12 +355,12 @@ def test_output_follows_the_query_layout():
 
 def test_all_live_blocks_copies_the_cached_causal_map():
     """Eager calls reuse one causal block map per shape; each caller gets its own copy."""
-    a = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 2, 3, DEVICE)
-    b = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
-    want = triton_attention_module.causal_block_map(100, 7, 7, 16, 16, DEVICE)
+    a = kernel_plan.all_live_blocks(100, 100, 16, 16, True, 2, 3, DEVICE)
+    b = kernel_plan.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
+    want = kernel_plan.causal_block_map(100, 7, 7, 16, 16, DEVICE)
     assert torch.equal(a, want.expand(2, 3, 7, 7)) and torch.equal(b[0, 0], want)
     b.fill_(False)
-    again = triton_attention_module.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
+    again = kernel_plan.all_live_blocks(100, 100, 16, 16, True, 1, 1, DEVICE)
     assert torch.equal(again[0, 0], want)
 
 
@@ -373,9 +377,9 @@ def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_ma
                                      run=32, centers=4)
     mask = (torch.rand(1, 1, 193, 193, generator=torch.Generator().manual_seed(2)) > 0.3
             ).to(DEVICE) if with_mask else None
-    plan = triton_attention_module.plan_attention(q, k, v, mask, is_causal, None, BM, BN)
-    launch = triton_attention_module._launch_attention
-    n_visit = triton_attention_module._probe_visit_count(q, k, v, plan, eps)
+    plan = kernel_plan.plan_attention(q, k, v, mask, is_causal, None, BM, BN)
+    launch = kernel_forward.launch_attention
+    n_visit = kernel_forward.probe_visit_count(q, k, v, plan, eps)
     out, lse = launch(q, k, v, plan, eps, n_visit, None)
     certified = torch.zeros_like(n_visit)
     out1, lse1 = launch(q, k, v, plan, eps, certified, None, certify=True)
@@ -384,14 +388,14 @@ def test_one_launch_certify_equals_probe_then_fixed_pass(eps, is_causal, with_ma
     if eps > 0:
         assert (n_visit < plan.n_live).any()  # the certificate stopped somewhere: not trivial
     # Count only (Skip 2): the same counts from one launch that stops after storing them
-    assert torch.equal(triton_attention_module.certified_counts(q, k, v, plan, eps), n_visit)
+    assert torch.equal(kernel_forward.certified_counts(q, k, v, plan, eps), n_visit)
 
 
 def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    flag = triton_attention_module.read_only_flag
-    triton_attention_module._EAGER_CONSTANTS.clear()
+    flag = launch.read_only_flag
+    launch.clear_eager_constants()
     with torch.inference_mode():  # first made here, the flag is still an ordinary tensor
         two = flag(2, DEVICE)
     assert not two.is_inference()
@@ -400,7 +404,7 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
     with FakeTensorMode():
         traced = flag(2, DEVICE)
     assert traced is not two
-    causal = triton_attention_module._cached_causal_block_map  # the same sharing
+    causal = kernel_plan.cached_causal_block_map  # the same sharing
     assert causal(100, 7, 7, 16, 16, DEVICE) is causal(100, 7, 7, 16, 16, DEVICE)
 
 
@@ -412,14 +416,13 @@ def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
     checks; its AOT check compares values, and the outputs the pass fills later are
     uninitialised). The output's layout is the one fixed at trace time (``out_interleaved``),
     even where the query at run time would pick the other."""
-    tam = triton_attention_module
     q, k, v = WORKLOADS["clustered"](1, 2, 128, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=32, centers=4)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads split from a projection
     mask = None
     if route == "precheck-dense":
-        monkeypatch.setattr(tam, "precheck_choice", lambda q, k, v, *a, **kw: (
-            tam.new_out(q, v.shape[-1]).zero_(), torch.zeros(q.shape[:3], device=q.device), True))
+        monkeypatch.setattr(dense_policy, "sampled_dense_choice", lambda q, k, v, *a, **kw: (
+            kernel_forward.new_out(q, v.shape[-1]).zero_(), torch.zeros(q.shape[:3], device=q.device), True))
     if route == "gated-mask":
         mask = make_mask("bool", 1, 2, 128, 128, None, DEVICE, seed=5)
     precheck, gated = route.startswith("precheck"), route == "gated-mask"
@@ -428,7 +431,7 @@ def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
     torch.library.opcheck(torch.ops.aether.prepare_pass.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.aether.prepare_pass(*args)[0]
-    assert out.stride() == tam.out_strides(q, 32, interleaved)
+    assert out.stride() == kernel_forward.out_strides(q, 32, interleaved)
     assert (out.transpose(1, 2) if interleaved else out).is_contiguous()
 
 
@@ -456,8 +459,8 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
 def test_recertification_starts_at_long_rows(monkeypatch):
     """By default only rows of RECERT_MIN_KEY_BLOCKS key blocks or more re-certify (measured
     slower at 32K on an H100), never a symbolic count; the variable overrides it."""
-    rb = triton_attention_module.recert_blocks
+    rb = kernel_forward.recert_blocks
     monkeypatch.delenv("AETHER_RECERT_BLOCKS", raising=False)
-    assert rb(512) == 0 and rb(1024) == triton_attention_module.RECERT_BLOCKS and rb(None) == 0
+    assert rb(512) == 0 and rb(1024) == kernel_forward.RECERT_BLOCKS and rb(None) == 0
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "4")
     assert rb(16) == 4

@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import (INTERPRET, _pad_pow2, _scores_log2, default_blocks, mask_as_4d,
-                               num_blocks, traceable)
+from .certificate import num_blocks
+from .jit_common import scores_log2
+from .launch import INTERPRET, default_blocks, mask_as_4d, pad_pow2, traceable
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _dq_kernel(
         if DOT_UPCAST:
             b_kt = b_kt.to(tl.float32)
             b_vt = b_vt.to(tl.float32)
-        s = _scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn,
+        s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn,
                          sm_scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)
         b_p = tl.exp2(s - lse2[:, None])  # [BM, BN]
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
@@ -145,7 +146,7 @@ def _dkv_kernel(
             lse2 = tl.load(Lse + bh * L + o_m, mask=m_m, other=-float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == -float("inf"), float("inf"), lse2)
             delta = tl.load(Delta + bh * L + o_m, mask=m_m, other=0.0)
-            s = _scores_log2(b_q, tl.trans(b_k), o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn,
+            s = scores_log2(b_q, tl.trans(b_k), o_m, o_n, m_m, m_n, m_ptr, stride_mm, stride_mn,
                              sm_scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)
             b_p = tl.exp2(s - lse2[:, None])  # [BM, BN]
             b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
@@ -160,10 +161,6 @@ def _dkv_kernel(
              mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
-# Every kernel this module launches through wrap_triton (as triton_attention.JIT_KERNELS).
-JIT_KERNELS = (_dq_kernel, _dkv_kernel)
-# What each writes (as triton_attention.KERNEL_WRITES)
-KERNEL_WRITES = {"_dq_kernel": lambda args: ("DQ",), "_dkv_kernel": lambda args: ("DK", "DV_")}
 
 
 def _block_lists(kept: torch.Tensor):
@@ -190,7 +187,7 @@ def triton_attention_backward(grad_out, query, key, value, out, lse, kept, attn_
     block_m, block_n = block_m or dm, block_n or dn
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
-    d_pad, dv_pad = _pad_pow2(D), _pad_pow2(DV)
+    d_pad, dv_pad = pad_pow2(D), pad_pow2(DV)
     # Contiguous copies (usually no-ops) so that dq can share query's strides in the kernel.
     query, key, value, grad_out = (t.contiguous() for t in (query, key, value, grad_out))
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, H, L]

@@ -1,0 +1,135 @@
+"""The Triton forward as the op runs it: eager (``triton_attention``: plan, the dense choices of
+``dense_policy``, the pass), and split in two for compiled graphs: ``prepare_pass`` (everything
+before the pass, the body of the opaque op ``aether::prepare_pass``) and
+``attention_after_prepare`` (the one traced Triton launch of a compiled site). Kernels and plan
+live in ``aether_compile.kernels``; what to run, in ``dense_policy``."""
+
+from __future__ import annotations
+
+import torch
+
+from aether_compile import dense_policy
+from aether_compile.kernels import plan as kernel_plan
+from aether_compile.kernels.certificate import num_blocks
+from aether_compile.kernels.forward import Skip, forward_mode, launch_attention, new_out
+from aether_compile.kernels.launch import eager_constant, mask_as_4d
+from aether_compile.kernels.plan import VisitPlan, all_live_blocks, kept_map
+
+
+def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, eps: float,
+                 block_m: int, block_n: int, fraction, precheck: bool, gated: bool,
+                 site: int = -1):
+    """Everything of the twopass forward before its attention pass, run eagerly: the body of the
+    opaque op ``aether::prepare_pass`` that compiled graphs call, so that Inductor compiles one
+    Triton launch per attention site (the pass, ``attention_after_prepare``) where it compiled
+    five to six (compile time, issue 5); the kernels here launch directly when the graph runs.
+
+    precheck (no mask, ``dense_eligible``): the lagged dense choice of ``dense_policy.sampled_dense_choice`` first;
+    dense leaves an empty plan (identity order, nothing live) and skip = 1. gated
+    (``dense_policy.gate_applies``, no precheck): plan, probe and ``dense_gate``; n_visit is the certified count,
+    or every live block where the gate went dense. Otherwise: the plan.
+    Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
+    lse hold the dense answer where skip is 1, else the pass fills them."""
+    B, H, L, _ = query.shape
+    dev = query.device
+    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    n_visit = None
+    if precheck:
+        out, lse, dense = dense_policy.sampled_dense_choice(query, key, value, is_causal, scale, eps, block_m,
+                                          block_n, fraction, site)
+        skip = torch.full((1,), int(Skip.DENSE if dense else Skip.PASS), device=dev, dtype=torch.int32)
+        if dense:
+            # The pass returns at once and its kept map is every live block (``torch.where`` in
+            # ``attention_after_prepare``); only the order is read, by the map of the branch not
+            # taken, so it must be valid. The rest stays unwritten (no kernels).
+            order = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.int32)
+            order.copy_(eager_constant(("arange", nkb, dev), lambda: torch.arange(
+                nkb, device=dev, dtype=torch.int32)))
+            tiles = torch.empty(B, H, nqt, device=dev, dtype=torch.int32)
+            return (out, lse, order, torch.empty(order.shape, device=dev), tiles,
+                    torch.empty_like(tiles), skip)
+        plan = kernel_plan.plan_attention(query, key, value, None, is_causal, scale, block_m, block_n)
+    else:
+        plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+        if gated:
+            out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps, fraction)
+        else:
+            out, lse, _ = dense_policy.dense_choice_buffers(query, value)
+            skip = dense_policy.new_skip_flag(query)
+    if n_visit is None:
+        n_visit = torch.zeros(B, H, nqt, device=dev, dtype=torch.int32)
+    return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
+
+
+def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved: bool):
+    """New buffers shaped as ``prepare_pass``'s outputs (the op's fake; the precompile replay)."""
+    B, H, L, _ = query.shape
+    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
+    return (new_out(query, value.shape[-1], out_interleaved),
+            query.new_empty(B, H, L, dtype=torch.float32),
+            query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
+            query.new_empty(B, H, nqt, nkb, dtype=torch.float32),
+            tiles, torch.empty_like(tiles), query.new_empty(1, dtype=torch.int32))
+
+
+def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale: float,
+                            eps: float, block_m: int, block_n: int, prepared, precheck: bool,
+                            gated: bool):
+    """The pass after ``prepare_pass`` (traced: the one Triton launch of a compiled site):
+    (out, lse, kept). Gated: a fixed-count pass over n_visit; otherwise one launch that probes,
+    certifies and finishes (VISIT_CERTIFY). Either returns at once where skip is 1."""
+    out, lse, order, tail_log2, n_live, n_visit, skip = prepared
+    B, H, L, D = query.shape
+    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    mask4 = None if attn_mask is None else mask_as_4d(attn_mask, B, H, L, S)
+    plan = VisitPlan(B, H, L, S, int(D), int(DV), H // Hkv, scale, block_m, block_n, is_causal,
+                     mask4, order, tail_log2, n_live, None)
+    out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, skip,
+                                 certify=not gated)
+    kept = kept_map(plan, n_visit)
+    if precheck:
+        live = all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device)
+        kept = torch.where(skip.bool(), live, kept)
+    return out, lse, kept
+
+
+def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
+                  dense_fraction: float | None = None):
+    """Stage 5: certified best-first attention. Returns (out, lse, kept).
+
+    mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
+    visit count follows from the certificate on device, then a pipelined fixed-count loop visits
+    the rest. Without a dense gate that is one launch (VISIT_CERTIFY); with one, the gate sits
+    between a probe launch and a fixed-count pass that recomputes the probe's blocks.
+    mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
+    fewest blocks, but the data-dependent loop is not software-pipelined).
+    dense_fraction: if the certified visit would cover more than this fraction of the live
+    blocks, run the fastest dense SDPA kernel instead (twopass, ``dense_policy.gate_applies``); ``kept`` then
+    marks every live block."""
+    mode = forward_mode(mode)
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    if mode == "stop":
+        kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
+        out, lse = launch_attention(query, key, value, plan, eps, None, kept)
+        return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
+    if not dense_policy.gate_applies(query, key, value, plan.mask4, plan.is_causal, dense_fraction):
+        # probe, certified count and the rest in one launch
+        n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
+        out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, certify=True)
+        return out, lse, kept_map(plan, n_visit)
+    # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
+    out, lse, n_visit, use_dense = dense_policy.probe_and_gate(query, key, value, plan, eps, dense_fraction)
+    out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
+    return out, lse, kept_map(plan, n_visit)
+
+
+def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                     enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None,
+                     dense_fraction=None):
+    """Certified block-sparse attention on the Triton path, eager (compiled graphs split it into
+    ``prepare_pass`` and ``attention_after_prepare``).
+
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+    return run_attention(query, key, value, plan, eps, mode, dense_fraction)

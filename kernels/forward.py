@@ -1,0 +1,351 @@
+"""The attention kernel and its launch: online-softmax attention over each query tile's key
+blocks in best-first order, stopping once the remaining bounded mass is <= eps * the normaliser
+so far for every row of the tile, either in-kernel ("stop") or at a count certified on device
+from an exact probe of the best blocks ("twopass"). Also the output layout the op returns.
+The same semantics in plain torch live in ``reference.py``; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import triton
+import triton.language as tl
+
+from aether_compile import settings
+
+from .certificate import LOG2E, MASK_FLOOR, UNCERTIFIABLE_MAX_LOG2, stop_threshold_log2
+from .jit_common import scores_log2
+from .launch import INTERPRET, is_static, launch_config, pad_pow2, read_only_flag, traceable
+from .plan import VisitPlan, certified_visit_count
+
+# Globals read inside @triton.jit must be constexpr.
+_MASK_FLOOR = tl.constexpr(MASK_FLOOR)
+_UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
+
+
+_SCAN_BLOCKS = tl.constexpr(256)  # tail entries per step of VISIT_CERTIFY's search
+
+
+class Skip(enum.IntEnum):
+    """The attention kernel's int32[1] Skip flag: what a dense/sparse choice tells the pass."""
+
+    PASS = 0  # run the pass (every launch without a dense choice)
+    DENSE = 1  # a dense kernel already wrote Out and Lse: return at once
+    COUNT_ONLY = 2  # probe and write the certified count (VISIT_CERTIFY's NVisit), nothing else
+
+
+# How the attention kernel walks a tile's order (its VISIT constexpr).
+VISIT_STOP = 0  # check the certificate after every block, stop in-kernel (a while loop)
+VISIT_FIXED = 1  # exactly NVisit[tile] blocks (a pipelined loop; the count computed outside)
+VISIT_CERTIFY = 2  # a probe of PROBE_BLOCKS, the certified count from it, then the rest
+
+
+@triton.jit
+def _visit_block(
+    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One key block of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
+    o_n = j * o_n0.shape[0] + o_n0
+    m_n = o_n < S
+    p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+    b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
+    if DOT_UPCAST:
+        b_kt = b_kt.to(tl.float32)
+    s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn, sm_scale_log2,
+                     HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)  # [BM, BN]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    b_p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
+    b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
+    if DOT_UPCAST:
+        b_v = b_v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _tile_min_log2_norm(m_i, l_i, m_m):
+    """The tile's smallest row normaliser log2(Z) so far, rounded through the natural lse as
+    ``certified_visit_count`` sees it; rows seeing only floored keys, or NaN, certify nothing."""
+    has = l_i > 0
+    z = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                 -float("inf")) * 1.4426950408889634
+    z = tl.where((z != z) | (z <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
+    return tl.min(tl.where(m_m, z, float("inf")), 0)
+
+
+@triton.jit
+def _first_certified(TailLog2, plan, lo, hi, thr):
+    """The first position p in [lo, hi) of the tile's order whose bounded tail mass
+    TailLog2[p] <= thr (stopping there is certified), else hi."""
+    n = hi
+    for c0 in range(lo, hi, _SCAN_BLOCKS):
+        o_c = c0 + tl.arange(0, _SCAN_BLOCKS)
+        tail = tl.load(TailLog2 + plan + o_c, mask=o_c < hi, other=float("inf"))
+        n = tl.minimum(n, tl.min(tl.where((tail <= thr) & (o_c < hi), o_c, hi), 0))
+    return n
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit, Skip,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
+    PROBE: tl.constexpr, RECERT: tl.constexpr,
+):
+    """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
+    can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
+    visit best-first and stop in-kernel once the certificate holds, recording visited blocks in
+    Kept. VISIT_CERTIFY (2): visit the first PROBE blocks, derive the certified count from their
+    normalisers exactly as ``certified_visit_count`` does (stop_log2 is then log2(margin * eps),
+    or EXACT for eps == 0), store it in NVisit and visit the rest: the two-pass result without
+    recomputing the probe's blocks. With RECERT > 0 the count is certified again as the visit
+    goes on, with the grown normalisers (fewer blocks, never more), and NVisit ends as the count
+    visited.
+    Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Skip[0] == 2
+    (VISIT_CERTIFY): count only, returning once NVisit is stored (the row sample of the runtime
+    dense choice). Every launch passes Skip (zero where there is no dense choice), so the probe and
+    the pass are one Triton variant: one compile fewer per model."""
+    skip = tl.load(Skip)
+    if skip == 1:
+        return
+    sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
+    stop_log2 = tl.cast(stop_log2, tl.float32)
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D_PAD)
+    o_dv = tl.arange(0, DV_PAD)
+    o_n0 = tl.arange(0, BLOCK_N)
+    m_m = o_m < L
+    p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, D]
+    if DOT_UPCAST:
+        b_q = b_q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    plan = pid * n_kb
+    if VISIT != 0:  # a counted loop from `first` to n_visit; VISIT_CERTIFY probes and counts it
+        first = 0
+        if VISIT == 1:
+            n_visit = tl.load(NVisit + pid)
+        else:
+            n_live = tl.load(NLive + pid)
+            n_probe = tl.minimum(n_live, PROBE)
+            for p in range(0, n_probe):
+                j = tl.load(Order + plan + p).to(tl.int64)
+                m_i, l_i, acc = _visit_block(
+                    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                    sm_scale_log2, S, D, DV,
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+            thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
+            n_visit = tl.minimum(_first_certified(TailLog2, plan, n_probe, n_kb, thr), n_live)
+            tl.store(NVisit + pid, n_visit)
+            if skip == 2:
+                return
+            first = n_probe
+        if (VISIT == 2) & (RECERT > 0):
+            # Re-certify as the normalisers grow (Z only grows, so the count only shrinks): visit
+            # half of what is left (at least RECERT blocks) as one pipelined loop, then search
+            # the tail again from there. The probe's blocks hold a small share of a row's mass
+            # where it is spread over many blocks (long clustered sequences): a count fixed from
+            # them alone visits up to half again as many blocks as the in-kernel stop.
+            p0 = first
+            while p0 < n_visit:
+                p1 = tl.minimum(n_visit, p0 + tl.maximum(RECERT, (n_visit - p0) // 2))
+                for p in range(p0, p1):
+                    j = tl.load(Order + plan + p).to(tl.int64)
+                    m_i, l_i, acc = _visit_block(
+                        m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                        sm_scale_log2, S, D, DV,
+                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                p0 = p1
+                thr = tl.where(EXACT != 0, -float("inf"),
+                               stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
+                n_visit = tl.minimum(n_visit, _first_certified(TailLog2, plan, p0, n_visit, thr))
+            tl.store(NVisit + pid, n_visit)
+        else:
+            for p in range(first, n_visit):
+                j = tl.load(Order + plan + p).to(tl.int64)
+                m_i, l_i, acc = _visit_block(
+                    m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                    sm_scale_log2, S, D, DV,
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+    else:
+        n_live = tl.load(NLive + pid)
+        p = n_live * 0
+        go = n_live > 0
+        while go:
+            j = tl.load(Order + plan + p).to(tl.int64)
+            m_i, l_i, acc = _visit_block(
+                m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
+                S, D, DV,
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+            tl.store(Kept + plan + j, 1)
+            p += 1
+            # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
+            tail = tl.load(TailLog2 + plan + p, mask=p < n_live, other=-float("inf"))
+            ok = ((tail <= stop_log2 + m_i + tl.log2(l_i)) & (m_i > _UNCERTIFIABLE_MAX_LOG2)) \
+                | (o_m >= L)
+            go = (p < n_live) & (tl.min(ok.to(tl.int32), 0) == 0)
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no unmasked key give 0, as SDPA's math
+    p_o = Out + b * stride_ob + h * stride_oh + o_m[:, None] * stride_om + o_dv[None, :] * stride_od
+    tl.store(p_o, out.to(Out.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                   -float("inf"))
+    tl.store(Lse + bh * L + o_m, lse, mask=m_m)
+
+
+# Blocks the two-pass forward computes exactly before fixing each tile's visit count.
+PROBE_BLOCKS = 8
+FORWARD_MODES = settings.FORWARD_MODES
+
+
+# VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks,
+# where a row of tiles has at least RECERT_MIN_KEY_BLOCKS key blocks. On the H100 (W2 clustered,
+# the retired benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept 3.3% -> 2.5%)
+# and 5% less at 64K, but 2.6% more at 32K and the same at 16K, where the probe's blocks already
+# hold most of each row's mass and the extra loop boundaries cost more than they save.
+RECERT_BLOCKS = 8
+RECERT_MIN_KEY_BLOCKS = 1024
+
+
+def recert_blocks(n_key_blocks=None) -> int:
+    """VISIT_CERTIFY's re-certification step for a row of ``n_key_blocks`` key blocks: 0 (the
+    count fixed from the probe alone) below RECERT_MIN_KEY_BLOCKS or where the count is symbolic,
+    else ``RECERT_BLOCKS``. AETHER_RECERT_BLOCKS sets the step (0: off) for every length. Read when
+    a launch is issued or traced."""
+    override = settings.recert_blocks_override()
+    if override is not None:
+        return override
+    if n_key_blocks is None or not is_static(n_key_blocks) or n_key_blocks < RECERT_MIN_KEY_BLOCKS:
+        return 0
+    return RECERT_BLOCKS
+
+
+def forward_mode(mode: str | None = None) -> str:
+    """The forward's mode: ``mode``, else AETHER_FORWARD_MODE, else "twopass"."""
+    return settings.forward_mode(mode)
+
+
+def heads_interleaved(query) -> bool:
+    """Whether the query is a per-head view of [B, L, H, D] memory (a projection split into heads
+    and transposed, as HF and nanoGPT write it): its head stride is below its row stride."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return query.shape[1] > 1 and statically_known_true(query.stride(1) < query.stride(2))
+
+
+def out_strides(query, dv: int, interleaved: bool | None = None) -> tuple:
+    """Strides of the op's [B, H, L, dv] output: the memory order SDPA's fused kernels give this
+    query, [B, L, H, dv] seen through a transpose where the heads are interleaved
+    (``interleaved``, by default ``heads_interleaved(query)``), else contiguous. The model's
+    reshape back to [B, L, H * dv] is then free, and a dense kernel's output needs no copy."""
+    B, H, L, _ = query.shape
+    if heads_interleaved(query) if interleaved is None else interleaved:
+        return (L * H * dv, dv, H * dv, 1)
+    return (H * L * dv, L * dv, dv, 1)
+
+
+def new_out(query, dv: int, interleaved: bool | None = None) -> torch.Tensor:
+    """An uninitialised output of the op, strided as ``out_strides``."""
+    B, H, L, _ = query.shape
+    return query.new_empty_strided((B, H, L, dv), out_strides(query, dv, interleaved))
+
+
+def as_out_layout(out, query, interleaved: bool | None = None) -> torch.Tensor:
+    """``out`` itself where its layout is ``out_strides``' (size-1 dims aside), else a copy that
+    has it."""
+    want = out_strides(query, out.shape[-1], interleaved)
+    if any(n > 1 and st != w for n, st, w in zip(out.shape, out.stride(), want)):
+        return new_out(query, out.shape[-1], interleaved).copy_(out)
+    return out
+
+
+def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
+                      out=None, lse=None, skip=None, certify=False):
+    """One attention pass; writes into ``out``/``lse`` when given (skipped entirely where
+    ``skip[0]`` is set), else into new buffers. n_visit: the per-tile counts to visit
+    (VISIT_FIXED), None to stop in-kernel (VISIT_STOP), or with ``certify`` the int32 [B, H, nQT]
+    buffer that receives the certified counts (VISIT_CERTIFY)."""
+    B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
+    dev = query.device
+    nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
+    d_pad, dv_pad = pad_pow2(D), pad_pow2(DV)
+    mask4 = plan.mask4
+    has_mask = mask4 is not None
+    mask_elem_strides = ([st if sz > 1 else 0 for st, sz in zip(mask4.stride(), mask4.shape)]
+                         if has_mask else [0, 0, 0, 0])
+    if out is None:
+        out = new_out(query, DV)
+        lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    if skip is None:  # no dense choice: the pass always runs
+        skip = read_only_flag(Skip.PASS, dev)
+    # A finite stand-in for -inf (eps == 0): scalars reach Inductor's generated code as literals.
+    # VISIT_CERTIFY reads eps == 0 from EXACT instead.
+    stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
+    visit = VISIT_CERTIFY if certify else VISIT_FIXED if n_visit is not None else VISIT_STOP
+    traceable(_attention_kernel)[(B * H * nqt,)](
+        query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
+        plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
+        skip,
+        *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
+        plan.scale * LOG2E, stop_log2, int(eps <= 0.0), L, S, D, DV, nqt, nkb, H, plan.group,
+        HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
+        IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
+        DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
+        RECERT=recert_blocks(nkb) if certify else 0,
+        **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
+    return out, lse
+
+
+def probe_visit_count(query, key, value, plan: VisitPlan, eps: float) -> torch.Tensor:
+    """Two-pass's first pass: an exact probe over each tile's best blocks, turned on device into
+    the certified visit count per tile."""
+    probe = torch.clamp(plan.n_live, max=PROBE_BLOCKS)
+    _, probe_lse = launch_attention(query, key, value, plan, eps, probe, None)
+    return certified_visit_count(plan, probe_lse, probe, eps)
+
+
+def certified_counts(query, key, value, plan: VisitPlan, eps: float) -> torch.Tensor:
+    """int32 [B, H, nQT]: each tile's certified visit count, as ``probe_visit_count`` computes it,
+    from one count-only launch of the attention kernel (VISIT_CERTIFY, Skip 2): the probe and the
+    count on device, nothing after. A handful of host calls where the probe and
+    ``certified_visit_count`` take about thirty; the row sample is issued from Python every call."""
+    n_visit = torch.empty(plan.B, plan.H, plan.order.shape[-2], device=query.device,
+                          dtype=torch.int32)
+    count_only = read_only_flag(Skip.COUNT_ONLY, query.device)
+    launch_attention(query, key, value, plan, eps, n_visit, None, skip=count_only, certify=True)
+    return n_visit
