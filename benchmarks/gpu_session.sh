@@ -34,28 +34,28 @@ T="timeout -s INT -k 20"
 
 case "${1:-zoo}" in
   zoo)  # the inductor GPU tests and the model zoo on CUDA
-    $T 150 $PYTEST tests/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
-    AETHER_ZOO_RECORD="$OUT/zoo_gpu_record.json" $T 440 $PYTEST tests/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
+    $T 150 $PYTEST tests/aether_compile/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
+    AETHER_ZOO_RECORD="$OUT/zoo_gpu_record.json" $T 440 $PYTEST tests/passes/test_rewrite_zoo.py > "$OUT/zoo_gpu.txt" 2>&1
     for f in inductor_gpu zoo_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
     ;;
   api)  # the user-facing surface on the device's torch and transformers; the demo
     $T 170 python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short tests/test_layout.py \
-      tests/test_readme.py tests/test_rewrite_api.py tests/test_transformers_attention.py \
-      tests/test_state.py > "$OUT/api_tests.txt" 2>&1
-    $T 220 $PYTEST tests/test_inductor_gpu.py tests/test_precompile.py > "$OUT/inductor_gpu.txt" 2>&1
+      tests/test_readme.py tests/aether_compile/test_rewrite_api.py tests/aether_compile/test_transformers_attention.py \
+      tests/aether_compile/test_state.py > "$OUT/api_tests.txt" 2>&1
+    $T 220 $PYTEST tests/aether_compile/test_inductor_gpu.py tests/aether_compile/test_precompile.py > "$OUT/inductor_gpu.txt" 2>&1
     $T 150 python3 -m aether_compile.demo > "$OUT/demo_cuda.txt" 2>&1
     for f in api_tests inductor_gpu; do echo "== $f"; grep -E "passed|failed|^FAILED|Error" "$OUT/$f.txt" | tail -25; done
     echo "== demo"; tail -n 25 "$OUT/demo_cuda.txt"
     ;;
   kernels)
-    $T 400 $PYTEST tests/test_gpu_attention.py tests/test_backward.py tests/test_training.py \
+    $T 400 $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py tests/aether_compile/test_training.py \
       > "$OUT/kernels_gpu.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/kernels_gpu.txt" | tail -25
     ;;
   after_move)  # behaviour unchanged after moving code: the GPU tests that cover every kernel path, the
     # Inductor integration and attn_implementation, then the issue-6 suite (compare its JSON)
-    $T 250 $PYTEST tests/test_gpu_attention.py tests/test_backward.py tests/test_inductor_gpu.py \
-      tests/test_precompile.py tests/test_transformers_attention.py > "$OUT/layout_gpu.txt" 2>&1
+    $T 250 $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py tests/aether_compile/test_inductor_gpu.py \
+      tests/aether_compile/test_precompile.py tests/aether_compile/test_transformers_attention.py > "$OUT/layout_gpu.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/layout_gpu.txt" | tail -25
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 200 python3 benchmarks/bench_attention.py \
       --suite issue6 --only uniform,clustered,llm_like --out "$OUT" > "$OUT/issue6.txt" 2>&1
@@ -83,17 +83,17 @@ case "${1:-zoo}" in
     for f in e2e_llama stdlib_lm; do echo "== $f"; tail -n 8 "$OUT/$f.txt"; done
     ;;
   reliability)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/test_adversarial.py \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore -rfs --tb=short tests/kernels/test_adversarial.py \
       > "$OUT/adversarial_gpu.txt" 2>&1
     AETHER_TEST_DEVICE=cuda AETHER_STATIC_DENSE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore \
-      -rfs --tb=short tests/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
+      -rfs --tb=short tests/kernels/test_properties.py > "$OUT/properties_gpu.txt" 2>&1
     AETHER_STATIC_DENSE=0 timeout 240 python3 benchmarks/run_reliability.py --device cuda --profile large --budget-s 55 \
       --out "$OUT/reliability_NVIDIA_H100_80GB_HBM3.json" > "$OUT/reliability.txt" 2>&1
     for f in adversarial_gpu properties_gpu reliability; do echo "== $f"; tail -n 4 "$OUT/$f.txt"; done
     ;;
   profile)  # per-kernel GPU time of one call (where a call's time goes), MiniLM on CUDA
     timeout 150 python3 benchmarks/profile_stages.py --out "$OUT" > "$OUT/profile.txt" 2>&1
-    $T 100 $PYTEST tests/test_rewrite_zoo.py -k minilm > "$OUT/minilm.txt" 2>&1
+    $T 100 $PYTEST tests/passes/test_rewrite_zoo.py -k minilm > "$OUT/minilm.txt" 2>&1
     for f in profile minilm; do echo "== $f"; tail -n 6 "$OUT/$f.txt"; done
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
@@ -112,7 +112,7 @@ case "${1:-zoo}" in
     ;;
   precompile)  # the prepare op's kernels compiled while tracing: Inductor's workers (default),
                # this process's threads, none; cold forced sparse, 8 models each, one run
-    $T 200 $PYTEST tests/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
+    $T 200 $PYTEST tests/aether_compile/test_precompile.py > "$OUT/precompile_gpu.txt" 2>&1
     for how in ${PRECOMPILE_MODES:-1 threads 0}; do
       AETHER_PRECOMPILE=$how timeout 160 python3 benchmarks/compile_time.py --budget-s 140 \
         --tag "_precompile_$how" --out "$OUT" > "$OUT/compile_time_precompile_$how.txt" 2>&1

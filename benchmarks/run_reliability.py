@@ -1,4 +1,4 @@
-"""Run the property checks of tests/test_properties.py outside pytest and count: cases run,
+"""Run the property checks of tests/kernels/test_properties.py outside pytest and count: cases run,
 violations, crashes (per implementation path), plus the worst error / tolerance and dropped mass /
 eps ratios seen. Writes JSON (merged by profile into the output file).
 

@@ -1,4 +1,4 @@
-"""Random attention-like modules for fuzzing the rewrite pass (tests/test_pass_fuzz.py,
+"""Random attention-like modules for fuzzing the rewrite pass (tests/passes/test_pass_fuzz.py,
 benchmarks/run_reliability.py --fuzz).
 
 ``random_spec(rng)`` draws a spelling (SDPA, matmul/einsum/bmm/baddbmm + softmax, or

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 # Relative Frobenius error allowed against a float64 oracle, per input dtype (Triton dots:
 # fp32 in IEEE mode; fp16/bf16 operands with fp32 accumulation).
+# The repository root: tests import each other as tests.* from there.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Triton kernels run on CPU through its interpreter when this is set (CI).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -23,7 +23,7 @@ inputs' device.
         float64 and head dims outside [16, 256]; "twopass" / "stop" are the compiled kernels
         (leave ``TRITON_INTERPRET`` unset).
 
-Used by ``tests/test_properties.py`` (asserts) and ``benchmarks/run_reliability.py`` (counts).
+Used by ``tests/kernels/test_properties.py`` (asserts) and ``benchmarks/run_reliability.py`` (counts).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from aether_compile.workloads import adversarial_qkv
 from tests.helpers import REL_TOL, rel_err
 
 PATHS = ("op", "twopass", "stop")
-# Cases per path in each profile (tests/test_properties.py, benchmarks/run_reliability.py).
+# Cases per path in each profile (tests/kernels/test_properties.py, benchmarks/run_reliability.py).
 # "fuzz": random modules through the rewrite pass (tests/fuzz_modules.py).
 PROFILE_CASES = {"ci": {"op": 200, "twopass": 20, "stop": 20, "fuzz": 40},
                  "large": {"op": 10_000, "twopass": 1_000, "stop": 1_000, "fuzz": 500}}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT as ROOT  # noqa: E402
 BENCH = os.path.join(ROOT, "benchmarks")
 ENV_KEYS = {"card", "torch", "triton", "transformers", "python", "commit", "date"}
 

@@ -11,7 +11,7 @@ Profiles (``AETHER_HYPOTHESIS_PROFILE``, cases per path in ``property_cases.PROF
   large  10,000 op cases and 1,000 per Triton mode, random; the tests are marked slow and skipped
          unless this profile is selected:
            AETHER_HYPOTHESIS_PROFILE=large TRITON_INTERPRET=1 python -m pytest -m slow \\
-               tests/test_properties.py
+               tests/kernels/test_properties.py
 
 What runs where (``AETHER_TEST_DEVICE``, default cpu, also on a GPU machine):
   cpu   "op" is the plain-torch reference behind the op; "twopass" / "stop" run the Triton kernels
@@ -19,7 +19,7 @@ What runs where (``AETHER_TEST_DEVICE``, default cpu, also on a GPU machine):
   cuda  every case's inputs are moved to the GPU: "op" is the op as users call it (Triton with
         its dense dispatch; the reference for float64 and odd head dims), "twopass" / "stop" the
         compiled Triton kernels (run with TRITON_INTERPRET unset):
-           AETHER_TEST_DEVICE=cuda python -m pytest -q tests/test_properties.py
+           AETHER_TEST_DEVICE=cuda python -m pytest -q tests/kernels/test_properties.py
 The checks and tolerances (``helpers.REL_TOL`` per dtype) are the same on both devices.
 """
 

@@ -18,7 +18,7 @@ from aether_compile import triton_forward
 from aether_compile.workloads import WORKLOADS
 
 from tests.helpers import TRITON_INTERPRET
-from tests.helpers import make_mask, wait_for_inductor_pool
+from tests.helpers import REPO_ROOT, make_mask, wait_for_inductor_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
@@ -241,7 +241,7 @@ def test_compiles_fill_the_disk_cache_the_first_call_reads(tmp_path, how):
                LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(stub),
                                                              env.get("LD_LIBRARY_PATH")])),
                AETHER_PRECOMPILE="threads" if how == "threads" else "1",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT,
                                                         env.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
                           text=True, timeout=240)

@@ -23,7 +23,7 @@ from tests.models import spellings
 
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT as REPO  # noqa: E402
 OPTIONS = dict(allow_cpu=True, eps=0.0)
 ATOL = RTOL = 1e-4
 

@@ -2,7 +2,7 @@
 code (triton_op; the stages before it are one opaque op), the static dense choice, CUDA-graph
 replays, max-autotune, dynamic lengths without per-length recompiles, fullgraph on a transformers
 model, and opcheck of the traced op.
-Run on an H100: python -m pytest -q -m gpu tests/test_inductor_gpu.py"""
+Run on an H100: python -m pytest -q -m gpu tests/aether_compile/test_inductor_gpu.py"""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Before/after Dynamo graphs of small cases, as expecttest inline expectations.
 
-Update with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_rewrite_graphs.py``.
+Update with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/passes/test_rewrite_graphs.py``.
 """
 
 from __future__ import annotations

@@ -328,7 +328,8 @@ def test_early_compile_is_installed():
                     "interpreter; they already ran in this one")
 def test_in_a_process_without_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.helpers import REPO_ROOT as root
+
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)

@@ -1,5 +1,5 @@
 """GPU-only: the Triton op at 4K-32K in fp16 and bf16, numerics and the certificate, grid and
-int64 limits. Run on an H100: python -m pytest -q -m gpu tests/test_gpu_attention.py"""
+int64 limits. Run on an H100: python -m pytest -q -m gpu tests/kernels/test_gpu_attention.py"""
 
 import pytest
 import torch
