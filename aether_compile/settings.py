@@ -41,13 +41,21 @@ def _get(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _on(name: str) -> bool:
-    """A switch that is on unless set to 0."""
-    return _get(name, "1") != "0"
+def _switch(name: str, on_by_default: bool = True):
+    """A reader of an on/off switch: on unless set to 0 (``on_by_default``), else on only at 1."""
+    if on_by_default:
+        return lambda: _get(name, "1") != "0"
+    return lambda: _get(name, "0") == "1"
 
 
-def interpret() -> bool:
-    return _get("TRITON_INTERPRET", "0") == "1"
+interpret = _switch("TRITON_INTERPRET", on_by_default=False)
+static_dense = _switch("AETHER_STATIC_DENSE")
+dense_sample = _switch("AETHER_DENSE_SAMPLE")
+dense_lag = _switch("AETHER_DENSE_LAG")
+box_bound = _switch("AETHER_BOX_BOUND", on_by_default=False)
+triton_op = _switch("AETHER_TRITON_OP")
+access_memo = _switch("AETHER_ACCESS_MEMO")
+early_compile = _switch("AETHER_EARLY_COMPILE")
 
 
 def dense_fraction(default: float) -> Optional[float]:
@@ -57,18 +65,6 @@ def dense_fraction(default: float) -> Optional[float]:
     if env is None:
         return default
     return None if env.lower() in ("off", "none", "") else float(env)
-
-
-def static_dense() -> bool:
-    return _on("AETHER_STATIC_DENSE")
-
-
-def dense_sample() -> bool:
-    return _on("AETHER_DENSE_SAMPLE")
-
-
-def dense_lag() -> bool:
-    return _on("AETHER_DENSE_LAG")
 
 
 def dense_resample_every() -> int:
@@ -83,10 +79,6 @@ def forward_mode(mode: Optional[str] = None) -> str:
     return mode
 
 
-def box_bound() -> bool:
-    return _get("AETHER_BOX_BOUND", "0") == "1"
-
-
 def recert_blocks_override() -> Optional[int]:
     env = os.environ.get("AETHER_RECERT_BLOCKS")
     return None if env is None else int(env)
@@ -94,18 +86,6 @@ def recert_blocks_override() -> Optional[int]:
 
 def fused_plan() -> bool:
     return _get("AETHER_PLAN", "fused") != "torch"
-
-
-def triton_op() -> bool:
-    return _on("AETHER_TRITON_OP")
-
-
-def access_memo() -> bool:
-    return _on("AETHER_ACCESS_MEMO")
-
-
-def early_compile() -> bool:
-    return _on("AETHER_EARLY_COMPILE")
 
 
 def precompile_mode() -> str:
