@@ -66,6 +66,7 @@ def _source_files() -> tuple[str, ...]:
     here = os.path.dirname(os.path.abspath(__file__))
     files = [f for f in sorted(glob.glob(os.path.join(here, "*.py")))
              if os.path.basename(f) not in _NOT_IN_GRAPHS]
+    files += sorted(glob.glob(os.path.join(here, "inductor", "*.py")))
     for pkg in (passes, kernels):  # namespace packages: no __file__, one folder each
         for folder in pkg.__path__:
             files += sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.py")))

@@ -21,15 +21,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from aether_compile import _compat, dense_policy, settings, triton_forward
+from aether_compile import _compat, dense_policy, inductor, settings, triton_forward
 from aether_compile.kernels import backward as _bwd
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import forward as kernel_forward
 from aether_compile.kernels import launch
 from aether_compile.kernels import plan as kernel_plan
-from aether_compile.kernels import precompile as _precompile
 from aether_compile.kernels import reference as _ref
 from aether_compile.kernels import registry
+from aether_compile.inductor import precompile as _precompile
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.validation import check_inputs
 
@@ -227,17 +227,10 @@ def _(grad_out, query, key, value, kept, attn_mask, is_causal, scale, block_m, b
 USE_TRITON_OP = settings.triton_op()
 _define = ((lambda name: torch.library.triton_op(name, mutates_args=())) if USE_TRITON_OP
            else (lambda name: torch.library.custom_op(name, mutates_args=())))
-# Inductor re-derives which arguments each traced launch writes, from the kernel's TTIR, several
-# times per launch; for our kernels the answer comes from what each declares it writes
-# (KERNEL_WRITES), else from a memo (_compat). AETHER_ACCESS_MEMO=0 (read at import) turns both
-# off, to compare compile times.
-if USE_TRITON_OP and settings.access_memo():
-    _compat.memoise_kernel_access_analysis(registry.JIT_KERNELS, registry.KERNEL_WRITES)
-# Inductor compiles its copy of a traced kernel when it loads its module, after every kernel of
-# its own has started: ours start as soon as they are generated instead (_compat).
-# AETHER_EARLY_COMPILE=0 (read at import) turns that off, to compare compile times.
-if USE_TRITON_OP and settings.early_compile():
-    _compat.compile_user_kernels_early(registry.JIT_KERNELS)
+# Inductor's handling of our traced kernels, for compile time: their declared writes answer its
+# access analysis, and their compiles start when it generates them (aether_compile/inductor).
+if USE_TRITON_OP:
+    inductor.install(registry.JIT_KERNELS, registry.KERNEL_WRITES)
 
 
 # -- aether::attention_with_stats -----------------------------------------------------------------

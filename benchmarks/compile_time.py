@@ -63,7 +63,9 @@ import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backe
 from provenance import git_commit  # noqa: E402
 import aether_compile.passes.rewrite as aether_passes  # noqa: E402
 from aether_compile import _compat  # noqa: E402
-from aether_compile.kernels import precompile  # noqa: E402
+from aether_compile.inductor import access as inductor_access  # noqa: E402
+from aether_compile.inductor import early_compile  # noqa: E402
+from aether_compile.inductor import precompile  # noqa: E402
 
 TARGET_RATIO = 1.2
 MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nanogpt")
@@ -250,8 +252,8 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
     # compile, which other load on the machine inflates far less than wall time, are all counted
     threads = {"compile_threads": 1} if device == "cpu" else {}
     before = timer.seconds
-    memo_before = dict(_compat.access_analysis_stats)
-    early_before = dict(_compat.early_compile_stats)
+    memo_before = dict(inductor_access.access_analysis_stats)
+    early_before = dict(early_compile.early_compile_stats)
     cache = kept_cache(cache_dir) if cache_dir else fresh_cache()
     with cache, icfg.patch(fx_graph_cache=False, **threads), \
             fcfg.patch(enable_autograd_cache=False), torch.no_grad():
@@ -284,11 +286,11 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
             "pass_s": timer.seconds - before, "out": out,
             "aether": dict(counters["aether"]), "graphs": counters["stats"]["unique_graphs"],
             "access_analysis": {k: v - memo_before[k]  # Triton TTIR analyses run / memoised
-                                for k, v in _compat.access_analysis_stats.items()},
-            "not_memoised_types": dict(_compat.not_memoised_types),  # cumulative, per process
+                                for k, v in inductor_access.access_analysis_stats.items()},
+            "not_memoised_types": dict(inductor_access.not_memoised_types),  # cumulative, per process
             # our traced kernels whose compile Inductor's workers started at generation
             "early_compile": {k: v - early_before[k]
-                              for k, v in _compat.early_compile_stats.items()},
+                              for k, v in early_compile.early_compile_stats.items()},
             # the prepare op's precompile: replay, jobs, the first call's wait (s from the call)
             "precompile": [(round(t - mark, 3), event, detail)
                            for t, event, detail in list(precompile.timeline) if t >= mark],
@@ -380,7 +382,7 @@ def forget_our_state() -> None:
         kernel.device_caches = type(kernel.device_caches)(kernel.device_caches.default_factory)
     with precompile._lock:
         precompile._started.clear()
-    for name in _compat.ACCESS_ANALYSIS_FNS:
+    for name in inductor_access.ACCESS_ANALYSIS_FNS:
         getattr(getattr(tkw, name, None), "cache", {}).clear()
     launch.clear_eager_constants()
     dense_policy.forget_lagged_choices()

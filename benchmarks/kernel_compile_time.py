@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from triton import knobs
     from triton.compiler import ASTSource, compile
 
-    from aether_compile.kernels import precompile
+    from aether_compile.inductor import precompile
     from aether_compile.kernels import launch
 
     from tests.sm90 import pretend_sm90

@@ -37,7 +37,7 @@ _LAUNCH_HOOK = threading.local()
 @contextlib.contextmanager
 def launches_to(hook):
     """In this thread, ``traceable(kernel)[grid](*args, **kwargs)`` calls
-    ``hook(kernel, grid, args, kwargs)`` instead of launching (kernels/precompile.py compiles
+    ``hook(kernel, grid, args, kwargs)`` instead of launching (aether_compile/inductor/precompile.py compiles
     each launch of a replay on fake tensors; tests record launches)."""
     previous = getattr(_LAUNCH_HOOK, "fn", None)
     _LAUNCH_HOOK.fn = hook

@@ -106,9 +106,9 @@ def wait_for_inductor_pool(timeout_s: float = 120.0) -> None:
     """Until Inductor's worker pool answers (a new process's pool starts with the first ask)."""
     import time
 
-    from aether_compile import _compat
+    from aether_compile.inductor import precompile
 
     deadline = time.monotonic() + timeout_s
-    while _compat.inductor_compile_pool() is None and time.monotonic() < deadline:
+    while precompile.inductor_compile_pool() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _compat.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"
+    assert precompile.inductor_compile_pool() is not None, "no Inductor worker pool on this machine"

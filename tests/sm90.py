@@ -17,7 +17,7 @@ def pretend_sm90():
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from aether_compile.kernels import precompile
+    from aether_compile.inductor import precompile
     from aether_compile.kernels import registry
 
     target = GPUTarget("cuda", 90, 32)

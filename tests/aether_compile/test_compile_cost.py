@@ -3,7 +3,7 @@ when Inductor starts compiling them.
 
 Inductor derives which arguments a traced Triton launch writes from the kernel's TTIR, several
 times per launch. Our kernels declare what they write (``KERNEL_WRITES``) and
-``_compat.memoise_kernel_access_analysis`` answers from that, or computes the analysis once per
+``inductor_access.memoise_kernel_access_analysis`` answers from that, or computes the analysis once per
 kernel and argument signature. These tests run Torch's real analysis (Triton's frontend, for an
 sm_90 target named by a stub driver; no GPU needed) and check that both answers are its answer.
 """
@@ -23,6 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
 
 from aether_compile import _compat, ops  # noqa: F401  (ops installs the memo)
+from aether_compile.inductor import access as inductor_access
+from aether_compile.inductor import early_compile
 from aether_compile.kernels import bounds
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import forward as kernel_forward
@@ -54,7 +56,7 @@ def sm90_target():
 
 
 def _analysis():
-    name = next(n for n in _compat.ACCESS_ANALYSIS_FNS if hasattr(tkw, n))
+    name = next(n for n in inductor_access.ACCESS_ANALYSIS_FNS if hasattr(tkw, n))
     fn = getattr(tkw, name)
     assert getattr(fn, "_aether_memoised", False), f"{name} is not memoised"
     return fn
@@ -88,24 +90,24 @@ def _geometry_kwargs(dtype, n_kb):
 @compiled_triton
 def test_memo_returns_the_analysis_and_runs_it_once_per_signature(sm90_target, monkeypatch):
     """The memo, for a kernel of ours that declared nothing (all of ours declare their writes)."""
-    monkeypatch.delitem(_compat._declared_writes, id(GEOMETRY.fn))
+    monkeypatch.delitem(inductor_access._declared_writes, id(GEOMETRY.fn))
     analysis = _analysis()
     analysis.cache.clear()
     kwargs = _geometry_kwargs(torch.float16, 4)
     want = analysis.__wrapped__(GEOMETRY, kwargs, {})
     assert _written(want) == {"Geo16", "GeoNorm"}  # the analysis ran (its fallback says all)
 
-    misses = _compat.access_analysis_stats["misses"]
+    misses = inductor_access.access_analysis_stats["misses"]
     first = analysis(GEOMETRY, kwargs, {})
     again = analysis(GEOMETRY, _geometry_kwargs(torch.float16, 4), {})
     assert _written(first) == _written(again) == _written(want)
-    assert _compat.access_analysis_stats["misses"] == misses + 1
+    assert inductor_access.access_analysis_stats["misses"] == misses + 1
     assert again is not first  # each caller gets its own copy
 
     # What TTIR generation sees differs (dtype; a length of 1 specialises): analysed afresh.
     analysis(GEOMETRY, _geometry_kwargs(torch.bfloat16, 4), {})
     analysis(GEOMETRY, _geometry_kwargs(torch.float16, 1), {})
-    assert _compat.access_analysis_stats["misses"] == misses + 3
+    assert inductor_access.access_analysis_stats["misses"] == misses + 3
 
 
 @compiled_triton
@@ -115,7 +117,7 @@ def test_symbolic_sizes_share_one_entry(sm90_target):
     shape_env = ShapeEnv()
     kwargs = _geometry_kwargs(torch.float16, 4)
     key_a, key_b = (
-        _compat._access_key(GEOMETRY, {**kwargs, "S": s}, {})
+        inductor_access._access_key(GEOMETRY, {**kwargs, "S": s}, {})
         for s in (shape_env.create_unbacked_symint(), shape_env.create_unbacked_symint()))
     assert key_a == key_b is not None
 
@@ -124,7 +126,7 @@ def _every_launch_of_the_op():
     """(kernel, arguments by name) of every Triton launch the op makes: the prepare stages with a
     bool mask and causal, the pass in each of its visit modes, the backward's two kernels (meta
     tensors; nothing runs)."""
-    from aether_compile.kernels import precompile
+    from aether_compile.inductor import precompile
     from aether_compile.kernels import backward as bwd
 
     launches = []
@@ -159,12 +161,12 @@ def test_declared_writes_are_what_the_analysis_finds(sm90_target):
     host). For every launch the op makes, the declared answer writes exactly what Torch's own
     analysis finds and reads at least what it reads."""
     analysis = _analysis()
-    name = next(n for n in _compat.ACCESS_ANALYSIS_FNS if hasattr(tkw, n))
+    name = next(n for n in inductor_access.ACCESS_ANALYSIS_FNS if hasattr(tkw, n))
     launches = _every_launch_of_the_op()
     seen = {(k.fn.__name__, named.get("VISIT")) for k, named in launches}
     assert len(seen) == 9, seen  # 5 forward kernels (the pass in 3 modes), 2 backward
     for kernel, named in launches:
-        declared = _compat.declared_access(kernel, named, name)
+        declared = inductor_access.declared_access(kernel, named, name)
         found = analysis.__wrapped__(kernel, named, {})
         where = (kernel.fn.__name__, named.get("VISIT"))
         assert declared is not None, where
@@ -174,11 +176,11 @@ def test_declared_writes_are_what_the_analysis_finds(sm90_target):
             assert reads(declared) >= reads(found), where
         else:  # 2.11: the names in argument order
             assert declared == found, where
-    before = _compat.access_analysis_stats["declared"]
+    before = inductor_access.access_analysis_stats["declared"]
     kernel, named = launches[0]
     assert _written(analysis(kernel, named, {})) == _written(
-        _compat.declared_access(kernel, named, name))
-    assert _compat.access_analysis_stats["declared"] == before + 1  # answered, not analysed
+        inductor_access.declared_access(kernel, named, name))
+    assert inductor_access.access_analysis_stats["declared"] == before + 1  # answered, not analysed
 
 
 @triton.jit
@@ -193,7 +195,7 @@ def test_other_kernels_are_analysed_as_before(sm90_target):
     with FakeTensorMode():
         x, y = torch.empty(8), torch.empty(8)
     kwargs = dict(X=x, Y=y, N=8, BLOCK=8)
-    assert _compat._access_key(_foreign_kernel, kwargs, {}) is None
+    assert inductor_access._access_key(_foreign_kernel, kwargs, {}) is None
     size = len(analysis.cache)
     assert _written(analysis(_foreign_kernel, kwargs, {})) == {"Y"}
     assert len(analysis.cache) == size
@@ -297,25 +299,25 @@ def test_our_kernels_compile_as_soon_as_inductor_writes_them(async_compile):
     """Inductor starts its own kernels' compiles when it generates them, a user kernel's only when
     the module loads (ours was the tail of async_compile.wait). The early call must be exactly
     the module's: same name and the source the literal evaluates to (the future is keyed by it)."""
-    wrapper, define = _Wrapper(), _compat._starting_early(_define)
+    wrapper, define = _Wrapper(), early_compile._starting_early(_define)
     expected = _Calls()
     eval(_BODY, {"async_compile": expected})  # what the module's own call will pass
-    before = dict(_compat.early_compile_stats)
+    before = dict(early_compile.early_compile_stats)
     assert define(wrapper, kernel_forward._attention_kernel) == ("k_0", {}, {}, [])
     assert async_compile.calls == expected.calls and len(expected.calls) == 1
     assert wrapper.defined == [("k_0", _BODY, "# Original path: x.py:1")]  # passed on unchanged
     assert "define_kernel" not in vars(wrapper)  # the recording was for that call only
-    assert _compat.early_compile_stats["started"] == before["started"] + 1
+    assert early_compile.early_compile_stats["started"] == before["started"] + 1
 
 
 def test_early_compile_leaves_other_kernels_and_in_process_compiles_alone(async_compile):
-    define = _compat._starting_early(_define)
+    define = early_compile._starting_early(_define)
     define(_Wrapper(), _foreign_kernel)  # not ours: as before
     async_compile.state["pool"] = False  # Inductor compiles in-process: the module's call does it
-    before = dict(_compat.early_compile_stats)
+    before = dict(early_compile.early_compile_stats)
     define(_Wrapper(), kernel_forward._attention_kernel)
     assert async_compile.calls == []
-    assert _compat.early_compile_stats["skipped"] == before["skipped"] + 1
+    assert early_compile.early_compile_stats["skipped"] == before["skipped"] + 1
 
 
 def test_early_compile_is_installed():

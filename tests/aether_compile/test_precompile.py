@@ -1,4 +1,4 @@
-"""Compiling the prepare op's kernels while the graph compiles (kernels/precompile.py).
+"""Compiling the prepare op's kernels while the graph compiles (aether_compile/inductor/precompile.py).
 
 The replay on fake tensors must ask Triton for exactly the specialisations the op's first real
 call launches, or the warm-up compiles kernels nobody uses and the first call still waits. On CPU
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aether_compile import _compat
-from aether_compile.kernels import precompile
+from aether_compile.inductor import early_compile, precompile
 from aether_compile.kernels import launch
 from aether_compile.kernels import registry
 from aether_compile import triton_forward
@@ -129,14 +129,12 @@ def test_no_worker_pool_while_inductor_would_compile_in_process(monkeypatch):
     in-process then, and so do we (threads), rather than queue behind the pool's start."""
     from torch._inductor import async_compile
 
-    from aether_compile import _compat
-
     monkeypatch.setattr(async_compile.AsyncCompile, "use_process_pool", staticmethod(lambda: False))
     monkeypatch.setattr(async_compile, "get_compile_threads", lambda: 4)
-    assert _compat.inductor_compile_pool() is None
+    assert precompile.inductor_compile_pool() is None
     monkeypatch.setattr(async_compile.AsyncCompile, "use_process_pool", staticmethod(lambda: True))
     monkeypatch.setattr(async_compile, "get_compile_threads", lambda: 1)
-    assert _compat.inductor_compile_pool() is None
+    assert precompile.inductor_compile_pool() is None
 
 
 def test_wait_gives_up_on_a_stuck_job(monkeypatch, caplog):
@@ -155,7 +153,7 @@ _POOL_CHECK = """
 import json, os
 import torch
 from triton import knobs
-from aether_compile.kernels import precompile
+from aether_compile.inductor import precompile
 from tests.helpers import wait_for_inductor_pool
 from tests.sm90 import pretend_sm90
 
@@ -346,7 +344,7 @@ def test_cold_compile_builds_nothing_of_ours_in_this_process(monkeypatch):
 def test_inductor_compiles_our_pass_as_soon_as_it_writes_it(monkeypatch):
     """Inductor starts its own kernels' compiles as it generates them, a user kernel's only when
     its module loads: our pass, the graph's longest compile, was the tail of async_compile.wait.
-    With the pool ready, the pass's compile starts at generation (_compat), and the module's own
+    With the pool ready, the pass's compile starts at generation (inductor/early_compile.py), and the module's own
     call finds that compile (Inductor's in-memory future, keyed by the source) instead of
     starting another."""
     import torch.nn.functional as F
@@ -363,13 +361,13 @@ def test_inductor_compiles_our_pass_as_soon_as_it_writes_it(monkeypatch):
         return triton(self, kernel_name, source_code, *args, **kwargs)
 
     monkeypatch.setattr(AsyncCompile, "triton", recording)
-    before = _compat.early_compile_stats["started"]
+    before = early_compile.early_compile_stats["started"]
     q, k, v = WORKLOADS["clustered"](2, 4, 1024, 64, dtype=torch.float16, device="cuda", seed=2)
     with fresh_cache():
         out = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v).cos(),
                             backend="aether")(q, k, v)
     ours = [hit for name, hit in asked if name.startswith("_attention_kernel")]
-    assert _compat.early_compile_stats["started"] == before + 1
+    assert early_compile.early_compile_stats["started"] == before + 1
     assert ours == [False, True], asked  # started early, then found by the module
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).cos(),
                                atol=2e-2, rtol=2e-2)

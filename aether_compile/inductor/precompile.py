@@ -52,11 +52,10 @@ from typing import NamedTuple
 
 import torch
 
-from aether_compile import _compat, dense_policy, settings, triton_forward
-
-from . import forward as kernel_forward
-from . import launch
-from . import plan as kernel_plan
+from aether_compile import dense_policy, settings, triton_forward
+from aether_compile.kernels import forward as kernel_forward
+from aether_compile.kernels import launch
+from aether_compile.kernels import plan as kernel_plan
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def _replay_and_compile(spec) -> None:
         requests = compile_requests(*spec)
         _note("replayed", [r.name for r in requests])
         in_threads = settings.precompile_mode() == "threads"
-        workers = None if in_threads or not requests else _compat.inductor_compile_pool()
+        workers = None if in_threads or not requests else inductor_compile_pool()
         job_env = None
         if workers is not None:
             pool, cache_env = workers
@@ -258,7 +257,7 @@ def _compile_request(kernel, args, kwargs, launcher_only: bool = False):
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
                                                               specialization, options)
     if launcher_only:  # the launch Inductor generates: its signature types floats its own way
-        signature = _compat.inductor_launch_signature(signature)
+        signature = inductor_launch_signature(signature)
     return ((kernel.fn.__qualname__, key, launcher_only),
             CompileRequest(kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
                            options.__dict__, target, launcher_only))
@@ -389,3 +388,40 @@ def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                scale, block_m, block_n)
     if gated and not precheck:
         kernel_forward.probe_visit_count(query, key, value, plan, eps)
+
+
+# -- what Inductor itself would do -------------------------------------------------------------
+def inductor_launch_signature(signature: dict) -> dict:
+    """The signature Inductor gives a launch of a user-defined Triton kernel, from Triton's own
+    for the same arguments (a C launcher is keyed by it): Inductor types Python floats fp64 where
+    ``_use_fp64_for_unbacked_floats`` is on (2.11 and 2.13; CUDA supports fp64), Triton fp32.
+    Ints, bools, pointers and constexprs (ints equal to 1 included) agree."""
+    import torch._inductor.config as icfg
+
+    if not getattr(icfg, "_use_fp64_for_unbacked_floats", False):
+        return dict(signature)
+    return {k: "fp64" if ty == "fp32" else ty for k, ty in signature.items()}
+
+
+def inductor_compile_pool():
+    """Inductor's pool of compile worker processes (persistent, torch already imported), and the
+    environment a job must set (cache directories may change after the workers started), or None
+    where Inductor would compile in-process now: one compile thread, a daemonic process, a pool
+    still starting (a process's first compile), or internals that differ. Same calls on 2.11 and
+    2.13: ``AsyncCompile.use_process_pool`` / ``process_pool`` and the variables
+    ``AsyncCompile.triton`` passes to its own jobs."""
+    import os
+
+    try:
+        from torch._inductor import async_compile as ac
+
+        allowed = getattr(ac, "_process_pool_allowed", lambda: True)
+        if ac.get_compile_threads() <= 1 or not allowed():
+            return None
+        if not ac.AsyncCompile.use_process_pool():  # not ready: Inductor compiles in-process too
+            return None
+        pool = ac.AsyncCompile.process_pool()
+    except Exception:
+        return None
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_LIBDEVICE_PATH")
+    return pool, {n: os.environ[n] for n in names if n in os.environ}
