@@ -7,8 +7,8 @@ autograd, so training graphs trace through the op's autograd.
 
 Caches: Inductor's FX graph cache and the AOTAutograd cache key the rewritten graph (the op and its
 arguments, eps included), plus a ``context.CacheSalt`` installed for the compile whose uuid covers
-the options, the sources and the switches of ``settings.KEYED``; a second process compiling the same model with
-the same options hits, one with other options, code or knobs misses.
+the options, the sources and the switches of ``settings.KEYED``; a second process compiling the
+same model with the same options hits, one with other options, code or knobs misses.
 """
 
 from __future__ import annotations

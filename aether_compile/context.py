@@ -32,9 +32,9 @@ Threads: ``enable()`` changes Inductor's config, and what that reaches depends o
 
 Caching: ``CacheSalt.uuid()`` (and ``AetherPass.uuid()``) hash the options, the sources that shape
 a compiled graph (``passes/``, ``kernels/``, the op and backend modules) and the environment
-switches that change generated code (``settings.KEYED``), so the FX graph cache and the AOTAutograd cache never hand a
-graph compiled under other options, other code or other knobs to this compile, and identical
-compiles hit across processes.
+switches that change generated code (``settings.KEYED``), so the FX graph cache and the
+AOTAutograd cache never hand a graph compiled under other options, other code or other knobs to
+this compile, and identical compiles hit across processes.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ STATIC_DENSE_WORK = 2 ** 36
 
 def static_dense_reason(B, H, L, S, D, DV, block_n: int, exact_dense: bool) -> Optional[str]:
     """Why static sizes alone make the sparse path pointless, or None. The shape rule both the op
-    and the pass use: at most kernel_forward.PROBE_BLOCKS key blocks (the probe alone would visit every live
+    and the pass use: at most PROBE_BLOCKS key blocks (the probe alone would visit every live
     block), or, where a dense kernel computes the call exactly (``exact_dense``), too little work
     (B * H * L * S * D <= STATIC_DENSE_WORK) for skipping to repay the sparse path's fixed cost.
     Symbolic sizes never take it (decided at run time instead). AETHER_STATIC_DENSE=0 (read when
@@ -160,7 +160,7 @@ def sampled_dense_choice(query, key, value, is_causal: bool, scale: float, eps: 
     exists) exceeds ``fraction`` of its live blocks, runs the fastest dense SDPA kernel into out and
     lse. The sample is of an earlier call of this ``site`` (``dense_choice``: its first call, then
     every 16th, read without a sync). During CUDA-graph capture nothing is sampled or read: the
-    site's choice so far is captured (sparse if none). No mask; ``kernel_dense.dense_eligible`` inputs."""
+    site's choice so far is captured (sparse if none). No mask; ``dense_eligible`` inputs."""
     out, lse, can_read = dense_choice_buffers(query, value)
     if query.device.type != "cuda":
         return out, lse, False
@@ -288,8 +288,8 @@ def choose_dense(site_key, sample, fraction: float, lagged: bool = True) -> bool
     device cannot be read (CUDA-graph capture: the choice in force is kept, else sparse).
 
     Not lagged, or the first call of ``site_key``: samples and reads at once. Otherwise samples
-    every ``settings.dense_resample_every()``-th call, copies the counts to the host without waiting, and uses
-    the newest counts that have arrived."""
+    every AETHER_DENSE_RESAMPLE-th call (16), copies the counts to the host without waiting, and
+    uses the newest counts that have arrived."""
     site = _SITES.get(site_key)
     if sample is None:
         return bool(site is not None and site.dense)

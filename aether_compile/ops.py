@@ -35,7 +35,8 @@ from aether_compile.validation import check_inputs
 
 # Default eps per dtype: the largest eps whose output error stays inside that dtype's own
 # rounding noise (SDPA in the dtype vs float64); measured by `benchmarks/bench_attention.py
-# --suite calibrate` (results/calibrate_NVIDIA_H200.json, docs/certificate.md). float64 is the oracle dtype and defaults to exact (dense) attention.
+# --suite calibrate` (results/calibrate_NVIDIA_H200.json, docs/certificate.md). float64 is the
+# oracle dtype and defaults to exact (dense) attention.
 DEFAULT_EPS = {
     torch.float16: 1e-3,
     torch.bfloat16: 4e-3,
@@ -88,7 +89,8 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
-        return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device))
+        return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
+                                                    query.device))
 
     tracing = _tracing(query)
     if dense_policy.static_dense(query, key, value, attn_mask, is_causal, block_n):
@@ -103,8 +105,8 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         eps, fraction, sample = 0.0, None, False  # exact, on our kernel (a general mask)
     else:
         fraction = dense_policy.dense_fraction()
-        sample = fraction is not None and dense_policy.row_sample_applies(query, key, value, attn_mask,
-                                                              is_causal)
+        sample = fraction is not None and dense_policy.row_sample_applies(query, key, value,
+                                                                          attn_mask, is_causal)
     if sample and not tracing and not torch.cuda.is_current_stream_capturing():
         # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
         # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
@@ -120,14 +122,17 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
         # Compiled graphs: everything before the pass (the dense choice from a sample of an
         # earlier call, the plan, the probe and gate) is one opaque op that runs when the graph
         # runs; Inductor compiles the pass alone.
-        gated = not sample and dense_policy.gate_applies(query, key, value, attn_mask, is_causal, fraction)
+        gated = not sample and dense_policy.gate_applies(query, key, value, attn_mask, is_causal,
+                                                         fraction)
         prepared = torch.ops.aether.prepare_pass(
             query, key, value, attn_mask, is_causal, scale_f, eps, block_m, block_n, fraction,
             sample, gated, kernel_forward.heads_interleaved(query), _traced_site_id(query))
-        return triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale_f, eps,
-                                            block_m, block_n, prepared, sample, gated)
-    return triton_forward.triton_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                                 eps, block_m, block_n, dense_fraction=fraction)
+        return triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal,
+                                                      scale_f, eps, block_m, block_n, prepared,
+                                                      sample, gated)
+    return triton_forward.triton_attention(query, key, value, attn_mask, is_causal, scale,
+                                           enable_gqa, eps, block_m, block_n,
+                                           dense_fraction=fraction)
 
 
 _SITE_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -185,10 +190,10 @@ def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     """Compiled graphs' stages before the attention pass (triton_forward.prepare_pass):
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
     Inductor compiles one Triton launch per site instead of six. The output's layout is fixed when
-    the graph is traced (``out_interleaved``), where the fake decides it, so the two always agree."""
+    the graph is traced (``out_interleaved``), where the fake decides it: the two always agree."""
     _precompile.wait()  # kernels this graph's trace started compiling (its first call)
-    out, *rest = triton_forward.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m,
-                                   block_n, fraction, precheck, gated, site)
+    out, *rest = triton_forward.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps,
+                                             block_m, block_n, fraction, precheck, gated, site)
     return (kernel_forward.as_out_layout(out, query, out_interleaved), *rest)
 
 
@@ -235,11 +240,11 @@ if USE_TRITON_OP:
 
 # -- aether::attention_with_stats -----------------------------------------------------------------
 @_define("aether::attention_with_stats")
-def attention_with_stats(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                         is_causal: bool = False, scale: Optional[float] = None,
-                         enable_gqa: bool = False, eps: Optional[float] = None,
-                         block_m: Optional[int] = None, block_n: Optional[int] = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def attention_with_stats(query: Tensor, key: Tensor, value: Tensor,
+                         attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                         scale: Optional[float] = None, enable_gqa: bool = False,
+                         eps: Optional[float] = None, block_m: Optional[int] = None,
+                         block_n: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     return forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
                         block_m, block_n)
 

@@ -35,7 +35,8 @@ class AetherOptions:
 
     def __post_init__(self):
         # Checked here, with the bad value named, so that a typo fails where it was written and not
-        # as a crash inside the compile (a bool is an int in Python: refused where a number is meant).
+        # as a crash inside the compile (a bool is an int in Python: refused where a number is
+        # meant).
         if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(
                 self.eps, (int, float)) or not float(self.eps) >= 0.0):
             raise ValueError(f"eps must be None or a number >= 0, got {self.eps!r}")

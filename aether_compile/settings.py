@@ -7,19 +7,19 @@ cache key covers (``context.code_fingerprint``).
 | variable | when | effect |
 |---|---|---|
 | ``TRITON_INTERPRET=1`` | import | Triton's kernels run on CPU through its interpreter (CI) |
-| ``AETHER_DENSE_FRACTION`` | trace | the dense choice's crossover (default 0.6); ``off`` disables it |
+| ``AETHER_DENSE_FRACTION`` | trace | the dense choice's crossover (default 0.6); ``off``: none |
 | ``AETHER_STATIC_DENSE=0`` | trace | no static dense choice by size (the pass's and the op's) |
 | ``AETHER_DENSE_SAMPLE=0`` | trace | no row sample before the plan (the gate after it decides) |
 | ``AETHER_DENSE_LAG=0`` | run | a compiled site samples and reads its dense choice every call |
 | ``AETHER_DENSE_RESAMPLE`` | run | a compiled site samples every n-th call (default 16) |
-| ``AETHER_FORWARD_MODE`` | trace | ``twopass`` (default) or ``stop`` (single pass, in-kernel stop) |
+| ``AETHER_FORWARD_MODE`` | trace | ``twopass`` (default) or ``stop`` (one pass, in-kernel stop) |
 | ``AETHER_BOX_BOUND=1`` | trace | bounds take the min of the ball and the box (default: the ball) |
 | ``AETHER_RECERT_BLOCKS`` | trace | the pass's re-certification step for every length (0: off) |
 | ``AETHER_PLAN=torch`` | trace | plan with torch ops instead of the fused plan kernel |
 | ``AETHER_TRITON_OP=0`` | import | register the op's bodies as opaque custom ops, not triton_ops |
-| ``AETHER_ACCESS_MEMO=0`` | import | Inductor analyses our kernels' TTIR instead of their declared writes |
-| ``AETHER_EARLY_COMPILE=0`` | import | Inductor compiles our traced kernels when it loads its module |
-| ``AETHER_PRECOMPILE`` | trace | ``0``: tracing starts no background compiles; ``threads``: on this process's threads |
+| ``AETHER_ACCESS_MEMO=0`` | import | Inductor analyses our kernels' TTIR, not declared writes |
+| ``AETHER_EARLY_COMPILE=0`` | import | Inductor compiles our kernels when it loads its module |
+| ``AETHER_PRECOMPILE`` | trace | ``0``: no background compiles; ``threads``: on this process's |
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     Triton launch per attention site (the pass, ``attention_after_prepare``) where it compiled
     five to six (compile time, issue 5); the kernels here launch directly when the graph runs.
 
-    precheck (no mask, ``dense_eligible``): the lagged dense choice of ``dense_policy.sampled_dense_choice`` first;
-    dense leaves an empty plan (identity order, nothing live) and skip = 1. gated
-    (``dense_policy.gate_applies``, no precheck): plan, probe and ``dense_gate``; n_visit is the certified count,
-    or every live block where the gate went dense. Otherwise: the plan.
+    precheck (no mask, ``dense_eligible``): the lagged dense choice of
+    ``dense_policy.sampled_dense_choice`` first; dense leaves an empty plan (identity order,
+    nothing live) and skip = 1. gated (``dense_policy.gate_applies``, no precheck): plan, probe
+    and ``dense_gate``; n_visit is the certified count, or every live block where the gate went
+    dense. Otherwise: the plan.
     Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
     lse hold the dense answer where skip is 1, else the pass fills them."""
     B, H, L, _ = query.shape
@@ -35,9 +36,10 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
     n_visit = None
     if precheck:
-        out, lse, dense = dense_policy.sampled_dense_choice(query, key, value, is_causal, scale, eps, block_m,
-                                          block_n, fraction, site)
-        skip = torch.full((1,), int(Skip.DENSE if dense else Skip.PASS), device=dev, dtype=torch.int32)
+        out, lse, dense = dense_policy.sampled_dense_choice(query, key, value, is_causal, scale,
+                                                            eps, block_m, block_n, fraction, site)
+        skip = torch.full((1,), int(Skip.DENSE if dense else Skip.PASS), device=dev,
+                          dtype=torch.int32)
         if dense:
             # The pass returns at once and its kept map is every live block (``torch.where`` in
             # ``attention_after_prepare``); only the order is read, by the map of the branch not
@@ -48,11 +50,14 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
             tiles = torch.empty(B, H, nqt, device=dev, dtype=torch.int32)
             return (out, lse, order, torch.empty(order.shape, device=dev), tiles,
                     torch.empty_like(tiles), skip)
-        plan = kernel_plan.plan_attention(query, key, value, None, is_causal, scale, block_m, block_n)
+        plan = kernel_plan.plan_attention(query, key, value, None, is_causal, scale, block_m,
+                                          block_n)
     else:
-        plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+        plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
+                                          block_n)
         if gated:
-            out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps, fraction)
+            out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps,
+                                                                  fraction)
         else:
             out, lse, _ = dense_policy.dense_choice_buffers(query, value)
             skip = dense_policy.new_skip_flag(query)
@@ -105,21 +110,23 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     mode "stop": one pass whose loop stops in-kernel as soon as the certificate holds (visits the
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
-    blocks, run the fastest dense SDPA kernel instead (twopass, ``dense_policy.gate_applies``); ``kept`` then
-    marks every live block."""
+    blocks, run the fastest dense SDPA kernel instead (twopass, ``dense_policy.gate_applies``);
+    ``kept`` then marks every live block."""
     mode = forward_mode(mode)
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
     if mode == "stop":
         kept = torch.zeros(plan.B, plan.H, nqt, nkb, device=query.device, dtype=torch.uint8)
         out, lse = launch_attention(query, key, value, plan, eps, None, kept)
-        return out, lse, kept != 0  # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
+        # a compare, not a bool view: Inductor 2.11 cannot bitcast to bool
+        return out, lse, kept != 0
     if not dense_policy.gate_applies(query, key, value, plan.mask4, plan.is_causal, dense_fraction):
         # probe, certified count and the rest in one launch
         n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
         out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, certify=True)
         return out, lse, kept_map(plan, n_visit)
     # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
-    out, lse, n_visit, use_dense = dense_policy.probe_and_gate(query, key, value, plan, eps, dense_fraction)
+    out, lse, n_visit, use_dense = dense_policy.probe_and_gate(query, key, value, plan, eps,
+                                                               dense_fraction)
     out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
     return out, lse, kept_map(plan, n_visit)
 
@@ -131,5 +138,6 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
     ``prepare_pass`` and ``attention_after_prepare``).
 
     Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
-    plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m, block_n)
+    plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
+                                      block_n)
     return run_attention(query, key, value, plan, eps, mode, dense_fraction)

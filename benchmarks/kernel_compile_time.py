@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         for r in requests:
             times = []
             knobs.compilation.listener = lambda **kw: times.append(kw["times"])
-            source = ASTSource(getattr(importlib.import_module(r.module), r.name), r.signature, r.constexprs, r.attrs)
+            source = ASTSource(getattr(importlib.import_module(r.module), r.name), r.signature,
+                               r.constexprs, r.attrs)
             for _ in range(2):
                 t0 = time.perf_counter()
                 compile(source, target=r.target, options=r.options)

@@ -233,8 +233,8 @@ FORWARD_MODES = settings.FORWARD_MODES
 
 # VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks,
 # where a row of tiles has at least RECERT_MIN_KEY_BLOCKS key blocks. On the H100 (W2 clustered,
-# the retired benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept 3.3% -> 2.5%)
-# and 5% less at 64K, but 2.6% more at 32K and the same at 16K, where the probe's blocks already
+# the retired benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept
+# 3.3% -> 2.5%) and 5% less at 64K, but 2.6% more at 32K and the same at 16K, where the probe's blocks already
 # hold most of each row's mass and the extra loop boundaries cost more than they save.
 RECERT_BLOCKS = 8
 RECERT_MIN_KEY_BLOCKS = 1024

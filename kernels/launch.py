@@ -22,7 +22,8 @@ def traceable(kernel):
     Otherwise the plain kernel: an eager launch through wrap_triton's higher-order op costs about
     0.2 ms of host time on an H100 (Torch skips it only inside a triton_op's own eager call, not
     in the runtime dense choice's custom op; measured by the retired benchmarks/profile_host.py).
-    The interpreter's kernels cannot be traced, only launched. Under ``launches_to`` each launch goes to its hook."""
+    The interpreter's kernels cannot be traced, only launched. Under ``launches_to`` each launch
+    goes to its hook."""
     hook = getattr(_LAUNCH_HOOK, "fn", None)
     if hook is not None:
         return _HookedLauncher(kernel, hook)
@@ -37,8 +38,8 @@ _LAUNCH_HOOK = threading.local()
 @contextlib.contextmanager
 def launches_to(hook):
     """In this thread, ``traceable(kernel)[grid](*args, **kwargs)`` calls
-    ``hook(kernel, grid, args, kwargs)`` instead of launching (aether_compile/inductor/precompile.py compiles
-    each launch of a replay on fake tensors; tests record launches)."""
+    ``hook(kernel, grid, args, kwargs)`` instead of launching (``inductor/precompile.py``
+    compiles each launch of a replay on fake tensors; tests record launches)."""
     previous = getattr(_LAUNCH_HOOK, "fn", None)
     _LAUNCH_HOOK.fn = hook
     try:

@@ -1,8 +1,8 @@
 """Plain-torch reference of certified block-sparse attention.
 
 Same semantics, geometry and certificate as the Triton kernels (``plan.py``, ``forward.py``),
-written for clarity: it materialises the [L, S] score matrix, so it is for tests (in float64 it is the
-oracle) and for the op's CPU implementation at modest sizes. The visit plan comes from
+written for clarity: it materialises the [L, S] score matrix, so it is for tests (in float64 it is
+the oracle) and for the op's CPU implementation at modest sizes. The visit plan comes from
 ``certificate.plan_visits``, shared with the Triton path.
 """
 

@@ -16,9 +16,9 @@ JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _plan_kerne
 
 # The pointer arguments each kernel writes (tl.store, atomics), given a launch's arguments by name.
 # Inductor would otherwise find them by generating each traced launch's TTIR: 0.4-0.5 s of the
-# compile's main thread per kernel variant on the H100's host (inductor/access.memoise_kernel_access_
-# analysis). tests/aether_compile/test_compile_cost.py checks them against that analysis for every launch the op
-# makes.
+# compile's main thread per kernel variant on the H100's host (inductor/access.py).
+# tests/aether_compile/test_compile_cost.py checks them against that analysis for every launch the
+# op makes.
 KERNEL_WRITES = {
     "_geometry_kernel": lambda args: ("Geo16", "GeoNorm"),
     "_mask_stats_kernel": lambda args: ("MaskMax", "NotCausal"),

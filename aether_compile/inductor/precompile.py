@@ -372,8 +372,8 @@ def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, bl
     path on the H100; 16adb64's probe showed the signatures differ in the float types only)."""
     prepared = triton_forward.new_prepared(query, key, value, block_m, block_n,
                                  kernel_forward.heads_interleaved(query))
-    triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
-                                 block_n, prepared, precheck, gated)
+    triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps,
+                                           block_m, block_n, prepared, precheck, gated)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
