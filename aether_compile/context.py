@@ -180,7 +180,8 @@ class CacheSalt(_compat.CustomGraphPass):
 
 
 # -- enable() ------------------------------------------------------------------------------------
-_local = threading.local()  # per thread: stack of (pre_grad, post_grad) values to restore
+# per thread: a stack of (pre_grad, post_grad) values to restore, and the block's options
+_local = threading.local()
 _holders: dict[int, int] = {}  # thread ident -> open enable() blocks (process-global config only)
 _holders_lock = threading.Lock()
 
@@ -238,8 +239,8 @@ _unwrapped_compile = None
 
 
 def _options_in_force() -> Optional[AetherOptions]:
-    stack = getattr(_local, "options", None)
-    return stack[-1] if stack else None
+    stack = _saved_stack()
+    return stack[-1][2] if stack else None
 
 
 def _compile_in_enable(*args, **kwargs):
@@ -289,27 +290,24 @@ class enable(contextlib.ContextDecorator):
     def __enter__(self) -> "enable":
         if not _compat.CONFIG_IS_THREAD_LOCAL:
             _claim_global_config()
+        _wrap_torch_compile()
         pushed = False
         try:
             pre, post = _compat.get_pre_grad_pass(), _compat.get_post_grad_post_pass()
-            _saved_stack().append((pre, post))
+            _saved_stack().append((pre, post, self.options))
             pushed = True
             _compat.set_pre_grad_pass(AetherPass(self.options, chained=pre))
             _compat.set_post_grad_post_pass(CacheSalt(self.options, chained=post))
         except BaseException:
-            self._restore(pushed, bound=False)
+            self._restore(pushed)
             raise
-        _local.options = getattr(_local, "options", []) + [self.options]
-        _wrap_torch_compile()
         return self
 
-    def _restore(self, pushed: bool = True, bound: bool = True) -> None:
+    def _restore(self, pushed: bool = True) -> None:
         try:
-            if bound:
-                _local.options = _local.options[:-1]
-                _unwrap_torch_compile()
+            _unwrap_torch_compile()
             if pushed:
-                pre, post = _saved_stack().pop()
+                pre, post, _ = _saved_stack().pop()
                 _compat.set_pre_grad_pass(pre)
                 _compat.set_post_grad_post_pass(post)
         finally:

@@ -162,6 +162,7 @@ def _replay(gm, example_inputs, sites: list) -> None:
 def _kept_over_live(func, args, kwargs, out) -> float:
     """Computed blocks over the blocks holding at least one key the mask and causality let
     through: 1.0 where the op ran dense."""
+    from aether_compile.kernels.plan import all_live_blocks
     from aether_compile.ops import resolve_blocks
 
     names = [a.name for a in func._schema.arguments]
@@ -170,18 +171,18 @@ def _kept_over_live(func, args, kwargs, out) -> float:
     block_m, block_n = resolve_blocks(query, value, bound.get("block_m"), bound.get("block_n"))
     kept = out[2]
     L, S = query.shape[-2], key.shape[-2]
-    keep = torch.ones(1, 1, L, S, dtype=torch.bool, device=kept.device)
-    mask = bound.get("attn_mask")
-    if mask is not None:
+    is_causal, mask = bool(bound.get("is_causal")), bound.get("attn_mask")
+    if mask is None:  # block level, as the op counts them: no [L, S] buffer at long lengths
+        live = all_live_blocks(L, S, block_m, block_n, is_causal, 1, 1, kept.device)
+    else:  # the mask is [L, S] already: pool which blocks it leaves a key in
         # bool keeps where True; an additive mask drops -inf and HF's finfo.min alike
         keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
-    if bound.get("is_causal"):
-        keep = keep & torch.ones(L, S, dtype=torch.bool, device=kept.device).tril()
-    pad = (0, -S % block_n, 0, -L % block_m)
-    keep = torch.nn.functional.pad(keep, pad, value=False)
-    b, h = keep.shape[:2]
-    live = keep.reshape(b, h, -1, block_m, keep.shape[-1] // block_n, block_n).any(-1).any(3)
+        if is_causal:
+            keep = keep & torch.ones(L, S, dtype=torch.bool, device=kept.device).tril()
+        keep = torch.nn.functional.pad(keep, (0, -S % block_n, 0, -L % block_m), value=False)
+        b, h = keep.shape[:2]
+        live = keep.reshape(b, h, -1, block_m, keep.shape[-1] // block_n, block_n).any(-1).any(3)
     live = live.expand_as(kept)
     total = float(live.sum())
     return float((kept & live).sum()) / total if total else 1.0
