@@ -5,7 +5,7 @@ kernel (both correct: dense is exact, sparse certified; the choice is about spee
    or too little work for skipping to repay the plan. The pass leaves such a site as written
    (code ``short``); the op called directly makes the same choice.
 2. **A sample of the rows** (``sample_visit_counts``), before the full plan, for calls without a
-   mask that a dense kernel computes exactly (``row_sample_applies``): every 16th tile, or a
+   mask that a dense kernel computes exactly (``sample_applies``): every 16th tile, or a
    causal prefix, is planned and probed, and the call goes dense when the sample's certified visit
    exceeds ``DENSE_FRACTION`` of its live blocks. Eager calls read it at once
    (``sampled_visit_fraction``); compiled sites take an earlier call's sample, read without a
@@ -59,6 +59,41 @@ def static_dense_reason(B, H, L, S, D, DV, block_n: int, exact_dense: bool) -> O
     return None
 
 
+@dataclass(frozen=True)
+class Route:
+    """How one call of the op chooses between dense and sparse (``route``).
+
+    static_dense: dense before any kernel runs (the shape rule, ``static_dense``).
+    fraction: the crossover in force (None: no choice at run time, the sparse pass runs).
+    sample: a sample of the rows decides before the full plan (eager: at once, ``eager_choice``;
+        compiled: the site's lagged choice, ``sampled_dense_choice``).
+    gate: compiled graphs only: the gate after the plan and probe decides (``dense_gate``)."""
+    static_dense: bool
+    fraction: Optional[float] = None
+    sample: bool = False
+    gate: bool = False
+
+
+def route(query, key, value, attn_mask, is_causal: bool, block_n: int, twopass: bool) -> Route:
+    """The op's route for this call, from metadata only (traceable). ``twopass``: the call is
+    being traced for a compiled graph whose stages before the pass are one opaque op."""
+    if static_dense(query, key, value, attn_mask, is_causal, block_n):
+        return Route(static_dense=True)
+    fraction = dense_fraction()
+    sample = fraction is not None and sample_applies(query, key, value, attn_mask, is_causal)
+    gate = twopass and not sample and gate_applies(query, key, value, attn_mask, is_causal,
+                                                   fraction)
+    return Route(False, fraction, sample, gate)
+
+
+def eager_choice(query, key, value, is_causal: bool, scale, eps: float, block_m: int,
+                 block_n: int, fraction: float) -> Optional[bool]:
+    """An eager call's choice from a sample of its rows (one host read): True for dense, False
+    for sparse (final: no gate after the plan), None where no smaller sample exists."""
+    sampled = sampled_visit_fraction(query, key, value, is_causal, scale, eps, block_m, block_n)
+    return None if sampled is None else sampled > fraction
+
+
 def static_dense(query, key, value, attn_mask, is_causal: bool,
                  block_n: int) -> bool:
     """The op's shape-based choice, made before any kernel runs (at compile time under
@@ -71,7 +106,7 @@ def static_dense(query, key, value, attn_mask, is_causal: bool,
 
 
 
-def row_sample_applies(query, key, value, attn_mask, is_causal) -> bool:
+def sample_applies(query, key, value, attn_mask, is_causal) -> bool:
     """Whether a sample of the rows may decide "dense" before the full plan: no mask, a call a
     dense kernel computes exactly. Eager calls sample at once (not while capturing a CUDA graph);
     traced graphs through ``aether::prepare_pass``. AETHER_DENSE_SAMPLE=0 turns it off (then
@@ -89,7 +124,7 @@ def dense_fraction() -> float | None:
 # Above this fraction of its live blocks a call is cheaper on the fastest dense kernel: measured
 # on an H100, the sparse kernel costs ~1.5x cuDNN's time per block (benchmarks/results), so it
 # pays below ~0.65 of the blocks. Deciding needs a device-to-host read, never made during CUDA-graph
-# capture: there the gate runs the sparse path and the precheck keeps its site's earlier choice.
+# capture: there the gate runs the sparse path and the sample keeps its site's earlier choice.
 DENSE_FRACTION = 0.6
 
 
@@ -242,9 +277,9 @@ def live_blocks_for_gate(plan: VisitPlan) -> torch.Tensor:
 
 
 def probe_and_gate(query, key, value, plan: VisitPlan, eps: float, fraction: float):
-    """The gated forward up to its pass: probe, certified count, ``dense_gate``. Returns (out,
-    lse, n_visit, use_dense int32[1]); n_visit counts every live block where the gate went dense
-    (the pass then returns at once and the kept map is the dense one)."""
+    """The forward with a gate, up to its pass: probe, certified count, ``dense_gate``.
+    Returns (out, lse, n_visit, use_dense int32[1]); n_visit counts every live block where the
+    gate went dense (the pass then returns at once and the kept map is the dense one)."""
     n_visit = kernel_forward.probe_visit_count(query, key, value, plan, eps)
     out, lse, use_dense = dense_gate(query, key, value, n_visit, live_blocks_for_gate(plan),
                                      plan.is_causal, plan.scale, fraction, plan.mask_not_causal)

@@ -93,43 +93,40 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                                                     query.device))
 
     tracing = _tracing(query)
-    if dense_policy.static_dense(query, key, value, attn_mask, is_causal, block_n):
+    twopass = tracing and kernel_forward.forward_mode() == "twopass"
+    route = dense_policy.route(query, key, value, attn_mask, is_causal, block_n, twopass)
+    fraction = route.fraction
+    if route.static_dense:
         dense = None
         if kernel_dense.dense_eligible(query, key, value, attn_mask, is_causal):
             # cuDNN where a failure can still be caught (eager); in traced graphs cuDNN only
             # where SDPA's dispatcher picks it (as Inductor's default compile does), else flash
             dense = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f,
-                                             try_cudnn="if_sdpa_picks" if tracing else True)
+                                                     try_cudnn="if_sdpa_picks" if tracing else True)
         if dense is not None:
             return with_all_blocks_kept(dense)
-        eps, fraction, sample = 0.0, None, False  # exact, on our kernel (a general mask)
-    else:
-        fraction = dense_policy.dense_fraction()
-        sample = fraction is not None and dense_policy.row_sample_applies(query, key, value,
-                                                                          attn_mask, is_causal)
-    if sample and not tracing and not torch.cuda.is_current_stream_capturing():
-        # Eager (a host read): a sample of the rows decides before the full plan. "Sparse" is
-        # final too: no gate after the plan, so the pass runs in one launch (VISIT_CERTIFY).
-        sampled = dense_policy.sampled_visit_fraction(query, key, value, is_causal, scale, eps,
-                                              block_m, block_n)
-        if sampled is not None and sampled > fraction:
-            dense = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
-            if dense is not None:
-                return with_all_blocks_kept(dense)
-        if sampled is not None:
-            fraction = None
-    if tracing and kernel_forward.forward_mode() == "twopass":
+        eps = 0.0  # exact, on our kernel (a general mask)
+    elif route.sample and not tracing and not torch.cuda.is_current_stream_capturing():
+        # Eager (a host read): a sample of the rows decides before the full plan.
+        dense = dense_policy.eager_choice(query, key, value, is_causal, scale, eps, block_m,
+                                          block_n, fraction)
+        if dense:
+            out = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
+            if out is not None:
+                return with_all_blocks_kept(out)
+        if dense is not None:
+            fraction = None  # decided: the pass runs in one launch (VISIT_CERTIFY), no gate
+    if twopass:
         # Compiled graphs: everything before the pass (the dense choice from a sample of an
         # earlier call, the plan, the probe and gate) is one opaque op that runs when the graph
         # runs; Inductor compiles the pass alone.
-        gated = not sample and dense_policy.gate_applies(query, key, value, attn_mask, is_causal,
-                                                         fraction)
         prepared = torch.ops.aether.prepare_pass(
             query, key, value, attn_mask, is_causal, scale_f, eps, block_m, block_n, fraction,
-            sample, gated, kernel_forward.heads_interleaved(query), _traced_site_id(query))
+            route.sample, route.gate, kernel_forward.heads_interleaved(query),
+            _traced_site_id(query))
         return triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal,
                                                       scale_f, eps, block_m, block_n, prepared,
-                                                      sample, gated)
+                                                      route.sample, route.gate)
     return triton_forward.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                            enable_gqa, eps, block_m, block_n,
                                            dense_fraction=fraction)
@@ -185,7 +182,7 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, 
 @torch.library.custom_op("aether::prepare_pass", mutates_args=())
 def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                  is_causal: bool, scale: float, eps: float, block_m: int, block_n: int,
-                 fraction: Optional[float], precheck: bool, gated: bool, out_interleaved: bool,
+                 fraction: Optional[float], sample: bool, gate: bool, out_interleaved: bool,
                  site: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compiled graphs' stages before the attention pass (triton_forward.prepare_pass):
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
@@ -193,16 +190,16 @@ def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     the graph is traced (``out_interleaved``), where the fake decides it: the two always agree."""
     _precompile.wait()  # kernels this graph's trace started compiling (its first call)
     out, *rest = triton_forward.prepare_pass(query, key, value, attn_mask, is_causal, scale, eps,
-                                             block_m, block_n, fraction, precheck, gated, site)
+                                             block_m, block_n, fraction, sample, gate, site)
     return (kernel_forward.as_out_layout(out, query, out_interleaved), *rest)
 
 
 @prepare_pass.register_fake
-def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fraction, precheck,
-      gated, out_interleaved, site=-1):
+def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fraction, sample,
+      gate, out_interleaved, site=-1):
     # Tracing sees the real shapes: start JIT-compiling the kernels the first call will launch.
     _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
-                                  block_n, fraction, precheck, gated)
+                                  block_n, fraction, sample, gate)
     return triton_forward.new_prepared(query, key, value, block_m, block_n, out_interleaved)
 
 

@@ -17,16 +17,16 @@ from aether_compile.kernels.plan import VisitPlan, all_live_blocks, kept_map
 
 
 def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, eps: float,
-                 block_m: int, block_n: int, fraction, precheck: bool, gated: bool,
+                 block_m: int, block_n: int, fraction, sample: bool, gate: bool,
                  site: int = -1):
     """Everything of the twopass forward before its attention pass, run eagerly: the body of the
     opaque op ``aether::prepare_pass`` that compiled graphs call, so that Inductor compiles one
     Triton launch per attention site (the pass, ``attention_after_prepare``) where it compiled
     five to six (compile time, issue 5); the kernels here launch directly when the graph runs.
 
-    precheck (no mask, ``dense_eligible``): the lagged dense choice of
+    sample (no mask, ``dense_eligible``): the lagged dense choice of
     ``dense_policy.sampled_dense_choice`` first; dense leaves an empty plan (identity order,
-    nothing live) and skip = 1. gated (``dense_policy.gate_applies``, no precheck): plan, probe
+    nothing live) and skip = 1. gate (``dense_policy.gate_applies``, no sample): plan, probe
     and ``dense_gate``; n_visit is the certified count, or every live block where the gate went
     dense. Otherwise: the plan.
     Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
@@ -35,7 +35,7 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     dev = query.device
     nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
     n_visit = None
-    if precheck:
+    if sample:
         out, lse, dense = dense_policy.sampled_dense_choice(query, key, value, is_causal, scale,
                                                             eps, block_m, block_n, fraction, site)
         skip = torch.full((1,), int(Skip.DENSE if dense else Skip.PASS), device=dev,
@@ -55,7 +55,7 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     else:
         plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
                                           block_n)
-        if gated:
+        if gate:
             out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps,
                                                                   fraction)
         else:
@@ -79,8 +79,8 @@ def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved:
 
 
 def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale: float,
-                            eps: float, block_m: int, block_n: int, prepared, precheck: bool,
-                            gated: bool):
+                            eps: float, block_m: int, block_n: int, prepared, sample: bool,
+                            gate: bool):
     """The pass after ``prepare_pass`` (traced: the one Triton launch of a compiled site):
     (out, lse, kept). Gated: a fixed-count pass over n_visit; otherwise one launch that probes,
     certifies and finishes (VISIT_CERTIFY). Either returns at once where skip is 1."""
@@ -91,9 +91,9 @@ def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale
     plan = VisitPlan(B, H, L, S, int(D), int(DV), H // Hkv, scale, block_m, block_n, is_causal,
                      mask4, order, tail_log2, n_live, None)
     out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, skip,
-                                 certify=not gated)
+                                 certify=not gate)
     kept = kept_map(plan, n_visit)
-    if precheck:
+    if sample:
         live = all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device)
         kept = torch.where(skip.bool(), live, kept)
     return out, lse, kept

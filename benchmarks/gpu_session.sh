@@ -7,6 +7,9 @@
 #   kernels             kernel, backward and training GPU tests
 #   after_move          behaviour unchanged after moving code: kernel, inductor, precompile and
 #                       attn_implementation GPU tests, then the issue-6 suite
+#   layout_tests        the GPU tests of after_move alone
+#   train_long_lm       the GQA byte LM (8 query / 2 KV heads) trained at 16K context, for decode
+#                       (issue 21): bf16 weights in parts of at most 15 MiB (TRAIN_MIN minutes)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
 #   compiled            the op in compiled graphs; the issue-2 suite with the torch-op plan
@@ -52,14 +55,21 @@ case "${1:-zoo}" in
       > "$OUT/kernels_gpu.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/kernels_gpu.txt" | tail -25
     ;;
-  after_move)  # behaviour unchanged after moving code: the GPU tests that cover every kernel path, the
+  after_move|layout_tests)  # behaviour unchanged after moving code: the GPU tests that cover every kernel path, the
     # Inductor integration and attn_implementation, then the issue-6 suite (compare its JSON)
     $T 250 $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py tests/aether_compile/test_inductor_gpu.py \
       tests/aether_compile/test_precompile.py tests/aether_compile/test_transformers_attention.py > "$OUT/layout_gpu.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/layout_gpu.txt" | tail -25
+    [ "$1" = layout_tests ] && exit 0
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 200 python3 benchmarks/bench_attention.py \
       --suite issue6 --only uniform,clustered,llm_like --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 14 "$OUT/issue6.txt"
+    ;;
+  train_long_lm)  # a learned long-context model for the decode benchmarks and bound research
+    timeout 420 python3 benchmarks/train_stdlib_lm.py --train-len 16384 --batch 2 --kv-heads 2 \
+      --minutes "${TRAIN_MIN:-3}" --skip-eval --ckpt "$OUT/long_lm.pt" --ckpt-shard-mib 15 \
+      --out "$OUT" > "$OUT/train_long_lm.txt" 2>&1
+    tail -n 8 "$OUT/train_long_lm.txt"
     ;;
   suite)  # the issue-6 suite without W4 (about 180-540 s); W4 is suite_w4
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 575 python3 benchmarks/bench_attention.py \

@@ -110,6 +110,7 @@ class LMConfig:
     d_model: int = 512
     n_head: int = 8
     mlp_mult: int = 4
+    n_kv_head: int = 0  # key/value heads (GQA); 0: as many as query heads
     rope_theta: float = 10000.0
 
 
@@ -131,20 +132,26 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        head_dim = cfg.d_model // cfg.n_head
+        # one projection for q, k and v (3 x d_model wide without GQA, as older checkpoints)
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.n_kv_head * head_dim, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.stats = None  # {"eps": e, "kept": []}: eager runs through aether_compile.attention
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        hd = C // self.n_head
+        q, k, v = self.qkv(x).split([C, self.n_kv_head * hd, self.n_kv_head * hd], -1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, hd).transpose(1, 2) for t in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_head != self.n_head
         if self.stats is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y, st = aether_compile.attention(q, k, v, is_causal=True, eps=self.stats["eps"],
-                                             return_stats=True)
+            y, st = aether_compile.attention(q, k, v, is_causal=True, enable_gqa=gqa,
+                                             eps=self.stats["eps"], return_stats=True)
             self.stats["kept"].append(kept_summary(st, T))
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -203,6 +210,44 @@ def kept_summary(st, T: int) -> dict:
     return {"kept_fraction": n_kept / kept.numel(),
             "kept_fraction_of_causal": n_kept / (float(live.sum()) * kept.shape[0] * kept.shape[1]),
             "block_m": st.block_m, "block_n": st.block_n}
+
+
+def save_checkpoint(path: str, model: "ByteLM", extra: dict, shard_mib=None) -> None:
+    """The model's weights, config and ``extra``; with ``shard_mib``, weights in bf16 split over
+    ``path.part0, path.part1, ...`` of at most that size each (``load_checkpoint`` reads both)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = model.state_dict()
+    if shard_mib is None:
+        torch.save({"model": state, "config": asdict(model.cfg), **extra}, path)
+        print(f"checkpoint -> {path}", flush=True)
+        return
+    parts, size = [{}], 0
+    for name, t in state.items():
+        t = t.detach().to("cpu", torch.bfloat16 if t.is_floating_point() else t.dtype)
+        if parts[-1] and size + t.numel() * t.element_size() > shard_mib * 2 ** 20:
+            parts.append({})
+            size = 0
+        parts[-1][name] = t
+        size += t.numel() * t.element_size()
+    for i, part in enumerate(parts):
+        torch.save({"model": part, "config": asdict(model.cfg), "parts": len(parts),
+                    **(extra if i == 0 else {})}, f"{path}.part{i}")
+    print(f"checkpoint -> {path}.part0..{len(parts) - 1} (bf16)", flush=True)
+
+
+def load_checkpoint(path: str) -> tuple["ByteLM", dict]:
+    """(model in float32 on the CPU, the checkpoint's other entries), from ``path`` or from the
+    parts ``save_checkpoint`` wrote."""
+    if os.path.exists(path):
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        ck = torch.load(f"{path}.part0", map_location="cpu", weights_only=False)
+        for i in range(1, ck["parts"]):
+            ck["model"].update(torch.load(f"{path}.part{i}", map_location="cpu",
+                                          weights_only=False)["model"])
+    model = ByteLM(LMConfig(**ck["config"]))
+    model.load_state_dict({k: v.float() for k, v in ck.pop("model").items()})
+    return model, ck
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -457,6 +502,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ckpt", default=os.path.join("/tmp", "stdlib_lm.pt"))
+    ap.add_argument("--ckpt-shard-mib", type=float, default=None,
+                    help="save bf16 weights in files of at most this size (the device returns "
+                         "files of at most 16 MiB): CKPT.part0, CKPT.part1, ...")
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU-friendly")
     ap.add_argument("--eval-only", action="store_true", help="load --ckpt, skip training")
     ap.add_argument("--skip-eval", action="store_true")
@@ -467,6 +515,7 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (GQA); 0: --heads")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=100)
@@ -520,23 +569,21 @@ def main(argv=None):
         write_json(path, record)
 
     if args.eval_only:
-        ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-        cfg = LMConfig(**ck["config"])
-        model = ByteLM(cfg)
-        model.load_state_dict(ck["model"])
+        model, ck = load_checkpoint(args.ckpt)
+        cfg = model.cfg
         model = model.to(device).eval()
         record["train"] = {**ck.get("train", {}), "loaded_from": args.ckpt}
         record["model_config"] = asdict(cfg)
     else:
-        cfg = LMConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads)
+        cfg = LMConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads,
+                       n_kv_head=args.kv_heads)
         record["model_config"] = asdict(cfg)
         model, summary, curve = train(args, cfg, train_data, val_data, device)
         record["train"] = summary
         record["train_curve"] = curve
         os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
-        torch.save({"model": model.state_dict(), "config": asdict(cfg), "train": summary,
-                    "corpus": corpus, "env": env}, args.ckpt)
-        print(f"checkpoint -> {args.ckpt}", flush=True)
+        save_checkpoint(args.ckpt, model, {"train": summary, "corpus": corpus, "env": env},
+                        shard_mib=args.ckpt_shard_mib)
     flush()
     if not args.skip_eval:
         evaluate(args, model, val_data, device, record["rows"], flush,

@@ -365,7 +365,7 @@ def _build_launcher(source, metadata) -> None:
 
 
 def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
-                fraction, precheck, gated) -> None:
+                fraction, sample, gate) -> None:
     """The traced pass after the prepare op (``attention_after_prepare``) on fresh outputs of the
     op's fake: the launch whose C launcher Inductor builds for its copy of the kernel (in this
     process, with gcc, after its workers compiled the kernel: 0.5 s of the compile's critical
@@ -373,20 +373,20 @@ def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, bl
     prepared = triton_forward.new_prepared(query, key, value, block_m, block_n,
                                  kernel_forward.heads_interleaved(query))
     triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps,
-                                           block_m, block_n, prepared, precheck, gated)
+                                           block_m, block_n, prepared, sample, gate)
 
 
 def replay_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n,
-                   fraction, precheck, gated) -> None:
+                   fraction, sample, gate) -> None:
     """The Triton launches of ``triton_forward.prepare_pass``'s first call, without its host
-    reads: both branches of the precheck's dense choice (the sample's plan and count, the full
-    plan); for a gated call the plan and the probe (the gate itself launches only SDPA)."""
-    if precheck and query.device.type == "cuda":
+    reads: both branches of the sample's dense choice (the sample's plan and count, the full
+    plan); for a call with a gate, the plan and the probe (the gate itself launches only SDPA)."""
+    if sample and query.device.type == "cuda":
         dense_policy.sample_visit_counts(query, key, value, is_causal, scale, eps, block_m, block_n,
                                  whole_if_no_sample=True)
-    plan = kernel_plan.plan_attention(query, key, value, None if precheck else attn_mask, is_causal,
+    plan = kernel_plan.plan_attention(query, key, value, None if sample else attn_mask, is_causal,
                                scale, block_m, block_n)
-    if gated and not precheck:
+    if gate and not sample:
         kernel_forward.probe_visit_count(query, key, value, plan, eps)
 
 

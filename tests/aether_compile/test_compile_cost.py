@@ -143,9 +143,9 @@ def _every_launch_of_the_op():
         bm, bn = launch.default_blocks(D, "cuda")
         for m, causal in ((mask, False), (None, True)):
             plan = kernel_plan.plan_attention(q, k, v, m, causal, D ** -0.5, bm, bn)
-            for gated in (True, False):  # VISIT_FIXED, VISIT_CERTIFY
+            for gate in (True, False):  # VISIT_FIXED, VISIT_CERTIFY
                 precompile.replay_pass(q, k, v, m, causal, D ** -0.5, 1e-3, bm, bn, None,
-                                       False, gated)
+                                       False, gate)
             kept = torch.zeros(plan.order.shape, dtype=torch.int8, device="meta")
             kernel_forward.launch_attention(q, k, v, plan, 1e-3, None, kept)  # VISIT_STOP
         lse = torch.empty(B, H, L, device="meta")
@@ -236,8 +236,8 @@ def test_traced_body_launches_one_kernel(sm90_target, monkeypatch, mask):
     assert [t for t in targets if t.startswith("aether.")] == ["aether.prepare_pass.default"]
     prepare = next(n for n in graphs[0].graph.nodes
                    if str(n.target) == "aether.prepare_pass.default")
-    precheck, gated = prepare.args[10:12]
-    assert (precheck, gated) == ((False, True) if mask else (True, False))
+    sample, gate = prepare.args[10:12]
+    assert (sample, gate) == ((False, True) if mask else (True, False))
 
 
 @compiled_triton

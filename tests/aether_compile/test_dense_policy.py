@@ -93,3 +93,36 @@ def test_traced_site_ids_count_from_zero_in_each_compile():
         with FakeTensorMode() as mode:
             q = mode.from_tensor(torch.empty(1, 1, 8, 8))
             assert [ops._traced_site_id(q) for _ in range(3)] == [0, 1, 2]
+
+
+def _qkv(L, S, B=1, H=2, D=64):
+    """Fake CUDA fp16 inputs: the policy reads metadata only, and its rules differ on CUDA."""
+    with FakeTensorMode():
+        return tuple(torch.empty(B, H, n, D, device="cuda", dtype=torch.float16)
+                     for n in (L, S, S))
+
+
+def test_route_names_each_way_a_call_can_be_decided(monkeypatch):
+    """The op's one question to the policy: static sizes first, then a sample of the rows (no
+    mask), else the gate (compiled graphs, masked calls)."""
+    monkeypatch.delenv("AETHER_DENSE_FRACTION", raising=False)
+    monkeypatch.delenv("AETHER_STATIC_DENSE", raising=False)
+    short = dense_policy.route(*_qkv(64, 64), None, False, block_n=64, twopass=True)
+    assert short == dense_policy.Route(static_dense=True)
+    q, k, v = _qkv(256, 4096)  # 64 key blocks: past the probe; work under 2**36: static dense
+    assert dense_policy.route(q, k, v, None, False, 64, False).static_dense
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+    sampled = dense_policy.route(q, k, v, None, False, 64, twopass=True)
+    assert sampled == dense_policy.Route(False, dense_policy.DENSE_FRACTION, sample=True)
+    with FakeTensorMode():
+        mask = torch.empty(256, 4096, device="cuda", dtype=torch.bool)
+        causal_mask = torch.empty(4096, 4096, device="cuda", dtype=torch.bool)
+    routes = [dense_policy.route(q, k, v, mask, False, 64, twopass=t) for t in (True, False)]
+    assert [(r.sample, r.gate) for r in routes] == [(False, False)] * 2  # a general mask: exact
+    q2, k2, v2 = _qkv(4096, 4096)
+    gate = dense_policy.route(q2, k2, v2, causal_mask, False, 64, twopass=True)
+    assert (gate.sample, gate.gate) == (False, True)  # might be exactly causal: the gate checks
+    eager = dense_policy.route(q2, k2, v2, causal_mask, False, 64, twopass=False)
+    assert (eager.sample, eager.gate) == (False, False)  # eager: the op's own gate decides
+    monkeypatch.setenv("AETHER_DENSE_FRACTION", "off")
+    assert dense_policy.route(q, k, v, None, False, 64, True) == dense_policy.Route(False)

@@ -54,16 +54,16 @@ def _case(route, L=128, D=32):
                                      run=32, centers=4)
     qkv = torch.cat([q, q.flip(2), v], dim=-1).transpose(1, 2).contiguous()  # [B, L, H, 3D]
     q, k, v = (t.transpose(1, 2) for t in qkv.split(D, dim=-1))
-    mask = make_mask("bool", 1, 2, L, L, None, DEVICE, seed=5) if route == "gated-mask" else None
+    mask = make_mask("bool", 1, 2, L, L, None, DEVICE, seed=5) if route == "gate-mask" else None
     bm, bn = launch.default_blocks(D, q.device.type)
     fraction = None if route == "plain" else 0.65
-    is_causal = route == "precheck-causal"
-    args = (is_causal, D ** -0.5, 1e-3, bm, bn, fraction, route.startswith("precheck"),
-            route == "gated-mask")
+    is_causal = route == "sample-causal"
+    args = (is_causal, D ** -0.5, 1e-3, bm, bn, fraction, route.startswith("sample"),
+            route == "gate-mask")
     return (q, k, v, mask), args
 
 
-ROUTES = ["precheck", "precheck-causal", "gated-mask", "plain"]
+ROUTES = ["sample", "sample-causal", "gate-mask", "plain"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -84,7 +84,7 @@ def test_replay_asks_for_the_launches_of_the_first_call(route):
         precompile.replay_prepare(*fakes, *args)
     assert real, "the first call launched nothing: the test would pass vacuously"
     assert real <= replayed, sorted(real - replayed)
-    if not route.startswith("precheck"):
+    if not route.startswith("sample"):
         assert replayed == real
 
 

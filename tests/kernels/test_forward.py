@@ -306,7 +306,7 @@ def test_sampled_visit_fraction_tracks_the_full_plan():
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("route", ["precheck-sparse", "precheck-dense", "gated-mask",
+@pytest.mark.parametrize("route", ["sample-sparse", "sample-dense", "gate-mask",
                                    "plain-mask"])
 def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
     """Compiled graphs split the forward into the opaque ``prepare_pass`` and the traced pass
@@ -317,22 +317,22 @@ def test_prepared_pass_is_the_eager_forward(is_causal, route, monkeypatch):
                                      run=32, centers=4)
     mask = make_mask("bool", 1, 2, 192, 192, None, DEVICE, seed=5) if "mask" in route else None
     fraction = None if route == "plain-mask" else 0.65
-    if route == "gated-mask":  # the gate needs a dense kernel (CUDA); its read only happens there
+    if route == "gate-mask":  # the gate needs a dense kernel (CUDA); its read only happens there
         monkeypatch.setattr(kernel_dense, "dense_kernel_fits", lambda *a: True)
     want_out, want_lse, want_kept = triton_attention(q, k, v, mask, is_causal, None, False, 1e-3,
                                                      BM, BN, dense_fraction=fraction)
     marker_out = torch.full_like(want_out, 7.0)  # what a dense kernel would have written
     marker_lse = torch.full_like(want_lse, 3.0)
     monkeypatch.setattr(dense_policy, "sampled_dense_choice", lambda *a, **kw: (
-        marker_out.clone(), marker_lse.clone(), route == "precheck-dense"))
-    precheck = route.startswith("precheck")
-    gated = not precheck and dense_policy.gate_applies(q, k, v, mask, is_causal, fraction)
-    assert gated == (route == "gated-mask")
+        marker_out.clone(), marker_lse.clone(), route == "sample-dense"))
+    sample = route.startswith("sample")
+    gate = not sample and dense_policy.gate_applies(q, k, v, mask, is_causal, fraction)
+    assert gate == (route == "gate-mask")
     args = (q, k, v, mask, is_causal, 32 ** -0.5, 1e-3, BM, BN)
-    prepared = triton_forward.prepare_pass(*args, fraction, precheck, gated)
-    out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, precheck, gated)
+    prepared = triton_forward.prepare_pass(*args, fraction, sample, gate)
+    out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, sample, gate)
     assert out.stride() == want_out.stride() == kernel_forward.out_strides(q, 32)
-    if route == "precheck-dense":
+    if route == "sample-dense":
         assert torch.equal(out, marker_out) and torch.equal(lse, marker_lse)
         live = kernel_plan.all_live_blocks(192, 192, BM, BN, is_causal, 1, 2, DEVICE)
         assert torch.equal(kept, live)
@@ -409,7 +409,7 @@ def test_read_only_flags_are_shared_eagerly_and_fresh_while_tracing():
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "traced-contiguous"])
-@pytest.mark.parametrize("route", ["precheck-sparse", "precheck-dense", "gated-mask", "plain"])
+@pytest.mark.parametrize("route", ["sample-sparse", "sample-dense", "gate-mask", "plain"])
 def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
     """aether::prepare_pass is opaque to Inductor, which plans memory from its fake: shapes,
     dtypes and strides must be the real ones on every route (opcheck's schema and fake-tensor
@@ -420,14 +420,14 @@ def test_prepare_pass_fake_matches_real(route, interleaved, monkeypatch):
                                      run=32, centers=4)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads split from a projection
     mask = None
-    if route == "precheck-dense":
+    if route == "sample-dense":
         monkeypatch.setattr(dense_policy, "sampled_dense_choice", lambda q, k, v, *a, **kw: (
             kernel_forward.new_out(q, v.shape[-1]).zero_(), torch.zeros(q.shape[:3], device=q.device), True))
-    if route == "gated-mask":
+    if route == "gate-mask":
         mask = make_mask("bool", 1, 2, 128, 128, None, DEVICE, seed=5)
-    precheck, gated = route.startswith("precheck"), route == "gated-mask"
+    sample, gate = route.startswith("sample"), route == "gate-mask"
     args = (q, k, v, mask, False, 32 ** -0.5, 1e-3, BM, BN, None if route == "plain" else 0.65,
-            precheck, gated, interleaved, 0)
+            sample, gate, interleaved, 0)
     torch.library.opcheck(torch.ops.aether.prepare_pass.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.aether.prepare_pass(*args)[0]
