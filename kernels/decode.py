@@ -1,0 +1,348 @@
+"""Certified decode: a few query rows per sequence (a generation step) against a long key/value
+cache, reading only the key blocks whose softmax mass could matter.
+
+**The key summary** (``KeySummary``, kept beside the cache and updated where new keys land): the
+keys quantised to int8 per channel and per group of ``QUANT_GROUP`` positions (an affine code:
+center c and step s per group and channel). Every key's exact score is then bracketed,
+
+    q·k ∈ q·c + (q⊙s)·code ± Σ_c |q_c| e_c,    e_c = s_c / 2 + rounding slack,
+
+so one read of the codes (a quarter of the bytes of K and V in 16 bits) bounds every key's score
+from above and below. A bound per key beats any bound per block: a block's skipped mass is
+bounded key by key, Σ_j exp(U_j), not as n · exp(block max).
+
+**A step** (no host reads, so it can be captured in a CUDA graph):
+
+1. ``decode_bounds`` (Triton): per query row and block of ``BLOCK`` keys, log Σ_j exp(U_j) (an
+   upper bound on the block's mass) and log Σ_j exp(L_j) (a lower bound).
+2. ``select_blocks`` (torch): a row's normaliser Z is at least Z_low = Σ_j exp(L_j) over every
+   live key; blocks are skipped smallest bound first while their bounded masses sum to at most
+   eps · Z_low, so the dropped mass is at most eps · Z_low / Z ≤ eps. A KV head reads a block
+   when any of its rows (query heads of the group, query positions) keeps it.
+3. ``attend_kept`` (Triton): exact attention over the kept blocks, split over many programs per
+   KV head (FlashDecoding), each with its own online softmax; a combine merges the splits.
+
+docs/certificate.md proves the bounds, rounding included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import INTERPRET, pad_pow2, traceable
+
+BLOCK = 16  # keys per skippable block: a 16 x 128 x 2-byte tile of K is 4 KB
+QUANT_GROUP = 64  # keys sharing one (center, step) per channel: 8 bytes per channel per group
+CODE_MAX = 127
+_CODE_MAX = tl.constexpr(CODE_MAX)  # globals read inside @triton.jit must be constexpr
+
+
+@dataclass
+class KeySummary:
+    """int8 codes of a key cache [B, Hkv, S_pad, D] (S_pad: S rounded up to QUANT_GROUP) and each
+    group's center and step [B, Hkv, S_pad / QUANT_GROUP, D] in float32."""
+    codes: torch.Tensor
+    center: torch.Tensor
+    step: torch.Tensor
+
+    @property
+    def group(self) -> int:
+        return self.codes.shape[2] // self.center.shape[2]
+
+
+def _quantize(keys: torch.Tensor):
+    """(codes int8, center, step) of key groups [..., QUANT_GROUP, D]. |k - (c + s code)| <=
+    s / 2 up to float32 rounding (the bound's slack covers it): c is the channel's midrange,
+    s = range / 254, so |k - c| / s <= 127 before rounding."""
+    kf = keys.float()
+    lo, hi = kf.amin(-2), kf.amax(-2)
+    center = (lo + hi) * 0.5
+    step = (hi - lo) / (2 * CODE_MAX)
+    # a constant channel keeps step 0 (its codes are 0 and c is exact); divide by 1 there
+    divisor = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((kf - center.unsqueeze(-2)) / divisor.unsqueeze(-2))
+    return codes.clamp_(-CODE_MAX, CODE_MAX).to(torch.int8), center, step
+
+
+def _groups_of(key: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Tensor:
+    """The keys of ``groups`` [n] as [B, Hkv, n, group, D]; positions past the cache repeat its
+    last key (they are never attended, only quantised)."""
+    S = key.shape[2]
+    pos = (groups[:, None] * group + torch.arange(group, device=key.device)).clamp_(max=S - 1)
+    B, H, _, D = key.shape
+    return key.index_select(2, pos.flatten()).view(B, H, groups.numel(), group, D)
+
+
+def summarize_keys(key: torch.Tensor, group: int = QUANT_GROUP) -> KeySummary:
+    """The summary of a whole key cache [B, Hkv, S, D] (one read of K)."""
+    B, H, S, D = key.shape
+    n = max(1, triton.cdiv(S, group))
+    codes, center, step = _quantize(_groups_of(key, torch.arange(n, device=key.device), group))
+    return KeySummary(codes.view(B, H, n * group, D), center, step)
+
+
+def update_summary(summary: KeySummary, key: torch.Tensor, positions: torch.Tensor) -> None:
+    """Re-summarise, in place, the groups holding ``positions`` (int [n], cache positions just
+    written, shared by the batch as a cache's ``cache_position``): reads only those groups of K.
+    A position listed twice re-summarises its group twice, with the same result."""
+    g = summary.group
+    groups = torch.div(positions.reshape(-1).long(), g, rounding_mode="floor")
+    codes, center, step = _quantize(_groups_of(key, groups, g))
+    B, H, S_pad, D = summary.codes.shape
+    summary.codes.view(B, H, S_pad // g, g, D).index_copy_(2, groups, codes)
+    summary.center.index_copy_(2, groups, center)
+    summary.step.index_copy_(2, groups, step)
+
+
+# -- 1. bounds ------------------------------------------------------------------------------------
+@triton.jit
+def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLower,
+                          S, R, LQ, HKV, NB, scale, slack_gamma,
+                          stride_bb, stride_bl, stride_bs,
+                          D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_LENGTHS: tl.constexpr):
+    """One program: one quantisation group of one (sequence, KV head), every row of the head.
+    Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores)."""
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    ng = tl.num_programs(0)
+    b = pid_bh // HKV
+    o_r = tl.arange(0, R_PAD)
+    o_d = tl.arange(0, D_PAD)
+    o_k = tl.arange(0, GROUP)
+    m_r = o_r < R
+    m_d = o_d < D
+    q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
+                mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    p_off = (pid_bh * ng + pid_g) * D + o_d
+    center = tl.load(Center + p_off, mask=m_d, other=0.0)
+    step = tl.load(Step + p_off, mask=m_d, other=0.0)
+    qs = q * step[None, :]
+    base = tl.sum(q * center[None, :], 1)
+    # e_c = s_c / 2 plus the reconstruction's rounding; then the float32 dot products' own
+    # rounding (gamma * the sums of absolute terms) and the final scaling's (below)
+    err = 0.5 * step + 2.0 ** -20 * (tl.abs(center) + (_CODE_MAX + 1) * step)
+    slack = tl.sum(tl.abs(q) * err[None, :], 1) + slack_gamma * (
+        _CODE_MAX * tl.sum(tl.abs(qs), 1) + tl.sum(tl.abs(q * center[None, :]), 1))
+    keys = pid_g * GROUP + o_k
+    codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
+                    mask=m_d[None, :], other=0).to(tl.float32)
+    dots = tl.dot(qs, tl.trans(codes), input_precision="ieee")  # exact-rounded fp32 FMAs
+    hi = (dots + (base + slack)[:, None]) * scale
+    lo = (dots + (base - slack)[:, None]) * scale
+    hi = hi + tl.abs(hi) * 2.0 ** -22
+    lo = lo - tl.abs(lo) * 2.0 ** -22
+    live = keys < S
+    if HAS_LENGTHS:
+        live = live & (keys < tl.load(Lengths + b))
+    extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
+    if HAS_BIAS:
+        rows_l = o_r % LQ
+        extra += tl.load(Bias + b * stride_bb + rows_l[:, None] * stride_bl
+                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
+                         other=float("-inf"))
+    hi = hi + extra
+    lo = lo + extra
+    NBG: tl.constexpr = GROUP // BLOCK_N
+    hi3 = tl.reshape(hi, (R_PAD, NBG, BLOCK_N))
+    lo3 = tl.reshape(lo, (R_PAD, NBG, BLOCK_N))
+    mh = tl.max(hi3, 2)
+    mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
+    log_hi = mh_safe + tl.log(tl.sum(tl.exp(hi3 - mh_safe[:, :, None]), 2))
+    ml = tl.max(lo3, 2)
+    ml_safe = tl.where(ml == float("-inf"), 0.0, ml)
+    log_lo = ml_safe + tl.log(tl.sum(tl.exp(lo3 - ml_safe[:, :, None]), 2))
+    # the log-sum-exp's own float32 rounding: a relative 1e-5 on each side
+    log_hi = tl.where(mh == float("-inf"), float("-inf"), log_hi + 1e-5)
+    log_lo = tl.where(ml == float("-inf"), float("-inf"), log_lo - 1e-5)
+    o_b = pid_g * NBG + tl.arange(0, NBG)
+    out = (pid_bh * R + o_r[:, None]) * NB + o_b[None, :]
+    m_out = m_r[:, None] & (o_b[None, :] < NB)
+    tl.store(LogUpper + out, log_hi, mask=m_out)
+    tl.store(LogLower + out, log_lo, mask=m_out)
+
+
+def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, Lq, D] -> [B, Hkv, G * Lq, D]: the rows that share a KV head's read (row r is
+    query head g = r // Lq of the group at position l = r % Lq)."""
+    B, Hq, Lq, D = query.shape
+    return query.reshape(B, hkv, (Hq // hkv) * Lq, D).contiguous()
+
+
+def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, lengths=None):
+    """(log_upper, log_lower) [B, Hkv, R, NB] float32: per row and block of BLOCK keys, log of an
+    upper and of a lower bound on Σ exp(scale q·k + bias) over the block's live keys (keys past S,
+    past ``lengths[b]`` or with bias -inf are not live: -inf). ``bias``: [B, Lq, S] float32."""
+    B, Hkv, S_pad, D = summary.codes.shape
+    rows = rows_of(query, Hkv)
+    R = rows.shape[2]
+    NB = S_pad // BLOCK
+    log_upper = torch.empty(B, Hkv, R, NB, device=query.device, dtype=torch.float32)
+    log_lower = torch.empty_like(log_upper)
+    gamma = (D + 8) * 2.0 ** -23  # |fl(a·b) - a·b| <= gamma * Σ|a_i b_i| for float32 dots
+    dummy = log_upper
+    traceable(_decode_bounds_kernel)[(S_pad // summary.group, B * Hkv)](
+        rows, summary.codes, summary.center, summary.step,
+        bias if bias is not None else dummy, lengths if lengths is not None else dummy,
+        log_upper, log_lower, S, R, query.shape[2], Hkv, NB, float(scale), gamma,
+        *(bias.stride() if bias is not None else (0, 0, 0)),
+        D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)), GROUP=summary.group, BLOCK_N=BLOCK,
+        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None)
+    return log_upper, log_lower
+
+
+# -- 2. selection ----------------------------------------------------------------------------------
+def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
+    """(kept_order int32 [B, Hkv, NB], n_kept int32 [B, Hkv], keep_rows bool [B, Hkv, R, NB]).
+    A row skips its blocks smallest bound first while their bounded masses sum to at most
+    eps * Z_low (Z_low = Σ exp(log_lower), a lower bound on its normaliser); a KV head reads a
+    block any of its rows keeps. kept_order lists the kept blocks first, in ascending order."""
+    log_z_low = torch.logsumexp(log_lower, -1, keepdim=True)
+    budget = log_z_low + (math.log(eps) if eps > 0 else -math.inf)
+    sorted_upper, order = log_upper.sort(-1)
+    n_skip = (torch.logcumsumexp(sorted_upper, -1) <= budget).sum(-1, keepdim=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    keep_rows = rank >= n_skip
+    keep = keep_rows.any(2)
+    # blocks with no live key in any row have an upper bound of -inf: skipped by every row
+    kept_order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return kept_order, keep.sum(-1, dtype=torch.int32), keep_rows
+
+
+# -- 3. attention over the kept blocks ------------------------------------------------------------
+@triton.jit
+def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, PartAcc,
+                          S, R, LQ, HKV, NB, scale,
+                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                          stride_bb, stride_bl, stride_bs,
+                          D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
+                          DV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          DOT_UPCAST: tl.constexpr):
+    """One program: one share of a (sequence, KV head)'s kept blocks, every row of the head;
+    writes its running max, sum and unnormalised output per row."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    o_r = tl.arange(0, R_PAD)
+    o_d = tl.arange(0, D_PAD)
+    o_v = tl.arange(0, DV_PAD)
+    o_n = tl.arange(0, BLOCK_N)
+    m_r = o_r < R
+    q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
+                mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+    if DOT_UPCAST:  # the interpreter's dots mishandle bfloat16
+        q = q.to(tl.float32)
+    n = tl.load(NKept + pid_bh)
+    per = tl.cdiv(n, SPLITS)
+    start = pid_s * per
+    end = tl.minimum(start + per, n)
+    limit = S
+    if HAS_LENGTHS:
+        limit = tl.minimum(limit, tl.load(Lengths + b))
+    m_i = tl.full((R_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((R_PAD,), tl.float32)
+    acc = tl.zeros((R_PAD, DV_PAD), tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for i in range(start, end):
+        blk = tl.load(Order + pid_bh * NB + i)
+        keys = blk * BLOCK_N + o_n
+        live = keys < limit
+        k = tl.load(k_base + keys[:, None] * stride_ks + o_d[None, :],
+                    mask=live[:, None] & (o_d[None, :] < D), other=0.0)
+        if DOT_UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        s = s + tl.where(live, 0.0, float("-inf"))[None, :]
+        if HAS_BIAS:
+            s += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
+                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
+                         other=float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_base + keys[:, None] * stride_vs + o_v[None, :],
+                    mask=live[:, None] & (o_v[None, :] < DV), other=0.0)
+        if DOT_UPCAST:
+            v = v.to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    part = (pid_bh * SPLITS + pid_s) * R + o_r
+    tl.store(PartM + part, m_i, mask=m_r)
+    tl.store(PartL + part, l_i, mask=m_r)
+    tl.store(PartAcc + part[:, None] * DV + o_v[None, :], acc,
+             mask=m_r[:, None] & (o_v[None, :] < DV))
+
+
+def default_splits(B: int, hkv: int, nb: int, device) -> int:
+    """Programs per (sequence, KV head): about two waves of the device's SMs in all, at least
+    four blocks each."""
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(4, nb // 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, B * hkv), max(1, nb // 4), 128))
+
+
+def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
+                splits: int | None = None):
+    """(out [B, Hq, Lq, DV] in query's dtype, lse [B, Hq, Lq] float32): attention over the kept
+    blocks only (exact there). Rows with nothing kept get zeros and lse -inf."""
+    B, Hq, Lq, D = query.shape
+    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    rows = rows_of(query, Hkv)
+    R = rows.shape[2]
+    NB = kept_order.shape[-1]
+    splits = splits or default_splits(B, Hkv, NB, query.device)
+    part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(B * Hkv, splits, R, DV, device=query.device, dtype=torch.float32)
+    dummy = part_m
+    traceable(_decode_attend_kernel)[(splits, B * Hkv)](
+        rows, key, value, bias if bias is not None else dummy,
+        lengths if lengths is not None else dummy, kept_order, n_kept, part_m, part_l, part_acc,
+        S, R, Lq, Hkv, NB, float(scale), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        *(bias.stride() if bias is not None else (0, 0, 0)),
+        D=D, DV=DV, D_PAD=pad_pow2(D), DV_PAD=pad_pow2(DV), R_PAD=max(16, pad_pow2(R)),
+        BLOCK_N=BLOCK, SPLITS=splits, HAS_BIAS=bias is not None,
+        HAS_LENGTHS=lengths is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16)
+    return combine_splits(part_m, part_l, part_acc, B, Hq, Lq, query.dtype)
+
+
+def combine_splits(part_m, part_l, part_acc, B, Hq, Lq, dtype):
+    """Merge the splits' online-softmax states: (out, lse) per row."""
+    m = part_m.amax(1, keepdim=True)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(part_m - m_safe)  # exp(-inf) = 0 for empty splits
+    total = (w * part_l).sum(1)
+    acc = (w.unsqueeze(-1) * part_acc).sum(1)
+    out = torch.where(total.unsqueeze(-1) > 0, acc / total.unsqueeze(-1), torch.zeros_like(acc))
+    lse = m_safe.squeeze(1) + torch.log(total)
+    DV = part_acc.shape[-1]
+    return out.to(dtype).view(B, Hq, Lq, DV), lse.view(B, Hq, Lq)
+
+
+def decode_attention(query, key, value, summary: KeySummary, eps: float, scale: float,
+                     bias=None, lengths=None, splits: int | None = None):
+    """(out, lse, keep_rows): certified decode attention with ``summary`` describing ``key``
+    exactly as it is now (the caller's duty: see aether_compile/kv_cache.py). keep_rows [B, Hkv,
+    R, NB] is what each row itself needed (the union over its KV head is what was read)."""
+    S = key.shape[2]
+    log_upper, log_lower = decode_bounds(query, summary, S, scale, bias, lengths)
+    kept_order, n_kept, keep_rows = select_blocks(log_upper, log_lower, eps)
+    out, lse = attend_kept(query, key, value, kept_order, n_kept, scale, bias, lengths, splits)
+    return out, lse, keep_rows

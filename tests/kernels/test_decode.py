@@ -1,0 +1,162 @@
+"""Certified decode (kernels/decode.py) against float64: the key summary, the bounds it gives
+(sound for every row and block), the certificate (each row's dropped mass <= eps, measured),
+and the output over the kept blocks. On CPU through Triton's interpreter, at small sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aether_compile.kernels import decode
+from aether_compile.kernels import decode_reference as ref
+
+from tests.helpers import REL_TOL, TRITON_INTERPRET, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
+                                reason="Triton on CPU needs TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(B, Hq, Hkv, Lq, S, D, dtype, seed, kind="clustered", DV=None):
+    """q, k, v on DEVICE. "clustered": each KV head's keys hold a few planted keys aligned with
+    its queries and two outlier channels (as learned keys have), so skipping has something to
+    find; "uniform": plain Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, DV or D, generator=g)
+    if kind == "clustered":
+        k[..., :2] *= 6  # outlier channels
+        q_dir = q.view(B, Hkv, Hq // Hkv, Lq, D).mean((2, 3))
+        picks = torch.randint(0, S, (max(1, S // 40),), generator=g)
+        k[:, :, picks] += 3 * q_dir[:, :, None] / q_dir.norm(dim=-1, keepdim=True)[..., None] * 4
+        q *= 2
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+CASES = [
+    # (B, Hq, Hkv, Lq, S, D)
+    (1, 1, 1, 1, 16, 16),
+    (2, 4, 2, 1, 300, 64),
+    (1, 8, 2, 3, 200, 32),  # several query positions share the read
+    (2, 2, 2, 1, 129, 80),  # D not a power of two
+]
+
+
+def _bias(B, Lq, S, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "causal_tail":  # Lq new tokens at the end of the cache, causal among themselves
+        pos = torch.arange(S)
+        rows = S - Lq + torch.arange(Lq)
+        b = torch.where(pos[None, :] <= rows[:, None], 0.0, -math.inf)
+        return b.expand(B, Lq, S).contiguous().to(DEVICE)
+    b = torch.where(torch.rand(B, Lq, S, generator=g) > 0.2, 0.0, -math.inf)
+    return (b + torch.rand(B, Lq, S, generator=g) * -2).to(DEVICE)  # masked and graded
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,S,D", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("bias_kind", ["none", "causal_tail", "random"])
+def test_bounds_hold_for_every_row_and_block(dtype, B, Hq, Hkv, Lq, S, D, bias_kind):
+    q, k, _ = _inputs(B, Hq, Hkv, Lq, S, D, dtype, seed=S + D)
+    bias = _bias(B, Lq, S, bias_kind)
+    summary = decode.summarize_keys(k)
+    scale = D ** -0.5
+    upper, lower = decode.decode_bounds(q, summary, S, scale, bias)
+    exact = ref.block_log_mass(ref.exact_scores(q, k, scale, summary.codes.shape[2], bias))
+    live = exact > -math.inf
+    assert torch.equal(upper > -math.inf, live) and torch.equal(lower > -math.inf, live)
+    assert (upper.double()[live] >= exact[live]).all()
+    assert (lower.double()[live] <= exact[live]).all()
+    # tight: int8 codes leave a small gap (here under 1 nat per block on average)
+    assert (upper.double() - exact)[live].mean() < 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 1e-1])
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,S,D", CASES[1:], ids=lambda c: str(c))
+def test_each_rows_dropped_mass_is_at_most_eps(dtype, eps, B, Hq, Hkv, Lq, S, D):
+    q, k, v = _inputs(B, Hq, Hkv, Lq, S, D, dtype, seed=7 + S)
+    bias = _bias(B, Lq, S, "causal_tail")
+    summary = decode.summarize_keys(k)
+    scale = D ** -0.5
+    out, lse, keep_rows = decode.decode_attention(q, k, v, summary, eps, scale, bias)
+    keep = keep_rows.any(2)
+    # what each row itself kept is enough for its certificate; the KV head reads the union
+    assert (ref.dropped_mass(q, k, keep_rows.any(2), scale, bias) <= eps + 1e-12).all()
+    for r in range(keep_rows.shape[2]):
+        assert (ref.dropped_mass(q, k, keep_rows[:, :, r], scale, bias)[:, :, r]
+                <= eps + 1e-12).all()
+    want, want_lse = ref.restricted_decode(q, k, v, keep, scale, bias)
+    assert rel_err(out, want) <= REL_TOL[dtype]
+    live = want_lse > -math.inf
+    assert torch.allclose(lse[live], want_lse[live], atol=1e-3)
+    if eps == 0.0:  # every block with a live key is read
+        exact = ref.block_log_mass(ref.exact_scores(q, k, scale, summary.codes.shape[2], bias))
+        assert torch.equal(keep, (exact > -math.inf).any(2))
+
+
+def test_skipping_finds_the_planted_keys():
+    """On clustered data a small eps reads well under half the blocks, uniform data nearly all."""
+    kept = {}
+    for kind in ("clustered", "uniform"):
+        q, k, v = _inputs(2, 4, 2, 1, 640, 64, torch.float32, seed=3, kind=kind)
+        _, _, keep_rows = decode.decode_attention(q, k, v, decode.summarize_keys(k), 1e-2,
+                                                  64 ** -0.5)
+        kept[kind] = keep_rows.float().mean().item()
+    assert kept["clustered"] < 0.5 < kept["uniform"]
+
+
+def test_lengths_end_each_sequence_and_empty_rows_are_zero():
+    q, k, v = _inputs(3, 4, 2, 1, 96, 32, torch.float16, seed=1)
+    lengths = torch.tensor([96, 40, 0], device=DEVICE, dtype=torch.int32)
+    summary = decode.summarize_keys(k)
+    out, lse, keep_rows = decode.decode_attention(q, k, v, summary, 1e-3, 32 ** -0.5,
+                                                  lengths=lengths)
+    want, want_lse = ref.restricted_decode(q, k, v, keep_rows.any(2), 32 ** -0.5,
+                                           lengths=lengths)
+    assert rel_err(out[:2], want[:2]) <= REL_TOL[torch.float16]
+    assert not keep_rows[2].any() and (out[2] == 0).all() and torch.isinf(lse[2]).all()
+    assert not keep_rows[1, ..., 3:].any()  # blocks past the length are never read
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_splits_do_not_change_the_result(splits):
+    q, k, v = _inputs(1, 4, 1, 1, 400, 32, torch.float32, seed=5)
+    summary = decode.summarize_keys(k)
+    outs = [decode.decode_attention(q, k, v, summary, 1e-3, 32 ** -0.5, splits=n)[0]
+            for n in (splits, 2)]
+    assert rel_err(outs[0], outs[1]) <= 1e-6
+
+
+def test_updating_the_summary_where_keys_land_equals_summarising_from_scratch():
+    _, k, _ = _inputs(2, 2, 2, 1, 200, 32, torch.bfloat16, seed=2)
+    summary = decode.summarize_keys(k)
+    before = decode.KeySummary(*(t.clone() for t in (summary.codes, summary.center,
+                                                       summary.step)))
+    positions = torch.tensor([5, 130, 131], device=DEVICE)
+    k[:, :, positions] = torch.randn(2, 2, 3, 32, device=DEVICE).to(k.dtype) * 5
+    decode.update_summary(summary, k, positions)
+    fresh = decode.summarize_keys(k)
+    for got, want in zip((summary.codes, summary.center, summary.step),
+                         (fresh.codes, fresh.center, fresh.step)):
+        assert torch.equal(got, want)
+    touched = torch.zeros(summary.center.shape[2], dtype=torch.bool)
+    touched[[0, 2]] = True  # groups of 64 holding positions 5, 130, 131
+    assert torch.equal((summary.center != before.center).any(-1).any(0).any(0).cpu(), touched)
+
+
+def test_reference_matches_the_kernels_selection():
+    q, k, v = _inputs(2, 4, 2, 2, 250, 32, torch.float32, seed=11)
+    summary = decode.summarize_keys(k)
+    got = decode.decode_attention(q, k, v, summary, 1e-2, 32 ** -0.5)
+    want = ref.reference_decode_attention(q, k, v, summary, 1e-2, 32 ** -0.5)
+    # the kernel's bounds carry rounding slack, so it may keep a block the exact bounds skip
+    assert (got[2] | ~want[2]).all()
+    assert (got[2] != want[2]).float().mean() < 0.05
+    assert rel_err(got[0], want[0]) < 1e-2
