@@ -1,0 +1,257 @@
+"""Decode step attention (one query row per head against a KV cache): certified decode
+(aether_compile.kernels.decode) against the fastest dense SDPA backend and FlexAttention, on
+uniform, clustered and learned data. Issue 21's attention-step rows.
+
+GPU (one command; the device copy has no .git, so name the commit):
+
+    AETHER_COMMIT=<sha> python benchmarks/bench_decode.py --ckpt CKPT --out benchmarks/results
+
+CKPT: the GQA byte LM (``train_stdlib_lm.py --kv-heads 2``, parts accepted); without it the
+learned rows are left out. CPU smoke run (interpreter, tiny sizes): ``--smoke``.
+
+Data:
+  * uniform: Gaussian q, k, v (nothing to skip: the op must cost no more than dense);
+  * clustered: uniform plus, per KV head, 1/500 of the keys moved towards the group's queries;
+  * learned: q (the last position), k, v of every layer of the LM over validation windows,
+    layers stacked as KV heads (6 layers x 2 KV heads = 12 KV heads, 48 query heads, D 64).
+
+Per row: the step's time (bounds + selection + attention + combine; the summary is kept beside
+the cache, its per-token update timed apart as ``update_us``), the fastest dense SDPA backend's,
+speed = dense / ours; kept fraction per row and per KV head (what is read); the ideal per-block
+bound's kept fraction (exact block max, n * exp(max), exact normaliser); the oracle's (fewest
+blocks holding 1 - eps); the measured worst dropped mass per row (must be <= eps) and the output
+error against float32 SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_llama import card_tag, env_record, write_json  # noqa: E402
+
+from aether_compile.kernels import decode  # noqa: E402
+
+
+def _bench(fn, warmup=5, rep=30) -> float:
+    """Median microseconds of fn (CUDA events; the interpreter: wall time of one call)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+
+
+def synthetic(kind, B, Hq, Hkv, S, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    if kind == "clustered":
+        direction = q.view(B, Hkv, Hq // Hkv, D).float().mean(2)
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        picks = torch.randint(0, S, (max(1, S // 500),), device=device, generator=g)
+        k[:, :, picks] += (6 * direction[:, :, None]).to(dtype)
+    return q, k, v
+
+
+def learned(ckpt: str, S: int, B: int, device, dtype=torch.bfloat16):
+    """q (last position), k, v of every layer of the byte LM over B validation windows of S
+    bytes, layers stacked as heads: q [B, layers*H, 1, D], k, v [B, layers*Hkv, S, D]."""
+    import train_stdlib_lm as lm
+
+    model, _ = lm.load_checkpoint(ckpt)
+    model = model.to(device, dtype).eval()
+    _, val, _ = lm.load_corpus()
+    starts = torch.linspace(0, val.numel() - S - 1, B).long()
+    ids = torch.stack([val[s:s + S].long() for s in starts]).to(device)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def capture(q, k, v, *args, **kwargs):
+        seen.append((q[:, :, -1:].clone(), k.clone(), v.clone()))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = capture
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    del model
+    return tuple(torch.cat([s[i] for s in seen], 1) for i in range(3))
+
+
+def dense_times(q, k, v) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                times[name] = _bench(lambda: F.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=True))
+        except RuntimeError as e:  # backend refuses the shape
+            times[name] = None
+            times[name + "_error"] = str(e).splitlines()[0][:120]
+    return times
+
+
+_FLEX = {}
+
+
+def flex_time(q, k, v):
+    """FlexAttention compiled for this shape, no mask (dense decoding), or None."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+        fn = _FLEX.setdefault("fn", torch.compile(flex_attention, dynamic=False))
+        fn(q, k, v, enable_gqa=True)
+        return _bench(lambda: fn(q, k, v, enable_gqa=True))
+    except Exception as e:  # noqa: BLE001
+        return f"error: {str(e).splitlines()[0][:120]}"
+
+
+def ideal_and_oracle(q, k, eps: float) -> dict:
+    """Kept fractions (per row, per KV head) of the ideal per-block bound and of the oracle."""
+    B, Hkv, S, D = k.shape
+    rows = decode.rows_of(q, Hkv).float()
+    s = (rows @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, R, S]
+    NB = S // decode.BLOCK
+    blocks = s[..., :NB * decode.BLOCK].unflatten(-1, (NB, decode.BLOCK))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    mass = torch.exp(torch.logsumexp(blocks, -1) - lse)  # exact share per block
+    ideal = torch.exp(blocks.amax(-1) + math.log(decode.BLOCK) - lse)  # n * exp(max) / Z
+    out = {}
+    for name, key in (("ideal", ideal), ("oracle", mass)):
+        srt, order = key.sort(-1)
+        drop = srt.cumsum(-1) <= eps  # smallest first, while their sum stays <= eps
+        keep = torch.ones_like(drop).scatter_(-1, order, ~drop)
+        out[f"{name}_kept_row"] = keep.float().mean().item()
+        out[f"{name}_kept_kv"] = keep.any(2).float().mean().item()
+    return out
+
+
+def measure(q, k, v, eps: float, scale: float) -> dict:
+    summary = decode.summarize_keys(k)
+    out, lse, keep_rows = decode.decode_attention(q, k, v, summary, eps, scale)
+    torch.cuda.synchronize() if q.is_cuda else None
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    B, Hkv, S, D = k.shape
+    rows = decode.rows_of(q, Hkv).float()
+    s = (rows @ k.float().transpose(-1, -2)) * scale
+    p = torch.softmax(s, -1)
+    keep = keep_rows.any(2).repeat_interleave(decode.BLOCK, -1)[..., :S]
+    dropped = (p * ~keep.unsqueeze(2)).sum(-1)
+    rec = {"kept_row": keep_rows.float().mean().item(),
+           "kept_kv": keep_rows.any(2).float().mean().item(),
+           "max_dropped_mass": dropped.max().item(),
+           "max_abs_err_vs_fp32": (out.float() - ref).abs().max().item()}
+    rec["ours_us"] = _bench(lambda: decode.decode_attention(q, k, v, summary, eps, scale))
+    rec["bounds_us"] = _bench(lambda: decode.decode_bounds(q, summary, S, scale))
+    pos = torch.tensor([S - 1], device=k.device)
+    rec["update_us"] = _bench(lambda: decode.update_summary(summary, k, pos))
+    rec.update(ideal_and_oracle(q, k, eps))
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--kv", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2])
+    ap.add_argument("--kinds", nargs="+", default=["uniform", "clustered", "learned"])
+    ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
+    ap.add_argument("--deadline-min", type=float, default=9.0)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.kv, args.batch, args.kinds = [256], [2], ["uniform", "clustered"]
+    env = env_record()
+    path = os.path.join(args.out, f"decode{'_smoke' if args.smoke else ''}_{card_tag(env)}.json")
+    record = {"env": env, "config": vars(args), "rows": [], "summary": None}
+    t0 = time.perf_counter()
+    Hq, Hkv, D = (4, 2, 32) if args.smoke else (32, 8, 128)
+    dtype = torch.bfloat16
+    for kind in args.kinds:
+        if kind == "learned" and not args.ckpt:
+            continue
+        for S in args.kv:
+            for B in args.batch:
+                if time.perf_counter() - t0 > 60 * args.deadline_min:
+                    break
+                if kind == "learned":
+                    if B > 8 or S > 32768:
+                        continue  # the LM saw 16K; its validation text holds a few 32K windows
+                    q, k, v = learned(args.ckpt, S, B, device)
+                else:
+                    q, k, v = synthetic(kind, B, Hq, Hkv, S, D, dtype, device)
+                scale = q.shape[-1] ** -0.5
+                base = {"kind": kind, "kv": S, "batch": B, "hq": q.shape[1], "hkv": k.shape[1],
+                        "d": q.shape[-1], "dtype": str(dtype)}
+                try:
+                    dense = dense_times(q, k, v) if device == "cuda" else {}
+                    fastest = min((t for n, t in dense.items()
+                                   if isinstance(t, float)), default=None)
+                    if args.flex and S == 32768 and device == "cuda":
+                        dense["flex"] = flex_time(q, k, v)
+                    for eps in args.eps:
+                        rec = {**base, "eps": eps, "dense_us": dense, "fastest_dense_us": fastest,
+                               **measure(q, k, v, eps, scale)}
+                        rec["speedup"] = fastest / rec["ours_us"] if fastest else None
+                        record["rows"].append(rec)
+                        print(f"{kind:9s} kv {S:6d} B {B:2d} eps {eps:.0e}: kept row "
+                              f"{rec['kept_row']:.3f} kv {rec['kept_kv']:.3f} (ideal "
+                              f"{rec['ideal_kept_kv']:.3f}, oracle {rec['oracle_kept_kv']:.3f}) "
+                              f"dropped {rec['max_dropped_mass']:.1e} | ours {rec['ours_us']:.1f}"
+                              f" us (bounds {rec['bounds_us']:.1f}) dense {fastest} -> "
+                              f"{rec['speedup']}", flush=True)
+                except torch.cuda.OutOfMemoryError as e:
+                    record["rows"].append({**base, "error": str(e)[:200]})
+                del q, k, v
+                torch.cuda.empty_cache() if device == "cuda" else None
+                record["summary"] = summarize(record["rows"])
+                write_json(path, record)
+    record["summary"] = summarize(record["rows"])
+    record["wall_s"] = time.perf_counter() - t0
+    write_json(path, record)
+    print(record["summary"])
+    print(f"-> {path}")
+
+
+def summarize(rows) -> dict:
+    ok = [r for r in rows if "error" not in r and r.get("speedup")]
+
+    def pick(kind, kv, batch):
+        rs = [r for r in ok if (r["kind"], r["kv"], r["batch"]) == (kind, kv, batch)]
+        return max(rs, key=lambda r: r["speedup"]) if rs else None
+
+    learned = pick("learned", 32768, 8)
+    return {
+        "decode_speedup_32k_learned": learned and learned["speedup"],
+        "decode_speedup_32k_learned_eps": learned and learned["eps"],
+        "decode_kept_over_ideal_32k": learned and (learned["kept_kv"]
+                                                   / max(learned["ideal_kept_kv"], 1e-9)),
+        "decode_uniform_min_ratio": min((r["speedup"] for r in ok if r["kind"] == "uniform"),
+                                        default=None),
+        "decode_clustered_speedup_32k_b8": (pick("clustered", 32768, 8) or {}).get("speedup"),
+        "decode_max_dropped_over_eps": max((r["max_dropped_mass"] / r["eps"] for r in ok),
+                                           default=None),
+    }
+
+
+if __name__ == "__main__":
+    main()
