@@ -10,6 +10,7 @@
 #   layout_tests        the GPU tests of after_move alone
 #   train_long_lm       the GQA byte LM (8 query / 2 KV heads) trained at 16K context, for decode
 #                       (issue 21): bf16 weights in parts of at most 15 MiB (TRAIN_MIN minutes)
+#   decode              the decode-step benchmark (uniform, clustered, learned with CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
 #   compiled            the op in compiled graphs; the issue-2 suite with the torch-op plan
@@ -70,6 +71,11 @@ case "${1:-zoo}" in
       --minutes "${TRAIN_MIN:-3}" --skip-eval --ckpt "$OUT/long_lm.pt" --ckpt-shard-mib 15 \
       --out "$OUT" > "$OUT/train_long_lm.txt" 2>&1
     tail -n 8 "$OUT/train_long_lm.txt"
+    ;;
+  decode)  # issue 21's attention-step rows; CKPT: the long LM's weights (parts), else no learned rows
+    timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} \
+      --deadline-min "${DECODE_MIN:-8.5}" --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
+    tail -n 40 "$OUT/bench_decode.txt"
     ;;
   suite)  # the issue-6 suite without W4 (about 180-540 s); W4 is suite_w4
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 575 python3 benchmarks/bench_attention.py \
