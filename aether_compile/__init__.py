@@ -36,6 +36,7 @@ def _attach_source_subpackages() -> None:
 _attach_source_subpackages()
 
 from . import ops  # noqa: F401  (registers the torch.ops.aether.* ops)
+from . import kv_cache  # noqa: F401  (and the decode ops)
 from .attention import AttentionStats, attention
 
 __all__ = ["AttentionStats", "attention", "__version__"]

@@ -1,0 +1,207 @@
+"""Certified decode against a KV cache: the key summaries kept beside caches, and the two ops a
+rewritten generation step calls.
+
+* ``aether::key_cache_index_copy_(cache, dim, index, source)`` — the cache write
+  (``cache.index_copy_(dim, index, source)``, as transformers' static cache writes at
+  ``cache_position``), which also re-summarises the groups the new keys land in.
+* ``aether::decode_attention(query, key, value, attn_mask, scale, eps)`` — SDPA on a few query
+  rows against the cache, reading only the key blocks the summary cannot rule out
+  (``kernels/decode.py``); dense SDPA where the call is not one it serves.
+
+**Trusting a summary.** A summary describes its cache as of a version: ``Tensor._version``,
+which every in-place write bumps (``index_copy_``, ``zero_``, ``copy_``: a new prompt in the
+same buffers, beam reordering). The write op updates the summary only when the cache is still at
+the version it recorded, and records the new one; the decode op re-summarises from scratch (one
+read of K) whenever the versions differ. So a cache written behind our back costs one full read,
+never a wrong certificate. Under CUDA-graph replay no host code runs and versions are not
+checked: there every write must go through the compiled graphs (transformers' generate does;
+docs/decode.md lists what does not).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from aether_compile import settings
+from aether_compile.kernels import decode as kernel_decode
+from aether_compile.kernels import decode_reference
+from aether_compile.kernels.launch import unsupported_reason
+
+# Query rows per sequence the decode path serves: one generation step, or a few (speculative
+# decoding, short continuations). Longer calls are prefill: aether::attention's business.
+MAX_DECODE_ROWS = 16
+MAX_SUMMARIES = 256  # caches with a live summary (a model has one per layer)
+
+
+@dataclass
+class _Entry:
+    summary: kernel_decode.KeySummary
+    version: int
+
+
+_SUMMARIES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+STATS = collections.Counter()  # "rebuilt", "updated", "dropped": what summaries cost (tests)
+
+
+def _ident(cache: Tensor) -> tuple:
+    return (cache.untyped_storage().data_ptr(), cache.storage_offset(), tuple(cache.shape),
+            cache.stride(), cache.dtype, cache.device)
+
+
+def summary_for(cache: Tensor) -> kernel_decode.KeySummary:
+    """The summary of ``cache`` as it is now: the one kept beside it when its version still
+    matches, else a fresh one (one read of the cache)."""
+    ident = _ident(cache)
+    entry = _SUMMARIES.get(ident)
+    version = _version(cache)
+    if entry is None or version is None or entry.version != version:
+        entry = _Entry(kernel_decode.summarize_keys(cache), version)
+        STATS["rebuilt"] += 1
+        _SUMMARIES[ident] = entry
+        while len(_SUMMARIES) > MAX_SUMMARIES:
+            _SUMMARIES.popitem(last=False)
+    _SUMMARIES.move_to_end(ident)
+    return entry.summary
+
+
+def forget_summaries() -> None:
+    """Drop every kept summary (tests; freeing their memory)."""
+    _SUMMARIES.clear()
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """t's version counter, or None for an inference-mode tensor (it has none)."""
+    return None if t.is_inference() else t._version
+
+
+@torch.library.custom_op("aether::key_cache_index_copy_", mutates_args=("cache",))
+def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor,
+                          graph_bumps: int = 0) -> None:
+    """``cache.index_copy_(dim, index, source)``, keeping ``cache``'s summary up to date: a
+    cache seen for the first time is summarised whole (once); one still at the version its
+    summary recorded gets the touched groups re-summarised.
+
+    The version moves before this body runs: once by the dispatcher (a mutating custom op,
+    ``_dispatch_bump``) and ``graph_bumps`` times by the compiled graph calling it (AOTAutograd
+    bumps each input the graph mutates once per call: the pass passes 1 for the first write of
+    a cache in a graph). Any other difference is a write we did not see."""
+    if _CALIBRATING:
+        _CALIBRATING.append(cache._version)
+        return
+    dim = dim % cache.dim()
+    if dim != 2 or cache.dim() != 4:  # not a [B, H, S, D] cache write at sequence positions
+        cache.index_copy_(dim, index, source)
+        return
+    ident = _ident(cache)
+    entry = _SUMMARIES.get(ident)
+    version = _version(cache)
+    current = (entry is not None and version is not None
+               and version == entry.version + graph_bumps + _dispatch_bump())
+    cache.index_copy_(dim, index, source)
+    if current:
+        kernel_decode.update_summary(entry.summary, cache, index)
+        entry.version = cache._version
+        STATS["updated"] += 1
+    else:  # first sight, or written behind our back: summarise what is there now
+        if entry is not None:
+            STATS["dropped"] += 1
+        summary_for(cache)
+
+
+_CALIBRATING: list = []
+_BUMP: list = []
+
+
+def _dispatch_bump() -> int:
+    """How many times calling a mutating custom op bumps its argument's version before the body
+    runs (1 in the torch releases we know; measured once, so that another release makes the
+    staleness check re-summarise rather than trust)."""
+    if not _BUMP:
+        probe = torch.zeros(1)
+        before = probe._version
+        _CALIBRATING.append(None)
+        try:
+            torch.ops.aether.key_cache_index_copy_(probe, 0, torch.zeros(1, dtype=torch.long),
+                                                   probe)
+        finally:
+            seen = _CALIBRATING.pop()
+            _CALIBRATING.clear()
+        _BUMP.append(seen - before)
+    return _BUMP[0]
+
+
+@key_cache_index_copy_.register_fake
+def _(cache, dim, index, source, graph_bumps=0):
+    return None
+
+
+def _bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool, device):
+    """float32 [B, Lq, S] additive bias from an SDPA mask that is the same for every head (and
+    from is_causal, SDPA's top-left alignment: row i sees keys 0..i), or None for neither."""
+    bias = torch.zeros(B, Lq, S, device=device, dtype=torch.float32)
+    if attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m[:, 0].expand(B, Lq, S)
+        bias = bias.masked_fill(~m, -math.inf) if m.dtype == torch.bool else bias + m.float()
+    if is_causal:
+        causal = torch.ones(Lq, S, dtype=torch.bool, device=device).tril()
+        bias = bias.masked_fill(~causal, -math.inf)
+    return bias if attn_mask is not None or is_causal else None
+
+
+def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) -> Optional[str]:
+    """Why this call is not served by certified decode (then it is dense SDPA), or None."""
+    B, Hq, Lq, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    if Lq > MAX_DECODE_ROWS:
+        return f"{Lq} query rows > {MAX_DECODE_ROWS} (prefill)"
+    if Hq % Hkv:
+        return f"{Hq} query heads not a multiple of {Hkv} key heads"
+    if value.shape[2] != S or key.shape[0] != B:
+        return "key and value caches disagree"
+    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1:
+        return "per-head mask"
+    if S < kernel_decode.BLOCK * 4:
+        return f"{S} keys: too few blocks to skip"
+    return None
+
+
+@torch.library.custom_op("aether::decode_attention", mutates_args=())
+def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                     is_causal: bool, scale: Optional[float], eps: Optional[float]) -> Tensor:
+    """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True) for a few query
+    rows against a key/value cache, certified to drop at most ``eps`` of each row's softmax mass
+    (None: the dtype's default, as aether::attention)."""
+    from aether_compile.ops import default_eps
+
+    eps = default_eps(query.dtype) if eps is None else float(eps)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    reason = decode_dense_reason(query, key, value, attn_mask)
+    if reason is None and eps > 0:
+        B, Hq, Lq, D = query.shape
+        bias = _bias(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
+        summary = summary_for(key)
+        if (query.device.type == "cuda" and unsupported_reason(query, key, value) is None) or (
+                settings.interpret() and query.device.type == "cpu"):
+            out, _, _ = kernel_decode.decode_attention(query, key, value, summary, eps, scale,
+                                                       bias)
+        else:
+            out, _, _ = decode_reference.reference_decode_attention(query, key, value, summary,
+                                                                    eps, scale, bias)
+        return out.contiguous()
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1]).contiguous()
+
+
+@decode_attention.register_fake
+def _(query, key, value, attn_mask, is_causal, scale, eps):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])

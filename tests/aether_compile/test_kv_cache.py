@@ -1,0 +1,161 @@
+"""The decode ops (aether_compile/kv_cache.py): the cache write keeps the key summary in step
+with the cache, a cache changed behind our back is re-summarised (never trusted stale), and the
+decode op equals float64 SDPA within its certificate, eagerly and inside torch.compile."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aether_compile import kv_cache
+from aether_compile.kernels import decode
+
+from tests.helpers import REL_TOL, TRITON_INTERPRET
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    kv_cache.forget_summaries()
+    kv_cache.STATS.clear()
+    yield
+    kv_cache.forget_summaries()
+
+
+def _cache(B=2, Hkv=2, S=256, D=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    k[:, :, ::37] *= 4  # a few keys that dominate
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    return k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+def _query(B=2, Hq=4, Lq=1, D=32, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Lq, D, generator=g) * 2).to(DEVICE, dtype)
+
+
+def _oracle(q, k, v, mask=None):
+    if mask is not None and mask.is_floating_point():
+        mask = mask.double()  # SDPA silently misreads a float32 mask on float64 inputs
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask)
+
+
+def _within_certificate(out, q, k, v, eps, mask=None):
+    """|out - exact| <= 2 eps max|v| (the dropped mass, renormalised) + the dtype's rounding."""
+    want = _oracle(q, k, v, mask)
+    bound = 2 * eps * v.double().abs().max() + 4 * REL_TOL[q.dtype] * want.abs().max()
+    return (out.double() - want).abs().max().item() <= bound.item()
+
+
+def _summaries_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip((a.codes, a.center, a.step),
+                                                  (b.codes, b.center, b.step)))
+
+
+def test_writes_keep_the_summary_in_step_with_the_cache():
+    k, _ = _cache()
+    for step, pos in enumerate(([0, 1, 2, 3], [4], [5], [200])):
+        index = torch.tensor(pos, device=DEVICE)
+        new = torch.randn(2, 2, len(pos), 32, device=DEVICE) * (step + 1)
+        torch.ops.aether.key_cache_index_copy_(k, 2, index, new)
+        assert torch.equal(k[:, :, index], new)
+    assert kv_cache.STATS == {"rebuilt": 1, "updated": 3}  # summarised once, then in place
+    assert _summaries_equal(kv_cache.summary_for(k), decode.summarize_keys(k))
+    assert kv_cache.STATS["rebuilt"] == 1
+
+
+@pytest.mark.parametrize("change", ["zero_", "reorder_batch", "slice_assign", "new_buffer"])
+def test_a_cache_changed_behind_our_back_is_summarised_again(change):
+    k, v = _cache()
+    q = _query()
+    torch.ops.aether.key_cache_index_copy_(k, 2, torch.tensor([0], device=DEVICE),
+                                           torch.randn(2, 2, 1, 32, device=DEVICE))
+    before = kv_cache.STATS["rebuilt"]
+    if change == "zero_":  # a new prompt in the same buffers
+        k.zero_()
+    elif change == "reorder_batch":  # beam search
+        k.copy_(k.index_select(0, torch.tensor([1, 0], device=DEVICE)))
+    elif change == "slice_assign":
+        k[:, :, 10:20] = 5.0
+    else:
+        k = k.clone()
+    out = torch.ops.aether.decode_attention(q, k, v, None, False, None, 1e-2)
+    assert kv_cache.STATS["rebuilt"] == before + 1
+    assert _summaries_equal(kv_cache.summary_for(k), decode.summarize_keys(k))
+    assert _within_certificate(out, q, k, v, 1e-2)
+
+
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
+                                   reason="the reference path runs instead (tested below)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq,mask_kind", [(1, "none"), (1, "bool"), (3, "float"), (2, "causal")])
+def test_decode_equals_sdpa_within_its_certificate(dtype, Lq, mask_kind):
+    k, v = _cache(dtype=dtype)
+    q = _query(Lq=Lq, dtype=dtype)
+    S = k.shape[2]
+    mask, is_causal = None, False
+    if mask_kind == "bool":  # a left-padded batch: sequence 1 starts at 40
+        mask = torch.ones(2, 1, Lq, S, dtype=torch.bool, device=DEVICE)
+        mask[1, ..., :40] = False
+    elif mask_kind == "float":  # transformers' static-cache mask: finfo.min past the length
+        mask = torch.zeros(2, 1, Lq, S, dtype=dtype, device=DEVICE)
+        mask[..., 180:] = torch.finfo(dtype).min
+    elif mask_kind == "causal":
+        is_causal = True
+    eps = 1e-2
+    out = torch.ops.aether.decode_attention(q, k, v, mask, is_causal, None, eps)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref_mask = mask
+    if is_causal:
+        ref_mask = torch.ones(Lq, S, dtype=torch.bool, device=DEVICE).tril()
+    assert _within_certificate(out, q, k, v, eps, ref_mask)
+
+
+def test_calls_it_does_not_serve_are_sdpa():
+    k, v = _cache(S=32)  # two blocks: nothing worth skipping
+    q = _query()
+    out = torch.ops.aether.decode_attention(q, k, v, None, False, None, 1e-2)
+    assert kv_cache.STATS["rebuilt"] == 0
+    assert torch.allclose(out.double(), _oracle(q, k, v), atol=1e-5)
+    reason = kv_cache.decode_dense_reason(_query(Lq=17), *_cache(), None)
+    assert "prefill" in reason
+
+
+def _step(q, k_cache, v_cache, pos, k_new, v_new, mask, graph_bumps=0):
+    torch.ops.aether.key_cache_index_copy_(k_cache, 2, pos, k_new, graph_bumps)
+    v_cache.index_copy_(2, pos, v_new)
+    return torch.ops.aether.decode_attention(q, k_cache, v_cache, mask, False, None, 1e-2)
+
+
+def test_inside_torch_compile_the_summary_is_updated_not_rebuilt():
+    """Inductor hands the write op the cache itself, so each step updates the summary in place;
+    the results equal the eager steps'."""
+    k, v = _cache(S=320)
+    k2, v2 = k.clone(), v.clone()
+    compiled = torch.compile(functools.partial(_step, graph_bumps=1), backend="inductor",
+                             fullgraph=True)
+    S = k.shape[2]
+    for t in range(100, 104):
+        pos = torch.tensor([t], device=DEVICE)
+        q = _query(seed=t)
+        k_new, v_new = (torch.randn(2, 2, 1, 32, device=DEVICE) for _ in range(2))
+        mask = (torch.arange(S, device=DEVICE) <= t).expand(2, 1, 1, S)
+        with torch.no_grad():
+            got = compiled(q, k, v, pos, k_new, v_new, mask)
+        want = _step(q, k2, v2, pos, k_new, v_new, mask)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert _within_certificate(got, q, k, v, 1e-2, mask)
+    assert torch.equal(k, k2)
+    # each cache summarised once (at its first write), then updated in place every step
+    assert kv_cache.STATS == {"rebuilt": 2, "updated": 6}
+    assert _summaries_equal(kv_cache.summary_for(k), decode.summarize_keys(k))
