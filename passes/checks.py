@@ -73,6 +73,18 @@ def short_attention(q, k, v) -> Optional[Decline]:
     return None if reason is None else Decline("short", f"dense is faster: {reason}")
 
 
+def short_decode(q, k, v) -> Optional[Decline]:
+    """CUDA decode sites whose cache is too small for skipping to repay the bounds' read and
+    the extra launches (``dense_policy.decode_dense_reason``) stay as written."""
+    if q.device.type != "cuda":
+        return None
+    from aether_compile import dense_policy
+
+    reason = dense_policy.decode_dense_reason(k.shape[0], k.shape[1], k.shape[2], k.shape[3],
+                                              v.shape[3], k.element_size())
+    return None if reason is None else Decline("short", f"dense is faster: {reason}")
+
+
 def excluded(module: str, module_type: str, patterns) -> Optional[Decline]:
     for pat in patterns:
         if (module == pat or module.startswith(pat + ".") or fnmatch.fnmatchcase(module, pat)

@@ -106,8 +106,10 @@ def unrepeat_pair(k: Operand, v: Operand, n_heads) -> tuple[Operand, Operand, bo
     return Operand(rk[0]), Operand(rv[0]), True
 
 
-def check_common(m: AttentionMatch, options, module: str, module_type: str) -> Optional[Decline]:
-    """Structural problems first (they hold on any device), then options and hardware."""
+def check_common(m: AttentionMatch, options, module: str, module_type: str,
+                 decode: bool = False) -> Optional[Decline]:
+    """Structural problems first (they hold on any device), then options and hardware. A
+    ``decode`` site (a few rows against a KV cache) has its own size rule."""
     if m.problems:
         return m.problems[0]
     q, k, v = m.q.value(), m.k.value(), m.v.value()
@@ -136,7 +138,7 @@ def check_common(m: AttentionMatch, options, module: str, module_type: str) -> O
             or checks.head_dims(q, v)
             or checks.device(q, options.allow_cpu)
             or checks.seq_len(k, options.min_seq_len)
-            or checks.short_attention(q, k, v))
+            or (checks.short_decode(q, k, v) if decode else checks.short_attention(q, k, v)))
 
 
 def apply(gm: GraphModule, m: AttentionMatch, options) -> None:

@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from aether_compile._compat import module_path, source_line
 
-from . import mha, sdpa, softmax
+from . import decode, mha, sdpa, softmax
 from .common import apply, check_common
 from .site import DENSE, SPARSE, Decline, Site
 
@@ -73,7 +73,18 @@ def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
                 raise problem
             m.apply(gm, options)
         else:
+            cache = decode.cache_site(m)
+            if cache is not None and decode.decode_problem(m) is None:
+                problem = check_common(m, options, module, module_type, decode=True)
+                if problem is not None:
+                    raise problem
+                decode.apply_decode(gm, m, cache, options)
+                return Site(m.pattern, SPARSE, f"decode: kv cache, mask={m.mask_kind}",
+                            "rewritten", **where)
             problem = check_common(m, options, module, module_type)
+            if cache is not None and (problem is None or problem.code == "short"):
+                # prefill of a cache that decode sites read: its writes keep the summary too
+                decode.rewrite_key_writes(gm, cache)
             if problem is not None:
                 raise problem
             apply(gm, m, options)

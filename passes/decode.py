@@ -1,0 +1,124 @@
+"""Decode sites: SDPA of a few query rows against a KV cache that the same graph writes.
+
+transformers' static cache (``cache_implementation="static"``) writes each step's keys with
+``cache.index_copy_(2, cache_position, k)`` on a graph input and attends over the whole cache
+(through ``repeat_kv`` or ``enable_gqa``) with a mask that hides the unwritten tail. Such a site
+becomes ``aether::decode_attention`` on the cache itself, and the key write becomes
+``aether::key_cache_index_copy_``, which keeps the cache's key summary in step
+(``aether_compile/kv_cache.py``). Key writes feeding prefill sites of the same cache are rewritten
+too, so that every write of a cache in compiled code, CUDA-graph replays included, updates its
+summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from aether_compile._compat import size_hint
+
+from .build import Builder, erase_dead
+from .common import AttentionMatch, build_scale
+from .site import Decline
+from .spellings import ev
+
+
+@dataclass
+class CacheSite:
+    key_cache: Node  # the graph input holding the key cache [B, Hkv, S, D]
+    value_cache: Node
+    key_writes: list  # the index_copy_ nodes writing key_cache at sequence positions
+
+
+def _cache_input(node: Node) -> bool:
+    return node.op in ("placeholder", "get_attr")
+
+
+def _sequence_writes(cache: Node) -> list:
+    """``cache.index_copy_(2 or -2, index, source)`` nodes on ``cache``."""
+    out = []
+    for user in cache.users:
+        if user.op == "call_method" and user.target == "index_copy_" and user.args[0] is cache:
+            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            if dim in (2, -2):
+                out.append(user)
+    return out
+
+
+def cache_site(m: AttentionMatch) -> Optional[CacheSite]:
+    """The caches an SDPA site reads, when both are graph inputs the graph writes in place at
+    sequence positions; else None."""
+    if m.pattern != "sdpa" or m.k.perm is not None or m.k.transpose or m.v.perm is not None \
+            or m.v.transpose or m.k.heads or m.v.heads:
+        return None
+    k, v = m.k.node, m.v.node
+    if not (_cache_input(k) and _cache_input(v)):
+        return None
+    writes = _sequence_writes(k)
+    if not writes or not _sequence_writes(v):
+        return None
+    return CacheSite(k, v, writes)
+
+
+def decode_problem(m: AttentionMatch) -> Optional[Decline]:
+    """Why a cache site is not a decode site (then it is prefill, handled as any SDPA)."""
+    from aether_compile.kv_cache import MAX_DECODE_ROWS
+
+    q = m.q.value()
+    rows = size_hint(q.shape[-2])
+    if q.dim() != 4 or rows is None or not isinstance(q.shape[-2], int) \
+            or rows > MAX_DECODE_ROWS:
+        return Decline("pattern", f"{q.shape[-2]} query rows: prefill")
+    for mv in m.mask_values:
+        if mv.dim() == 4 and mv.shape[1] != 1:
+            return Decline("mask", "per-head mask on a decode site")
+    return None
+
+
+def rewrite_key_writes(gm: GraphModule, site: CacheSite) -> None:
+    """Each ``key_cache.index_copy_(2, index, source)`` -> ``aether::key_cache_index_copy_``;
+    the first write of the cache in the graph is told of AOTAutograd's version bump."""
+    for i, node in enumerate(sorted(site.key_writes, key=_order(gm))):
+        if node._erased:
+            continue
+        cache, dim, index, source = (list(node.args) + [None] * 4)[:4]
+        index = index if index is not None else node.kwargs.get("index")
+        source = source if source is not None else node.kwargs.get("source")
+        b = Builder(gm.graph, node, node, [ev(cache)])
+        b.fn(torch.ops.aether.key_cache_index_copy_.default, cache, 2, index, source,
+             1 if i == 0 else 0)
+        node.replace_all_uses_with(cache)  # index_copy_ returns its (now written) self
+        gm.graph.erase_node(node)
+    site.key_writes.clear()
+
+
+def _order(gm: GraphModule):
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: position[n]
+
+
+def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -> None:
+    """Replace the SDPA with ``aether::decode_attention`` on the caches themselves (the
+    ``repeat_kv`` copies die) and route the key writes through the summary-keeping op."""
+    b = Builder(gm.graph, m.replace, m.anchor, [m.q.value(), ev(m.replace)])
+    try:
+        q = m.q.build(b)
+        scale = build_scale(b, m.scale, m.scale_nodes)
+        out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
+                   site.value_cache, m.mask(b), bool(m.is_causal), scale, options.eps)
+        want, got = ev(m.replace), ev(out)
+        if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
+            raise Decline("internal_error", f"decode gives {tuple(got.shape)} {got.dtype}, "
+                                            f"site gives {tuple(want.shape)} {want.dtype}")
+    except Decline:
+        b.rollback()
+        raise
+    except Exception as e:  # never break the user's compile
+        b.rollback()
+        raise Decline("internal_error", f"decode rewrite failed: {type(e).__name__}: {e}") from e
+    m.replace.replace_all_uses_with(out)
+    erase_dead(gm.graph, [m.replace, *reversed(m.visited)])
+    rewrite_key_writes(gm, site)
