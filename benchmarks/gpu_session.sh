@@ -67,7 +67,7 @@ case "${1:-zoo}" in
     tail -n 14 "$OUT/issue6.txt"
     ;;
   train_long_lm)  # a learned long-context model for the decode benchmarks and bound research
-    timeout 420 python3 benchmarks/train_stdlib_lm.py --train-len 16384 --batch 2 --kv-heads 2 \
+    timeout 420 python3 benchmarks/train_stdlib_lm.py --train-len 16384 --batch 2 --kv-heads 2 --mlp swiglu \
       --minutes "${TRAIN_MIN:-3}" --skip-eval --ckpt "$OUT/long_lm.pt" --ckpt-shard-mib 15 \
       --out "$OUT" > "$OUT/train_long_lm.txt" 2>&1
     tail -n 8 "$OUT/train_long_lm.txt"

@@ -111,6 +111,7 @@ class LMConfig:
     n_head: int = 8
     mlp_mult: int = 4
     n_kv_head: int = 0  # key/value heads (GQA); 0: as many as query heads
+    mlp: str = "gelu"  # "gelu" (fc, out) or "swiglu" (gate, fc, out: Llama's, see to_llama)
     rope_theta: float = 10000.0
 
 
@@ -162,12 +163,27 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_mult * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.mlp_mult * cfg.d_model, cfg.d_model, bias=False)
+        hidden = mlp_hidden(cfg)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.out = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.norm1(x), cos, sin)
-        return x + self.out(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+        h = self.norm2(x)
+        h = (F.silu(self.gate(h)) * self.fc(h)) if self.swiglu else F.gelu(self.fc(h),
+                                                                             approximate="tanh")
+        return x + self.out(h)
+
+
+def mlp_hidden(cfg: LMConfig) -> int:
+    """The MLP's width: mlp_mult * d_model, or for SwiGLU 2/3 of it in multiples of 64 (the
+    same parameter count)."""
+    if cfg.mlp == "swiglu":
+        return 64 * round(cfg.mlp_mult * cfg.d_model * 2 / 3 / 64)
+    return cfg.mlp_mult * cfg.d_model
 
 
 class ByteLM(nn.Module):
@@ -248,6 +264,42 @@ def load_checkpoint(path: str) -> tuple["ByteLM", dict]:
     model = ByteLM(LMConfig(**ck["config"]))
     model.load_state_dict({k: v.float() for k, v in ck.pop("model").items()})
     return model, ck
+
+
+def to_llama(model: "ByteLM"):
+    """The same network as a transformers LlamaForCausalLM (SwiGLU models only), for
+    ``generate`` with its caches: Llama's RoPE, RMSNorm and MLP are this model's."""
+    import transformers
+
+    cfg = model.cfg
+    if cfg.mlp != "swiglu":
+        raise ValueError("to_llama needs a model trained with --mlp swiglu")
+    head_dim = cfg.d_model // cfg.n_head
+    kv = cfg.n_kv_head or cfg.n_head
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab, hidden_size=cfg.d_model, intermediate_size=mlp_hidden(cfg),
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=kv,
+        head_dim=head_dim, max_position_embeddings=1 << 20, rope_theta=cfg.rope_theta,
+        rms_norm_eps=torch.finfo(torch.float32).eps, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None)
+    config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(config)
+    state = {"model.embed_tokens.weight": model.emb.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.emb.weight}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = blk.attn.qkv.weight.split([cfg.d_model, kv * head_dim, kv * head_dim])
+        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v,
+                      p + "self_attn.o_proj.weight": blk.attn.proj.weight,
+                      p + "input_layernorm.weight": blk.norm1.weight,
+                      p + "post_attention_layernorm.weight": blk.norm2.weight,
+                      p + "mlp.gate_proj.weight": blk.gate.weight,
+                      p + "mlp.up_proj.weight": blk.fc.weight,
+                      p + "mlp.down_proj.weight": blk.out.weight})
+    hf.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    return hf.eval()
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -516,6 +568,8 @@ def parse_args(argv=None):
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (GQA); 0: --heads")
+    ap.add_argument("--mlp", default="gelu", choices=["gelu", "swiglu"],
+                    help="swiglu: Llama's MLP, so that to_llama() can convert the model")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=100)
@@ -576,7 +630,7 @@ def main(argv=None):
         record["model_config"] = asdict(cfg)
     else:
         cfg = LMConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads,
-                       n_kv_head=args.kv_heads)
+                       n_kv_head=args.kv_heads, mlp=args.mlp)
         record["model_config"] = asdict(cfg)
         model, summary, curve = train(args, cfg, train_data, val_data, device)
         record["train"] = summary
