@@ -11,6 +11,7 @@
 #   train_long_lm       the GQA byte LM (8 query / 2 KV heads) trained at 16K context, for decode
 #                       (issue 21): bf16 weights in parts of at most 15 MiB (TRAIN_MIN minutes)
 #   decode              the decode-step benchmark (uniform, clustered, learned with CKPT)
+#   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
 #   compiled            the op in compiled graphs; the issue-2 suite with the torch-op plan
@@ -76,6 +77,11 @@ case "${1:-zoo}" in
     timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} \
       --deadline-min "${DECODE_MIN:-8.5}" --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 40 "$OUT/bench_decode.txt"
+    ;;
+  generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
+    timeout "${GENERATE_S:-560}" python3 benchmarks/bench_generate.py --ckpt "$CKPT" \
+      --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+    tail -n 12 "$OUT/bench_generate.txt"
     ;;
   suite)  # the issue-6 suite without W4 (about 180-540 s); W4 is suite_w4
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 575 python3 benchmarks/bench_attention.py \

@@ -1,0 +1,110 @@
+"""End-to-end greedy generation with a static KV cache, the way transformers documents compiled
+generation (``cache_implementation="static"``, ``torch.compile(model.forward,
+mode="reduce-overhead")``), against the same with ``backend="aether"``: tokens/s and whether
+the tokens equal. Issue 21's ``generate_tokens_per_s_ratio_32k`` and ``decode_tokens_match``.
+
+The model is the long-context byte LM (``train_stdlib_lm.py --mlp swiglu``) converted to a
+LlamaForCausalLM (``to_llama``), in bf16, prompted with validation text.
+
+    AETHER_COMMIT=<sha> python benchmarks/bench_generate.py --ckpt CKPT --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_llama import card_tag, env_record, write_json  # noqa: E402
+
+import aether_compile  # noqa: E402,F401
+from aether_compile import kv_cache  # noqa: E402
+
+
+def prompt_ids(S: int, B: int, device):
+    import train_stdlib_lm as lm
+
+    _, val, _ = lm.load_corpus()
+    starts = torch.linspace(0, val.numel() - S - 1, B).long()
+    return torch.stack([val[s:s + S].long() for s in starts]).to(device)
+
+
+def generate(model, ids, new_tokens: int):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, cache_implementation="static")
+    torch.cuda.synchronize()
+    return out[:, ids.shape[1]:], time.perf_counter() - t
+
+
+def run(ckpt, S, B, new_tokens, backend, options, mode, device="cuda"):
+    import train_stdlib_lm as lm
+
+    torch._dynamo.reset()
+    kv_cache.forget_summaries()
+    model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
+    kw = {} if backend == "inductor" else {"backend": "aether", "options": options}
+    model.forward = torch.compile(model.forward, mode=mode, **kw)
+    ids = prompt_ids(S, B, device)
+    t0 = time.perf_counter()
+    generate(model, ids, new_tokens)  # compiles prefill and decode, captures the CUDA graphs
+    warm_s = time.perf_counter() - t0
+    kv_cache.STATS.clear()
+    tokens, seconds = generate(model, ids, new_tokens)
+    del model
+    torch.cuda.empty_cache()
+    return tokens, {"seconds": seconds, "tokens_per_s": B * new_tokens / seconds,
+                    "first_call_s": warm_s, "summaries": dict(kv_cache.STATS)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--eps", type=float, nargs="+", default=[4e-3, 1e-3])
+    ap.add_argument("--mode", default="reduce-overhead")
+    args = ap.parse_args(argv)
+    env = env_record()
+    path = os.path.join(args.out, f"generate_{card_tag(env)}.json")
+    record = {"env": env, "config": vars(args), "rows": []}
+    for S in args.lengths:
+        dense_tokens, dense = run(args.ckpt, S, args.batch, args.new_tokens, "inductor", None,
+                                  args.mode)
+        print(f"S {S}: default compile {dense['tokens_per_s']:.1f} tok/s", flush=True)
+        for eps in args.eps:
+            row = {"prompt": S, "batch": args.batch, "new_tokens": args.new_tokens, "eps": eps,
+                   "mode": args.mode, "dense": dense}
+            try:
+                tokens, ours = run(args.ckpt, S, args.batch, args.new_tokens, "aether",
+                                   {"eps": eps}, args.mode)
+                row.update(aether=ours, ratio=ours["tokens_per_s"] / dense["tokens_per_s"],
+                           tokens_match=bool(torch.equal(tokens, dense_tokens)),
+                           first_mismatch=int((tokens != dense_tokens).any(0).nonzero()[0])
+                           if not torch.equal(tokens, dense_tokens) else None)
+                print(f"S {S} eps {eps:g}: aether {ours['tokens_per_s']:.1f} tok/s, ratio "
+                      f"{row['ratio']:.3f}, tokens match {row['tokens_match']}", flush=True)
+            except Exception as e:  # noqa: BLE001  (one row fails soft)
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"S {S} eps {eps:g}: {row['error']}", flush=True)
+            record["rows"].append(row)
+            write_json(path, record)
+    ok = [r for r in record["rows"] if "ratio" in r]
+    best = max((r for r in ok if r["tokens_match"]), key=lambda r: r["ratio"], default=None)
+    record["summary"] = {"generate_tokens_per_s_ratio_32k": best and best["ratio"],
+                         "generate_eps": best and best["eps"],
+                         "decode_tokens_match": any(r["tokens_match"] for r in ok)}
+    write_json(path, record)
+    print(record["summary"], f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
