@@ -54,14 +54,16 @@ def _ident(cache: Tensor) -> tuple:
             cache.stride(), cache.dtype, cache.device)
 
 
-def summary_for(cache: Tensor) -> kernel_decode.KeySummary:
+def summary_for(cache: Tensor, pending_bumps: int = 0) -> kernel_decode.KeySummary:
     """The summary of ``cache`` as it is now: the one kept beside it when its version still
-    matches, else a fresh one (one read of the cache)."""
+    matches, else a fresh one (one read of the cache). ``pending_bumps``: version bumps still
+    to come from the op we are inside of (its dispatcher's, after the body returns)."""
     ident = _ident(cache)
     entry = _SUMMARIES.get(ident)
     version = _version(cache)
-    if entry is None or version is None or entry.version != version:
-        entry = _Entry(kernel_decode.summarize_keys(cache), version)
+    if entry is None or version is None or entry.version != version + pending_bumps:
+        entry = _Entry(kernel_decode.summarize_keys(cache),
+                       None if version is None else version + pending_bumps)
         STATS["rebuilt"] += 1
         _SUMMARIES[ident] = entry
         while len(_SUMMARIES) > MAX_SUMMARIES:
@@ -87,10 +89,10 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     cache seen for the first time is summarised whole (once); one still at the version its
     summary recorded gets the touched groups re-summarised.
 
-    The version moves before this body runs: once by the dispatcher (a mutating custom op,
-    ``_dispatch_bump``) and ``graph_bumps`` times by the compiled graph calling it (AOTAutograd
-    bumps each input the graph mutates once per call: the pass passes 1 for the first write of
-    a cache in a graph). Any other difference is a write we did not see."""
+    Between two writes the version moves by the dispatcher's bumps around this op
+    (``_dispatch_bumps``) and ``graph_bumps`` times by the compiled graph calling it
+    (AOTAutograd bumps each input the graph mutates once per call: the pass passes 1 for the
+    first write of a cache in a graph). Any other difference is a write we did not see."""
     if _CALIBRATING:
         _CALIBRATING.append(cache._version)
         return
@@ -101,28 +103,30 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     ident = _ident(cache)
     entry = _SUMMARIES.get(ident)
     version = _version(cache)
-    current = (entry is not None and version is not None
-               and version == entry.version + graph_bumps + _dispatch_bump())
+    pre, post = _dispatch_bumps()
+    current = (entry is not None and version is not None and entry.version is not None
+               and version == entry.version + graph_bumps + pre)
     cache.index_copy_(dim, index, source)
     if current:
         kernel_decode.update_summary(entry.summary, cache, index)
-        entry.version = cache._version
+        entry.version = cache._version + post
         STATS["updated"] += 1
     else:  # first sight, or written behind our back: summarise what is there now
         if entry is not None:
             STATS["dropped"] += 1
-        summary_for(cache)
+        summary_for(cache, pending_bumps=post)
 
 
 _CALIBRATING: list = []
-_BUMP: list = []
+_BUMPS: list = []
 
 
-def _dispatch_bump() -> int:
-    """How many times calling a mutating custom op bumps its argument's version before the body
-    runs (1 in the torch releases we know; measured once, so that another release makes the
-    staleness check re-summarise rather than trust)."""
-    if not _BUMP:
+def _dispatch_bumps() -> tuple[int, int]:
+    """(before, after): how many times calling a mutating custom op bumps its argument's
+    version before its body runs and after it returns. Torch releases differ (2.13: once before,
+    2.11: once after); measured once, so that no release makes the staleness check trust a
+    cache it should not."""
+    if not _BUMPS:
         probe = torch.zeros(1)
         before = probe._version
         _CALIBRATING.append(None)
@@ -132,8 +136,8 @@ def _dispatch_bump() -> int:
         finally:
             seen = _CALIBRATING.pop()
             _CALIBRATING.clear()
-        _BUMP.append(seen - before)
-    return _BUMP[0]
+        _BUMPS.append((seen - before, probe._version - seen))
+    return _BUMPS[0]
 
 
 @key_cache_index_copy_.register_fake
@@ -189,17 +193,50 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         B, Hq, Lq, D = query.shape
         bias = _bias(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
         summary = summary_for(key)
-        if (query.device.type == "cuda" and unsupported_reason(query, key, value) is None) or (
-                settings.interpret() and query.device.type == "cpu"):
-            out, _, _ = kernel_decode.decode_attention(query, key, value, summary, eps, scale,
-                                                       bias)
-        else:
+        if not ((query.device.type == "cuda" and unsupported_reason(query, key, value) is None)
+                or (settings.interpret() and query.device.type == "cpu")):
             out, _, _ = decode_reference.reference_decode_attention(query, key, value, summary,
                                                                     eps, scale, bias)
-        return out.contiguous()
+            return out.contiguous()
+        out = _certified_or_dense(query, key, value, summary, eps, scale, bias)
+        if out is not None:
+            return out.contiguous()
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
         enable_gqa=query.shape[1] != key.shape[1]).contiguous()
+
+
+# Above this fraction of its live key blocks a KV head's read (bounds: a quarter of K and V's
+# bytes, then the kept blocks) costs more than dense SDPA's one read of everything.
+DECODE_DENSE_FRACTION = 0.65
+
+
+def _certified_or_dense(query, key, value, summary, eps: float, scale: float, bias):
+    """Certified decode's output, or None where this site's lagged choice (dense_policy.
+    choose_dense: a site samples its first call and every 16th, read without a wait) says dense
+    SDPA is faster: on data with nothing to skip the step then costs what dense costs."""
+    from aether_compile import dense_policy
+
+    selection = {}
+
+    def select():
+        upper, lower = kernel_decode.decode_bounds(query, summary, key.shape[2], scale, bias)
+        selection["kept"] = kernel_decode.select_blocks(upper, lower, eps)
+        live = (upper > -math.inf).any(2)  # blocks with a live key in some row
+        return torch.stack([selection["kept"][1].sum(dtype=torch.int64),
+                            live.sum(dtype=torch.int64)])
+
+    can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    site = ("decode", _ident(key), tuple(query.shape), query.dtype, eps)
+    fraction = settings.dense_fraction(DECODE_DENSE_FRACTION)
+    if fraction is not None and dense_policy.choose_dense(
+            site, select if can_read else None, fraction, lagged=settings.dense_lag()):
+        return None
+    if "kept" not in selection:
+        select()
+    kept_order, n_kept, _ = selection["kept"]
+    out, _ = kernel_decode.attend_kept(query, key, value, kept_order, n_kept, scale, bias)
+    return out
 
 
 @decode_attention.register_fake

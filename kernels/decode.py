@@ -37,6 +37,7 @@ import triton.language as tl
 from .launch import INTERPRET, pad_pow2, traceable
 
 BLOCK = 16  # keys per skippable block: a 16 x 128 x 2-byte tile of K is 4 KB
+ATTEND_KEYS = 64  # keys per step of the attention loop: four kept blocks, gathered
 QUANT_GROUP = 64  # keys sharing one (center, step) per channel: 8 bytes per channel per group
 CODE_MAX = 127
 _CODE_MAX = tl.constexpr(CODE_MAX)  # globals read inside @triton.jit must be constexpr
@@ -108,14 +109,19 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr):
     """One program: one quantisation group of one (sequence, KV head), every row of the head.
-    Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores)."""
+    Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
+
+    The codes' dot products run on tensor cores in float16 with float32 accumulation: q ⊙ s is
+    scaled per row by a power of two (exact) and split into a float16 head and tail, whose
+    products with the codes (integers up to 127, exact in float16) are exact in float32; the
+    split's residue and the accumulation's rounding go into the slack."""
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     ng = tl.num_programs(0)
     b = pid_bh // HKV
     o_r = tl.arange(0, R_PAD)
     o_d = tl.arange(0, D_PAD)
-    o_k = tl.arange(0, GROUP)
+    o_n = tl.arange(0, BLOCK_N)
     m_r = o_r < R
     m_d = o_d < D
     q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
@@ -125,47 +131,57 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
     qs = q * step[None, :]
     base = tl.sum(q * center[None, :], 1)
-    # e_c = s_c / 2 plus the reconstruction's rounding; then the float32 dot products' own
-    # rounding (gamma * the sums of absolute terms) and the final scaling's (below)
+    # per row, 2^-e with e = floor(log2 max|q s|) built from exponent bits (exact scaling)
+    row_max = tl.maximum(tl.max(tl.abs(qs), 1), 1e-30)
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(row_max)), -100.0), 100.0).to(tl.int32)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    up = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    qs_n = qs * down[:, None]
+    head = qs_n.to(tl.float16)
+    tail = (qs_n - head.to(tl.float32)).to(tl.float16)
+    sum_abs_qs = tl.sum(tl.abs(qs), 1)
+    # e_c = s_c / 2 plus the reconstruction's rounding; the dots' accumulation (gamma); the
+    # head/tail split's residue; the base's own dot; the final scaling's (below)
     err = 0.5 * step + 2.0 ** -20 * (tl.abs(center) + (_CODE_MAX + 1) * step)
-    slack = tl.sum(tl.abs(q) * err[None, :], 1) + slack_gamma * (
-        _CODE_MAX * tl.sum(tl.abs(qs), 1) + tl.sum(tl.abs(q * center[None, :]), 1))
-    keys = pid_g * GROUP + o_k
-    codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
-                    mask=m_d[None, :], other=0).to(tl.float32)
-    dots = tl.dot(qs, tl.trans(codes), input_precision="ieee")  # exact-rounded fp32 FMAs
-    hi = (dots + (base + slack)[:, None]) * scale
-    lo = (dots + (base - slack)[:, None]) * scale
-    hi = hi + tl.abs(hi) * 2.0 ** -22
-    lo = lo - tl.abs(lo) * 2.0 ** -22
-    live = keys < S
+    slack = (tl.sum(tl.abs(q) * err[None, :], 1)
+             + slack_gamma * (2 * _CODE_MAX * sum_abs_qs + tl.sum(tl.abs(q * center[None, :]), 1))
+             + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
+    limit = S
     if HAS_LENGTHS:
-        live = live & (keys < tl.load(Lengths + b))
-    extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
-    if HAS_BIAS:
-        rows_l = o_r % LQ
-        extra += tl.load(Bias + b * stride_bb + rows_l[:, None] * stride_bl
-                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
-                         other=float("-inf"))
-    hi = hi + extra
-    lo = lo + extra
+        limit = tl.minimum(limit, tl.load(Lengths + b))
     NBG: tl.constexpr = GROUP // BLOCK_N
-    hi3 = tl.reshape(hi, (R_PAD, NBG, BLOCK_N))
-    lo3 = tl.reshape(lo, (R_PAD, NBG, BLOCK_N))
-    mh = tl.max(hi3, 2)
-    mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
-    log_hi = mh_safe + tl.log(tl.sum(tl.exp(hi3 - mh_safe[:, :, None]), 2))
-    ml = tl.max(lo3, 2)
-    ml_safe = tl.where(ml == float("-inf"), 0.0, ml)
-    log_lo = ml_safe + tl.log(tl.sum(tl.exp(lo3 - ml_safe[:, :, None]), 2))
-    # the log-sum-exp's own float32 rounding: a relative 1e-5 on each side
-    log_hi = tl.where(mh == float("-inf"), float("-inf"), log_hi + 1e-5)
-    log_lo = tl.where(ml == float("-inf"), float("-inf"), log_lo - 1e-5)
-    o_b = pid_g * NBG + tl.arange(0, NBG)
-    out = (pid_bh * R + o_r[:, None]) * NB + o_b[None, :]
-    m_out = m_r[:, None] & (o_b[None, :] < NB)
-    tl.store(LogUpper + out, log_hi, mask=m_out)
-    tl.store(LogLower + out, log_lo, mask=m_out)
+    for j in tl.static_range(NBG):
+        keys = pid_g * GROUP + j * BLOCK_N + o_n
+        codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
+                        mask=m_d[None, :], other=0).to(tl.float16)
+        dots = (tl.dot(head, tl.trans(codes)) + tl.dot(tail, tl.trans(codes))) * up[:, None]
+        hi = (dots + (base + slack)[:, None]) * scale
+        lo = (dots + (base - slack)[:, None]) * scale
+        hi = hi + tl.abs(hi) * 2.0 ** -22
+        lo = lo - tl.abs(lo) * 2.0 ** -22
+        live = keys < limit
+        extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, BLOCK_N),
+                                                                       tl.float32)
+        if HAS_BIAS:
+            extra += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
+                             + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
+                             other=float("-inf"))
+        hi = hi + extra
+        lo = lo + extra
+        mh = tl.max(hi, 1)
+        mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
+        log_hi = mh_safe + tl.log(tl.sum(tl.exp(hi - mh_safe[:, None]), 1))
+        ml = tl.max(lo, 1)
+        ml_safe = tl.where(ml == float("-inf"), 0.0, ml)
+        log_lo = ml_safe + tl.log(tl.sum(tl.exp(lo - ml_safe[:, None]), 1))
+        # the log-sum-exp's own float32 rounding: a relative 1e-5 on each side
+        log_hi = tl.where(mh == float("-inf"), float("-inf"), log_hi + 1e-5)
+        log_lo = tl.where(ml == float("-inf"), float("-inf"), log_lo - 1e-5)
+        blk = pid_g * NBG + j
+        out = (pid_bh * R + o_r) * NB + blk
+        m_out = m_r & ((o_r * 0 + blk) < NB)
+        tl.store(LogUpper + out, log_hi, mask=m_out)
+        tl.store(LogLower + out, log_lo, mask=m_out)
 
 
 def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -224,7 +240,7 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
                           DV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          KEYS: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           DOT_UPCAST: tl.constexpr):
     """One program: one share of a (sequence, KV head)'s kept blocks, every row of the head;
@@ -254,10 +270,12 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
     acc = tl.zeros((R_PAD, DV_PAD), tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    for i in range(start, end):
-        blk = tl.load(Order + pid_bh * NB + i)
-        keys = blk * BLOCK_N + o_n
-        live = keys < limit
+    o_k = tl.arange(0, KEYS)
+    for i in range(start, end, KEYS // BLOCK_N):  # KEYS // BLOCK_N kept blocks at a time
+        pos = i + o_k // BLOCK_N
+        blk = tl.load(Order + pid_bh * NB + pos, mask=pos < end, other=0)
+        keys = blk * BLOCK_N + o_k % BLOCK_N
+        live = (pos < end) & (keys < limit)
         k = tl.load(k_base + keys[:, None] * stride_ks + o_d[None, :],
                     mask=live[:, None] & (o_d[None, :] < D), other=0.0)
         if DOT_UPCAST:
@@ -288,11 +306,11 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
 
 def default_splits(B: int, hkv: int, nb: int, device) -> int:
     """Programs per (sequence, KV head): about two waves of the device's SMs in all, at least
-    four blocks each."""
+    a few steps of the attention loop each."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, B * hkv), max(1, nb // 4), 128))
+    return max(1, min(triton.cdiv(2 * sms, B * hkv), max(1, nb // 16), 128))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
@@ -316,7 +334,7 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
         value.stride(0), value.stride(1), value.stride(2),
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, DV=DV, D_PAD=pad_pow2(D), DV_PAD=pad_pow2(DV), R_PAD=max(16, pad_pow2(R)),
-        BLOCK_N=BLOCK, SPLITS=splits, HAS_BIAS=bias is not None,
+        BLOCK_N=BLOCK, KEYS=ATTEND_KEYS, SPLITS=splits, HAS_BIAS=bias is not None,
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16)
