@@ -103,7 +103,7 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     ident = _ident(cache)
     entry = _SUMMARIES.get(ident)
     version = _version(cache)
-    pre, post = _dispatch_bumps()
+    pre, post = _dispatch_bumps(cache.device)
     current = (entry is not None and version is not None and entry.version is not None
                and version == entry.version + graph_bumps + pre)
     cache.index_copy_(dim, index, source)
@@ -118,26 +118,27 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
 
 
 _CALIBRATING: list = []
-_BUMPS: list = []
+_BUMPS: dict = {}
 
 
-def _dispatch_bumps() -> tuple[int, int]:
-    """(before, after): how many times calling a mutating custom op bumps its argument's
-    version before its body runs and after it returns. Torch releases differ (2.13: once before,
-    2.11: once after); measured once, so that no release makes the staleness check trust a
-    cache it should not."""
-    if not _BUMPS:
-        probe = torch.zeros(1)
+def _dispatch_bumps(device) -> tuple[int, int]:
+    """(before, after): how many times calling a mutating custom op on ``device`` bumps its
+    argument's version before its body runs and after it returns. Torch releases differ;
+    measured once per device type, so that no release makes the staleness check trust a cache
+    it should not (a wrong count only costs re-summarising)."""
+    kind = torch.device(device).type
+    if kind not in _BUMPS:
+        probe = torch.zeros(1, device=device)
         before = probe._version
         _CALIBRATING.append(None)
         try:
-            torch.ops.aether.key_cache_index_copy_(probe, 0, torch.zeros(1, dtype=torch.long),
-                                                   probe)
+            torch.ops.aether.key_cache_index_copy_(
+                probe, 0, torch.zeros(1, dtype=torch.long, device=device), probe)
         finally:
             seen = _CALIBRATING.pop()
             _CALIBRATING.clear()
-        _BUMPS.append((seen - before, probe._version - seen))
-    return _BUMPS[0]
+        _BUMPS[kind] = (seen - before, probe._version - seen)
+    return _BUMPS[kind]
 
 
 @key_cache_index_copy_.register_fake

@@ -38,6 +38,7 @@ from .launch import INTERPRET, pad_pow2, traceable
 
 BLOCK = 16  # keys per skippable block: a 16 x 128 x 2-byte tile of K is 4 KB
 ATTEND_KEYS = 64  # keys per step of the attention loop: four kept blocks, gathered
+GROUPS_PER_PROGRAM = 8  # quantisation groups one bounds program covers (512 keys)
 QUANT_GROUP = 64  # keys sharing one (center, step) per channel: 8 bytes per channel per group
 CODE_MAX = 127
 _CODE_MAX = tl.constexpr(CODE_MAX)  # globals read inside @triton.jit must be constexpr
@@ -66,7 +67,7 @@ def _quantize(keys: torch.Tensor):
     step = (hi - lo) / (2 * CODE_MAX)
     # a constant channel keeps step 0 (its codes are 0 and c is exact); divide by 1 there
     divisor = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((kf - center.unsqueeze(-2)) / divisor.unsqueeze(-2))
+    codes = torch.floor((kf - center.unsqueeze(-2)) / divisor.unsqueeze(-2) + 0.5)
     return codes.clamp_(-CODE_MAX, CODE_MAX).to(torch.int8), center, step
 
 
@@ -83,7 +84,15 @@ def summarize_keys(key: torch.Tensor, group: int = QUANT_GROUP) -> KeySummary:
     """The summary of a whole key cache [B, Hkv, S, D] (one read of K)."""
     B, H, S, D = key.shape
     n = max(1, triton.cdiv(S, group))
-    codes, center, step = _quantize(_groups_of(key, torch.arange(n, device=key.device), group))
+    groups = torch.arange(n, device=key.device)
+    if _use_kernel(key):
+        summary = KeySummary(
+            torch.empty(B, H, n * group, D, device=key.device, dtype=torch.int8),
+            torch.empty(B, H, n, D, device=key.device, dtype=torch.float32),
+            torch.empty(B, H, n, D, device=key.device, dtype=torch.float32))
+        _quantize_groups(summary, key, groups)
+        return summary
+    codes, center, step = _quantize(_groups_of(key, groups, group))
     return KeySummary(codes.view(B, H, n * group, D), center, step)
 
 
@@ -93,6 +102,9 @@ def update_summary(summary: KeySummary, key: torch.Tensor, positions: torch.Tens
     A position listed twice re-summarises its group twice, with the same result."""
     g = summary.group
     groups = torch.div(positions.reshape(-1).long(), g, rounding_mode="floor")
+    if _use_kernel(key):
+        _quantize_groups(summary, key, groups)
+        return
     codes, center, step = _quantize(_groups_of(key, groups, g))
     B, H, S_pad, D = summary.codes.shape
     summary.codes.view(B, H, S_pad // g, g, D).index_copy_(2, groups, codes)
@@ -100,24 +112,64 @@ def update_summary(summary: KeySummary, key: torch.Tensor, positions: torch.Tens
     summary.step.index_copy_(2, groups, step)
 
 
+def _use_kernel(key: torch.Tensor) -> bool:
+    return (key.device.type == "cuda" or INTERPRET) and key.stride(-1) == 1
+
+
+@triton.jit
+def _quantize_kernel(K, Codes, Center, Step, Groups, S, NG, HKV, stride_kb, stride_kh, stride_ks,
+                     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr):
+    """One program: one group of one (sequence, KV head): ``_quantize``'s arithmetic, fused."""
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    g = tl.load(Groups + i)
+    o_k = tl.arange(0, GROUP)
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    pos = tl.minimum(g * GROUP + o_k, S - 1)
+    k = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_ks + o_d[None, :],
+                mask=m_d[None, :], other=0.0).to(tl.float32)
+    lo = tl.min(k, 0)
+    hi = tl.max(k, 0)
+    center = (lo + hi) * 0.5
+    step = (hi - lo) / (2 * _CODE_MAX)
+    divisor = tl.where(step > 0, step, 1.0)
+    codes = tl.floor((k - center[None, :]) / divisor[None, :] + 0.5)
+    codes = tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX).to(tl.int8)
+    row = pid_bh * NG + g
+    tl.store(Codes + (row * GROUP + o_k[:, None]) * D + o_d[None, :], codes, mask=m_d[None, :])
+    tl.store(Center + row * D + o_d, center, mask=m_d)
+    tl.store(Step + row * D + o_d, step, mask=m_d)
+
+
+def _quantize_groups(summary: KeySummary, key: torch.Tensor, groups: torch.Tensor) -> None:
+    B, H, S, D = key.shape
+    traceable(_quantize_kernel)[(groups.numel(), B * H)](
+        key, summary.codes, summary.center, summary.step, groups, S, summary.center.shape[2], H,
+        key.stride(0), key.stride(1), key.stride(2), D=D, D_PAD=pad_pow2(D),
+        GROUP=summary.group)
+
+
 # -- 1. bounds ------------------------------------------------------------------------------------
 @triton.jit
 def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLower,
-                          S, R, LQ, HKV, NB, scale, slack_gamma,
+                          S, R, LQ, HKV, NB, NG, scale, slack_gamma,
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_LENGTHS: tl.constexpr):
-    """One program: one quantisation group of one (sequence, KV head), every row of the head.
+                          HAS_LENGTHS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr):
+    """One program: GROUPS_PER_PROGRAM quantisation groups of one (sequence, KV head), every
+    row of the head (the query rows load once).
     Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
 
     The codes' dot products run on tensor cores in float16 with float32 accumulation: q ⊙ s is
     scaled per row by a power of two (exact) and split into a float16 head and tail, whose
     products with the codes (integers up to 127, exact in float16) are exact in float32; the
     split's residue and the accumulation's rounding go into the slack."""
-    pid_g = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    ng = tl.num_programs(0)
     b = pid_bh // HKV
     o_r = tl.arange(0, R_PAD)
     o_d = tl.arange(0, D_PAD)
@@ -126,6 +178,21 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     m_d = o_d < D
     q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
                 mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    limit = S
+    if HAS_LENGTHS:
+        limit = tl.minimum(limit, tl.load(Lengths + b))
+    g_end = tl.minimum((pid_p + 1) * GROUPS_PER_PROGRAM, NG)
+    for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=2):
+        _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, o_n, m_r, m_d, Codes, Center, Step,
+                         Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
+                         stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS)
+
+
+@triton.jit
+def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, o_n, m_r, m_d, Codes, Center, Step, Bias,
+                     LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
+                     stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -146,9 +213,6 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     slack = (tl.sum(tl.abs(q) * err[None, :], 1)
              + slack_gamma * (2 * _CODE_MAX * sum_abs_qs + tl.sum(tl.abs(q * center[None, :]), 1))
              + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
-    limit = S
-    if HAS_LENGTHS:
-        limit = tl.minimum(limit, tl.load(Lengths + b))
     NBG: tl.constexpr = GROUP // BLOCK_N
     for j in tl.static_range(NBG):
         keys = pid_g * GROUP + j * BLOCK_N + o_n
@@ -203,13 +267,15 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
     log_lower = torch.empty_like(log_upper)
     gamma = (D + 8) * 2.0 ** -23  # |fl(a·b) - a·b| <= gamma * Σ|a_i b_i| for float32 dots
     dummy = log_upper
-    traceable(_decode_bounds_kernel)[(S_pad // summary.group, B * Hkv)](
+    ng = S_pad // summary.group
+    traceable(_decode_bounds_kernel)[(triton.cdiv(ng, GROUPS_PER_PROGRAM), B * Hkv)](
         rows, summary.codes, summary.center, summary.step,
         bias if bias is not None else dummy, lengths if lengths is not None else dummy,
-        log_upper, log_lower, S, R, query.shape[2], Hkv, NB, float(scale), gamma,
+        log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)), GROUP=summary.group, BLOCK_N=BLOCK,
-        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None)
+        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
+        GROUPS_PER_PROGRAM=GROUPS_PER_PROGRAM, num_warps=4)
     return log_upper, log_lower
 
 
@@ -271,7 +337,7 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_k = tl.arange(0, KEYS)
-    for i in range(start, end, KEYS // BLOCK_N):  # KEYS // BLOCK_N kept blocks at a time
+    for i in tl.range(start, end, KEYS // BLOCK_N, num_stages=3):  # 4 kept blocks a step
         pos = i + o_k // BLOCK_N
         blk = tl.load(Order + pid_bh * NB + pos, mask=pos < end, other=0)
         keys = blk * BLOCK_N + o_k % BLOCK_N
@@ -305,12 +371,12 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
 
 
 def default_splits(B: int, hkv: int, nb: int, device) -> int:
-    """Programs per (sequence, KV head): about two waves of the device's SMs in all, at least
-    a few steps of the attention loop each."""
+    """Programs per (sequence, KV head): about eight per SM in all (the loop waits on gathered
+    loads; many programs hide it), at least two steps of the attention loop each."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, B * hkv), max(1, nb // 16), 128))
+    return max(1, min(triton.cdiv(8 * sms, B * hkv), max(1, nb // 8), 256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,

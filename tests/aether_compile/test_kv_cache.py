@@ -62,12 +62,16 @@ def _summaries_equal(a, b):
 
 def test_writes_keep_the_summary_in_step_with_the_cache():
     k, _ = _cache()
+    versions = []
     for step, pos in enumerate(([0, 1, 2, 3], [4], [5], [200])):
         index = torch.tensor(pos, device=DEVICE)
         new = torch.randn(2, 2, len(pos), 32, device=DEVICE) * (step + 1)
         torch.ops.aether.key_cache_index_copy_(k, 2, index, new)
+        versions.append((k._version, [e.version for e in kv_cache._SUMMARIES.values()]))
         assert torch.equal(k[:, :, index], new)
-    assert kv_cache.STATS == {"rebuilt": 1, "updated": 3}  # summarised once, then in place
+    # summarised once, then in place
+    assert kv_cache.STATS == {"rebuilt": 1, "updated": 3}, (
+        versions, kv_cache._dispatch_bumps(k.device), torch.__version__)
     assert _summaries_equal(kv_cache.summary_for(k), decode.summarize_keys(k))
     assert kv_cache.STATS["rebuilt"] == 1
 
