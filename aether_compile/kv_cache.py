@@ -90,7 +90,7 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     summary recorded gets the touched groups re-summarised.
 
     Between two writes the version moves by the dispatcher's bumps around this op
-    (``_dispatch_bumps``) and ``graph_bumps`` times by the compiled graph calling it
+    (``_DISPATCH_BUMPS``) and ``graph_bumps`` times by the compiled graph calling it
     (AOTAutograd bumps each input the graph mutates once per call: the pass passes 1 for the
     first write of a cache in a graph). Any other difference is a write we did not see."""
     if _CALIBRATING:
@@ -103,7 +103,7 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     ident = _ident(cache)
     entry = _SUMMARIES.get(ident)
     version = _version(cache)
-    pre, post = _dispatch_bumps(cache.device)
+    pre, post = _DISPATCH_BUMPS
     current = (entry is not None and version is not None and entry.version is not None
                and version == entry.version + graph_bumps + pre)
     cache.index_copy_(dim, index, source)
@@ -118,32 +118,30 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
 
 
 _CALIBRATING: list = []
-_BUMPS: dict = {}
-
-
-def _dispatch_bumps(device) -> tuple[int, int]:
-    """(before, after): how many times calling a mutating custom op on ``device`` bumps its
-    argument's version before its body runs and after it returns. Torch releases differ;
-    measured once per device type, so that no release makes the staleness check trust a cache
-    it should not (a wrong count only costs re-summarising)."""
-    kind = torch.device(device).type
-    if kind not in _BUMPS:
-        probe = torch.zeros(1, device=device)
+def _measure_dispatch_bumps() -> tuple[int, int]:
+    """(before, after): how many times calling a mutating custom op bumps its argument's
+    version before its body runs and after it returns. Torch releases differ, so it is
+    measured, once, at import: a call made from inside another op's body would see the
+    dispatcher's inner state instead. A wrong count could only cost re-summarising."""
+    with torch.inference_mode(False):
+        probe = torch.zeros(1)
         before = probe._version
         _CALIBRATING.append(None)
         try:
-            torch.ops.aether.key_cache_index_copy_(
-                probe, 0, torch.zeros(1, dtype=torch.long, device=device), probe)
+            torch.ops.aether.key_cache_index_copy_(probe, 0, torch.zeros(1, dtype=torch.long),
+                                                   probe)
         finally:
             seen = _CALIBRATING.pop()
             _CALIBRATING.clear()
-        _BUMPS[kind] = (seen - before, probe._version - seen)
-    return _BUMPS[kind]
+    return seen - before, probe._version - seen
 
 
 @key_cache_index_copy_.register_fake
 def _(cache, dim, index, source, graph_bumps=0):
     return None
+
+
+_DISPATCH_BUMPS = _measure_dispatch_bumps()
 
 
 def _bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool, device):

@@ -25,6 +25,10 @@ class AetherOptions:
         or a module class name) whose attention is left dense.
     compiler: what runs the rewritten graph in the ``aether`` backend: "inductor" (default),
         "aot_eager" or "eager" (debugging, fast tests).
+    decode: rewrite decode against a KV cache the graph writes (transformers' static cache) to
+        certified decode (``aether::decode_attention``, docs/decode.md). Off by default until
+        its kernels are measured faster than dense decode; off, such sites are ordinary SDPA
+        sites.
     """
 
     eps: Optional[float] = None
@@ -32,6 +36,7 @@ class AetherOptions:
     allow_cpu: bool = False
     exclude: tuple[str, ...] = ()
     compiler: str = "inductor"
+    decode: bool = False
 
     def __post_init__(self):
         # Checked here, with the bad value named, so that a typo fails where it was written and not
@@ -54,6 +59,8 @@ class AetherOptions:
         if not all(isinstance(x, str) for x in exclude):
             raise TypeError(f"exclude must hold strings (module path patterns), got {exclude!r}")
         object.__setattr__(self, "exclude", exclude)
+        if not isinstance(self.decode, bool):
+            raise TypeError(f"decode must be True or False, got {self.decode!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
 

@@ -73,7 +73,7 @@ def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
                 raise problem
             m.apply(gm, options)
         else:
-            cache = decode.cache_site(m)
+            cache = decode.cache_site(m) if options.decode else None
             if cache is not None and decode.decode_problem(m) is None:
                 problem = check_common(m, options, module, module_type, decode=True)
                 if problem is not None:

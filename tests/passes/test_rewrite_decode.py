@@ -66,7 +66,7 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
     prompt = _prompt()
     want_tokens, want_scores = _generate(model, prompt, cache_implementation="static")
     model.forward = torch.compile(model.forward, backend="aether",
-                                  options={"allow_cpu": True, "eps": 1e-3})
+                                  options={"allow_cpu": True, "eps": 1e-3, "decode": True})
     (tokens, scores), code = run_and_get_code(
         lambda: _generate(model, prompt, cache_implementation="static"))
     decode_sites = [s for s in _fresh if s.reason.startswith("decode")]
@@ -77,7 +77,7 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
     assert torch.equal(tokens, want_tokens)
     assert (scores - want_scores).abs().max() < 1e-3 * want_scores.abs().max()
     # one summary per layer's key cache, at its first write; every later write updates it
-    assert kv_cache.STATS["rebuilt"] == LAYERS and kv_cache.STATS["updated"] >= LAYERS * (NEW_TOKENS - 2)
+    assert kv_cache.STATS["rebuilt"] == LAYERS and kv_cache.STATS["updated"] >= LAYERS * (NEW_TOKENS - 2), dict(kv_cache.STATS)
 
     if arch != "llama":
         return
@@ -103,3 +103,15 @@ def test_dynamic_cache_generate_matches_dense(_fresh):
     got, _ = _generate(model, prompt)
     assert torch.equal(got, want)
     assert any(s.rewritten for s in _fresh)
+
+
+def test_decode_is_opt_in(_fresh):
+    """Without decode=True a static-cache decode site is an ordinary SDPA site: no summaries."""
+    model = _lm("llama")
+    prompt = _prompt()
+    want, _ = _generate(model, prompt, cache_implementation="static")
+    model.forward = torch.compile(model.forward, backend="aether",
+                                  options={"allow_cpu": True, "eps": 1e-3})
+    got, _ = _generate(model, prompt, cache_implementation="static")
+    assert torch.equal(got, want)
+    assert not any(s.reason.startswith("decode") for s in _fresh) and not kv_cache.STATS
