@@ -77,28 +77,14 @@ def synthetic(kind, B, Hq, Hkv, S, D, dtype, device, seed=0):
 def learned(ckpt: str, S: int, B: int, device, dtype=torch.bfloat16):
     """q (last position), k, v of every layer of the byte LM over B validation windows of S
     bytes, layers stacked as heads: q [B, layers*H, 1, D], k, v [B, layers*Hkv, S, D]."""
-    import train_stdlib_lm as lm
+    import learned_qkv
 
-    model, _ = lm.load_checkpoint(ckpt)
-    model = model.to(device, dtype).eval()
-    _, val, _ = lm.load_corpus()
-    starts = torch.linspace(0, val.numel() - S - 1, B).long()
-    ids = torch.stack([val[s:s + S].long() for s in starts]).to(device)
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def capture(q, k, v, *args, **kwargs):
-        seen.append((q[:, :, -1:].clone(), k.clone(), v.clone()))
-        return sdpa(q, k, v, *args, **kwargs)
-
-    F.scaled_dot_product_attention = capture
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        F.scaled_dot_product_attention = sdpa
+    model, _ = learned_qkv.load_model(ckpt, device, dtype)
+    ids = learned_qkv.validation_windows(S, B, seed=0)
+    with torch.no_grad():
+        seen = learned_qkv.capture_qkv(model, ids, q_last=1)
     del model
-    return tuple(torch.cat([s[i] for s in seen], 1) for i in range(3))
+    return tuple(torch.cat([seen[layer][i] for layer in sorted(seen)], 1) for i in range(3))
 
 
 def dense_times(q, k, v) -> dict:
