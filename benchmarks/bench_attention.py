@@ -16,7 +16,6 @@ Every row records card, torch and triton versions, and the git commit.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -35,15 +34,7 @@ from aether_compile.workloads import WORKLOADS
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import chunked_oracle, rel_err  # noqa: E402
-from provenance import git_commit  # noqa: E402  (AETHER_COMMIT first: the device copy's .git is stale)
-
-
-def env_record() -> dict:
-    return {
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+from provenance import card_tag, env_record, write_json  # noqa: E402
 
 
 def bench_ms(fn) -> float:
@@ -240,8 +231,7 @@ def suite_issue6(progress):
                  f"kept {rows[-1].get('kept_fraction')}")
         partial = os.environ.get("AETHER_BENCH_PARTIAL")
         if partial:  # keep what finished if the run is cut short
-            with open(partial, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_json(partial, rows)
     return rows
 
 
@@ -409,14 +399,13 @@ def main(argv=None):
                 "backward": suite_backward}[suite](
             lambda msg: print(msg, flush=True))
         path = os.path.join(args.out,
-                            f"{suite}_{record['card'].replace(' ', '_')}{args.tag}.json")
+                            f"{suite}_{card_tag(record)}{args.tag}.json")
         result = {"env": record, "rows": rows}
         if suite == "issue6":
             result["summary"] = summarize_issue6(rows)
             print(json.dumps(result["summary"], indent=1))
             plot_issue6(rows, args.out)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(path, result)
         print(f"\n== {suite} -> {path}")
         print_table(rows)
 

@@ -22,7 +22,8 @@ import aether_compile
 from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import bench_ms, env_record, sdpa_anchors  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
+from bench_attention import bench_ms, sdpa_anchors  # noqa: E402
 
 CASES = [  # (workload, N, causal)
     ("clustered", 32768, False),
@@ -81,9 +82,8 @@ def main(argv=None):
             rows.append({"case": list(case), "error": f"{type(e).__name__}: {e}"[:500]})
         print(json.dumps(rows[-1]), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compiled_{record['card'].replace(' ', '_')}.json")
-    with open(path, "w") as f:
-        json.dump({"env": record, "rows": rows}, f, indent=1)
+    path = os.path.join(args.out, f"compiled_{card_tag(record)}.json")
+    write_json(path, {"env": record, "rows": rows})
     print("->", path)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_llama import card_tag, env_record, write_json  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
 
 from aether_compile.kernels import decode  # noqa: E402
 

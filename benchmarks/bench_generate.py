@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_llama import card_tag, env_record, write_json  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
 
 import aether_compile  # noqa: E402,F401
 from aether_compile import kv_cache  # noqa: E402

@@ -38,9 +38,7 @@ import argparse
 import collections
 import contextlib
 import cProfile
-import datetime
 import io
-import json
 import math
 import os
 import platform
@@ -60,7 +58,8 @@ if ROOT not in sys.path:  # run from a source checkout without an install
     sys.path.insert(0, ROOT)
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
-from provenance import git_commit  # noqa: E402
+import provenance  # noqa: E402
+from provenance import write_json  # noqa: E402
 import aether_compile.passes.rewrite as aether_passes  # noqa: E402
 from aether_compile import _compat  # noqa: E402
 from aether_compile.inductor import access as inductor_access  # noqa: E402
@@ -84,23 +83,8 @@ def cpu_name() -> str:
 
 
 def env_record(device: str) -> dict:
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            return None
-
-    return {
-        "device": device,
-        "card": torch.cuda.get_device_name() if device == "cuda" else None,
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "triton": version("triton"),
-        "transformers": version("transformers"), "cuda": torch.version.cuda,
-        "python": platform.python_version(), "aether_compile": aether_compile.__version__,
-        "commit": git_commit(short=True, mark_dirty=True),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": loadavg(),
-    }
+    """provenance.env_record plus the CPU's name and load (compile time is host time)."""
+    return provenance.env_record(device, cpu=cpu_name(), loadavg_start=loadavg())
 
 
 def loadavg():
@@ -472,12 +456,6 @@ def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer, model: str | 
         for backend in ("inductor", "aether"):
             measure(fn, inputs, backend, device, allow_cpu, timer)
 
-
-def write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s",

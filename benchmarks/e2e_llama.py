@@ -37,10 +37,8 @@ is rewritten after every row, so a cut-off run keeps what finished.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,29 +51,11 @@ if ROOT not in sys.path:  # run from a source checkout without an install
     sys.path.insert(0, ROOT)
 
 import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
-from provenance import git_commit  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402,F401  (re-exported)
 from aether_compile.passes.rewrite import add_listener, remove_listener  # noqa: E402
 
 
 # -- shared helpers (train_stdlib_lm.py imports these) ---------------------------------------------
-def env_record() -> dict:
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            return None
-
-    cuda = torch.cuda.is_available()
-    return {
-        "card": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__, "triton": version("triton"),
-        "transformers": version("transformers"), "cuda": torch.version.cuda,
-        "python": platform.python_version(), "aether_compile": aether_compile.__version__,
-        "commit": git_commit(short=True, mark_dirty=True),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -203,18 +183,6 @@ def error_record(e: BaseException) -> dict:
     oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
     return {"error": f"{'OOM: ' if oom else ''}{type(e).__name__}: {e}"[:600],
             "traceback": traceback.format_exc()[-2000:]}
-
-
-def write_json(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def card_tag(env: dict) -> str:
-    return env["card"].replace(" ", "_")
 
 
 # -- the Llama rows --------------------------------------------------------------------------------

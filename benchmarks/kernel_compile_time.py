@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.sm90
-from provenance import git_commit  # noqa: E402
+from provenance import git_commit, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernel_compile_time_sm90.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(path, record)
     print(f"wrote {path}")
     return 0
 

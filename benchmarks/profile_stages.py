@@ -12,7 +12,6 @@ profile_stages_<card>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -24,7 +23,8 @@ import aether_compile
 from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import env_record, sdpa_anchors  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
+from bench_attention import sdpa_anchors  # noqa: E402
 
 CASES = [  # (workload, N, H, Hkv, D, causal)
     ("uniform", 16384, 16, 16, 128, False),
@@ -80,7 +80,7 @@ def main(argv=None):
         sys.exit("profiling needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
     record = env_record()
-    path = os.path.join(args.out, f"profile_stages_{record['card'].replace(' ', '_')}.json")
+    path = os.path.join(args.out, f"profile_stages_{card_tag(record)}.json")
     rows = []
     for i, case in enumerate(CASES):
         print(f"[{i + 1}/{len(CASES)}] {case}", flush=True)
@@ -90,8 +90,8 @@ def main(argv=None):
               f"host gap {r['host_gap_ms']:.3f} ms", flush=True)
         for name, ms in list(r["kernels_ms"].items())[:8]:
             print(f"      {ms:8.3f} ms  {name}", flush=True)
-        with open(path, "w") as f:  # after every case: a cut-short run keeps what finished
-            json.dump({"env": record, "rows": rows}, f, indent=1)
+        # after every case: a cut-short run keeps what finished
+        write_json(path, {"env": record, "rows": rows})
         torch.cuda.empty_cache()
     print(f"-> {path}")
 

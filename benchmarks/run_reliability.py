@@ -27,39 +27,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
 import sys
 import time
 
 import torch
-import triton
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from provenance import git_commit  # noqa: E402
-from property_cases import (DEVICES, PROFILE_CASES as PROFILES, cases, check_case,  # noqa: E402
+# the repository root, as pytest has it: the cases import tests.helpers (tests/ itself must not
+# go on sys.path: its aether_compile/ folder would shadow the package as a namespace)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from provenance import card_tag, env_record, write_json  # noqa: E402
+from tests.property_cases import (DEVICES, PROFILE_CASES as PROFILES, cases, check_case,  # noqa: E402
                             device_from_env)
-
-
-def env_record(device: str = "cpu") -> dict:
-    """Where and what ran: device (with card, capability, CUDA on a GPU), versions, commit
-    (AETHER_COMMIT if set, as on the GPU copy, which has no .git; else git HEAD)."""
-    commit = git_commit()
-    env = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "triton": triton.__version__, "commit": commit,
-           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(card=torch.cuda.get_device_name(), capability=[props.major, props.minor],
-                   cuda=torch.version.cuda, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
-    return env
-
-
-def card_tag(env: dict) -> str:
-    return "cpu" if env["device"] == "cpu" else env["card"].replace(" ", "_")
 
 
 class BudgetSpent(Exception):
@@ -154,10 +135,7 @@ def write(out: str, profile: str, record: dict) -> None:
         with open(out) as f:
             results = json.load(f)
     results[profile] = record
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
+    write_json(out, results)
 
 
 def main():

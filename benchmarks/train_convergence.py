@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import env_record  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
 
 from aether_compile.training_task import recall_batch  # noqa: E402
 
@@ -84,9 +84,8 @@ def main(argv=None):
     record = {"env": env_record(), "config": vars(args), "summary": summary,
               "dense": dense, "aether": sparse}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"train_convergence_{record['env']['card'].replace(' ', '_')}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    path = os.path.join(args.out, f"train_convergence_{card_tag(record['env'])}.json")
+    write_json(path, record)
     print(json.dumps(summary, indent=1))
     print("->", path)
 

@@ -61,9 +61,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_llama import (SiteLog, aether_counters, card_tag, compare, env_record,  # noqa: E402
-                       error_record, free, reset_compile_state, sync, time_ms, top_kernels,
-                       write_json)
+from e2e_llama import (SiteLog, aether_counters, compare, error_record, free,  # noqa: E402
+                       reset_compile_state, sync, time_ms, top_kernels)
+from provenance import card_tag, env_record, write_json  # noqa: E402
 
 import aether_compile  # noqa: E402  (sys.path set up by e2e_llama)
 from e2e_llama import recompile_limit  # noqa: E402
