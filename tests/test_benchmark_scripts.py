@@ -132,3 +132,25 @@ def test_kernel_compile_time_for_an_h100_without_one(tmp_path):
     assert [r["kernel"] for r in passes] == ["_attention_kernel"] * 2  # full and causal
     for r in rec["rows"]:
         assert r["wall_s"] > 0 and {"ttir", "ttgir", "llir", "ptx", "cubin"} <= set(r["stages_ms"])
+
+
+def test_every_runner_imports_and_writes_one_record_shape(tmp_path):
+    """Each runner in benchmarks/ imports on its own, as the GPU session runs it (a runner that
+    imports only after another set up sys.path would pass in one process), and the one record
+    writer gives the env every results JSON carries."""
+    env = {**os.environ, "AETHER_COMMIT": "test-commit"}
+    runners = sorted(f[:-3] for f in os.listdir(BENCH) if f.endswith(".py"))
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, 'benchmarks'); import {name}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in runners}
+    failed = {name: p.communicate(timeout=300)[1][-1500:] for name, p in procs.items()}
+    assert not {n: e for n, e in failed.items() if procs[n].returncode}, failed
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import provenance\n"
+            "env = provenance.env_record()\n"
+            f"provenance.write_json({str(tmp_path / 'r.json')!r}, {{'env': env}})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert ENV_KEYS <= set(record["env"]) and record["env"]["commit"] == "test-commit"
