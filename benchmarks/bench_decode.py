@@ -162,7 +162,12 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
     for _ in range(2):
         op()  # the first call summarises the cache and samples the site's choice
     rec["op_us"] = _bench(op)
+    # the step's three parts apart: where its time goes
     rec["bounds_us"] = _bench(lambda: decode.decode_bounds(q, summary, S, scale))
+    log_upper, log_lower = decode.decode_bounds(q, summary, S, scale)
+    rec["select_us"] = _bench(lambda: decode.select_blocks(log_upper, log_lower, eps))
+    kept_order, n_kept, _ = decode.select_blocks(log_upper, log_lower, eps)
+    rec["attend_us"] = _bench(lambda: decode.attend_kept(q, k, v, kept_order, n_kept, scale))
     pos = torch.tensor([S - 1], device=k.device)
     rec["update_us"] = _bench(lambda: decode.update_summary(summary, k, pos))
     rec.update(ideal_and_oracle(q, k, eps))
@@ -222,7 +227,8 @@ def main(argv=None):
                               f"{rec['kept_row']:.3f} kv {rec['kept_kv']:.3f} (ideal "
                               f"{rec['ideal_kept_kv']:.3f}, oracle {rec['oracle_kept_kv']:.3f}) "
                               f"dropped {rec['max_dropped_mass']:.1e} | ours {rec['ours_us']:.1f}"
-                              f" us (bounds {rec['bounds_us']:.1f}, op {rec['op_us']:.1f}) dense "
+                              f" us (bounds {rec['bounds_us']:.1f} select {rec['select_us']:.1f} attend "
+                              f"{rec['attend_us']:.1f}; op {rec['op_us']:.1f}) dense "
                               f"{fastest} -> {rec['speedup']} (op {rec['op_speedup']})",
                               flush=True)
                 except torch.cuda.OutOfMemoryError as e:

@@ -173,7 +173,6 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     b = pid_bh // HKV
     o_r = tl.arange(0, R_PAD)
     o_d = tl.arange(0, D_PAD)
-    o_n = tl.arange(0, BLOCK_N)
     m_r = o_r < R
     m_d = o_d < D
     q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
@@ -183,13 +182,13 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
         limit = tl.minimum(limit, tl.load(Lengths + b))
     g_end = tl.minimum((pid_p + 1) * GROUPS_PER_PROGRAM, NG)
     for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=2):
-        _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, o_n, m_r, m_d, Codes, Center, Step,
+        _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
                          stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS)
 
 
 @triton.jit
-def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, o_n, m_r, m_d, Codes, Center, Step, Bias,
+def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step, Bias,
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -213,39 +212,40 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, o_n, m_r, m_d, Codes, Center
     slack = (tl.sum(tl.abs(q) * err[None, :], 1)
              + slack_gamma * (2 * _CODE_MAX * sum_abs_qs + tl.sum(tl.abs(q * center[None, :]), 1))
              + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
+    # the whole group in one pair of dots (8 KB of codes a load), then per block of BLOCK_N keys
     NBG: tl.constexpr = GROUP // BLOCK_N
-    for j in tl.static_range(NBG):
-        keys = pid_g * GROUP + j * BLOCK_N + o_n
-        codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
-                        mask=m_d[None, :], other=0).to(tl.float16)
-        dots = (tl.dot(head, tl.trans(codes)) + tl.dot(tail, tl.trans(codes))) * up[:, None]
-        hi = (dots + (base + slack)[:, None]) * scale
-        lo = (dots + (base - slack)[:, None]) * scale
-        hi = hi + tl.abs(hi) * 2.0 ** -22
-        lo = lo - tl.abs(lo) * 2.0 ** -22
-        live = keys < limit
-        extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, BLOCK_N),
-                                                                       tl.float32)
-        if HAS_BIAS:
-            extra += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
-                             + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
-                             other=float("-inf"))
-        hi = hi + extra
-        lo = lo + extra
-        mh = tl.max(hi, 1)
-        mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
-        log_hi = mh_safe + tl.log(tl.sum(tl.exp(hi - mh_safe[:, None]), 1))
-        ml = tl.max(lo, 1)
-        ml_safe = tl.where(ml == float("-inf"), 0.0, ml)
-        log_lo = ml_safe + tl.log(tl.sum(tl.exp(lo - ml_safe[:, None]), 1))
-        # the log-sum-exp's own float32 rounding: a relative 1e-5 on each side
-        log_hi = tl.where(mh == float("-inf"), float("-inf"), log_hi + 1e-5)
-        log_lo = tl.where(ml == float("-inf"), float("-inf"), log_lo - 1e-5)
-        blk = pid_g * NBG + j
-        out = (pid_bh * R + o_r) * NB + blk
-        m_out = m_r & ((o_r * 0 + blk) < NB)
-        tl.store(LogUpper + out, log_hi, mask=m_out)
-        tl.store(LogLower + out, log_lo, mask=m_out)
+    o_g = tl.arange(0, GROUP)
+    keys = pid_g * GROUP + o_g
+    codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
+                    mask=m_d[None, :], other=0).to(tl.float16)
+    dots = (tl.dot(head, tl.trans(codes)) + tl.dot(tail, tl.trans(codes))) * up[:, None]
+    hi = (dots + (base + slack)[:, None]) * scale
+    lo = (dots + (base - slack)[:, None]) * scale
+    hi = hi + tl.abs(hi) * 2.0 ** -22
+    lo = lo - tl.abs(lo) * 2.0 ** -22
+    live = keys < limit
+    extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
+    if HAS_BIAS:
+        extra += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
+                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
+                         other=float("-inf"))
+    log_hi = _block_logsumexp(tl.reshape(hi + extra, (R_PAD, NBG, BLOCK_N)), 1e-5)
+    log_lo = _block_logsumexp(tl.reshape(lo + extra, (R_PAD, NBG, BLOCK_N)), -1e-5)
+    blk = pid_g * NBG + tl.arange(0, NBG)
+    out = (pid_bh * R + o_r[:, None]) * NB + blk[None, :]
+    m_out = m_r[:, None] & (blk < NB)[None, :]
+    tl.store(LogUpper + out, log_hi, mask=m_out)
+    tl.store(LogLower + out, log_lo, mask=m_out)
+
+
+@triton.jit
+def _block_logsumexp(x, rounding):
+    """log Σ exp over the last axis of [R, blocks, keys]; -inf for an all -inf block. rounding:
+    the log-sum-exp's own float32 error, a relative 1e-5 (added above, taken off below)."""
+    m = tl.max(x, 2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    out = m_safe + tl.log(tl.sum(tl.exp(x - m_safe[:, :, None]), 2))
+    return tl.where(m == float("-inf"), float("-inf"), out + rounding)
 
 
 def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
