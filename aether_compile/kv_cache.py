@@ -47,6 +47,7 @@ class _Entry:
 
 _SUMMARIES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 STATS = collections.Counter()  # "rebuilt", "updated", "dropped": what summaries cost (tests)
+CALLS = collections.Counter()  # "certified", "dense": what decode calls did (benchmarks)
 
 
 def _ident(cache: Tensor) -> tuple:
@@ -230,7 +231,9 @@ def _certified_or_dense(query, key, value, summary, eps: float, scale: float, bi
     fraction = settings.dense_fraction(DECODE_DENSE_FRACTION)
     if fraction is not None and dense_policy.choose_dense(
             site, select if can_read else None, fraction, lagged=settings.dense_lag()):
+        CALLS["dense"] += 1
         return None
+    CALLS["certified"] += 1
     if "kept" not in selection:
         select()
     kept_order, n_kept, _ = selection["kept"]

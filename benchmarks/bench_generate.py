@@ -52,18 +52,24 @@ def run(ckpt, S, B, new_tokens, backend, options, mode, device="cuda"):
     torch._dynamo.reset()
     kv_cache.forget_summaries()
     model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
-    kw = {} if backend == "inductor" else {"backend": "aether", "options": options}
-    model.forward = torch.compile(model.forward, mode=mode, **kw)
+    if backend == "inductor":
+        model.forward = torch.compile(model.forward, mode=mode)
+    else:  # torch.compile takes mode or options, not both: the mode goes in as its options
+        from aether_compile import _compat
+        model.forward = torch.compile(model.forward, backend="aether",
+                                      options={**options, **_compat.mode_options(mode)})
     ids = prompt_ids(S, B, device)
     t0 = time.perf_counter()
     generate(model, ids, new_tokens)  # compiles prefill and decode, captures the CUDA graphs
     warm_s = time.perf_counter() - t0
     kv_cache.STATS.clear()
+    kv_cache.CALLS.clear()
     tokens, seconds = generate(model, ids, new_tokens)
     del model
     torch.cuda.empty_cache()
     return tokens, {"seconds": seconds, "tokens_per_s": B * new_tokens / seconds,
-                    "first_call_s": warm_s, "summaries": dict(kv_cache.STATS)}
+                    "first_call_s": warm_s, "summaries": dict(kv_cache.STATS),
+                    "decode_calls": dict(kv_cache.CALLS)}
 
 
 def run_isolated(args, S, backend, eps, mode, device="cuda"):
@@ -128,7 +134,7 @@ def main(argv=None):
                            int((tokens != dense_tokens).any(0).nonzero()[0]))
                 print(f"S {S} eps {eps:g}: aether {ours['tokens_per_s']:.1f} tok/s, ratio "
                       f"{row['ratio']:.3f}, tokens match {same}, summaries "
-                      f"{ours['summaries']}", flush=True)
+                      f"{ours['summaries']}, decode calls {ours['decode_calls']}", flush=True)
             else:
                 print(f"S {S} eps {eps:g}: {ours['error']}", flush=True)
             record["rows"].append(row)
