@@ -227,8 +227,9 @@ def main(argv=None):
                               f"{rec['kept_row']:.3f} kv {rec['kept_kv']:.3f} (ideal "
                               f"{rec['ideal_kept_kv']:.3f}, oracle {rec['oracle_kept_kv']:.3f}) "
                               f"dropped {rec['max_dropped_mass']:.1e} | ours {rec['ours_us']:.1f}"
-                              f" us (bounds {rec['bounds_us']:.1f} select {rec['select_us']:.1f} attend "
-                              f"{rec['attend_us']:.1f}; op {rec['op_us']:.1f}) dense "
+                              f" us (bounds {rec['bounds_us']:.1f} select "
+                              f"{rec['select_us']:.1f} attend {rec['attend_us']:.1f}; op "
+                              f"{rec['op_us']:.1f}) dense "
                               f"{fastest} -> {rec['speedup']} (op {rec['op_speedup']})",
                               flush=True)
                 except torch.cuda.OutOfMemoryError as e:

@@ -22,8 +22,11 @@ process's first compile. Per model: seconds per repeat; ratio aether/inductor of
 the minima, of the means and of the median CPU seconds; time inside the rewrite pass, sites
 rewritten, output difference.
 
-Models: tiny transformers configs (random init) with position tables long enough for ``--seq``
-(default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA attention this small is
+Models: built here rather than taken from tests/models/zoo.py, whose cases have fixed lengths of
+16-64 and position tables to match; compile time is measured where the sparse path compiles, at
+``--seq`` 1024 on CUDA. Where the time goes (sampler, profiles, Triton's compile log) lives in
+compile_profile.py. Tiny transformers configs (random init) with position tables long enough for
+``--seq`` (default 1024 on CUDA, 128 on CPU), plus a nanoGPT block. On CUDA attention this small is
 "short" (ops.static_dense_reason: <= 8 key blocks, or little work): the pass leaves it as written,
 so both backends compile the same graph, while long sequences get the sparse path. The benchmark
 sets ``AETHER_STATIC_DENSE=0`` (read while tracing) so every site compiles the sparse path, the
@@ -35,20 +38,15 @@ to the JSON.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import cProfile
-import io
 import math
 import os
 import platform
-import pstats
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import traceback
 import unittest.mock
 
 import torch
@@ -57,14 +55,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a source checkout without an install
     sys.path.insert(0, ROOT)
 
-import aether_compile  # noqa: E402  (registers torch.ops.aether.* and the backend)
+import aether_compile  # noqa: E402,F401  (registers torch.ops.aether.* and the backend)
 import provenance  # noqa: E402
 from provenance import write_json  # noqa: E402
 import aether_compile.passes.rewrite as aether_passes  # noqa: E402
-from aether_compile import _compat  # noqa: E402
 from aether_compile.inductor import access as inductor_access  # noqa: E402
 from aether_compile.inductor import early_compile  # noqa: E402
 from aether_compile.inductor import precompile  # noqa: E402
+from compile_profile import (  # noqa: E402
+    StackSampler, TritonCompileLog, cpu_seconds, profile_callers, profile_excess, profile_top,
+    sampled_excess)
 
 TARGET_RATIO = 1.2
 MODELS = ("bert", "gpt2", "llama", "qwen2", "vit", "whisper", "distilbert", "nanogpt")
@@ -285,73 +285,6 @@ def measure(model, inputs, backend: str, device: str, allow_cpu: bool, timer: Pa
                             "leaf": dict(sampler.leaf.most_common(100))}} if sample else {})}
 
 
-def function_name(file: str, line: int, name: str) -> str:
-    """``path:line(name)`` as the profiles and the sampler list a function: a path in this
-    repository relative to it, any other by its file name."""
-    where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
-    return f"{where}:{line}({name})"
-
-
-class StackSampler:
-    """Wall time of the calling thread by function, from its stack sampled every ``interval`` s
-    by another thread: inclusive (the function is on the stack) and leaf (it is on top). Unlike
-    cProfile it does not slow the traced code down unevenly, and a wait (the GIL, a lock, a
-    child process) is charged to whoever waits."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.inclusive: collections.Counter = collections.Counter()
-        self.leaf: collections.Counter = collections.Counter()
-        self.seconds = 0.0
-
-    def __enter__(self):
-        self.target = threading.get_ident()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        return False
-
-    def _run(self):
-        last = time.perf_counter()
-        while not self.done.wait(self.interval):
-            now = time.perf_counter()
-            weight, last = now - last, now
-            frame = sys._current_frames().get(self.target)
-            seen = set()
-            while frame is not None:
-                code = frame.f_code
-                key = function_name(code.co_filename, code.co_firstlineno, code.co_name)
-                if not seen:
-                    self.leaf[key] += weight
-                if key not in seen:
-                    seen.add(key)
-                    self.inclusive[key] += weight
-                frame = frame.f_back
-            self.seconds += weight
-
-
-def sampled_excess(runs: dict, n: int = 80) -> dict:
-    """Mean seconds per compile by function, aether minus inductor, from the runs' samples."""
-    def mean(backend, kind):
-        total: collections.Counter = collections.Counter()
-        for run in runs[backend]:
-            total.update(run["samples"][kind])
-        return {k: v / len(runs[backend]) for k, v in total.items()}
-
-    out = {}
-    for kind in ("inclusive", "leaf"):
-        a, i = mean("aether", kind), mean("inductor", kind)
-        rows = sorted(((round(a.get(k, 0.0) - i.get(k, 0.0), 3), round(a.get(k, 0.0), 3), k)
-                       for k in set(a) | set(i)), reverse=True)
-        out[kind] = rows[:n]
-    return out
-
-
 def forget_our_state() -> None:
     """What a new process would not have of ours: the kernels Triton holds in memory, the
     precompile's record of what it started, the memoised access analyses, the sites' dense
@@ -372,48 +305,6 @@ def forget_our_state() -> None:
     dense_policy.forget_lagged_choices()
 
 
-class TritonCompileLog(list):
-    """Every Triton compile this process runs (any thread) while the block runs, through Triton's
-    compile listener: (s from ``mark``, kernel, cache hit, ms, thread, the nearest callers outside
-    Triton). Inductor's workers compile elsewhere; a Triton without the listener logs nothing."""
-
-    def __init__(self, mark: float, limit: int = 200):
-        super().__init__()
-        self.mark, self.limit = mark, limit
-
-    def __enter__(self):
-        try:
-            from triton import knobs
-            self.knobs, self.before = knobs.compilation, knobs.compilation.listener
-        except (ImportError, AttributeError):
-            self.knobs = None
-            return self
-
-        def listener(**kw):
-            if len(self) < self.limit:
-                times = kw.get("times")
-                ms = None
-                if times is not None:
-                    ms = round((times.ir_initialization + times.total_lowering
-                                + times.store_results) / 1e3, 1)
-                callers = [f"{os.path.basename(f.filename)}:{f.lineno}({f.name})"
-                           for f in traceback.extract_stack()[:-1]
-                           if "/triton/" not in f.filename][-3:]
-                self.append((round(time.monotonic() - self.mark, 3),
-                             getattr(kw["src"], "name", str(kw["src"])[:40]), kw["cache_hit"], ms,
-                             threading.current_thread().name, callers))
-            if self.before is not None:
-                self.before(**kw)
-
-        self.knobs.listener = listener
-        return self
-
-    def __exit__(self, *exc):
-        if self.knobs is not None:
-            self.knobs.listener = self.before
-        return False
-
-
 @contextlib.contextmanager
 def kept_cache(cache_dir: str):
     """Inductor's and Triton's on-disk caches in ``cache_dir``, kept between compiles; in-memory
@@ -425,15 +316,6 @@ def kept_cache(cache_dir: str):
            "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton")}
     with unittest.mock.patch.dict(os.environ, env):
         yield
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all threads) and its reaped children (g++)."""
-    import resource
-
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-        resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer, model: str | None,
@@ -455,58 +337,6 @@ def warm_up(device: str, dtype, allow_cpu: bool, timer: PassTimer, model: str | 
     for fn, inputs in cases:
         for backend in ("inductor", "aether"):
             measure(fn, inputs, backend, device, allow_cpu, timer)
-
-
-
-def profile_top(profiler: cProfile.Profile, n: int = 25, key: str = "cumtime_s",
-                ours: bool = False) -> list:
-    """The top ``n`` functions by ``key``; ``ours``: only functions of this repository."""
-    stats = pstats.Stats(profiler, stream=io.StringIO())
-    rows = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
-        if ours and not file.startswith(ROOT):
-            continue
-        rows.append({"function": function_name(file, line, fn), "calls": nc,
-                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
-    rows.sort(key=lambda r: -r[key])
-    return rows[:n]
-
-
-# Functions whose callers a compile profile lists: where Triton code generation and Torch's
-# repro string come from
-TRACED_CALLEES = ("generate_ttir", "make_ir", "identify_accessed_tensors",
-                  "identify_mutated_tensors", "save_graph_repro")
-
-
-def profile_excess(aether: cProfile.Profile, inductor: cProfile.Profile, n: int = 150) -> list:
-    """Functions by how much longer they ran (cumulative) in the aether compile than in the
-    default one: where the excess goes, attributed through the call tree."""
-    def cumulative(profiler):
-        stats = pstats.Stats(profiler, stream=io.StringIO())
-        return {function_name(file, line, fn): (nc, ct, tt)
-                for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items()}
-
-    a, i = cumulative(aether), cumulative(inductor)
-    rows = [{"function": k, "excess_cum_s": round(a.get(k, (0, 0.0, 0.0))[1]
-                                                  - i.get(k, (0, 0.0, 0.0))[1], 4),
-             "excess_own_s": round(a.get(k, (0, 0.0, 0.0))[2] - i.get(k, (0, 0.0, 0.0))[2], 4),
-             "calls": [a.get(k, (0,))[0], i.get(k, (0,))[0]]} for k in set(a) | set(i)]
-    rows.sort(key=lambda r: -r["excess_cum_s"])
-    return rows[:n]
-
-
-def profile_callers(profiler: cProfile.Profile) -> dict:
-    """For each function named in TRACED_CALLEES: its callers, with calls and cumulative time."""
-    stats = pstats.Stats(profiler, stream=io.StringIO())
-    found = {}
-    for (file, line, fn), (cc, nc, tt, ct, callers) in stats.stats.items():
-        if fn not in TRACED_CALLEES:
-            continue
-        found[f"{os.path.basename(file)}:{line}({fn})"] = {
-            "calls": nc, "cumtime_s": round(ct, 4),
-            "callers": sorted(([f"{os.path.basename(cf)}:{cl}({cn})", c[1], round(c[3], 4)]
-                               for (cf, cl, cn), c in callers.items()), key=lambda r: -r[2])}
-    return found
 
 
 def main(argv=None) -> int:
