@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
+from .site import Decline
 from .spellings import ev
 
 _COPIED_META = ("stack_trace", "nn_module_stack")
@@ -81,3 +82,25 @@ def erase_dead(graph: Graph, candidates: Iterable[Node]) -> None:
         inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         work.extend(inputs)
+
+
+@contextmanager
+def rolled_back_on_failure(b: Builder, what: str) -> Iterator[Builder]:
+    """Build a replacement with ``b``: on a Decline, or any other error (which becomes a Decline
+    naming it), every node ``b`` created is erased, so a failed rewrite leaves the graph as it was
+    and never breaks the user's compile."""
+    try:
+        yield b
+    except Decline:
+        b.rollback()
+        raise
+    except Exception as e:
+        b.rollback()
+        raise Decline("internal_error", f"{what} failed: {type(e).__name__}: {e}") from e
+
+
+def check_replacement(want, got, what: str = "replacement") -> None:
+    """The replacement's example value must have the site's shape and dtype."""
+    if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
+        raise Decline("internal_error", f"{what} gives {tuple(got.shape)} {got.dtype}, site "
+                                        f"gives {tuple(want.shape)} {want.dtype}")

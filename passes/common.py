@@ -10,7 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from . import checks
-from .build import Builder, erase_dead
+from .build import Builder, check_replacement, erase_dead, rolled_back_on_failure
 from .site import Decline
 from .spellings import ev, scale_args, unrepeat_kv
 
@@ -148,7 +148,7 @@ def apply(gm: GraphModule, m: AttentionMatch, options) -> None:
     q_val = m.q.value()
     three_d = q_val.dim() == 3
     b = Builder(graph, m.replace, m.anchor, [q_val, ev(m.replace)])
-    try:
+    with rolled_back_on_failure(b, "rewrite"):
         q, k, v = m.q.build(b), m.k.build(b), m.v.build(b)
         if three_d:  # [B*H, L, E] -> [1, B*H, L, E]; a 3-D mask broadcasts over the new batch dim
             q, k, v = (b.method("unsqueeze", t, 0) for t in (q, k, v))
@@ -160,15 +160,6 @@ def apply(gm: GraphModule, m: AttentionMatch, options) -> None:
             out = b.method("squeeze", out, 0)
         if m.out_perm is not None and list(m.out_perm) != list(range(len(m.out_perm))):
             out = b.method("permute", out, *m.out_perm)
-        want, got = ev(m.replace), ev(out)
-        if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
-            raise Decline("internal_error", f"replacement gives {tuple(got.shape)} {got.dtype}, "
-                                            f"site gives {tuple(want.shape)} {want.dtype}")
-    except Decline:
-        b.rollback()
-        raise
-    except Exception as e:  # never break the user's compile
-        b.rollback()
-        raise Decline("internal_error", f"rewrite failed: {type(e).__name__}: {e}") from e
+        check_replacement(ev(m.replace), ev(out))
     m.replace.replace_all_uses_with(out)
     erase_dead(graph, [m.replace, *reversed(m.visited)])

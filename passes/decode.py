@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from aether_compile._compat import size_hint
 
-from .build import Builder, erase_dead
+from .build import Builder, check_replacement, erase_dead, rolled_back_on_failure
 from .common import AttentionMatch, build_scale
 from .site import Decline
 from .spellings import ev
@@ -104,21 +104,12 @@ def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -
     """Replace the SDPA with ``aether::decode_attention`` on the caches themselves (the
     ``repeat_kv`` copies die) and route the key writes through the summary-keeping op."""
     b = Builder(gm.graph, m.replace, m.anchor, [m.q.value(), ev(m.replace)])
-    try:
+    with rolled_back_on_failure(b, "decode rewrite"):
         q = m.q.build(b)
         scale = build_scale(b, m.scale, m.scale_nodes)
         out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
                    site.value_cache, m.mask(b), bool(m.is_causal), scale, options.eps)
-        want, got = ev(m.replace), ev(out)
-        if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
-            raise Decline("internal_error", f"decode gives {tuple(got.shape)} {got.dtype}, "
-                                            f"site gives {tuple(want.shape)} {want.dtype}")
-    except Decline:
-        b.rollback()
-        raise
-    except Exception as e:  # never break the user's compile
-        b.rollback()
-        raise Decline("internal_error", f"decode rewrite failed: {type(e).__name__}: {e}") from e
+        check_replacement(ev(m.replace), ev(out), "decode")
     m.replace.replace_all_uses_with(out)
     erase_dead(gm.graph, [m.replace, *reversed(m.visited)])
     rewrite_key_writes(gm, site)

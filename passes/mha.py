@@ -19,7 +19,7 @@ from torch.fx import Node
 from aether_compile._compat import mha_forward_targets
 
 from . import checks
-from .build import Builder, erase_dead
+from .build import Builder, check_replacement, erase_dead, rolled_back_on_failure
 from .site import Decline
 from .spellings import ev
 
@@ -121,7 +121,7 @@ class MhaMatch:
     def apply(self, gm, options) -> None:
         a = self.args
         b = Builder(gm.graph, self.node, self.node, [ev(a["query"])])
-        try:
+        with rolled_back_on_failure(b, "rewrite"):
             if self.native:
                 new = b.fn(native_mha_forward, a["query"], a["key"], a["value"], a["num_heads"],
                            a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"],
@@ -132,16 +132,7 @@ class MhaMatch:
                            a["out_proj_bias"], a["key_padding_mask"], a["attn_mask"],
                            a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
                            options.eps)
-            want, got = ev(self.node)[0], ev(new)[0]
-            if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
-                raise Decline("internal_error", f"replacement gives {tuple(got.shape)}, site "
-                                                f"{tuple(want.shape)}")
-        except Decline:
-            b.rollback()
-            raise
-        except Exception as e:
-            b.rollback()
-            raise Decline("internal_error", f"rewrite failed: {type(e).__name__}: {e}") from e
+            check_replacement(ev(self.node)[0], ev(new)[0])
         self.node.replace_all_uses_with(new)
         erase_dead(gm.graph, [self.node])
 
