@@ -310,6 +310,14 @@ def _unparsed_qk(x: Node, depth: int = 8) -> Optional[Node]:
     return None
 
 
+def _value_users(node: Node) -> list:
+    """The users of ``node`` that read its values: ``x.type_as(node)`` reads only its dtype (the
+    fp32 softmax cast back, ``scores.float().softmax(-1).type_as(scores)``), so it does not count."""
+    return [u for u in node.users
+            if not (u.op == "call_method" and u.target == "type_as" and len(u.args) == 2
+                    and u.args[1] is node and u.args[0] is not node)]
+
+
 def match(node: Node) -> Optional[AttentionMatch]:
     sm = softmax_args(node)
     if sm is None or not is_tensor_node(sm.input):
@@ -326,7 +334,7 @@ def match(node: Node) -> Optional[AttentionMatch]:
     if not isinstance(sm.dim, int) or sm.dim % nd != nd - 1:
         return None  # not a softmax over keys
     problems = list(s.problems)
-    if any(len(n.users) != 1 for n in s.nodes):
+    if any(len(_value_users(n)) != 1 for n in s.nodes):
         problems.append(Decline("weights_used", "attention scores are used elsewhere"))
     use = parse_probs(node)
     if use is None:

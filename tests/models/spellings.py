@@ -76,6 +76,15 @@ class SplitScale(_Base):
         return self.merge(p @ v)
 
 
+class UpcastTypeAs(_Base):
+    """Softmax in float32, cast back with ``type_as(scores)`` (reads only the scores' dtype)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = (q @ k.transpose(-2, -1)) * self.D ** -0.5
+        return self.merge(scores.float().softmax(-1).type_as(scores) @ v)
+
+
 class EinsumMaskedFill(_Base):
     """einsum for both products, bool masked_fill with finfo.min."""
 

@@ -37,6 +37,8 @@ REWRITTEN = {
     "scale-on-q-dropout-eval": (S.ScaleOnQ, lambda: (_x(),), "softmax-matmul(matmul)", "mask=none"),
     "split-scale-fp32-softmax": (S.SplitScale, lambda: (_x(),), "softmax-matmul(matmul)",
                                  "mask=none"),
+    "upcast-softmax-type-as-scores": (S.UpcastTypeAs, lambda: (_x(),), "softmax-matmul(matmul)",
+                                      "mask=none"),
     "einsum-masked-fill-finfo-min": (S.EinsumMaskedFill, lambda: (_x(), _keep()),
                                      "softmax-matmul(einsum)", "mask=bool"),
     "bmm-3d-where-causal": (S.BmmWhere, lambda: (_x(),), "softmax-matmul(bmm)", "mask=bool"),
