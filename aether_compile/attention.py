@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,7 +55,15 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 
     ``dropout_p > 0`` falls back to SDPA (logged): the certificate is defined for the softmax
     itself. With ``return_stats`` returns ``(out, AttentionStats)``.
+
+    Like SDPA, other ranks work: [..., H, L, E] with any number of leading batch dimensions
+    (broadcast between query, key and value, and the mask), rank 3 as [H, L, E] and rank 2 as
+    [L, E]; the leading dimensions are flattened into one batch for the op, and the output and the
+    stats' per-row tensors take them back ([..., H, L, Ev], [..., H, L]).
     """
+    if not _is_4d_batch_aligned(query, key, value):
+        return _flattened(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                          eps, return_stats)
     check_inputs(query, key, value, attn_mask, dropout_p, scale, enable_gqa, eps)
     if dropout_p > 0.0:
         if return_stats:
@@ -71,3 +80,59 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
     resolved = _ops.default_eps(query.dtype) if eps is None else float(eps)
     return out, AttentionStats(kept, lse, block_m, block_n, resolved)
+
+
+def _is_4d_batch_aligned(query, key, value) -> bool:
+    """The op's own layout: three 4-D tensors with one batch size (no flattening needed)."""
+    return (all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key, value))
+            and query.shape[0] == key.shape[0] == value.shape[0])
+
+
+def _flattened(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, eps,
+               return_stats):
+    """SDPA's other layouts through the 4-D op: [..., H, L, E] with broadcast leading dimensions
+    becomes [prod(...), H, L, E] (heads stay the third-last dimension, as SDPA's enable_gqa reads
+    them), and the output is reshaped back."""
+    tensors = (("query", query), ("key", key), ("value", value))
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions [..., seq, head_dim]; got "
+                             f"shape {tuple(t.shape)}")
+    rank = max(t.dim() for _, t in tensors)
+    padded = [t.reshape((1,) * (max(rank, 3) - t.dim()) + tuple(t.shape)) for _, t in tensors]
+    try:
+        lead = torch.broadcast_shapes(*(tuple(t.shape[:-3]) for t in padded))
+        if not enable_gqa:
+            heads = torch.broadcast_shapes(*((t.shape[-3],) for t in padded))
+            padded = [t.expand(*lead, *heads, *t.shape[-2:]) for t in padded]
+        else:  # query heads may be a multiple of key/value heads: broadcast the batch alone
+            padded = [t.expand(*lead, *t.shape[-3:]) for t in padded]
+    except RuntimeError as e:
+        raise ValueError("query, key and value batch dimensions do not broadcast: "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}") from e
+    batch = math.prod(lead)
+    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in padded)
+    mask = attn_mask
+    if isinstance(mask, Tensor) and mask.dim() > 3:
+        if mask.dim() > len(lead) + 3:
+            target = [*lead, q.shape[1], q.shape[2], k.shape[2]]
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} has more dimensions than "
+                             f"the attention [..., H, L, S] = {target}")
+        mask = mask.reshape((1,) * (len(lead) + 3 - mask.dim()) + tuple(mask.shape))
+        try:
+            mask = mask.expand(*lead, *mask.shape[-3:]).reshape(batch, *mask.shape[-3:])
+        except RuntimeError as e:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                             f"to the batch dimensions {list(lead)}") from e
+    result = attention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, eps=eps,
+                       return_stats=return_stats)
+    out, stats = result if return_stats else (result, None)
+    out_shape = (*lead, *out.shape[1:])[-rank:] if rank < 3 else (*lead, *out.shape[1:])
+    out = out.reshape(out_shape)
+    if stats is None:
+        return out
+    kept = stats.kept_blocks.reshape(*lead, *stats.kept_blocks.shape[1:])
+    lse = stats.lse.reshape(*lead, *stats.lse.shape[1:])
+    return out, AttentionStats(kept, lse, stats.block_m, stats.block_n, stats.eps)

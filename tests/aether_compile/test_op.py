@@ -52,6 +52,23 @@ def test_return_stats_certifies_every_row():
     assert float(d.max()) <= 1e-2
 
 
+def test_other_ranks_keep_the_certificate_and_give_stats_in_their_layout():
+    """Rank 3 [H, L, E] and rank 5 [b1, b2, H, L, E] go through the op flattened: the output and
+    the per-row stats come back in the input's layout, and every row's dropped mass is <= eps."""
+    q, k, v = clustered_qkv(2, 2, 1024, 32, run=64, centers=8, seed=1)  # [2, 2, 1024, 32]
+    for shape in ((4, 1024, 32), (2, 1, 2, 1024, 32)):
+        q5, k5, v5 = (t.reshape(shape) for t in (q, k, v))
+        out, stats = aether_compile.attention(q5, k5, v5, eps=1e-2, return_stats=True)
+        assert out.shape == shape and stats.lse.shape == shape[:-1]
+        assert stats.kept_blocks.shape[:-2] == shape[:-2]
+        assert 0.0 < stats.kept_fraction < 1.0
+        flat = [t.reshape(2, 2, 1024, 32) for t in (q5, k5)]
+        kept = stats.kept_blocks.reshape(2, 2, *stats.kept_blocks.shape[-2:])
+        assert float(dropped_mass(*flat, kept, stats.block_m, stats.block_n).max()) <= 1e-2
+        ref = F.scaled_dot_product_attention(q5.double(), k5.double(), v5.double())
+        assert rel_err(out.double(), ref) < 1e-2
+
+
 def test_default_eps_per_dtype():
     q, k, v = _qkv(dtype=torch.float16)
     _, stats = aether_compile.attention(q, k, v, return_stats=True)
@@ -80,7 +97,7 @@ def test_empty_sequences_like_sdpa():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda q, k, v: (q[0], k, v), "query must be 4-D"),
+    (lambda q, k, v: (torch.cat([q, q[:1]]), k, v), "batch dimensions do not broadcast"),
     (lambda q, k, v: (q, k[..., :8], v), "query head dim 16 != key head dim 8"),
     (lambda q, k, v: (q, k.double(), v), "share a dtype"),
     (lambda q, k, v: (q.int(), k, v), "floating-point"),
