@@ -166,6 +166,8 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
     rec["bounds_us"] = _bench(lambda: decode.decode_bounds(q, summary, S, scale))
     log_upper, log_lower = decode.decode_bounds(q, summary, S, scale)
     rec["select_us"] = _bench(lambda: decode.select_blocks(log_upper, log_lower, eps))
+    rec["select_sorted_us"] = _bench(
+        lambda: decode.select_blocks_sorted(log_upper, log_lower, eps))  # the torch version
     kept_order, n_kept, _ = decode.select_blocks(log_upper, log_lower, eps)
     rec["attend_us"] = _bench(lambda: decode.attend_kept(q, k, v, kept_order, n_kept, scale))
     pos = torch.tensor([S - 1], device=k.device)

@@ -280,11 +280,28 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
 
 
 # -- 2. selection ----------------------------------------------------------------------------------
+SELECT_CHUNK = 512  # blocks per step of the selection kernel's passes over a row
+SELECT_ITERS = 14  # bisection steps on the skip threshold: the interval shrinks to log(NB) / 2^14
+# The selection's own float32 rounding (sums of up to NB terms, log-sum-exp): the budget is taken
+# this much (in log space) below eps * Z_low, far more than those errors reach.
+SELECT_MARGIN = 1e-4
+
+
 def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
     """(kept_order int32 [B, Hkv, NB], n_kept int32 [B, Hkv], keep_rows bool [B, Hkv, R, NB]).
-    A row skips its blocks smallest bound first while their bounded masses sum to at most
-    eps * Z_low (Z_low = Σ exp(log_lower), a lower bound on its normaliser); a KV head reads a
-    block any of its rows keeps. kept_order lists the kept blocks first, in ascending order."""
+    A row skips blocks whose bounded masses sum to at most eps * Z_low (Z_low = Σ exp(log_lower),
+    a lower bound on its normaliser), so its dropped mass is at most eps; a KV head reads a block
+    any of its rows keeps. kept_order lists the kept blocks first, in ascending order, then the
+    skipped ones. On CUDA (and the interpreter) one Triton program per KV head does it without a
+    sort (``_decode_select_kernel``); elsewhere ``select_blocks_sorted``."""
+    if log_upper.device.type == "cuda" or INTERPRET:
+        return _select_blocks_kernel(log_upper, log_lower, eps)
+    return select_blocks_sorted(log_upper, log_lower, eps)
+
+
+def select_blocks_sorted(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
+    """``select_blocks`` by sorting: each row skips its blocks smallest bound first while their
+    bounded masses sum to at most eps * Z_low (the most a row can skip by this rule)."""
     log_z_low = torch.logsumexp(log_lower, -1, keepdim=True)
     budget = log_z_low + (math.log(eps) if eps > 0 else -math.inf)
     sorted_upper, order = log_upper.sort(-1)
@@ -296,6 +313,85 @@ def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
     # blocks with no live key in any row have an upper bound of -inf: skipped by every row
     kept_order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     return kept_order, keep.sum(-1, dtype=torch.int32), keep_rows
+
+
+@triton.jit
+def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log_nb, log_eps,
+                          margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr, ITERS: tl.constexpr):
+    """One program: one (sequence, KV head), all its rows. A row skips every block whose upper
+    bound U_j is at most a threshold t with Σ_{U_j <= t} exp(U_j) <= eps * Z_low: t starts at
+    budget - log(NB) (NB blocks below it hold at most the budget) and a bisection raises it while
+    the sum stays within the budget. Then the union over rows, compacted by a prefix sum."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_r = tl.arange(0, R_PAD)
+    o_c = tl.arange(0, CHUNK)
+    m_r = o_r < R
+    rows = pid * R * NB + o_r[:, None] * NB
+    # 1. per row: log Z_low (online log-sum-exp of the lower bounds) and the largest upper bound
+    m_lo = tl.full((R_PAD,), float("-inf"), tl.float32)
+    s_lo = tl.zeros((R_PAD,), tl.float32)
+    m_up = tl.full((R_PAD,), float("-inf"), tl.float32)
+    for c in range(0, NB, CHUNK):
+        m = m_r[:, None] & ((c + o_c) < NB)[None, :]
+        lo = tl.load(LogLower + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+        up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+        m_new = tl.maximum(m_lo, tl.max(lo, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_lo = s_lo * tl.exp(m_lo - m_safe) + tl.sum(tl.exp(lo - m_safe[:, None]), 1)
+        m_lo = m_new
+        m_up = tl.maximum(m_up, tl.max(up, 1))
+    log_z = tl.where(s_lo > 0, m_lo + tl.log(s_lo), float("-inf"))
+    budget = log_z + log_eps - margin
+    # 2. the skip threshold per row: bisection between a certified start and the budget
+    lo_t = budget - log_nb
+    hi_t = tl.maximum(tl.minimum(budget, m_up), lo_t)
+    for _ in range(ITERS):
+        mid = (lo_t + hi_t) * 0.5
+        mass = tl.zeros((R_PAD,), tl.float32)
+        for c in range(0, NB, CHUNK):
+            m = m_r[:, None] & ((c + o_c) < NB)[None, :]
+            up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+            take = (up <= mid[:, None]) & (up > float("-inf"))
+            mass += tl.sum(tl.where(take, tl.exp(up - budget[:, None]), 0.0), 1)
+        fits = mass <= 1.0
+        lo_t = tl.where(fits, mid, lo_t)
+        hi_t = tl.where(fits, hi_t, mid)
+    # 3. keep what exceeds the threshold; the KV head reads the union, kept blocks first
+    n_kept = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)
+    for c in range(0, NB, CHUNK):
+        in_row = (c + o_c) < NB
+        m = m_r[:, None] & in_row[None, :]
+        up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+        keep_rows = (up > lo_t[:, None]) & m
+        tl.store(KeepRows + rows + c + o_c[None, :], keep_rows.to(tl.int8), mask=m)
+        keep = (tl.max(keep_rows.to(tl.int32), 0) > 0).to(tl.int32)
+        slot = n_kept + tl.cumsum(keep, 0) - keep
+        tl.store(Order + pid * NB + slot, (c + o_c).to(tl.int32), mask=(keep > 0) & in_row)
+        n_kept += tl.sum(keep, 0)
+    tl.store(NKept + pid, n_kept)
+    n_skipped = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)
+    for c in range(0, NB, CHUNK):
+        in_row = (c + o_c) < NB
+        m = m_r[:, None] & in_row[None, :]
+        up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+        skip = ((tl.max(((up > lo_t[:, None]) & m).to(tl.int32), 0) == 0) & in_row).to(tl.int32)
+        slot = n_kept + n_skipped + tl.cumsum(skip, 0) - skip
+        tl.store(Order + pid * NB + slot, (c + o_c).to(tl.int32), mask=skip > 0)
+        n_skipped += tl.sum(skip, 0)
+
+
+def _select_blocks_kernel(log_upper, log_lower, eps: float):
+    B, Hkv, R, NB = log_upper.shape
+    kept_order = torch.empty(B, Hkv, NB, device=log_upper.device, dtype=torch.int32)
+    n_kept = torch.empty(B, Hkv, device=log_upper.device, dtype=torch.int32)
+    keep_rows = torch.empty(B, Hkv, R, NB, device=log_upper.device, dtype=torch.int8)
+    traceable(_decode_select_kernel)[(B * Hkv,)](
+        log_upper.contiguous(), log_lower.contiguous(), keep_rows, kept_order, n_kept, R, NB,
+        math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN,
+        R_PAD=max(2, triton.next_power_of_2(R)),
+        CHUNK=min(SELECT_CHUNK, max(16, triton.next_power_of_2(NB))), ITERS=SELECT_ITERS,
+        num_warps=4)
+    return kept_order, n_kept, keep_rows.view(torch.bool)
 
 
 # -- 3. attention over the kept blocks ------------------------------------------------------------

@@ -99,7 +99,7 @@ def reference_decode_attention(query, key, value, summary: decode.KeySummary, ep
                                scale: float, bias=None, lengths=None):
     """(out, lse, keep_rows) as ``decode.decode_attention``, in plain torch."""
     upper, lower = summary_bounds(query, summary, key.shape[2], scale, bias, lengths)
-    _, _, keep_rows = decode.select_blocks(upper, lower, eps)
+    _, _, keep_rows = decode.select_blocks_sorted(upper, lower, eps)
     out, lse = restricted_decode(query, key, value, keep_rows.any(2), scale, bias, lengths,
                                  dtype=query.dtype)
     return out, lse, keep_rows

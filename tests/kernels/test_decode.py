@@ -160,3 +160,30 @@ def test_reference_matches_the_kernels_selection():
     assert (got[2] | ~want[2]).all()
     assert (got[2] != want[2]).float().mean() < 0.05
     assert rel_err(got[0], want[0]) < 1e-2
+
+
+@pytest.mark.parametrize("R,NB", [(1, 7), (4, 100), (8, 1300)])
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 0.3])
+def test_selection_kernel_is_certified_and_as_tight_as_sorting(R, NB, eps):
+    """The sort-free selection (a bisected threshold per row) skips a subset of what sorting
+    skips, within a block or two of it, and its skipped bounded mass is <= eps * Z_low per row;
+    kept_order lists the kept blocks ascending, then the rest."""
+    g = torch.Generator().manual_seed(R * NB)
+    upper = (torch.randn(2, 3, R, NB, generator=g) * 3).to(DEVICE)
+    lower = upper - torch.rand(2, 3, R, NB, generator=g).to(DEVICE) * 2
+    upper[..., -3:] = -math.inf  # blocks past the cache: no live key
+    lower[..., -3:] = -math.inf
+    order, n_kept, keep_rows = decode.select_blocks(upper, lower, eps)
+    _, n_sorted, keep_sorted = decode.select_blocks_sorted(upper, lower, eps)
+    skipped = torch.logsumexp(upper.masked_fill(keep_rows, -math.inf), -1)
+    budget = torch.logsumexp(lower, -1) + (math.log(eps) if eps > 0 else -math.inf)
+    assert (skipped <= budget + 1e-6).all()
+    assert (keep_rows | ~keep_sorted).all()  # never skips what sorting keeps
+    assert int((keep_rows & ~keep_sorted).sum()) <= max(2, keep_rows.numel() // 1000)
+    keep = keep_rows.any(2)
+    assert torch.equal(n_kept, keep.sum(-1, dtype=torch.int32))
+    for b in range(2):
+        for h in range(3):
+            n = int(n_kept[b, h])
+            assert torch.equal(order[b, h, :n].long().cpu(), keep[b, h].nonzero().flatten().cpu())
+            assert sorted(order[b, h].tolist()) == list(range(NB))
