@@ -385,12 +385,13 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float):
     kept_order = torch.empty(B, Hkv, NB, device=log_upper.device, dtype=torch.int32)
     n_kept = torch.empty(B, Hkv, device=log_upper.device, dtype=torch.int32)
     keep_rows = torch.empty(B, Hkv, R, NB, device=log_upper.device, dtype=torch.int8)
+    r_pad = max(2, triton.next_power_of_2(R))
+    # a step holds r_pad x chunk bounds in registers: at most 2048 (many rows: shorter steps)
+    chunk = min(SELECT_CHUNK, max(16, 2048 // r_pad), max(16, triton.next_power_of_2(NB)))
     traceable(_decode_select_kernel)[(B * Hkv,)](
         log_upper.contiguous(), log_lower.contiguous(), keep_rows, kept_order, n_kept, R, NB,
-        math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN,
-        R_PAD=max(2, triton.next_power_of_2(R)),
-        CHUNK=min(SELECT_CHUNK, max(16, triton.next_power_of_2(NB))), ITERS=SELECT_ITERS,
-        num_warps=4)
+        math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN, R_PAD=r_pad,
+        CHUNK=chunk, ITERS=SELECT_ITERS, num_warps=4)
     return kept_order, n_kept, keep_rows.view(torch.bool)
 
 
