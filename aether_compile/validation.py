@@ -46,13 +46,8 @@ def check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         if Hkv == 0 or H % Hkv:
             raise ValueError(f"enable_gqa needs query heads ({H}) divisible by key/value heads "
                              f"({Hkv})")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if scale is not None and not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    check_arguments(attn_mask, dropout_p, scale)
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
@@ -69,3 +64,14 @@ def check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
                              f"[batch, heads, L, S] = {list(target)}")
     if eps is not None and not (eps >= 0.0):  # also rejects NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def check_arguments(attn_mask, dropout_p, scale) -> None:
+    """The checks that need no shapes (cheap): the public function runs them before the op, which
+    runs ``check_inputs`` itself."""
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is not None and not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")

@@ -170,3 +170,19 @@ def test_torch_compile_traces_through_the_op():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(q, k, v), f(q, k, v))
+
+
+def test_an_eager_call_checks_its_inputs_once(monkeypatch):
+    """The public function leaves the shape checks to the op (host time at 4K): one check_inputs
+    per call, whose errors the op raises (test_errors_name_the_bad_value)."""
+    import sys
+
+    from aether_compile import ops, validation
+
+    calls = []
+    real = validation.check_inputs
+    for module in (ops, sys.modules["aether_compile.attention"]):
+        monkeypatch.setattr(module, "check_inputs", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv()
+    aether_compile.attention(q, k, v, attn_mask=torch.ones(50, 50, dtype=torch.bool))
+    assert len(calls) == 1
