@@ -74,13 +74,15 @@ case "${1:-zoo}" in
     tail -n 8 "$OUT/train_long_lm.txt"
     ;;
   decode)  # issue 21's attention-step rows; CKPT: the long LM's weights (parts), else no learned rows
-    timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} \
+    timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} --flex \
       --deadline-min "${DECODE_MIN:-8.5}" --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 40 "$OUT/bench_decode.txt"
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
+    # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
+    # transformers 5.17 (logs/decode_8b7d79d); bench_generate tries it first when asked
     timeout "${GENERATE_S:-560}" python3 benchmarks/bench_generate.py --ckpt "$CKPT" \
-      --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+      --mode ${GENERATE_MODE:-default} --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 12 "$OUT/bench_generate.txt"
     ;;
   suite)  # the issue-6 suite without W4 (about 180-540 s); W4 is suite_w4
