@@ -12,7 +12,6 @@ LlamaForCausalLM (``to_llama``), in bf16, prompted with validation text.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
