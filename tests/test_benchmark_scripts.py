@@ -154,3 +154,24 @@ def test_every_runner_imports_and_writes_one_record_shape(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "r.json").read_text())
     assert ENV_KEYS <= set(record["env"]) and record["env"]["commit"] == "test-commit"
+
+
+def test_results_page_tables_are_generated_from_their_files(tmp_path, monkeypatch):
+    """docs/results.md's marked tables equal what benchmarks/results_page.py renders from the
+    result files they name; a changed number in a file changes its table."""
+    monkeypatch.syspath_prepend(BENCH)
+    import results_page
+
+    assert results_page.main(["--check"]) == 0
+    with open(results_page.PAGE) as f:
+        page = f.read()
+    assert len(results_page.MARKED.findall(page)) >= 3
+    table = results_page.MARKED.search(page)
+    with open(os.path.join(results_page.RESULTS, table.group(3))) as f:
+        record = json.load(f)
+    record["env"]["commit"] = "0000000"
+    with open(tmp_path / table.group(3), "w") as f:
+        json.dump(record, f)
+    monkeypatch.setattr(results_page, "RESULTS", str(tmp_path))
+    rendered = results_page.render(table.group(0))
+    assert rendered != table.group(0) and "commit 0000000" in rendered

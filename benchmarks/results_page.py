@@ -1,0 +1,127 @@
+"""The tables of docs/results.md, generated from the result files they cite.
+
+A table in the page sits between two markers naming its kind and file:
+
+    <!-- table: issue6 issue6_NVIDIA_H200.json -->
+    ...generated rows...
+    <!-- end table -->
+
+    python benchmarks/results_page.py          # rewrite every marked table from its file
+    python benchmarks/results_page.py --check  # exit 1 where a table and its file disagree (CI)
+
+Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention suite's rows),
+``decode`` (the decode step's rows at one eps, default 1e-2). The prose around the tables is
+written by hand; the numbers in the tables are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(ROOT, "docs", "results.md")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+MARKED = re.compile(r"(<!-- table: (\w+) ([\w.\-]+)(?: (\S+))? -->\n)(.*?)(<!-- end table -->)",
+                    re.S)
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def summary_table(record: dict, _arg=None) -> list[str]:
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}", "", "| summary key | value |", "|---|---|"]
+    rows += [f"| `{k}` | {_fmt(v)} |" for k, v in record["summary"].items()
+             if not isinstance(v, (dict, list))]
+    return rows
+
+
+def issue6_table(record: dict, _arg=None) -> list[str]:
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; speed = the fastest dense SDPA of the same run over ours", "",
+            "| workload | N | dtype | causal | D | kept | ours ms | fastest dense ms | speed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "error" in r:
+            rows.append(f"| {r['workload']} | {r['N']} | | | | error: {r['error'][:60]} | | | |")
+            continue
+        rows.append(f"| {r['workload']} | {r['N']} | {r['dtype']} | {r['causal']} | {r['D']} | "
+                    f"{r['kept_fraction']:.3f} | {r['t_aether_ms']:.3f} | "
+                    f"{r['fastest_dense_ms']:.3f} | {r['speedup_vs_fastest_dense']:.2f}× |")
+    return rows
+
+
+def decode_table(record: dict, eps=None) -> list[str]:
+    eps = float(eps) if eps else 1e-2
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; ε {eps:g}; µs of CUDA-graph replays; kept per KV head "
+            "(ideal per-block bound, oracle)", "",
+            "| data | KV | batch | kept (ideal, oracle) | dense | bounds | selection | attention "
+            "| step → speed | op → speed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "error" in r:
+            rows.append(f"| {r['kind']} | {r['kv'] // 1024}K | {r['batch']} | "
+                        f"{r['error'][:50]} | | | | | | |")
+            continue
+        if r["eps"] != eps:
+            continue
+        rows.append(
+            f"| {r['kind']} | {r['kv'] // 1024}K | {r['batch']} | {r['kept_kv']:.3f} "
+            f"({r['ideal_kept_kv']:.3f}, {r['oracle_kept_kv']:.3f}) | "
+            f"{r['fastest_dense_us']:.0f} | {r['bounds_us']:.0f} | "
+            f"{r.get('select_us', float('nan')):.0f} | {r.get('attend_us', float('nan')):.0f} | "
+            f"{r['ours_us']:.0f} → {r['speedup']:.2f}× | {r['op_us']:.0f} → "
+            f"{r['op_speedup']:.2f}× |")
+    return rows
+
+
+KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table}
+
+
+def render(page: str) -> str:
+    def table(m):
+        kind, name, arg = m.group(2), m.group(3), m.group(4)
+        if kind not in KINDS:
+            raise SystemExit(f"unknown table kind {kind!r} in {PAGE}; known: {sorted(KINDS)}")
+        with open(os.path.join(RESULTS, name)) as f:
+            record = json.load(f)
+        body = "\n".join(KINDS[kind](record, arg))
+        return f"{m.group(1)}{body}\n{m.group(6)}"
+
+    return MARKED.sub(table, page)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail where the page is out of date")
+    args = ap.parse_args(argv)
+    with open(PAGE) as f:
+        page = f.read()
+    fresh = render(page)
+    if args.check:
+        if fresh != page:
+            print(f"{PAGE}: tables differ from their result files; run "
+                  "python benchmarks/results_page.py", file=sys.stderr)
+            return 1
+        return 0
+    if fresh != page:
+        with open(PAGE, "w") as f:
+            f.write(fresh)
+    print(f"{len(MARKED.findall(page))} tables -> {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
