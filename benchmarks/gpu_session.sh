@@ -11,6 +11,7 @@
 #   train_long_lm       the GQA byte LM (8 query / 2 KV heads) trained at 16K context, for decode
 #                       (issue 21): bf16 weights in parts of at most 15 MiB (TRAIN_MIN minutes)
 #   decode              the decode-step benchmark (uniform, clustered, learned with CKPT)
+#   decode_fresh        train_long_lm, then decode with its weights, in one call
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -77,6 +78,13 @@ case "${1:-zoo}" in
     timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} --flex \
       --deadline-min "${DECODE_MIN:-8.5}" --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 40 "$OUT/bench_decode.txt"
+    ;;
+  decode_fresh)  # a fresh machine has no checkpoint: train the long LM (2 min), then the decode
+                 # rows with it (about 5 min); the weights come back in $OUT for generate's call
+    TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm
+    timeout 390 python3 benchmarks/bench_decode.py --ckpt "$OUT/long_lm.pt" --flex \
+      --kinds learned uniform clustered --deadline-min 5.4 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
+    tail -n 30 "$OUT/bench_decode.txt"
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
