@@ -4,6 +4,8 @@ rewritten generation step calls.
 * ``aether::key_cache_index_copy_(cache, dim, index, source)`` — the cache write
   (``cache.index_copy_(dim, index, source)``, as transformers' static cache writes at
   ``cache_position``), which also re-summarises the groups the new keys land in.
+* ``aether::key_cache_cat(past, new)`` — the concatenation of a cache that grows each step
+  (transformers' default dynamic cache), handing ``past``'s summary on to the result.
 * ``aether::decode_attention(query, key, value, attn_mask, scale, eps)`` — SDPA on a few query
   rows against the cache, reading only the key blocks the summary cannot rule out
   (``kernels/decode.py``); dense SDPA where the call is not one it serves.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,10 +46,17 @@ MAX_SUMMARIES = 256  # caches with a live summary (a model has one per layer)
 class _Entry:
     summary: kernel_decode.KeySummary
     version: int
+    # the cache itself: a freed cache's memory can come back as a new tensor of the same shape
+    # and version (a second prompt through a concatenating cache), which must not inherit it
+    cache: Optional[weakref.ref] = None
+
+    def describes(self, cache: Tensor, version: Optional[int]) -> bool:
+        return (version is not None and self.version == version
+                and (self.cache is None or self.cache() is cache))
 
 
 _SUMMARIES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
-STATS = collections.Counter()  # "rebuilt", "updated", "dropped": what summaries cost (tests)
+STATS = collections.Counter()  # "rebuilt", "updated", "extended", "dropped": summaries' cost
 CALLS = collections.Counter()  # "certified", "dense": what decode calls did (benchmarks)
 
 
@@ -62,15 +72,20 @@ def summary_for(cache: Tensor, pending_bumps: int = 0) -> kernel_decode.KeySumma
     ident = _ident(cache)
     entry = _SUMMARIES.get(ident)
     version = _version(cache)
-    if entry is None or version is None or entry.version != version + pending_bumps:
-        entry = _Entry(kernel_decode.summarize_keys(cache),
-                       None if version is None else version + pending_bumps)
+    if entry is None or version is None or not entry.describes(cache, version + pending_bumps):
+        entry = _remember(cache, kernel_decode.summarize_keys(cache),
+                          None if version is None else version + pending_bumps)
         STATS["rebuilt"] += 1
-        _SUMMARIES[ident] = entry
-        while len(_SUMMARIES) > MAX_SUMMARIES:
-            _SUMMARIES.popitem(last=False)
     _SUMMARIES.move_to_end(ident)
     return entry.summary
+
+
+def _remember(cache: Tensor, summary: kernel_decode.KeySummary, version: Optional[int]) -> _Entry:
+    entry = _Entry(summary, version, weakref.ref(cache))
+    _SUMMARIES[_ident(cache)] = entry
+    while len(_SUMMARIES) > MAX_SUMMARIES:
+        _SUMMARIES.popitem(last=False)
+    return entry
 
 
 def forget_summaries() -> None:
@@ -106,7 +121,7 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     version = _version(cache)
     pre, post = _DISPATCH_BUMPS
     current = (entry is not None and version is not None and entry.version is not None
-               and version == entry.version + graph_bumps + pre)
+               and entry.describes(cache, version - graph_bumps - pre))
     cache.index_copy_(dim, index, source)
     if current:
         kernel_decode.update_summary(entry.summary, cache, index)
@@ -116,6 +131,31 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
         if entry is not None:
             STATS["dropped"] += 1
         summary_for(cache, pending_bumps=post)
+
+
+@torch.library.custom_op("aether::key_cache_cat", mutates_args=())
+def key_cache_cat(past: Tensor, new: Tensor) -> Tensor:
+    """``torch.cat([past, new], dim=-2)`` for a cache that grows by concatenation (transformers'
+    default dynamic cache), carrying ``past``'s summary over to the result when it still
+    describes ``past``: the groups ``past`` held whole are copied and the ones the new keys land
+    in summarised (a read of those groups, not of the cache). Otherwise the result is summarised
+    when it is first attended."""
+    out = torch.cat([past, new], dim=-2)
+    if out.dim() != 4 or past.dim() != 4 or past.shape[2] == 0:
+        return out
+    entry = _SUMMARIES.get(_ident(past))
+    if entry is not None and entry.describes(past, _version(past)):
+        version = _version(out)
+        if version is not None:
+            _remember(out, kernel_decode.extend_summary(entry.summary, out, past.shape[2]),
+                      version)
+            STATS["extended"] += 1
+    return out
+
+
+@key_cache_cat.register_fake
+def _(past, new):
+    return torch.cat([past, new], dim=-2)
 
 
 _CALIBRATING: list = []

@@ -112,6 +112,32 @@ def update_summary(summary: KeySummary, key: torch.Tensor, positions: torch.Tens
     summary.step.index_copy_(2, groups, step)
 
 
+def extend_summary(summary: KeySummary, key: torch.Tensor, start: int) -> KeySummary:
+    """The summary of ``key`` [B, Hkv, S, D] whose first ``start`` positions ``summary``
+    describes (a cache grown by concatenation): the groups complete before ``start`` are copied,
+    the rest summarised from ``key`` (a read of the new groups only)."""
+    g = summary.group
+    B, H, S, D = key.shape
+    n = max(1, triton.cdiv(S, g))
+    full = min(start // g, summary.center.shape[2], n)
+    out = KeySummary(torch.empty(B, H, n * g, D, device=key.device, dtype=torch.int8),
+                     torch.empty(B, H, n, D, device=key.device, dtype=torch.float32),
+                     torch.empty(B, H, n, D, device=key.device, dtype=torch.float32))
+    out.codes[:, :, :full * g] = summary.codes[:, :, :full * g]
+    out.center[:, :, :full] = summary.center[:, :, :full]
+    out.step[:, :, :full] = summary.step[:, :, :full]
+    groups = torch.arange(full, n, device=key.device)
+    if groups.numel():
+        if _use_kernel(key):
+            _quantize_groups(out, key, groups)
+        else:
+            codes, center, step = _quantize(_groups_of(key, groups, g))
+            out.codes.view(B, H, n, g, D)[:, :, full:] = codes
+            out.center[:, :, full:] = center
+            out.step[:, :, full:] = step
+    return out
+
+
 def _use_kernel(key: torch.Tensor) -> bool:
     return (key.device.type == "cuda" or INTERPRET) and key.stride(-1) == 1
 
@@ -415,7 +441,6 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
     o_r = tl.arange(0, R_PAD)
     o_d = tl.arange(0, D_PAD)
     o_v = tl.arange(0, DV_PAD)
-    o_n = tl.arange(0, BLOCK_N)
     m_r = o_r < R
     q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
                 mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)

@@ -8,6 +8,10 @@ becomes ``aether::decode_attention`` on the cache itself, and the key write beco
 (``aether_compile/kv_cache.py``). Key writes feeding prefill sites of the same cache are rewritten
 too, so that every write of a cache in compiled code, CUDA-graph replays included, updates its
 summary.
+
+transformers' default dynamic cache instead grows by ``torch.cat([past, new], dim=-2)`` each
+step, ``past`` a graph input: the key concatenation becomes ``aether::key_cache_cat``, which hands
+``past``'s summary on to the grown cache, and the site decodes against the concatenations.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from .spellings import ev
 
 @dataclass
 class CacheSite:
-    key_cache: Node  # the graph input holding the key cache [B, Hkv, S, D]
+    key_cache: Node  # the key cache [B, Hkv, S, D]: a graph input, or the concatenation below
     value_cache: Node
     key_writes: list  # the index_copy_ nodes writing key_cache at sequence positions
+    grows_by_cat: bool = False  # key_cache is torch.cat([past keys, new keys], dim=-2)
 
 
 def _cache_input(node: Node) -> bool:
@@ -48,19 +53,48 @@ def _sequence_writes(cache: Node) -> list:
     return out
 
 
+def _grown_cache(node: Node) -> bool:
+    """``torch.cat([past, new], dim=-2)`` with ``past`` a graph input: a cache that grows by
+    concatenation each step (transformers' dynamic cache)."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return False
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return (isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim in (2, -2)
+            and isinstance(tensors[0], Node) and _cache_input(tensors[0])
+            and ev(node).dim() == 4)
+
+
 def cache_site(m: AttentionMatch) -> Optional[CacheSite]:
-    """The caches an SDPA site reads, when both are graph inputs the graph writes in place at
-    sequence positions; else None."""
+    """The caches an SDPA site reads: graph inputs the graph writes in place at sequence
+    positions (static cache), or concatenations of graph inputs with the step's keys and values
+    (dynamic cache); else None."""
     if m.pattern != "sdpa" or m.k.perm is not None or m.k.transpose or m.v.perm is not None \
             or m.v.transpose or m.k.heads or m.v.heads:
         return None
     k, v = m.k.node, m.v.node
+    if _grown_cache(k) and _grown_cache(v):
+        return CacheSite(k, v, [], grows_by_cat=True)
     if not (_cache_input(k) and _cache_input(v)):
         return None
     writes = _sequence_writes(k)
     if not writes or not _sequence_writes(v):
         return None
     return CacheSite(k, v, writes)
+
+
+def rewrite_key_cat(gm: GraphModule, site: CacheSite) -> None:
+    """The key concatenation -> ``aether::key_cache_cat``, which hands the past keys' summary on
+    to the grown cache."""
+    node = site.key_cache
+    past, new = node.args[0] if node.args else node.kwargs["tensors"]
+    b = Builder(gm.graph, node, node, [ev(node)])
+    with rolled_back_on_failure(b, "key concatenation rewrite"):
+        grown = b.fn(torch.ops.aether.key_cache_cat.default, past, new)
+        check_replacement(ev(node), ev(grown), "key_cache_cat")
+    node.replace_all_uses_with(grown)
+    gm.graph.erase_node(node)
+    site.key_cache = grown
 
 
 def decode_problem(m: AttentionMatch) -> Optional[Decline]:
@@ -103,6 +137,8 @@ def _order(gm: GraphModule):
 def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -> None:
     """Replace the SDPA with ``aether::decode_attention`` on the caches themselves (the
     ``repeat_kv`` copies die) and route the key writes through the summary-keeping op."""
+    if site.grows_by_cat:
+        rewrite_key_cat(gm, site)
     b = Builder(gm.graph, m.replace, m.anchor, [m.q.value(), ev(m.replace)])
     with rolled_back_on_failure(b, "decode rewrite"):
         q = m.q.build(b)

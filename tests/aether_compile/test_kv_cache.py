@@ -97,6 +97,37 @@ def test_a_cache_changed_behind_our_back_is_summarised_again(change):
     assert _within_certificate(out, q, k, v, 1e-2)
 
 
+def test_a_grown_cache_inherits_the_summary_only_from_its_current_past():
+    """key_cache_cat hands a current summary on (equal to summarising the grown cache), not one
+    of a past written behind our back, and never one left by a freed cache whose memory a new
+    tensor of the same shape reuses."""
+    k, v = _cache(S=100)
+    q = _query()
+    kv_cache.summary_for(k)
+    grown = torch.ops.aether.key_cache_cat(k, torch.randn(2, 2, 1, 32, device=DEVICE))
+    assert torch.equal(grown, torch.cat([k, grown[:, :, -1:]], 2))
+    assert kv_cache.STATS == {"rebuilt": 1, "extended": 1}
+    assert _summaries_equal(kv_cache.summary_for(grown), decode.summarize_keys(grown))
+    assert kv_cache.STATS["rebuilt"] == 1  # the handed-on summary was used as it is
+
+    k[:, :, 5] = 9.0  # the past changes after its summary was taken: nothing to hand on
+    grown = torch.ops.aether.key_cache_cat(k, torch.randn(2, 2, 1, 32, device=DEVICE))
+    assert kv_cache.STATS["extended"] == 1
+    v_grown = torch.cat([v, v[:, :, -1:]], 2)
+    out = torch.ops.aether.decode_attention(q, grown, v_grown, None, False, None, 1e-2)
+    assert kv_cache.STATS["rebuilt"] == 2 and _within_certificate(out, q, grown, v_grown, 1e-2)
+
+    # a summary kept for a tensor that is gone: a new tensor at the same address, of the same
+    # shape and version, is not described by it
+    ident = kv_cache._ident(grown)
+    entry = kv_cache._SUMMARIES[ident]
+    stranger = torch.randn_like(grown)
+    kv_cache._SUMMARIES[kv_cache._ident(stranger)] = entry
+    assert not entry.describes(stranger, kv_cache._version(stranger))
+    kv_cache.summary_for(stranger)
+    assert kv_cache.STATS["rebuilt"] == 3
+
+
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
                                    reason="the reference path runs instead (tested below)")
 

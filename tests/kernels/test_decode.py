@@ -187,3 +187,13 @@ def test_selection_kernel_is_certified_and_as_tight_as_sorting(R, NB, eps):
             n = int(n_kept[b, h])
             assert torch.equal(order[b, h, :n].long().cpu(), keep[b, h].nonzero().flatten().cpu())
             assert sorted(order[b, h].tolist()) == list(range(NB))
+
+
+def test_extending_a_summary_equals_summarising_the_grown_cache():
+    _, k, _ = _inputs(2, 2, 2, 1, 300, 32, torch.bfloat16, seed=4)
+    for start in (63, 64, 100, 299):
+        grown = decode.extend_summary(decode.summarize_keys(k[:, :, :start]), k, start)
+        fresh = decode.summarize_keys(k)
+        for got, want in zip((grown.codes, grown.center, grown.step),
+                             (fresh.codes, fresh.center, fresh.step)):
+            assert torch.equal(got, want), start

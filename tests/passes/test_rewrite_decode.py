@@ -93,8 +93,8 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
 
 
 def test_dynamic_cache_generate_matches_dense(_fresh):
-    """The default cache grows by concatenation: its decode calls are ordinary SDPA sites for
-    now (aether::attention), and the tokens still equal dense decoding's."""
+    """Without decode=True the default cache's decode calls are ordinary SDPA sites
+    (aether::attention), and the tokens still equal dense decoding's."""
     model = _lm("llama")
     prompt = _prompt()
     want, _ = _generate(model, prompt)
@@ -103,6 +103,33 @@ def test_dynamic_cache_generate_matches_dense(_fresh):
     got, _ = _generate(model, prompt)
     assert torch.equal(got, want)
     assert any(s.rewritten for s in _fresh)
+
+
+def test_dynamic_cache_generate_decodes_through_the_grown_summary(_fresh):
+    """The default cache grows by torch.cat each step: with decode=True the key concatenation
+    becomes aether::key_cache_cat, which hands the summary on (a read of the new group only), and
+    the decode calls aether::decode_attention on the concatenations; tokens equal dense decoding,
+    also for a second prompt of the same shapes (whose freed caches' memory comes back)."""
+    model = _lm("llama")
+    prompt = _prompt()
+    want, want_scores = _generate(model, prompt)
+    model.forward = torch.compile(model.forward, backend="aether",
+                                  options={"allow_cpu": True, "eps": 1e-3, "decode": True})
+    (got, scores), code = run_and_get_code(lambda: _generate(model, prompt))
+    generated = "\n".join(code)
+    assert "torch.ops.aether.key_cache_cat" in generated
+    assert "torch.ops.aether.decode_attention" in generated
+    decode_sites = [s for s in _fresh if s.reason.startswith("decode")]
+    assert decode_sites and all(s.rewritten for s in decode_sites)
+    assert torch.equal(got, want)
+    assert (scores - want_scores).abs().max() < 1e-3 * want_scores.abs().max()
+    # each layer's cache summarised once (the first decode step), then handed on at every step
+    assert kv_cache.STATS["rebuilt"] == LAYERS, dict(kv_cache.STATS)
+    assert kv_cache.STATS["extended"] == LAYERS * (NEW_TOKENS - 2), dict(kv_cache.STATS)
+    prompt2 = _prompt(seed=1)
+    want2, _ = _generate(_lm("llama"), prompt2)
+    got2, _ = _generate(model, prompt2)
+    assert torch.equal(got2, want2)
 
 
 def test_decode_is_opt_in(_fresh):
