@@ -50,6 +50,7 @@ def test_e2e_llama_smoke(tmp_path):
         next(r for r in rows if r["attn"] == "sdpa")["e2e_dense_ratio"])
 
 
+@pytest.mark.slow  # out of the CI budget: the runner imports in CI (below)
 def test_train_stdlib_lm_smoke(tmp_path):
     out = _run("train_stdlib_lm.py", "--smoke", "--out", str(tmp_path))
     assert "e2e_sparse_speedup" in out
@@ -116,6 +117,7 @@ def test_sparse_summary_picks_best_within_noise():
     assert lm.summarize([row(32768, 1e-1, 3.0, False)], [32768], 1.1)["e2e_sparse_speedup"] is None
 
 
+@pytest.mark.slow  # out of the CI budget: the runner imports in CI (below)
 def test_kernel_compile_time_for_an_h100_without_one(tmp_path):
     """benchmarks/kernel_compile_time.py compiles the kernels a compiled site asks for, for sm_90,
     on any machine (outside the interpreter: real Triton compiles, Triton's own ptxas), and

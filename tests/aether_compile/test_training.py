@@ -53,7 +53,8 @@ def _compare_with_default_compile(kind, device, dtype, options, loss_tol, grad_t
         assert rel_err(grads[name], ref_grads[name]) < grad_tol, name
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+# gpt2 (the softmax spelling's backward, ~19 s) is out of the CI budget; llama runs in CI
+@pytest.mark.parametrize("kind", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_compiled_training_matches_default_compile_cpu(kind):
     _compare_with_default_compile(kind, "cpu", torch.float32,
                                   {"allow_cpu": True, "eps": 0.0}, 1e-5, 1e-4)
