@@ -99,6 +99,13 @@ def compile_fx(gm, example_inputs, config_patches: dict):
     return _compile_fx(gm, example_inputs, config_patches=config_patches or None)
 
 
+def is_dynamo_restart(exc: BaseException) -> bool:
+    """Dynamo's own control flow raised through a backend (e.g. TensorifyScalarRestartAnalysis
+    under dynamic=True): it must reach Dynamo, which traces again; it is not a failure."""
+    restart = getattr(getattr(torch._dynamo, "exc", None), "RestartAnalysis", None)
+    return restart is not None and isinstance(exc, restart)
+
+
 def aot_eager(gm, example_inputs):
     from torch._dynamo.backends.debugging import aot_eager as _aot_eager
 

@@ -80,7 +80,7 @@ def aether_backend(gm, example_inputs, *, mode: Optional[str] = None, options: A
     try:
         return _compat.compile_fx(gm, example_inputs, patches)
     except Exception as exc:
-        if not rewritten:
+        if not rewritten or _compat.is_dynamo_restart(exc):
             raise
         # Our op must never cost the user their compile: compile the graph as captured instead.
         log.warning("aether: Inductor failed on the rewritten graph (%s: %s); compiling it "

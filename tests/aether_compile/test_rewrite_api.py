@@ -279,6 +279,30 @@ def test_inductor_failure_on_the_op_compiles_the_graph_as_captured(monkeypatch):
     assert counters["aether"]["compile_failed"] == 1 and counters["aether"]["rewritten"] == 0
 
 
+def test_dynamos_restart_signal_reaches_dynamo_not_the_dense_fallback(monkeypatch):
+    """Dynamo's control flow raised through the backend (TensorifyScalarRestartAnalysis under
+    dynamic=True) is not an Inductor failure: Dynamo traces again and the sites stay rewritten
+    (before, the fallback caught it and the compile died with an IndexError)."""
+    from aether_compile import _compat
+
+    real = _compat.compile_fx
+    raised = []
+
+    def restart_once(gm, example_inputs, patches):
+        if not raised:
+            raised.append(True)
+            raise torch._dynamo.exc.TensorifyScalarRestartAnalysis()
+        return real(gm, example_inputs, patches)
+
+    monkeypatch.setattr(_compat, "compile_fx", restart_once)
+    block, x = _block()
+    with torch.no_grad():
+        out = torch.compile(block, backend="aether", options={"allow_cpu": True})(x)
+        torch.testing.assert_close(out, block(x), rtol=1e-4, atol=1e-4)
+    assert raised and counters["aether"]["compile_failed"] == 0
+    assert counters["aether"]["rewritten"] >= 1
+
+
 def test_short_cuda_attention_stays_dense(monkeypatch):
     """A CUDA site whose static sizes leave the sparse path nothing to win is declined as "short"
     (few key blocks, or little work): it stays the dense attention it is, mask included, and
