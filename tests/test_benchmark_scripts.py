@@ -29,6 +29,7 @@ def _only_json(out_dir, prefix):
         return json.load(f)
 
 
+@pytest.mark.slow  # out of the CI budget: the runner imports in CI (below)
 def test_e2e_llama_smoke(tmp_path):
     pytest.importorskip("transformers")
     out = _run("e2e_llama.py", "--smoke", "--out", str(tmp_path))

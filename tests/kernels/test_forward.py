@@ -75,8 +75,11 @@ def test_long_odd_length_1023():
     assert rel_err(out, dense_oracle(q, k, v, None, True)) < REL_TOL[torch.float16]
 
 
+# Under the interpreter (CPU CI) the middle eps is left out: 1e-3 and 1e-1 bracket it, and the
+# grid cost 70 s of the CI budget; GPUs run all three
 CERT_CASES = list(itertools.product(["clustered", "adversarial", "sink_local"],
-                                    [1e-3, 1e-2, 1e-1], [False, True]))
+                                    [1e-3, 1e-1] if TRITON_INTERPRET else [1e-3, 1e-2, 1e-1],
+                                    [False, True]))
 
 
 BOUND_SETS = pytest.mark.parametrize("box", ["0", "1"], ids=["ball", "ball+box"])
