@@ -139,6 +139,40 @@ def ideal_and_oracle(q, k, eps: float) -> dict:
     return out
 
 
+BOUNDS_SWEEP = [dict(int8_dot=i8, groups_per_program=g, stages=2, num_warps=w)
+                for i8 in (True, False) for g in (2, 8) for w in (4, 8)]
+ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
+                for st in (3, 4)]
+
+
+def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
+    """GPU time of the bounds and attention kernels under each meta-parameter set (the defaults
+    in kernels/decode.py come from these)."""
+    S = k.shape[2]
+    out = {"bounds": [], "attend": []}
+    for cfg in BOUNDS_SWEEP:
+        try:
+            us = _bench(lambda: decode.decode_bounds(q, summary, S, scale, config=cfg))
+        except Exception as e:  # noqa: BLE001 (a config the compiler refuses: out of resources)
+            us = f"error: {str(e).splitlines()[0][:80]}"
+        out["bounds"].append({**cfg, "us": us})
+    log_upper, log_lower = decode.decode_bounds(q, summary, S, scale)
+    kept_order, n_kept, _ = decode.select_blocks(log_upper, log_lower, eps)
+    for cfg in ATTEND_SWEEP:
+        try:
+            us = _bench(lambda: decode.attend_kept(q, k, v, kept_order, n_kept, scale,
+                                                   config=cfg))
+        except Exception as e:  # noqa: BLE001
+            us = f"error: {str(e).splitlines()[0][:80]}"
+        out["attend"].append({**cfg, "us": us})
+    for part, default in (("bounds", decode.BOUNDS_CONFIG), ("attend", decode.ATTEND_CONFIG)):
+        timed = [r for r in out[part] if isinstance(r["us"], float)]
+        best = min(timed, key=lambda r: r["us"], default=None)
+        mine = [r for r in timed if all(r[n] == x for n, x in default.items())]
+        print(f"  {part} sweep: best {best}; default {mine[0] if mine else default}", flush=True)
+    return out
+
+
 def measure(q, k, v, eps: float, scale: float) -> dict:
     summary = decode.summarize_keys(k)
     out, lse, keep_rows = decode.decode_attention(q, k, v, summary, eps, scale)
@@ -176,13 +210,27 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
     return rec
 
 
+def break_even_kept(rec: dict, fastest) -> float | None:
+    """The kept fraction (per KV head) below which this step would beat the fastest dense one,
+    with the attention's time taken as proportional to what it reads: (dense - bounds -
+    selection) / (attention time per unit kept). What DECODE_DENSE_FRACTION should be."""
+    if not fastest or rec["kept_kv"] <= 0:
+        return None
+    return (fastest - rec["bounds_us"] - rec["select_us"]) / (rec["attend_us"] / rec["kept_kv"])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--kv", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2])
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
+                    help="eps values for the learned rows")
+    ap.add_argument("--synthetic-eps", type=float, nargs="+", default=[1e-2],
+                    help="eps values for the uniform and clustered rows")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the kernels' meta-parameter sets at 32K keys, batch 8")
     ap.add_argument("--kinds", nargs="+", default=["uniform", "clustered", "learned"])
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     ap.add_argument("--deadline-min", type=float, default=9.0)
@@ -219,11 +267,15 @@ def main(argv=None):
                                    if isinstance(t, float)), default=None)
                     if args.flex and S == 32768 and device == "cuda":
                         dense["flex"] = flex_time(q, k, v)
-                    for eps in args.eps:
+                    if args.sweep and device == "cuda" and (S, B) == (32768, 8):
+                        record.setdefault("sweeps", {})[kind] = sweep(
+                            q, k, v, decode.summarize_keys(k), 1e-2, scale)
+                    for eps in (args.eps if kind == "learned" else args.synthetic_eps):
                         rec = {**base, "eps": eps, "dense_us": dense, "fastest_dense_us": fastest,
                                **measure(q, k, v, eps, scale)}
                         rec["speedup"] = fastest / rec["ours_us"] if fastest else None
                         rec["op_speedup"] = fastest / rec["op_us"] if fastest else None
+                        rec["break_even_kept_kv"] = break_even_kept(rec, fastest)
                         record["rows"].append(rec)
                         print(f"{kind:9s} kv {S:6d} B {B:2d} eps {eps:.0e}: kept row "
                               f"{rec['kept_row']:.3f} kv {rec['kept_kv']:.3f} (ideal "
@@ -266,6 +318,10 @@ def summarize(rows) -> dict:
         "decode_clustered_speedup_32k_b8": (pick("clustered", 32768, 8) or {}).get("speedup"),
         "decode_max_dropped_over_eps": max((r["max_dropped_mass"] / r["eps"] for r in ok),
                                            default=None),
+        # where certified decode starts to pay, per KV head's kept fraction (the least over rows)
+        "decode_break_even_kept_min": min((r["break_even_kept_kv"] for r in ok
+                                           if r.get("break_even_kept_kv") is not None),
+                                          default=None),
     }
 
 

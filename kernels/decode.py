@@ -185,7 +185,8 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_LENGTHS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr):
+                          HAS_LENGTHS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+                          INT8_DOT: tl.constexpr, STAGES: tl.constexpr):
     """One program: GROUPS_PER_PROGRAM quantisation groups of one (sequence, KV head), every
     row of the head (the query rows load once).
     Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
@@ -207,17 +208,19 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     if HAS_LENGTHS:
         limit = tl.minimum(limit, tl.load(Lengths + b))
     g_end = tl.minimum((pid_p + 1) * GROUPS_PER_PROGRAM, NG)
-    for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=2):
+    for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=STAGES):
         _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
-                         stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS)
+                         stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS,
+                         INT8_DOT)
 
 
 @triton.jit
 def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step, Bias,
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     INT8_DOT: tl.constexpr):
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -228,23 +231,48 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(row_max)), -100.0), 100.0).to(tl.int32)
     down = ((127 - e) << 23).to(tl.float32, bitcast=True)
     up = ((127 + e) << 23).to(tl.float32, bitcast=True)
-    qs_n = qs * down[:, None]
-    head = qs_n.to(tl.float16)
-    tail = (qs_n - head.to(tl.float32)).to(tl.float16)
+    qs_n = qs * down[:, None]  # |qs_n| < 2
     sum_abs_qs = tl.sum(tl.abs(qs), 1)
-    # e_c = s_c / 2 plus the reconstruction's rounding; the dots' accumulation (gamma); the
-    # head/tail split's residue; the base's own dot; the final scaling's (below)
+    # e_c = s_c / 2 plus the reconstruction's rounding; q * s's own rounding; the base's own
+    # dot's accumulation (gamma)
     err = 0.5 * step + 2.0 ** -20 * (tl.abs(center) + (_CODE_MAX + 1) * step)
     slack = (tl.sum(tl.abs(q) * err[None, :], 1)
-             + slack_gamma * (2 * _CODE_MAX * sum_abs_qs + tl.sum(tl.abs(q * center[None, :]), 1))
-             + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
+             + slack_gamma * tl.sum(tl.abs(q * center[None, :]), 1)
+             + _CODE_MAX * 2.0 ** -22 * sum_abs_qs)
     # the whole group in one pair of dots (8 KB of codes a load), then per block of BLOCK_N keys
     NBG: tl.constexpr = GROUP // BLOCK_N
     o_g = tl.arange(0, GROUP)
     keys = pid_g * GROUP + o_g
     codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
-                    mask=m_d[None, :], other=0).to(tl.float16)
-    dots = (tl.dot(head, tl.trans(codes)) + tl.dot(tail, tl.trans(codes))) * up[:, None]
+                    mask=m_d[None, :], other=0)
+    if INT8_DOT:
+        # 63 qs_n = head + (tail + rho) / 254 (+ float32 rounding): two int8 dots with the codes,
+        # exact in int32; |rho| <= 1/2 is measured per channel and goes into the slack with the
+        # rounding of combining the two dots in float32
+        a = qs_n * 63.0
+        head_f = tl.floor(a + 0.5)
+        r1 = (a - head_f) * 254.0
+        tail_f = tl.floor(r1 + 0.5)
+        rho = tl.abs(r1 - tail_f)
+        codes_t = tl.trans(codes)
+        d1 = tl.dot(head_f.to(tl.int8), codes_t, out_dtype=tl.int32)
+        d2 = tl.dot(tail_f.to(tl.int8), codes_t, out_dtype=tl.int32)
+        unit = up / 63.0  # one step of head: 2^e / 63
+        dots = (d1.to(tl.float32) + d2.to(tl.float32) * (1.0 / 254.0)) * unit[:, None]
+        slack += unit * _CODE_MAX * (
+            (tl.sum(rho, 1) + D * 0.005) / 254.0
+            + 2.0 ** -21 * tl.sum(tl.abs(head_f) + tl.abs(tail_f) * (1.0 / 254.0), 1))
+    else:
+        # q * s split into a float16 head and tail: their products with the codes (integers up
+        # to 127, exact in float16) are exact in float32 on tensor cores; the float32
+        # accumulation (gamma), the split's residue and the final scaling's rounding go into
+        # the slack
+        head = qs_n.to(tl.float16)
+        tail = (qs_n - head.to(tl.float32)).to(tl.float16)
+        codes_h = tl.trans(codes.to(tl.float16))
+        dots = (tl.dot(head, codes_h) + tl.dot(tail, codes_h)) * up[:, None]
+        slack += (slack_gamma * 2 * _CODE_MAX * sum_abs_qs
+                  + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
     hi = (dots + (base + slack)[:, None]) * scale
     lo = (dots + (base - slack)[:, None]) * scale
     hi = hi + tl.abs(hi) * 2.0 ** -22
@@ -281,10 +309,20 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
     return query.reshape(B, hkv, (Hq // hkv) * Lq, D).contiguous()
 
 
-def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, lengths=None):
+# How the bounds kernel runs (GPU meta-parameters; benchmarks/bench_decode.py --sweep-bounds
+# times the alternatives): int8 tensor-core dots on the codes as stored, or float16 dots on codes
+# converted in registers; quantisation groups per program; pipeline stages; warps.
+BOUNDS_CONFIG = {"int8_dot": True, "groups_per_program": GROUPS_PER_PROGRAM, "stages": 2,
+                 "num_warps": 4}
+
+
+def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, lengths=None,
+                  config: dict | None = None):
     """(log_upper, log_lower) [B, Hkv, R, NB] float32: per row and block of BLOCK keys, log of an
     upper and of a lower bound on Σ exp(scale q·k + bias) over the block's live keys (keys past S,
-    past ``lengths[b]`` or with bias -inf are not live: -inf). ``bias``: [B, Lq, S] float32."""
+    past ``lengths[b]`` or with bias -inf are not live: -inf). ``bias``: [B, Lq, S] float32.
+    ``config``: overrides of BOUNDS_CONFIG (the benchmark's sweep)."""
+    cfg = {**BOUNDS_CONFIG, **(config or {})}
     B, Hkv, S_pad, D = summary.codes.shape
     rows = rows_of(query, Hkv)
     R = rows.shape[2]
@@ -294,14 +332,15 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
     gamma = (D + 8) * 2.0 ** -23  # |fl(a·b) - a·b| <= gamma * Σ|a_i b_i| for float32 dots
     dummy = log_upper
     ng = S_pad // summary.group
-    traceable(_decode_bounds_kernel)[(triton.cdiv(ng, GROUPS_PER_PROGRAM), B * Hkv)](
+    per = cfg["groups_per_program"]
+    traceable(_decode_bounds_kernel)[(triton.cdiv(ng, per), B * Hkv)](
         rows, summary.codes, summary.center, summary.step,
         bias if bias is not None else dummy, lengths if lengths is not None else dummy,
         log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)), GROUP=summary.group, BLOCK_N=BLOCK,
-        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
-        GROUPS_PER_PROGRAM=GROUPS_PER_PROGRAM, num_warps=4)
+        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
+        INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, STAGES=cfg["stages"], num_warps=cfg["num_warps"])
     return log_upper, log_lower
 
 
@@ -431,7 +470,7 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
                           DV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           KEYS: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          DOT_UPCAST: tl.constexpr):
+                          DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr):
     """One program: one share of a (sequence, KV head)'s kept blocks, every row of the head;
     writes its running max, sum and unnormalised output per row."""
     pid_s = tl.program_id(0)
@@ -459,7 +498,7 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_k = tl.arange(0, KEYS)
-    for i in tl.range(start, end, KEYS // BLOCK_N, num_stages=3):  # 4 kept blocks a step
+    for i in tl.range(start, end, KEYS // BLOCK_N, num_stages=STAGES):  # 4 kept blocks a step
         pos = i + o_k // BLOCK_N
         blk = tl.load(Order + pid_bh * NB + pos, mask=pos < end, other=0)
         keys = blk * BLOCK_N + o_k % BLOCK_N
@@ -492,25 +531,33 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
              mask=m_r[:, None] & (o_v[None, :] < DV))
 
 
-def default_splits(B: int, hkv: int, nb: int, device) -> int:
+# How the attention kernel runs (benchmarks/bench_decode.py --sweep times the alternatives):
+# programs per SM in all, pipeline stages of the gathered loads, warps per program.
+ATTEND_CONFIG = {"programs_per_sm": 8, "stages": 3, "num_warps": 4}
+
+
+def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None) -> int:
     """Programs per (sequence, KV head): about eight per SM in all (the loop waits on gathered
     loads; many programs hide it), at least two steps of the attention loop each."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
+    per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(8 * sms, B * hkv), max(1, nb // 8), 256))
+    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // 8), 256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
-                splits: int | None = None):
+                splits: int | None = None, config: dict | None = None):
     """(out [B, Hq, Lq, DV] in query's dtype, lse [B, Hq, Lq] float32): attention over the kept
-    blocks only (exact there). Rows with nothing kept get zeros and lse -inf."""
+    blocks only (exact there). Rows with nothing kept get zeros and lse -inf. ``config``:
+    overrides of ATTEND_CONFIG (the benchmark's sweep)."""
+    cfg = {**ATTEND_CONFIG, **(config or {})}
     B, Hq, Lq, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     rows = rows_of(query, Hkv)
     R = rows.shape[2]
     NB = kept_order.shape[-1]
-    splits = splits or default_splits(B, Hkv, NB, query.device)
+    splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"])
     part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(B * Hkv, splits, R, DV, device=query.device, dtype=torch.float32)
@@ -525,7 +572,8 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
         BLOCK_N=BLOCK, KEYS=ATTEND_KEYS, SPLITS=splits, HAS_BIAS=bias is not None,
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16)
+        DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, STAGES=cfg["stages"],
+        num_warps=cfg["num_warps"])
     return combine_splits(part_m, part_l, part_acc, B, Hq, Lq, query.dtype)
 
 

@@ -77,6 +77,78 @@ def test_bounds_hold_for_every_row_and_block(dtype, B, Hq, Hkv, Lq, S, D, bias_k
     assert (upper.double() - exact)[live].mean() < 1.0
 
 
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_both_dot_paths_bound_soundly_and_agree(int8_dot):
+    """The bounds kernel's two ways to multiply q ⊙ s by the codes (int8 dots on the codes as
+    stored; float16 dots on converted codes) both hold for every block, large-magnitude queries
+    included, and differ by little (the int8 split adds a little slack)."""
+    q, k, _ = _inputs(2, 8, 2, 1, 700, 64, torch.float32, seed=21)
+    q[0] *= 300  # scores of hundreds of nats: the rounding terms matter
+    summary = decode.summarize_keys(k)
+    scale = 64 ** -0.5
+    exact = ref.block_log_mass(ref.exact_scores(q, k, scale, summary.codes.shape[2], None))
+    live = exact > -math.inf
+    upper, lower = decode.decode_bounds(q, summary, 700, scale, config={"int8_dot": int8_dot})
+    assert (upper.double()[live] >= exact[live]).all()
+    assert (lower.double()[live] <= exact[live]).all()
+    other, _ = decode.decode_bounds(q, summary, 700, scale, config={"int8_dot": not int8_dot})
+    gap, other_gap = ((u.double() - exact)[live].mean() for u in (upper, other))
+    assert abs(gap - other_gap) <= 0.05 * other_gap
+
+
+def _split_residue_sign(q, step):
+    """The sign of what the bounds kernel's int8 split of q ⊙ s leaves out, per channel
+    (63 qs_n = head + (tail + rho) / 254; kernels/decode.py), computed as the kernel does."""
+    qs = (q.float() * step.float()).double()
+    e = torch.floor(torch.log2(qs.abs().max()))
+    a = (qs * 2.0 ** -e).float() * 63
+    head = torch.floor(a + 0.5)
+    r1 = (a - head) * 254
+    return torch.sign(r1 - torch.floor(r1 + 0.5)).double()
+
+
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot):
+    """Keys a hair inside half a quantisation step from their code, on the side of q's sign in
+    every channel, with codes of ±126 on the side of the int8 split's residue: the summary's
+    error term (s/2 per channel) and the split's are met almost exactly, so every slack term must
+    carry its own weight. Two keys per group pin each channel's range and are masked out."""
+    D, S, group = 64, 256, decode.QUANT_GROUP
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(D, generator=g, dtype=torch.float64) * 20
+    keys = torch.empty(S, D, dtype=torch.float64)
+    ends = []
+    for start in range(0, S, group):
+        center = torch.randn(D, generator=g, dtype=torch.float64)
+        step = torch.rand(D, generator=g, dtype=torch.float64) * 0.05 + 0.01
+        keys[start:start + group] = center
+        keys[start] = center + decode.CODE_MAX * step  # the range's ends
+        keys[start + 1] = center - decode.CODE_MAX * step
+        ends.append(keys[start:start + 2].clone())
+    pinned = decode.summarize_keys(keys.float().view(1, 1, S, D).to(DEVICE))
+    for i, start in enumerate(range(0, S, group)):
+        center, step = (t[0, 0, i].double().cpu() for t in (pinned.center, pinned.step))
+        code = 126 * _split_residue_sign(q, step)
+        code = torch.where(code == 0, torch.ones_like(code), code)
+        keys[start:start + group] = center + step * (code + 0.5 * torch.sign(q) * (1 - 1e-4))
+        keys[start:start + 2] = ends[i]
+    k = keys.float().view(1, 1, S, D).to(DEVICE)
+    qd = q.float().view(1, 1, 1, D).to(DEVICE)
+    bias = torch.zeros(1, 1, S)
+    bias[..., 0::group] = bias[..., 1::group] = -math.inf
+    bias = bias.to(DEVICE)
+    summary = decode.summarize_keys(k)
+    assert all(torch.equal(a, b) for a, b in ((summary.center, pinned.center),
+                                               (summary.step, pinned.step)))
+    scale = D ** -0.5
+    exact = ref.block_log_mass(ref.exact_scores(qd, k, scale, summary.codes.shape[2], bias))
+    upper, lower = decode.decode_bounds(qd, summary, S, scale, bias,
+                                        config={"int8_dot": int8_dot})
+    assert (upper.double() >= exact).all() and (lower.double() <= exact).all()
+    # the construction works: the bound is tight here (the summary's error term is spent)
+    assert ((upper.double() - exact) < 0.1 * (exact - lower.double())).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 1e-1])
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,S,D", CASES[1:], ids=lambda c: str(c))
