@@ -97,7 +97,7 @@ def main(argv=None):
     # LM's 17 MB caches stay dense and the row measures nothing of decode)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--eps", type=float, nargs="+", default=[4e-3, 1e-3])
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3])
     ap.add_argument("--mode", nargs="+", default=["reduce-overhead", "default"],
                     help="compile modes, tried in order until the default compile runs")
     ap.add_argument("--row-timeout-s", type=float, default=240)

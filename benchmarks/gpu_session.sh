@@ -11,6 +11,8 @@
 #   train_long_lm       the GQA byte LM (8 query / 2 KV heads) trained at 16K context, for decode
 #                       (issue 21): bf16 weights in parts of at most 15 MiB (TRAIN_MIN minutes)
 #   decode              the decode-step benchmark (uniform, clustered, learned with CKPT)
+#   decode_sweep        the decode kernel tests on CUDA, then decode (CKPT) with the kernels'
+#                       meta-parameter sweep
 #   decode_fresh        train_long_lm, then decode with its weights, in one call
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
@@ -78,6 +80,14 @@ case "${1:-zoo}" in
     timeout "${DECODE_S:-560}" python3 benchmarks/bench_decode.py ${CKPT:+--ckpt "$CKPT"} --flex \
       --deadline-min "${DECODE_MIN:-8.5}" --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 40 "$OUT/bench_decode.txt"
+    ;;
+  decode_sweep)  # the decode kernel tests on CUDA, then the decode rows (learned first) with the
+                 # kernels' meta-parameter sweep at 32K keys, batch 8 (CKPT: the long LM's weights)
+    $T 110 $PYTEST -m "" tests/kernels/test_decode.py -q > "$OUT/decode_gpu_tests.txt" 2>&1
+    tail -n 3 "$OUT/decode_gpu_tests.txt"
+    timeout 420 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --flex --sweep \
+      --kinds learned uniform clustered --deadline-min 6.2 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
+    tail -n 45 "$OUT/bench_decode.txt"
     ;;
   decode_fresh)  # a fresh machine has no checkpoint: train the long LM (2 min), then the decode
                  # rows with it (about 5 min); the weights come back in $OUT for generate's call
