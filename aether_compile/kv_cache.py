@@ -122,6 +122,13 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
     pre, post = _DISPATCH_BUMPS
     current = (entry is not None and version is not None and entry.version is not None
                and entry.describes(cache, version - graph_bumps - pre))
+    if current and kernel_decode.write_keys(entry.summary, cache, index, source):
+        # one launch wrote the keys and re-summarised their groups; bump the version as
+        # index_copy_ would (autograd's saved-tensor checks read it too)
+        torch.autograd.graph.increment_version(cache)
+        entry.version = cache._version + post
+        STATS["updated"] += 1
+        return
     cache.index_copy_(dim, index, source)
     if current:
         kernel_decode.update_summary(entry.summary, cache, index)

@@ -204,8 +204,12 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
         lambda: decode.select_blocks_sorted(log_upper, log_lower, eps))  # the torch version
     kept_order, n_kept, _ = decode.select_blocks(log_upper, log_lower, eps)
     rec["attend_us"] = _bench(lambda: decode.attend_kept(q, k, v, kept_order, n_kept, scale))
+    # a token's cache write and summary update: one fused launch, and the unfused pair
     pos = torch.tensor([S - 1], device=k.device)
-    rec["update_us"] = _bench(lambda: decode.update_summary(summary, k, pos))
+    new = k[:, :, S - 1:].clone()
+    rec["update_us"] = _bench(lambda: decode.write_keys(summary, k, pos, new))
+    rec["update_unfused_us"] = _bench(
+        lambda: (k.index_copy_(2, pos, new), decode.update_summary(summary, k, pos)))
     rec.update(ideal_and_oracle(q, k, eps))
     return rec
 

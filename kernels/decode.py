@@ -143,14 +143,9 @@ def _use_kernel(key: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _quantize_kernel(K, Codes, Center, Step, Groups, S, NG, HKV, stride_kb, stride_kh, stride_ks,
-                     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr):
-    """One program: one group of one (sequence, KV head): ``_quantize``'s arithmetic, fused."""
-    i = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    g = tl.load(Groups + i)
+def _quantize_group(K, Codes, Center, Step, g, pid_bh, b, h, S, NG, stride_kb, stride_kh,
+                    stride_ks, D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr):
+    """Group g of one (sequence, KV head): ``_quantize``'s arithmetic, fused."""
     o_k = tl.arange(0, GROUP)
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
@@ -168,6 +163,66 @@ def _quantize_kernel(K, Codes, Center, Step, Groups, S, NG, HKV, stride_kb, stri
     tl.store(Codes + (row * GROUP + o_k[:, None]) * D + o_d[None, :], codes, mask=m_d[None, :])
     tl.store(Center + row * D + o_d, center, mask=m_d)
     tl.store(Step + row * D + o_d, step, mask=m_d)
+
+
+@triton.jit
+def _quantize_kernel(K, Codes, Center, Step, Groups, S, NG, HKV, stride_kb, stride_kh, stride_ks,
+                     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr):
+    """One program: one listed group of one (sequence, KV head)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    _quantize_group(K, Codes, Center, Step, tl.load(Groups + tl.program_id(0)), pid_bh,
+                    pid_bh // HKV, pid_bh % HKV, S, NG, stride_kb, stride_kh, stride_ks, D, D_PAD,
+                    GROUP)
+
+
+@triton.jit
+def _write_and_quantize_kernel(K, Source, Positions, Codes, Center, Step, N, S, NG, HKV,
+                               stride_kb, stride_kh, stride_ks, stride_sb, stride_sh, stride_sn,
+                               D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr):
+    """One program: one (sequence, KV head). Writes the N new keys into the cache at their
+    positions, then re-summarises each one's group (a group listed twice is done twice, with the
+    same result): the cache write and the summary's update in one launch."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    for i in range(N):
+        pos = tl.load(Positions + i).to(tl.int64)
+        key = tl.load(Source + b * stride_sb + h * stride_sh + i * stride_sn + o_d, mask=m_d)
+        # a position outside the cache writes nothing (index_copy_ would raise; the caller
+        # checks positions where it can without a host read)
+        width = tl.where((pos >= 0) & (pos < S), D, 0)
+        tl.store(K + b * stride_kb + h * stride_kh + pos * stride_ks + o_d, key, mask=o_d < width)
+    tl.debug_barrier()  # the program's own writes are visible to all its threads after this
+    for i in range(N):
+        g = tl.minimum(tl.maximum(tl.load(Positions + i).to(tl.int64), 0), S - 1) // GROUP
+        _quantize_group(K, Codes, Center, Step, g, pid_bh, b, h, S, NG, stride_kb, stride_kh,
+                        stride_ks, D, D_PAD, GROUP)
+
+
+WRITE_FUSED_MAX = 16  # new keys per write the fused write-and-summarise kernel takes (decode)
+
+
+def write_keys(summary: KeySummary, key: torch.Tensor, positions: torch.Tensor,
+               source: torch.Tensor) -> bool:
+    """``key.index_copy_(2, positions, source)`` and ``update_summary`` in one launch, where
+    the fused kernel serves the write (a few new keys, same dtype, last dim contiguous): True.
+    Otherwise nothing is written and the caller does both apart: False. Does not bump ``key``'s
+    version (the caller's business)."""
+    n = positions.numel()
+    if not (_use_kernel(key) and source.dtype == key.dtype and source.dim() == 4
+            and 0 < n <= WRITE_FUSED_MAX and source.shape[2] == n and source.stride(-1) == 1
+            and source.shape[:2] == key.shape[:2] and source.shape[-1] == key.shape[-1]
+            and positions.device == key.device):
+        return False
+    B, H, S, D = key.shape
+    traceable(_write_and_quantize_kernel)[(B * H,)](
+        key, source, positions.reshape(-1), summary.codes, summary.center, summary.step, n, S,
+        summary.center.shape[2], H, key.stride(0), key.stride(1), key.stride(2),
+        source.stride(0), source.stride(1), source.stride(2), D=D, D_PAD=pad_pow2(D),
+        GROUP=summary.group)
+    return True
 
 
 def _quantize_groups(summary: KeySummary, key: torch.Tensor, groups: torch.Tensor) -> None:

@@ -261,6 +261,35 @@ def test_selection_kernel_is_certified_and_as_tight_as_sorting(R, NB, eps):
             assert sorted(order[b, h].tolist()) == list(range(NB))
 
 
+@pytest.mark.parametrize("positions", [[199], [64, 65, 70], [3, 130, 131, 4]])
+def test_fused_write_equals_index_copy_then_summarising(positions):
+    """write_keys (the cache write and the summary's update in one launch) leaves the cache and
+    the summary exactly as index_copy_ followed by summarising from scratch; several new keys in
+    one group included."""
+    _, k, _ = _inputs(2, 2, 2, 1, 200, 32, torch.bfloat16, seed=6)
+    summary = decode.summarize_keys(k)
+    pos = torch.tensor(positions, device=DEVICE)
+    new = (torch.randn(2, 2, len(positions), 32) * 4).to(DEVICE, k.dtype)
+    want = k.clone().index_copy_(2, pos, new)
+    assert decode.write_keys(summary, k, pos, new)
+    assert torch.equal(k, want)
+    fresh = decode.summarize_keys(want)
+    for got, exp in zip((summary.codes, summary.center, summary.step),
+                        (fresh.codes, fresh.center, fresh.step)):
+        assert torch.equal(got, exp)
+
+
+def test_fused_write_declines_what_it_does_not_serve():
+    _, k, _ = _inputs(1, 2, 2, 1, 100, 32, torch.float16, seed=6)
+    summary = decode.summarize_keys(k)
+    before = k.clone()
+    many = torch.arange(decode.WRITE_FUSED_MAX + 1, device=DEVICE)
+    assert not decode.write_keys(summary, k, many, torch.zeros(1, 2, len(many), 32,
+                                                                device=DEVICE, dtype=k.dtype))
+    assert not decode.write_keys(summary, k, many[:1], torch.zeros(1, 2, 1, 32, device=DEVICE))
+    assert torch.equal(k, before)  # declined: nothing written
+
+
 def test_extending_a_summary_equals_summarising_the_grown_cache():
     _, k, _ = _inputs(2, 2, 2, 1, 300, 32, torch.bfloat16, seed=4)
     for start in (63, 64, 100, 299):
