@@ -629,11 +629,52 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, STAGES=cfg["stages"],
         num_warps=cfg["num_warps"])
+    if _use_kernel(query):
+        out = torch.empty(B, Hq, Lq, DV, device=query.device, dtype=query.dtype)
+        lse = torch.empty(B, Hq, Lq, device=query.device, dtype=torch.float32)
+        traceable(_combine_kernel)[(B * Hkv, R)](
+            part_m, part_l, part_acc, out, lse, splits, R, DV=DV, DV_PAD=pad_pow2(DV),
+            CHUNK=min(16, triton.next_power_of_2(splits)), num_warps=4)
+        return out, lse
     return combine_splits(part_m, part_l, part_acc, B, Hq, Lq, query.dtype)
 
 
+@triton.jit
+def _combine_kernel(PartM, PartL, PartAcc, Out, Lse, SPLITS, R, DV: tl.constexpr,
+                    DV_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: one row of one (sequence, KV head). Merges the splits' online-softmax
+    states (``combine_splits`` in one launch); the output [B, Hkv, R, DV] is [B, Hq, Lq, DV]."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    o_s = tl.arange(0, CHUNK)
+    o_v = tl.arange(0, DV_PAD)
+    m_v = o_v < DV
+    m_run = tl.full((), float("-inf"), tl.float32)
+    l_run = tl.zeros((), tl.float32)
+    acc = tl.zeros((DV_PAD,), tl.float32)
+    for c in range(0, SPLITS, CHUNK):
+        m_s = (c + o_s) < SPLITS
+        part = (pid_bh * SPLITS + c + o_s) * R + r
+        m = tl.load(PartM + part, mask=m_s, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(m - m_safe)  # exp(-inf) = 0 for empty splits
+        alpha = tl.exp(m_run - m_safe)
+        l_run = l_run * alpha + tl.sum(w * tl.load(PartL + part, mask=m_s, other=0.0), 0)
+        a = tl.load(PartAcc + part[:, None] * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :],
+                    other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * a, 0)
+        m_run = m_new
+    out = tl.where(l_run > 0, acc / tl.where(l_run > 0, l_run, 1.0), 0.0)
+    row = pid_bh * R + r
+    tl.store(Out + row * DV + o_v, out.to(Out.dtype.element_ty), mask=m_v)
+    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+    tl.store(Lse + row, m_fin + tl.log(l_run))
+
+
 def combine_splits(part_m, part_l, part_acc, B, Hq, Lq, dtype):
-    """Merge the splits' online-softmax states: (out, lse) per row."""
+    """Merge the splits' online-softmax states: (out, lse) per row (plain torch; the kernel
+    above does it in one launch)."""
     m = part_m.amax(1, keepdim=True)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(part_m - m_safe)  # exp(-inf) = 0 for empty splits

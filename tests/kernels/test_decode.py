@@ -206,6 +206,32 @@ def test_splits_do_not_change_the_result(splits):
     assert rel_err(outs[0], outs[1]) <= 1e-6
 
 
+@pytest.mark.parametrize("splits", [1, 5, 40])
+def test_combine_kernel_equals_the_torch_merge(splits, monkeypatch):
+    """The one-launch merge of the splits' states equals combine_splits (empty splits, whose
+    running max is -inf, and a row with nothing at all included)."""
+    q, k, v = _inputs(2, 4, 2, 2, 300, 32, torch.float16, seed=9)
+    summary = decode.summarize_keys(k)
+    upper, lower = decode.decode_bounds(q, summary, 300, 32 ** -0.5)
+    order, n_kept, _ = decode.select_blocks(upper, lower, 1e-2)
+    n_kept[1, 0] = 0  # that KV head's rows get nothing: zeros and lse -inf
+    got = decode.attend_kept(q, k, v, order, n_kept, 32 ** -0.5, splits=splits)
+    parts = {}
+
+    def spy(*args, real=decode.combine_splits):
+        parts["out"] = real(*args)
+        return parts["out"]
+    monkeypatch.setattr(decode, "combine_splits", spy)
+    monkeypatch.setattr(decode, "_use_kernel", lambda t: False)
+    want = decode.attend_kept(q, k, v, order, n_kept, 32 ** -0.5, splits=splits)
+    assert "out" in parts
+    assert rel_err(got[0], want[0]) <= REL_TOL[torch.float16]
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+    live = ~torch.isinf(want[1])
+    assert torch.allclose(got[1][live], want[1][live], atol=1e-5)
+    assert (got[0][1, :2] == 0).all() and torch.isinf(got[1][1, :2]).all()
+
+
 def test_updating_the_summary_where_keys_land_equals_summarising_from_scratch():
     _, k, _ = _inputs(2, 2, 2, 1, 200, 32, torch.bfloat16, seed=2)
     summary = decode.summarize_keys(k)
