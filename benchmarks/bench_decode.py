@@ -76,7 +76,8 @@ def synthetic(kind, B, Hq, Hkv, S, D, dtype, device, seed=0):
 
 def learned(ckpt: str, S: int, B: int, device, dtype=torch.bfloat16):
     """q (last position), k, v of every layer of the byte LM over B validation windows of S
-    bytes, layers stacked as heads: q [B, layers*H, 1, D], k, v [B, layers*Hkv, S, D]."""
+    bytes, layers stacked as heads: q [B, layers*H, 1, D], k, v [B, layers*Hkv, S, D]; and the
+    number of layers."""
     import learned_qkv
 
     model, _ = learned_qkv.load_model(ckpt, device, dtype)
@@ -84,7 +85,8 @@ def learned(ckpt: str, S: int, B: int, device, dtype=torch.bfloat16):
     with torch.no_grad():
         seen = learned_qkv.capture_qkv(model, ids, q_last=1)
     del model
-    return tuple(torch.cat([seen[layer][i] for layer in sorted(seen)], 1) for i in range(3))
+    return (*(torch.cat([seen[layer][i] for layer in sorted(seen)], 1) for i in range(3)),
+            len(seen))
 
 
 def dense_times(q, k, v) -> dict:
@@ -119,8 +121,16 @@ def flex_time(q, k, v):
         return f"error: {str(e).splitlines()[0][:120]}"
 
 
-def ideal_and_oracle(q, k, eps: float) -> dict:
-    """Kept fractions (per row, per KV head) of the ideal per-block bound and of the oracle."""
+def per_layer(keep_kv: torch.Tensor, layers: int) -> list:
+    """Kept fraction per layer of [B, layers * Hkv, NB] (learned rows stack layers as heads)."""
+    B, H, NB = keep_kv.shape
+    return [round(x, 4) for x in keep_kv.view(B, layers, H // layers, NB).float()
+            .mean((0, 2, 3)).tolist()]
+
+
+def ideal_and_oracle(q, k, eps: float, layers: int = 0) -> dict:
+    """Kept fractions (per row, per KV head; per layer where ``layers``) of the ideal per-block
+    bound and of the oracle."""
     B, Hkv, S, D = k.shape
     rows = decode.rows_of(q, Hkv).float()
     s = (rows @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, R, S]
@@ -136,6 +146,8 @@ def ideal_and_oracle(q, k, eps: float) -> dict:
         keep = torch.ones_like(drop).scatter_(-1, order, ~drop)
         out[f"{name}_kept_row"] = keep.float().mean().item()
         out[f"{name}_kept_kv"] = keep.any(2).float().mean().item()
+        if layers:
+            out[f"{name}_kept_kv_per_layer"] = per_layer(keep.any(2), layers)
     return out
 
 
@@ -173,7 +185,7 @@ def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
     return out
 
 
-def measure(q, k, v, eps: float, scale: float) -> dict:
+def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
     summary = decode.summarize_keys(k)
     out, lse, keep_rows = decode.decode_attention(q, k, v, summary, eps, scale)
     torch.cuda.synchronize() if q.is_cuda else None
@@ -186,6 +198,7 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
     dropped = (p * ~keep.unsqueeze(2)).sum(-1)
     rec = {"kept_row": keep_rows.float().mean().item(),
            "kept_kv": keep_rows.any(2).float().mean().item(),
+           **({"kept_kv_per_layer": per_layer(keep_rows.any(2), layers)} if layers else {}),
            "max_dropped_mass": dropped.max().item(),
            "max_abs_err_vs_fp32": (out.float() - ref).abs().max().item()}
     rec["ours_us"] = _bench(lambda: decode.decode_attention(q, k, v, summary, eps, scale))
@@ -210,7 +223,7 @@ def measure(q, k, v, eps: float, scale: float) -> dict:
     rec["update_us"] = _bench(lambda: decode.write_keys(summary, k, pos, new))
     rec["update_unfused_us"] = _bench(
         lambda: (k.index_copy_(2, pos, new), decode.update_summary(summary, k, pos)))
-    rec.update(ideal_and_oracle(q, k, eps))
+    rec.update(ideal_and_oracle(q, k, eps, layers))
     return rec
 
 
@@ -259,9 +272,10 @@ def main(argv=None):
                 if kind == "learned":
                     if B > 8 or S > 32768:
                         continue  # the LM saw 16K; its validation text holds a few 32K windows
-                    q, k, v = learned(args.ckpt, S, B, device)
+                    q, k, v, layers = learned(args.ckpt, S, B, device)
                 else:
                     q, k, v = synthetic(kind, B, Hq, Hkv, S, D, dtype, device)
+                    layers = 0
                 scale = q.shape[-1] ** -0.5
                 base = {"kind": kind, "kv": S, "batch": B, "hq": q.shape[1], "hkv": k.shape[1],
                         "d": q.shape[-1], "dtype": str(dtype)}
@@ -276,7 +290,7 @@ def main(argv=None):
                             q, k, v, decode.summarize_keys(k), 1e-2, scale)
                     for eps in (args.eps if kind == "learned" else args.synthetic_eps):
                         rec = {**base, "eps": eps, "dense_us": dense, "fastest_dense_us": fastest,
-                               **measure(q, k, v, eps, scale)}
+                               **measure(q, k, v, eps, scale, layers)}
                         rec["speedup"] = fastest / rec["ours_us"] if fastest else None
                         rec["op_speedup"] = fastest / rec["op_us"] if fastest else None
                         rec["break_even_kept_kv"] = break_even_kept(rec, fastest)
@@ -290,6 +304,10 @@ def main(argv=None):
                               f"{rec['op_us']:.1f}) dense "
                               f"{fastest} -> {rec['speedup']} (op {rec['op_speedup']})",
                               flush=True)
+                        if layers:
+                            print(f"  kept per layer: ours {rec['kept_kv_per_layer']}, ideal "
+                                  f"{rec['ideal_kept_kv_per_layer']}, oracle "
+                                  f"{rec['oracle_kept_kv_per_layer']}", flush=True)
                 except torch.cuda.OutOfMemoryError as e:
                     record["rows"].append({**base, "error": str(e)[:200]})
                 del q, k, v
