@@ -241,7 +241,8 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
                           D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
-                          INT8_DOT: tl.constexpr, STAGES: tl.constexpr):
+                          INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr,
+                          STAGES: tl.constexpr):
     """One program: GROUPS_PER_PROGRAM quantisation groups of one (sequence, KV head), every
     row of the head (the query rows load once).
     Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
@@ -267,7 +268,7 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
         _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
                          stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS,
-                         INT8_DOT)
+                         INT8_DOT, ONE_LSE)
 
 
 @triton.jit
@@ -275,7 +276,7 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     INT8_DOT: tl.constexpr):
+                     INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -328,18 +329,33 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
         dots = (tl.dot(head, codes_h) + tl.dot(tail, codes_h)) * up[:, None]
         slack += (slack_gamma * 2 * _CODE_MAX * sum_abs_qs
                   + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
-    hi = (dots + (base + slack)[:, None]) * scale
-    lo = (dots + (base - slack)[:, None]) * scale
-    hi = hi + tl.abs(hi) * 2.0 ** -22
-    lo = lo - tl.abs(lo) * 2.0 ** -22
     live = keys < limit
     extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
     if HAS_BIAS:
         extra += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
                          + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
                          other=float("-inf"))
-    log_hi = _block_logsumexp(tl.reshape(hi + extra, (R_PAD, NBG, BLOCK_N)), 1e-5)
-    log_lo = _block_logsumexp(tl.reshape(lo + extra, (R_PAD, NBG, BLOCK_N)), -1e-5)
+    if ONE_LSE:
+        # Every key's score is within ±slack of its center c_j = dots_j + base, the same slack
+        # for the whole row: one log-sum-exp of the centers V gives both bounds, V ± slack
+        # (half the exponentials). The float32 rounding of c_j, of the bias's addition and of
+        # the log-sum-exp is at most a few ulps of the block's largest |c_j + bias_j|, of |V|
+        # and of the slack: 2^-20 of their sum covers it.
+        x = tl.reshape((dots + base[:, None]) * scale + extra, (R_PAD, NBG, BLOCK_N))
+        big = tl.max(tl.where(x > float("-inf"), tl.abs(x), 0.0), 2)
+        v = _block_logsumexp(x, 0.0)
+        sig = slack * scale
+        finite_v = tl.where(v > float("-inf"), tl.abs(v), 0.0)
+        margin = 2.0 ** -20 * (big + finite_v + sig[:, None]) + 1e-5
+        log_hi = v + (sig[:, None] + margin)
+        log_lo = v - (sig[:, None] + margin)
+    else:
+        hi = (dots + (base + slack)[:, None]) * scale
+        lo = (dots + (base - slack)[:, None]) * scale
+        hi = hi + tl.abs(hi) * 2.0 ** -22
+        lo = lo - tl.abs(lo) * 2.0 ** -22
+        log_hi = _block_logsumexp(tl.reshape(hi + extra, (R_PAD, NBG, BLOCK_N)), 1e-5)
+        log_lo = _block_logsumexp(tl.reshape(lo + extra, (R_PAD, NBG, BLOCK_N)), -1e-5)
     blk = pid_g * NBG + tl.arange(0, NBG)
     out = (pid_bh * R + o_r[:, None]) * NB + blk[None, :]
     m_out = m_r[:, None] & (blk < NB)[None, :]
@@ -364,11 +380,12 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
     return query.reshape(B, hkv, (Hq // hkv) * Lq, D).contiguous()
 
 
-# How the bounds kernel runs (GPU meta-parameters; benchmarks/bench_decode.py --sweep-bounds
-# times the alternatives): int8 tensor-core dots on the codes as stored, or float16 dots on codes
-# converted in registers; quantisation groups per program; pipeline stages; warps.
-BOUNDS_CONFIG = {"int8_dot": True, "groups_per_program": GROUPS_PER_PROGRAM, "stages": 2,
-                 "num_warps": 4}
+# How the bounds kernel runs (GPU meta-parameters; benchmarks/bench_decode.py --sweep times the
+# alternatives): int8 tensor-core dots on the codes as stored, or float16 dots on codes converted
+# in registers; one log-sum-exp of the score centers for both bounds, or one per bound;
+# quantisation groups per program; pipeline stages; warps.
+BOUNDS_CONFIG = {"int8_dot": True, "one_lse": True, "groups_per_program": GROUPS_PER_PROGRAM,
+                 "stages": 2, "num_warps": 4}
 
 
 def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, lengths=None,
@@ -395,7 +412,8 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)), GROUP=summary.group, BLOCK_N=BLOCK,
         HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
-        INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, STAGES=cfg["stages"], num_warps=cfg["num_warps"])
+        INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, ONE_LSE=cfg["one_lse"],
+        STAGES=cfg["stages"], num_warps=cfg["num_warps"])
     return log_upper, log_lower
 
 

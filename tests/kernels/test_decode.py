@@ -77,8 +77,9 @@ def test_bounds_hold_for_every_row_and_block(dtype, B, Hq, Hkv, Lq, S, D, bias_k
     assert (upper.double() - exact)[live].mean() < 1.0
 
 
+@pytest.mark.parametrize("one_lse", [True, False])
 @pytest.mark.parametrize("int8_dot", [True, False])
-def test_both_dot_paths_bound_soundly_and_agree(int8_dot):
+def test_both_dot_paths_bound_soundly_and_agree(int8_dot, one_lse):
     """The bounds kernel's two ways to multiply q ⊙ s by the codes (int8 dots on the codes as
     stored; float16 dots on converted codes) both hold for every block, large-magnitude queries
     included, and differ by little (the int8 split adds a little slack)."""
@@ -88,7 +89,8 @@ def test_both_dot_paths_bound_soundly_and_agree(int8_dot):
     scale = 64 ** -0.5
     exact = ref.block_log_mass(ref.exact_scores(q, k, scale, summary.codes.shape[2], None))
     live = exact > -math.inf
-    upper, lower = decode.decode_bounds(q, summary, 700, scale, config={"int8_dot": int8_dot})
+    upper, lower = decode.decode_bounds(q, summary, 700, scale,
+                                        config={"int8_dot": int8_dot, "one_lse": one_lse})
     assert (upper.double()[live] >= exact[live]).all()
     assert (lower.double()[live] <= exact[live]).all()
     other, _ = decode.decode_bounds(q, summary, 700, scale, config={"int8_dot": not int8_dot})
@@ -107,8 +109,9 @@ def _split_residue_sign(q, step):
     return torch.sign(r1 - torch.floor(r1 + 0.5)).double()
 
 
+@pytest.mark.parametrize("one_lse", [True, False])
 @pytest.mark.parametrize("int8_dot", [True, False])
-def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot):
+def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot, one_lse):
     """Keys a hair inside half a quantisation step from their code, on the side of q's sign in
     every channel, with codes of ±126 on the side of the int8 split's residue: the summary's
     error term (s/2 per channel) and the split's are met almost exactly, so every slack term must
@@ -143,7 +146,7 @@ def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot):
     scale = D ** -0.5
     exact = ref.block_log_mass(ref.exact_scores(qd, k, scale, summary.codes.shape[2], bias))
     upper, lower = decode.decode_bounds(qd, summary, S, scale, bias,
-                                        config={"int8_dot": int8_dot})
+                                        config={"int8_dot": int8_dot, "one_lse": one_lse})
     assert (upper.double() >= exact).all() and (lower.double() <= exact).all()
     # the construction works: the bound is tight here (the summary's error term is spent)
     assert ((upper.double() - exact) < 0.1 * (exact - lower.double())).all()
