@@ -13,6 +13,7 @@
 #   decode              the decode-step benchmark (uniform, clustered, learned with CKPT)
 #   decode_sweep        the decode kernel tests on CUDA, then decode (CKPT) with the kernels'
 #                       meta-parameter sweep
+#   decode_generate     decode tests, a short decode run with the sweep, generate: one call (CKPT)
 #   decode_fresh        train_long_lm, then decode with its weights, in one call
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
@@ -88,6 +89,19 @@ case "${1:-zoo}" in
     timeout 420 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --flex --sweep \
       --kinds learned uniform clustered --deadline-min 6.2 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 45 "$OUT/bench_decode.txt"
+    ;;
+  decode_generate)  # one call for both when device time is short: the decode kernels' soundness
+                    # tests on CUDA, the decode rows (learned with the sweep, uniform; 8K and 32K,
+                    # batch 1 and 8), then generate (dense, eps 0.1 and 0.01) — CKPT needed
+    $T 70 $PYTEST -m "" -x tests/kernels/test_decode.py -q -k "bounds or dropped or fused or combine" \
+      > "$OUT/decode_gpu_tests.txt" 2>&1
+    tail -n 2 "$OUT/decode_gpu_tests.txt"
+    timeout 230 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --sweep --kv 8192 32768 \
+      --batch 1 8 --kinds learned uniform --deadline-min 3.2 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
+    grep -E "kind|learned|uniform|sweep|per layer|decode_" "$OUT/bench_decode.txt" | tail -n 24
+    timeout 250 python3 benchmarks/bench_generate.py --ckpt "$CKPT" --mode default --eps 0.1 0.01 \
+      --row-timeout-s 110 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+    tail -n 5 "$OUT/bench_generate.txt"
     ;;
   decode_fresh)  # a fresh machine has no checkpoint: train the long LM (2 min), then the decode
                  # rows with it (about 5 min); the weights come back in $OUT for generate's call
