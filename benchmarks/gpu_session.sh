@@ -99,8 +99,8 @@ case "${1:-zoo}" in
     timeout 230 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --sweep --kv 8192 32768 \
       --batch 1 8 --kinds learned uniform --deadline-min 3.2 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     grep -E "kind|learned|uniform|sweep|per layer|decode_" "$OUT/bench_decode.txt" | tail -n 24
-    timeout 250 python3 benchmarks/bench_generate.py --ckpt "$CKPT" --mode default --eps 0.1 0.01 \
-      --row-timeout-s 110 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+    timeout 250 python3 benchmarks/bench_generate.py --ckpt "$CKPT" --mode default --eps 0.01 0.1 \
+      --row-timeout-s 120 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 5 "$OUT/bench_generate.txt"
     ;;
   decode_fresh)  # a fresh machine has no checkpoint: train the long LM (2 min), then the decode
