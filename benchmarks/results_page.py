@@ -10,8 +10,9 @@ A table in the page sits between two markers naming its kind and file:
     python benchmarks/results_page.py --check  # exit 1 where a table and its file disagree (CI)
 
 Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention suite's rows),
-``decode`` (the decode step's rows at one eps, default 1e-2). The prose around the tables is
-written by hand; the numbers in the tables are not.
+``decode`` (the decode step's rows at one eps, default 1e-2), ``decode_layers`` (its learned rows'
+kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep). The prose around
+the tables is written by hand; the numbers in the tables are not.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def decode_table(record: dict, eps=None) -> list[str]:
             f"{env.get('commit')}; ε {eps:g}; µs of CUDA-graph replays; kept per KV head "
             "(ideal per-block bound, oracle)", "",
             "| data | KV | batch | kept (ideal, oracle) | dense | bounds | selection | attention "
-            "| step → speed | op → speed |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| step → speed | op → speed | break-even kept |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if "error" in r:
             rows.append(f"| {r['kind']} | {r['kv'] // 1024}K | {r['batch']} | "
-                        f"{r['error'][:50]} | | | | | | |")
+                        f"{r['error'][:50]} | | | | | | | |")
             continue
         if r["eps"] != eps:
             continue
@@ -83,11 +85,46 @@ def decode_table(record: dict, eps=None) -> list[str]:
             f"{r['fastest_dense_us']:.0f} | {r['bounds_us']:.0f} | "
             f"{r.get('select_us', float('nan')):.0f} | {r.get('attend_us', float('nan')):.0f} | "
             f"{r['ours_us']:.0f} → {r['speedup']:.2f}× | {r['op_us']:.0f} → "
-            f"{r['op_speedup']:.2f}× |")
+            f"{r['op_speedup']:.2f}× | {_fmt(r.get('break_even_kept_kv'), 2)} |")
     return rows
 
 
-KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table}
+def decode_layers_table(record: dict, eps=None) -> list[str]:
+    """The learned rows' kept fraction per layer: ours, the ideal per-block bound's, the
+    oracle's."""
+    eps = float(eps) if eps else 1e-2
+    rows = ["| KV | batch | layer | ours | ideal | oracle |", "|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if r.get("kind") != "learned" or r.get("eps") != eps or "kept_kv_per_layer" not in r:
+            continue
+        for i, (ours, ideal, oracle) in enumerate(zip(r["kept_kv_per_layer"],
+                                                      r["ideal_kept_kv_per_layer"],
+                                                      r["oracle_kept_kv_per_layer"])):
+            rows.append(f"| {r['kv'] // 1024}K | {r['batch']} | {i} | {ours:.3f} | {ideal:.3f} | "
+                        f"{oracle:.3f} |")
+    return rows
+
+
+def decode_sweep_table(record: dict, kind=None) -> list[str]:
+    """The bounds and attention kernels' meta-parameter sweep (µs, fastest first)."""
+    kind = kind or "learned"
+    rows = []
+    for part in ("bounds", "attend"):
+        timed = [r for r in record.get("sweeps", {}).get(kind, {}).get(part, [])
+                 if isinstance(r["us"], (int, float))]
+        if not timed:
+            continue
+        keys = [k for k in timed[0] if k != "us"]
+        rows += [f"{part}:", "", "| " + " | ".join(keys) + " | µs |",
+                 "|" + "---|" * (len(keys) + 1)]
+        rows += ["| " + " | ".join(str(r[k]) for k in keys) + f" | {r['us']:.1f} |"
+                 for r in sorted(timed, key=lambda r: r["us"])]
+        rows.append("")
+    return rows[:-1] if rows else ["(no sweep in this file)"]
+
+
+KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
+         "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table}
 
 
 def render(page: str) -> str:
