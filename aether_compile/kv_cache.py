@@ -253,9 +253,12 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         enable_gqa=query.shape[1] != key.shape[1]).contiguous()
 
 
-# Above this fraction of its live key blocks a KV head's read (bounds: a quarter of K and V's
-# bytes, then the kept blocks) costs more than dense SDPA's one read of everything.
-DECODE_DENSE_FRACTION = 0.65
+# Above this fraction of its live key blocks kept, a certified step costs more than dense SDPA's
+# one read of everything. The byte count alone (a quarter of K and V's bytes for the bounds, then
+# the kept blocks) would put it at 0.75; the kernels' measured speeds put it at 0.045-0.065 at
+# batch 8 and below zero at batch 1 (bench_decode's break_even_kept_kv, H100 at 076568f), where
+# it stays until they are faster: decode=True must not cost a model its dense speed.
+DECODE_DENSE_FRACTION = 0.05
 
 
 def _certified_or_dense(query, key, value, summary, eps: float, scale: float, bias):
