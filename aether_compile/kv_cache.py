@@ -248,9 +248,39 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         out = _certified_or_dense(query, key, value, summary, eps, scale, bias)
         if out is not None:
             return out.contiguous()
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-        enable_gqa=query.shape[1] != key.shape[1]).contiguous()
+    return dense_decode(query, key, value, attn_mask, is_causal, scale).contiguous()
+
+
+def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                 is_causal: bool, scale: float) -> Tensor:
+    """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), with a GQA group's
+    query heads folded into the query rows ([B, Hkv, G * Lq, D]) so that SDPA sees equal head
+    counts: its fused kernels refuse ``enable_gqa`` together with a mask (the math backend then
+    runs: an extra copy of K and V per call and bf16 probabilities), and transformers passes a
+    mask at every decode step. Same softmax per row, no copy of the cache; the mask is repeated
+    over the group (B * G * Lq * S elements) unless it is per head (then a view)."""
+    B, Hq, Lq, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if (Hq == Hkv or Hq % Hkv or query.shape[0] != key.shape[0]
+            or (is_causal and attn_mask is not None)):  # the last: SDPA's own error
+        return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                    enable_gqa=Hq != Hkv)
+    G = Hq // Hkv
+    mask = attn_mask
+    if is_causal:  # SDPA's top-left alignment: row i sees keys 0..i
+        mask = torch.ones(Lq, S, dtype=torch.bool, device=query.device).tril()
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        if mask.shape[1] == 1:
+            mask = (mask.expand(B, 1, Lq, S).unsqueeze(2).expand(B, 1, G, Lq, S)
+                    .reshape(B, 1, G * Lq, S))
+        else:
+            mask = mask.expand(B, Hq, Lq, S).reshape(B, Hkv, G * Lq, S)
+    rows = query.reshape(B, Hkv, G * Lq, D)
+    out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
+    return out.view(B, Hq, Lq, value.shape[-1])
 
 
 # Above this fraction of its live key blocks kept, a certified step costs more than dense SDPA's

@@ -35,25 +35,36 @@ def prompt_ids(S: int, B: int, device):
     return torch.stack([val[s:s + S].long() for s in starts]).to(device)
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def generate(model, ids, new_tokens: int):
-    torch.cuda.synchronize()
+    """(tokens [B, new], logits [new, B, vocab] float32, seconds)."""
+    _sync()
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, cache_implementation="static")
-    torch.cuda.synchronize()
-    return out[:, ids.shape[1]:], time.perf_counter() - t
+                             do_sample=False, cache_implementation="static",
+                             output_scores=True, return_dict_in_generate=True)
+    _sync()
+    seconds = time.perf_counter() - t
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.scores).float(), seconds
 
 
-def run(ckpt, S, B, new_tokens, backend, options, mode, device="cuda"):
+def run(ckpt, S, B, new_tokens, backend, options, mode, device=None):
+    """One configuration: backend "inductor" (the default compile), "eager" (no compile: the
+    dense reference's own noise against the default compile) or "aether"."""
     import train_stdlib_lm as lm
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch._dynamo.reset()
     kv_cache.forget_summaries()
     model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
     if backend == "inductor":
         model.forward = torch.compile(model.forward, mode=mode)
-    else:  # torch.compile takes mode or options, not both: the mode goes in as its options
+    elif backend == "aether":  # torch.compile takes mode or options, not both: the mode goes in as its options
         from aether_compile import _compat
         model.forward = torch.compile(model.forward, backend="aether",
                                       options={**options, **_compat.mode_options(mode)})
@@ -63,15 +74,38 @@ def run(ckpt, S, B, new_tokens, backend, options, mode, device="cuda"):
     warm_s = time.perf_counter() - t0
     kv_cache.STATS.clear()
     kv_cache.CALLS.clear()
-    tokens, seconds = generate(model, ids, new_tokens)
+    tokens, logits, seconds = generate(model, ids, new_tokens)
     del model
-    torch.cuda.empty_cache()
-    return tokens, {"seconds": seconds, "tokens_per_s": B * new_tokens / seconds,
-                    "first_call_s": warm_s, "summaries": dict(kv_cache.STATS),
-                    "decode_calls": dict(kv_cache.CALLS)}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return (tokens, logits), {"seconds": seconds, "tokens_per_s": B * new_tokens / seconds,
+                              "first_call_s": warm_s, "summaries": dict(kv_cache.STATS),
+                              "decode_calls": dict(kv_cache.CALLS)}
 
 
-def run_isolated(args, S, backend, eps, mode, device="cuda"):
+def compare(got, want) -> dict:
+    """Greedy runs against each other: where the tokens first differ (any sequence), the largest
+    logit difference up to and including that step (until then both saw the same tokens, so
+    their logits are comparable), and at that step the reference's gap between its top two
+    logits in the sequences that differ (a gap within the logit difference is a near-tie that
+    either run may break)."""
+    (tokens, logits), (ref_tokens, ref_logits) = got, want
+    differ = (tokens != ref_tokens)
+    steps = differ.any(0).nonzero().flatten()
+    first = int(steps[0]) if steps.numel() else None
+    upto = tokens.shape[1] if first is None else first + 1
+    diff = (logits[:upto] - ref_logits[:upto]).abs().amax().item()
+    out = {"tokens_match": first is None, "first_mismatch": first, "max_logit_diff": diff,
+           "logit_scale": ref_logits[:upto].abs().amax().item()}
+    if first is not None:
+        top2 = ref_logits[first].topk(2, -1).values
+        gaps = (top2[:, 0] - top2[:, 1])[differ[:, first]]
+        out["ref_top2_gap_at_mismatch"] = gaps.min().item()
+        out["near_tie"] = out["ref_top2_gap_at_mismatch"] <= diff
+    return out
+
+
+def run_isolated(args, S, backend, eps, mode):
     """One generate configuration in a child process: a crash inside torch (a segfault was seen in
     the default compile's baseline with reduce-overhead on torch 2.11) costs that row, not the
     run. Returns (tokens or None, stats or {"error": ...})."""
@@ -80,7 +114,11 @@ def run_isolated(args, S, backend, eps, mode, device="cuda"):
         cmd = [sys.executable, os.path.abspath(__file__), "--ckpt", args.ckpt, "--child", out,
                "--lengths", str(S), "--batch", str(args.batch), "--new-tokens",
                str(args.new_tokens), "--mode", mode, "--backend", backend, "--eps", str(eps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout_s)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=args.row_timeout_s)
+        except subprocess.TimeoutExpired:
+            return None, {"error": f"no result within {args.row_timeout_s:g} s"}
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return None, {"error": f"exit {proc.returncode}: {' | '.join(tail)[:300]}"}
@@ -97,7 +135,10 @@ def main(argv=None):
     # LM's 17 MB caches stay dense and the row measures nothing of decode)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--eps", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3])
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.0, 1e-2, 1e-1],
+                    help="eps of the aether rows; 0: no block skipped (the op's dense path alone)")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="leave out the eager row (the dense reference's own noise)")
     ap.add_argument("--mode", nargs="+", default=["reduce-overhead", "default"],
                     help="compile modes, tried in order until the default compile runs")
     ap.add_argument("--row-timeout-s", type=float, default=240)
@@ -105,10 +146,11 @@ def main(argv=None):
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:  # one configuration, results to the parent through a file
-        options = None if args.backend == "inductor" else {"eps": args.eps[0], "decode": True}
+        options = {"eps": args.eps[0], "decode": True,
+                   "allow_cpu": not torch.cuda.is_available()}  # CPU: a smoke run
         tokens, stats = run(args.ckpt, args.lengths[0], args.batch, args.new_tokens,
                             args.backend, options, args.mode[0])
-        torch.save((tokens.cpu(), stats), args.child)
+        torch.save(((tokens[0].cpu(), tokens[1].cpu()), stats), args.child)
         return
     env = env_record()
     path = os.path.join(args.out, f"generate_{card_tag(env)}.json")
@@ -123,19 +165,29 @@ def main(argv=None):
         if dense_tokens is None:
             continue
         print(f"S {S} mode {mode}: default compile {dense['tokens_per_s']:.1f} tok/s", flush=True)
+        noise = None
+        if not args.no_eager:  # eager SDPA against the default compile: what dense alone varies
+            eager_tokens, eager = run_isolated(args, S, "eager", 0.0, mode)
+            if eager_tokens is not None:
+                noise = compare(eager_tokens, dense_tokens)
+                record["dense_noise"] = {**noise, "eager": eager}
+                print(f"S {S}: eager vs default compile: {noise}", flush=True)
         for eps in args.eps:
             row = {"prompt": S, "batch": args.batch, "new_tokens": args.new_tokens, "eps": eps,
                    "mode": mode, "dense": dense}
             tokens, ours = run_isolated(args, S, "aether", eps, mode)
             row["aether"] = ours
             if tokens is not None:
-                same = torch.equal(tokens, dense_tokens)
-                row.update(ratio=ours["tokens_per_s"] / dense["tokens_per_s"], tokens_match=same,
-                           first_mismatch=None if same else
-                           int((tokens != dense_tokens).any(0).nonzero()[0]))
+                row.update(ratio=ours["tokens_per_s"] / dense["tokens_per_s"],
+                           **compare(tokens, dense_tokens))
+                if noise is not None:  # within the dense reference's own variation
+                    row["logits_within_noise"] = row["max_logit_diff"] <= 2 * max(
+                        noise["max_logit_diff"], 1e-6)
                 print(f"S {S} eps {eps:g}: aether {ours['tokens_per_s']:.1f} tok/s, ratio "
-                      f"{row['ratio']:.3f}, tokens match {same}, summaries "
-                      f"{ours['summaries']}, decode calls {ours['decode_calls']}", flush=True)
+                      f"{row['ratio']:.3f}, tokens match {row['tokens_match']} (first mismatch "
+                      f"{row['first_mismatch']}, max |dlogit| {row['max_logit_diff']:.3g}, "
+                      f"near-tie {row.get('near_tie')}), summaries {ours['summaries']}, "
+                      f"decode calls {ours['decode_calls']}", flush=True)
             else:
                 print(f"S {S} eps {eps:g}: {ours['error']}", flush=True)
             record["rows"].append(row)
@@ -149,7 +201,10 @@ def main(argv=None):
                          "decode_certified_calls": sum(r["aether"]["decode_calls"]["certified"]
                                                        for r in certified),
                          "decode_tokens_match": (all(r["tokens_match"] for r in certified)
-                                                 if certified else None)}
+                                                 if certified else None),
+                         "decode_logits_within_noise": (
+                             all(r.get("logits_within_noise") for r in certified)
+                             if certified and "dense_noise" in record else None)}
     write_json(path, record)
     print(record["summary"], f"-> {path}")
 

@@ -200,3 +200,42 @@ def test_the_dispatchers_version_bumps_were_measured_outside_any_op():
     """Measured from inside another op's body the dispatcher shows no bump at all, and every
     write would then look like one made behind our back."""
     assert sum(kv_cache._DISPATCH_BUMPS) == 1
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool_b1", "float_2d", "per_head", "causal",
+                                       "bool_b1_broadcast_batch"])
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_dense_decode_folds_the_gqa_group_and_equals_sdpa(mask_kind, Lq):
+    """The decode op's dense path (the GQA group folded into query rows, so SDPA's fused
+    kernels take it with a mask) equals SDPA with enable_gqa, in float64, for every mask form
+    SDPA takes; with a mask and is_causal together it does what SDPA does."""
+    B, Hq, Hkv, S, D = 2, 8, 2, 40, 16
+    g = torch.Generator().manual_seed(Lq)
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64)
+               for h, n in ((Hq, Lq), (Hkv, S), (Hkv, S)))
+    mask, causal = None, False
+    if mask_kind == "bool_b1":
+        mask = torch.rand(B, 1, Lq, S, generator=g) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "bool_b1_broadcast_batch":
+        mask = torch.rand(1, 1, Lq, S, generator=g) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "float_2d":
+        mask = torch.randn(Lq, S, generator=g, dtype=torch.float64)
+    elif mask_kind == "per_head":
+        mask = torch.randn(B, Hq, Lq, S, generator=g, dtype=torch.float64)
+    elif mask_kind == "causal":
+        causal = True
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, enable_gqa=True)
+    got = kv_cache.dense_decode(q, k, v, mask, causal, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if mask is not None:  # a mask and is_causal together: whatever SDPA does with them
+        try:
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=True, scale=0.3, enable_gqa=True)
+        except RuntimeError as e:
+            with pytest.raises(type(e)):
+                kv_cache.dense_decode(q, k, v, mask, True, 0.3)
+        else:
+            torch.testing.assert_close(kv_cache.dense_decode(q, k, v, mask, True, 0.3), want)
