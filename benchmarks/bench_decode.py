@@ -151,8 +151,12 @@ def ideal_and_oracle(q, k, eps: float, layers: int = 0) -> dict:
     return out
 
 
-BOUNDS_SWEEP = [dict(int8_dot=i8, one_lse=one, groups_per_program=g, stages=2, num_warps=w)
-                for i8 in (True, False) for one in (True, False) for g in (2, 8) for w in (4, 8)]
+BOUNDS_SWEEP = ([dict(int8_dot=i8, one_lse=one, groups_per_program=g, stages=2, num_warps=w,
+                      rows_kernel=False)
+                 for i8 in (True, False) for one in (True, False) for g in (2, 8) for w in (4, 8)]
+                + [dict(int8_dot=False, one_lse=True, groups_per_program=g, stages=st,
+                        num_warps=w, rows_kernel=True)
+                   for g in (2, 8) for st in (2, 3) for w in (2, 4)])
 ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
                 for st in (3, 4)]
 

@@ -296,7 +296,6 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
              + slack_gamma * tl.sum(tl.abs(q * center[None, :]), 1)
              + _CODE_MAX * 2.0 ** -22 * sum_abs_qs)
     # the whole group in one pair of dots (8 KB of codes a load), then per block of BLOCK_N keys
-    NBG: tl.constexpr = GROUP // BLOCK_N
     o_g = tl.arange(0, GROUP)
     keys = pid_g * GROUP + o_g
     codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
@@ -329,6 +328,19 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
         dots = (tl.dot(head, codes_h) + tl.dot(tail, codes_h)) * up[:, None]
         slack += (slack_gamma * 2 * _CODE_MAX * sum_abs_qs
                   + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
+    _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
+                        LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs,
+                        R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+
+
+@triton.jit
+def _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
+                        LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs,
+                        R_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ONE_LSE: tl.constexpr):
+    """From one group's score centers (dots + base, [R_PAD, GROUP]) and each row's slack: the
+    log of an upper and of a lower bound on each block's mass, stored per row and block."""
+    NBG: tl.constexpr = GROUP // BLOCK_N
     live = keys < limit
     extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
     if HAS_BIAS:
@@ -364,6 +376,62 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
 
 
 @triton.jit
+def _decode_bounds_rows_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLower,
+                               S, R, LQ, HKV, NB, NG, scale, slack_gamma,
+                               stride_bb, stride_bl, stride_bs,
+                               D: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr,
+                               R_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                               GROUPS_PER_PROGRAM: tl.constexpr, ONE_LSE: tl.constexpr,
+                               STAGES: tl.constexpr):
+    """``_decode_bounds_kernel`` for a few rows (R <= 8: a GQA group at one query position):
+    the dots on CUDA cores over DC channels at a time, so the work is R_PAD rows (not the 16 a
+    tensor-core tile needs). Float32 products of q ⊙ s with the codes and their sums round: the
+    slack takes gamma_D Σ|q_c s_c code| <= gamma_D · 127 Σ|q_c s_c|."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    o_r = tl.arange(0, R_PAD)
+    o_c = tl.arange(0, DC)
+    m_r = o_r < R
+    o_g = tl.arange(0, GROUP)
+    limit = S
+    if HAS_LENGTHS:
+        limit = tl.minimum(limit, tl.load(Lengths + b))
+    g_end = tl.minimum((pid_p + 1) * GROUPS_PER_PROGRAM, NG)
+    for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=STAGES):
+        keys = pid_g * GROUP + o_g
+        dots = tl.zeros((R_PAD, GROUP), tl.float32)
+        base = tl.zeros((R_PAD,), tl.float32)
+        slack = tl.zeros((R_PAD,), tl.float32)
+        sum_abs_qs = tl.zeros((R_PAD,), tl.float32)
+        sum_abs_qc = tl.zeros((R_PAD,), tl.float32)
+        for dc in tl.static_range(0, D_PAD, DC):
+            o_d = dc + o_c
+            m_d = o_d < D
+            q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
+                        mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            p_off = (pid_bh * NG + pid_g) * D + o_d
+            center = tl.load(Center + p_off, mask=m_d, other=0.0)
+            step = tl.load(Step + p_off, mask=m_d, other=0.0)
+            qs = q * step[None, :]
+            base += tl.sum(q * center[None, :], 1)
+            err = 0.5 * step + 2.0 ** -20 * (tl.abs(center) + (_CODE_MAX + 1) * step)
+            slack += tl.sum(tl.abs(q) * err[None, :], 1)
+            sum_abs_qs += tl.sum(tl.abs(qs), 1)
+            sum_abs_qc += tl.sum(tl.abs(q * center[None, :]), 1)
+            codes = tl.load(Codes + (pid_bh * NG * GROUP + keys[:, None]) * D + o_d[None, :],
+                            mask=m_d[None, :], other=0).to(tl.float32)
+            dots += tl.sum(qs[:, None, :] * codes[None, :, :], 2)
+        # q * s's rounding, the dots' and the base's float32 accumulation
+        slack += (_CODE_MAX * 2.0 ** -22 * sum_abs_qs
+                  + slack_gamma * (_CODE_MAX * sum_abs_qs + sum_abs_qc))
+        _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
+                            LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl,
+                            stride_bs, R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+
+
+@triton.jit
 def _block_logsumexp(x, rounding):
     """log Σ exp over the last axis of [R, blocks, keys]; -inf for an all -inf block. rounding:
     the log-sum-exp's own float32 error, a relative 1e-5 (added above, taken off below)."""
@@ -385,7 +453,10 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
 # in registers; one log-sum-exp of the score centers for both bounds, or one per bound;
 # quantisation groups per program; pipeline stages; warps.
 BOUNDS_CONFIG = {"int8_dot": True, "one_lse": True, "groups_per_program": GROUPS_PER_PROGRAM,
-                 "stages": 2, "num_warps": 4}
+                 "stages": 2, "num_warps": 4, "rows_kernel": False}
+# rows_kernel: for at most ROWS_KERNEL_MAX_ROWS rows per KV head, _decode_bounds_rows_kernel
+# (CUDA-core dots over the real rows only); off until a GPU run times it against the other
+ROWS_KERNEL_MAX_ROWS = 8
 
 
 def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, lengths=None,
@@ -405,6 +476,18 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
     dummy = log_upper
     ng = S_pad // summary.group
     per = cfg["groups_per_program"]
+    if cfg["rows_kernel"] and R <= ROWS_KERNEL_MAX_ROWS:
+        r_pad = max(2, triton.next_power_of_2(R))
+        traceable(_decode_bounds_rows_kernel)[(triton.cdiv(ng, per), B * Hkv)](
+            rows, summary.codes, summary.center, summary.step,
+            bias if bias is not None else dummy, lengths if lengths is not None else dummy,
+            log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
+            *(bias.stride() if bias is not None else (0, 0, 0)),
+            D=D, D_PAD=max(16, pad_pow2(D)), DC=16 if r_pad <= 4 else 8, R_PAD=r_pad,
+            GROUP=summary.group, BLOCK_N=BLOCK, HAS_BIAS=bias is not None,
+            HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per, ONE_LSE=cfg["one_lse"],
+            STAGES=cfg["stages"], num_warps=cfg["num_warps"])
+        return log_upper, log_lower
     traceable(_decode_bounds_kernel)[(triton.cdiv(ng, per), B * Hkv)](
         rows, summary.codes, summary.center, summary.step,
         bias if bias is not None else dummy, lengths if lengths is not None else dummy,

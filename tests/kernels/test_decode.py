@@ -59,15 +59,17 @@ def _bias(B, Lq, S, kind, seed=0):
     return (b + torch.rand(B, Lq, S, generator=g) * -2).to(DEVICE)  # masked and graded
 
 
+@pytest.mark.parametrize("rows_kernel", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,S,D", CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("bias_kind", ["none", "causal_tail", "random"])
-def test_bounds_hold_for_every_row_and_block(dtype, B, Hq, Hkv, Lq, S, D, bias_kind):
+def test_bounds_hold_for_every_row_and_block(dtype, B, Hq, Hkv, Lq, S, D, bias_kind, rows_kernel):
     q, k, _ = _inputs(B, Hq, Hkv, Lq, S, D, dtype, seed=S + D)
     bias = _bias(B, Lq, S, bias_kind)
     summary = decode.summarize_keys(k)
     scale = D ** -0.5
-    upper, lower = decode.decode_bounds(q, summary, S, scale, bias)
+    upper, lower = decode.decode_bounds(q, summary, S, scale, bias,
+                                        config={"rows_kernel": rows_kernel})
     exact = ref.block_log_mass(ref.exact_scores(q, k, scale, summary.codes.shape[2], bias))
     live = exact > -math.inf
     assert torch.equal(upper > -math.inf, live) and torch.equal(lower > -math.inf, live)
@@ -109,9 +111,10 @@ def _split_residue_sign(q, step):
     return torch.sign(r1 - torch.floor(r1 + 0.5)).double()
 
 
-@pytest.mark.parametrize("one_lse", [True, False])
-@pytest.mark.parametrize("int8_dot", [True, False])
-def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot, one_lse):
+@pytest.mark.parametrize("one_lse,int8_dot,rows_kernel", [
+    (True, True, False), (True, False, False), (False, True, False), (False, False, False),
+    (True, False, True), (False, False, True)])
+def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot, one_lse, rows_kernel):
     """Keys a hair inside half a quantisation step from their code, on the side of q's sign in
     every channel, with codes of ±126 on the side of the int8 split's residue: the summary's
     error term (s/2 per channel) and the split's are met almost exactly, so every slack term must
@@ -146,7 +149,8 @@ def test_bounds_hold_where_every_key_sits_at_its_worst_error(int8_dot, one_lse):
     scale = D ** -0.5
     exact = ref.block_log_mass(ref.exact_scores(qd, k, scale, summary.codes.shape[2], bias))
     upper, lower = decode.decode_bounds(qd, summary, S, scale, bias,
-                                        config={"int8_dot": int8_dot, "one_lse": one_lse})
+                                        config={"int8_dot": int8_dot, "one_lse": one_lse,
+                                                "rows_kernel": rows_kernel})
     assert (upper.double() >= exact).all() and (lower.double() <= exact).all()
     # the construction works: the bound is tight here (the summary's error term is spent)
     assert ((upper.double() - exact) < 0.1 * (exact - lower.double())).all()
