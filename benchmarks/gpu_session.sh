@@ -113,8 +113,10 @@ case "${1:-zoo}" in
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
     # transformers 5.17 (logs/decode_8b7d79d); bench_generate tries it first when asked
+    # rows: the default compile, eager (the dense reference's own noise), aether at eps 0 (its
+    # dense path alone), 0.01 and 0.1; each in its own process, about a minute each
     timeout "${GENERATE_S:-560}" python3 benchmarks/bench_generate.py --ckpt "$CKPT" \
-      --mode ${GENERATE_MODE:-default} --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+      --mode ${GENERATE_MODE:-default} --row-timeout-s 100 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 12 "$OUT/bench_generate.txt"
     ;;
   suite)  # the issue-6 suite without W4 (about 180-540 s); W4 is suite_w4
