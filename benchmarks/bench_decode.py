@@ -159,6 +159,7 @@ BOUNDS_SWEEP = ([dict(int8_dot=i8, one_lse=one, groups_per_program=g, stages=2, 
                    for g in (2, 8) for st in (2, 3) for w in (2, 4)])
 ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
                 for st in (3, 4)]
+SELECT_SWEEP = [dict(sections=k) for k in (1, 4, 8)]
 
 
 def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
@@ -173,6 +174,10 @@ def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
             us = f"error: {str(e).splitlines()[0][:80]}"
         out["bounds"].append({**cfg, "us": us})
     log_upper, log_lower = decode.decode_bounds(q, summary, S, scale)
+    out["select"] = []
+    for cfg in SELECT_SWEEP:
+        us = _bench(lambda: decode.select_blocks(log_upper, log_lower, eps, cfg))
+        out["select"].append({**cfg, "us": us})
     kept_order, n_kept, _ = decode.select_blocks(log_upper, log_lower, eps)
     for cfg in ATTEND_SWEEP:
         try:
@@ -181,7 +186,8 @@ def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
         except Exception as e:  # noqa: BLE001
             us = f"error: {str(e).splitlines()[0][:80]}"
         out["attend"].append({**cfg, "us": us})
-    for part, default in (("bounds", decode.BOUNDS_CONFIG), ("attend", decode.ATTEND_CONFIG)):
+    for part, default in (("bounds", decode.BOUNDS_CONFIG), ("select", decode.SELECT_CONFIG),
+                          ("attend", decode.ATTEND_CONFIG)):
         timed = [r for r in out[part] if isinstance(r["us"], float)]
         best = min(timed, key=lambda r: r["us"], default=None)
         mine = [r for r in timed if all(r[n] == x for n, x in default.items())]

@@ -109,7 +109,7 @@ def decode_sweep_table(record: dict, kind=None) -> list[str]:
     """The bounds and attention kernels' meta-parameter sweep (µs, fastest first)."""
     kind = kind or "learned"
     rows = []
-    for part in ("bounds", "attend"):
+    for part in ("bounds", "select", "attend"):
         timed = [r for r in record.get("sweeps", {}).get(kind, {}).get(part, [])
                  if isinstance(r["us"], (int, float))]
         if not timed:

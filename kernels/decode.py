@@ -508,7 +508,8 @@ SELECT_ITERS = 14  # bisection steps on the skip threshold: the interval shrinks
 SELECT_MARGIN = 1e-4
 
 
-def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
+def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float,
+                  config: dict | None = None):
     """(kept_order int32 [B, Hkv, NB], n_kept int32 [B, Hkv], keep_rows bool [B, Hkv, R, NB]).
     A row skips blocks whose bounded masses sum to at most eps * Z_low (Z_low = Σ exp(log_lower),
     a lower bound on its normaliser), so its dropped mass is at most eps; a KV head reads a block
@@ -516,7 +517,7 @@ def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float):
     skipped ones. On CUDA (and the interpreter) one Triton program per KV head does it without a
     sort (``_decode_select_kernel``); elsewhere ``select_blocks_sorted``."""
     if log_upper.device.type == "cuda" or INTERPRET:
-        return _select_blocks_kernel(log_upper, log_lower, eps)
+        return _select_blocks_kernel(log_upper, log_lower, eps, config)
     return select_blocks_sorted(log_upper, log_lower, eps)
 
 
@@ -538,7 +539,8 @@ def select_blocks_sorted(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: 
 
 @triton.jit
 def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log_nb, log_eps,
-                          margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr, ITERS: tl.constexpr):
+                          margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr, ITERS: tl.constexpr,
+                          SECTIONS: tl.constexpr):
     """One program: one (sequence, KV head), all its rows. A row skips every block whose upper
     bound U_j is at most a threshold t with Σ_{U_j <= t} exp(U_j) <= eps * Z_low: t starts at
     budget - log(NB) (NB blocks below it hold at most the budget) and a bisection raises it while
@@ -563,20 +565,47 @@ def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log
         m_up = tl.maximum(m_up, tl.max(up, 1))
     log_z = tl.where(s_lo > 0, m_lo + tl.log(s_lo), float("-inf"))
     budget = log_z + log_eps - margin
-    # 2. the skip threshold per row: bisection between a certified start and the budget
+    # 2. the skip threshold per row, between a certified start and the budget: bisection
+    # (SECTIONS 1), or SECTIONS thresholds tried per pass over the bounds (fewer passes, each
+    # doing more arithmetic: the pass count is what a single program per KV head waits on). The
+    # threshold only ever moves to a tried value whose skipped mass fits the budget.
     lo_t = budget - log_nb
     hi_t = tl.maximum(tl.minimum(budget, m_up), lo_t)
-    for _ in range(ITERS):
-        mid = (lo_t + hi_t) * 0.5
-        mass = tl.zeros((R_PAD,), tl.float32)
-        for c in range(0, NB, CHUNK):
-            m = m_r[:, None] & ((c + o_c) < NB)[None, :]
-            up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
-            take = (up <= mid[:, None]) & (up > float("-inf"))
-            mass += tl.sum(tl.where(take, tl.exp(up - budget[:, None]), 0.0), 1)
-        fits = mass <= 1.0
-        lo_t = tl.where(fits, mid, lo_t)
-        hi_t = tl.where(fits, hi_t, mid)
+    if SECTIONS == 1:
+        for _ in range(ITERS):
+            mid = (lo_t + hi_t) * 0.5
+            mass = tl.zeros((R_PAD,), tl.float32)
+            for c in range(0, NB, CHUNK):
+                m = m_r[:, None] & ((c + o_c) < NB)[None, :]
+                up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+                take = (up <= mid[:, None]) & (up > float("-inf"))
+                mass += tl.sum(tl.where(take, tl.exp(up - budget[:, None]), 0.0), 1)
+            fits = mass <= 1.0
+            lo_t = tl.where(fits, mid, lo_t)
+            hi_t = tl.where(fits, hi_t, mid)
+    else:
+        o_k = tl.arange(0, SECTIONS)
+        cuts = ((o_k + 1).to(tl.float32) / (SECTIONS + 1))[None, :]
+        for _ in range(ITERS):
+            width = tl.where(hi_t > lo_t, hi_t - lo_t, 0.0)  # eps 0: both -inf
+            tries = lo_t[:, None] + width[:, None] * cuts  # [R_PAD, SECTIONS]
+            mass = tl.zeros((R_PAD, SECTIONS), tl.float32)
+            for c in range(0, NB, CHUNK):
+                m = m_r[:, None] & ((c + o_c) < NB)[None, :]
+                up = tl.load(LogUpper + rows + c + o_c[None, :], mask=m, other=float("-inf"))
+                e = tl.where(up > float("-inf"), tl.exp(up - budget[:, None]), 0.0)
+                for k in tl.static_range(SECTIONS):
+                    t_k = tl.sum(tl.where(o_k[None, :] == k, tries, 0.0), 1)
+                    s_k = tl.sum(tl.where(up <= t_k[:, None], e, 0.0), 1)
+                    mass += tl.where(o_k[None, :] == k, s_k[:, None], 0.0)
+            # the leading tries that fit (the mass grows with the threshold; counting leading
+            # ones keeps the invariant even where rounding broke that order)
+            first_miss = tl.min(tl.where(mass <= 1.0, SECTIONS, o_k[None, :]), 1)
+            best = tl.sum(tl.where(o_k[None, :] == first_miss[:, None] - 1, tries, 0.0), 1)
+            above = tl.sum(tl.where(o_k[None, :] == first_miss[:, None], tries, 0.0), 1)
+            lo_new = tl.where(first_miss > 0, best, lo_t)
+            hi_t = tl.where(first_miss < SECTIONS, above, hi_t)
+            lo_t = lo_new
     # 3. keep what exceeds the threshold; the KV head reads the union, kept blocks first
     n_kept = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)
     for c in range(0, NB, CHUNK):
@@ -601,7 +630,18 @@ def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log
         n_skipped += tl.sum(skip, 0)
 
 
-def _select_blocks_kernel(log_upper, log_lower, eps: float):
+# The selection kernel's thresholds per pass: 1 is bisection (SELECT_ITERS passes); 8 narrows
+# the interval ninefold a pass (5 passes to bisection's resolution). benchmarks/bench_decode.py
+# --sweep times both; bisection until it has.
+SELECT_CONFIG = {"sections": 1}
+
+
+def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None = None):
+    cfg = {**SELECT_CONFIG, **(config or {})}
+    sections = cfg["sections"]
+    # passes to reach bisection's resolution: (sections + 1) ** passes >= 2 ** SELECT_ITERS
+    iters = (SELECT_ITERS if sections == 1
+             else math.ceil(SELECT_ITERS * math.log(2) / math.log(sections + 1)))
     B, Hkv, R, NB = log_upper.shape
     kept_order = torch.empty(B, Hkv, NB, device=log_upper.device, dtype=torch.int32)
     n_kept = torch.empty(B, Hkv, device=log_upper.device, dtype=torch.int32)
@@ -609,10 +649,11 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float):
     r_pad = max(2, triton.next_power_of_2(R))
     # a step holds r_pad x chunk bounds in registers: at most 2048 (many rows: shorter steps)
     chunk = min(SELECT_CHUNK, max(16, 2048 // r_pad), max(16, triton.next_power_of_2(NB)))
+    assert sections == 1 or sections == triton.next_power_of_2(sections), sections
     traceable(_decode_select_kernel)[(B * Hkv,)](
         log_upper.contiguous(), log_lower.contiguous(), keep_rows, kept_order, n_kept, R, NB,
         math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN, R_PAD=r_pad,
-        CHUNK=chunk, ITERS=SELECT_ITERS, num_warps=4)
+        CHUNK=chunk, ITERS=iters, SECTIONS=sections, num_warps=4)
     return kept_order, n_kept, keep_rows.view(torch.bool)
 
 
