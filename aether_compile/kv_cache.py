@@ -238,14 +238,23 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
     reason = decode_dense_reason(query, key, value, attn_mask)
     if reason is None and eps > 0:
         B, Hq, Lq, D = query.shape
-        bias = _bias(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
-        summary = summary_for(key)
+        # the bias and the summary only where a certified step (or its sample) runs: a call the
+        # lagged choice sends dense costs what dense costs
+        inputs = {}
+
+        def bias_and_summary():
+            if not inputs:
+                inputs["bias"] = _bias(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
+                inputs["summary"] = summary_for(key)
+            return inputs["bias"], inputs["summary"]
+
         if not ((query.device.type == "cuda" and unsupported_reason(query, key, value) is None)
                 or (settings.interpret() and query.device.type == "cpu")):
+            bias, summary = bias_and_summary()
             out, _, _ = decode_reference.reference_decode_attention(query, key, value, summary,
                                                                     eps, scale, bias)
             return out.contiguous()
-        out = _certified_or_dense(query, key, value, summary, eps, scale, bias)
+        out = _certified_or_dense(query, key, value, bias_and_summary, eps, scale)
         if out is not None:
             return out.contiguous()
     return dense_decode(query, key, value, attn_mask, is_causal, scale).contiguous()
@@ -291,15 +300,17 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
 DECODE_DENSE_FRACTION = 0.05
 
 
-def _certified_or_dense(query, key, value, summary, eps: float, scale: float, bias):
+def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: float):
     """Certified decode's output, or None where this site's lagged choice (dense_policy.
     choose_dense: a site samples its first call and every 16th, read without a wait) says dense
-    SDPA is faster: on data with nothing to skip the step then costs what dense costs."""
+    SDPA is faster: on data with nothing to skip the step then costs what dense costs.
+    ``bias_and_summary()``: the step's bias and key summary, made on first use."""
     from aether_compile import dense_policy
 
     selection = {}
 
     def select():
+        bias, summary = bias_and_summary()
         upper, lower = kernel_decode.decode_bounds(query, summary, key.shape[2], scale, bias)
         selection["kept"] = kernel_decode.select_blocks(upper, lower, eps)
         live = (upper > -math.inf).any(2)  # blocks with a live key in some row
@@ -317,7 +328,8 @@ def _certified_or_dense(query, key, value, summary, eps: float, scale: float, bi
     if "kept" not in selection:
         select()
     kept_order, n_kept, _ = selection["kept"]
-    out, _ = kernel_decode.attend_kept(query, key, value, kept_order, n_kept, scale, bias)
+    out, _ = kernel_decode.attend_kept(query, key, value, kept_order, n_kept, scale,
+                                       bias_and_summary()[0])
     return out
 
 
