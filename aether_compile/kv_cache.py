@@ -294,9 +294,10 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
 
 # Above this fraction of its live key blocks kept, a certified step costs more than dense SDPA's
 # one read of everything. The byte count alone (a quarter of K and V's bytes for the bounds, then
-# the kept blocks) would put it at 0.75; the kernels' measured speeds put it at 0.045-0.065 at
-# batch 8 and below zero at batch 1 (bench_decode's break_even_kept_kv, H100 at 076568f), where
-# it stays until they are faster: decode=True must not cost a model its dense speed.
+# the kept blocks) would put it at 0.75; the kernels' measured speeds put it at 0.045-0.07 on
+# learned data at batch 8 (0.19 on uniform, D 128) and below zero at batch 1 (bench_decode's
+# break_even_kept_kv, H100 at 076568f). It stays there until they are faster: decode=True must
+# not cost a model its dense speed.
 DECODE_DENSE_FRACTION = 0.05
 
 
