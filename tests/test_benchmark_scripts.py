@@ -178,3 +178,21 @@ def test_results_page_tables_are_generated_from_their_files(tmp_path, monkeypatc
     monkeypatch.setattr(results_page, "RESULTS", str(tmp_path))
     rendered = results_page.render(table.group(0))
     assert rendered != table.group(0) and "commit 0000000" in rendered
+
+
+def test_decode_plot_is_drawn_from_its_results_file(tmp_path, monkeypatch):
+    """docs/decode_step.svg is what benchmarks/plot_decode.py draws from the committed decode
+    results (so it cannot drift from them): one stacked bar and one dense bar per row."""
+    monkeypatch.syspath_prepend(BENCH)
+    import xml.etree.ElementTree as ET
+
+    import plot_decode
+
+    out = tmp_path / "plot.svg"
+    assert plot_decode.main(["--out", str(out)]) == 0
+    with open(plot_decode.DEFAULT_OUT) as f:
+        assert f.read() == out.read_text()
+    with open(plot_decode.DEFAULT_JSON) as f:
+        rows = plot_decode.rows_at(json.load(f), 1e-2)
+    rects = [e for e in ET.parse(out).getroot() if e.tag.endswith("rect")]
+    assert rows and len(rects) == 4 * len(rows) + 4  # three parts and dense per row; legend
