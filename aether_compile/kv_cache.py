@@ -248,8 +248,7 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
                 inputs["summary"] = summary_for(key)
             return inputs["bias"], inputs["summary"]
 
-        if not ((query.device.type == "cuda" and unsupported_reason(query, key, value) is None)
-                or (settings.interpret() and query.device.type == "cpu")):
+        if not _kernels_serve(query, key, value):
             bias, summary = bias_and_summary()
             out, _, _ = decode_reference.reference_decode_attention(query, key, value, summary,
                                                                     eps, scale, bias)
@@ -262,34 +261,53 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
 
 def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                  is_causal: bool, scale: float) -> Tensor:
-    """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), with a GQA group's
-    query heads folded into the query rows ([B, Hkv, G * Lq, D]) so that SDPA sees equal head
-    counts: its fused kernels refuse ``enable_gqa`` together with a mask (the math backend then
-    runs: an extra copy of K and V per call and bf16 probabilities), and transformers passes a
-    mask at every decode step. Same softmax per row, no copy of the cache; the mask is repeated
-    over the group (B * G * Lq * S elements) unless it is per head (then a view)."""
+    """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), exact, by the
+    fastest path for a few query rows against a long cache:
+
+    * no mask: SDPA itself (flash and cuDNN take GQA natively, no copy of the cache);
+    * a mask (transformers passes one at every decode step) or is_causal, where the decode
+      kernels run: ``attend_all``, the split-K kernel over every block with the mask as a bias.
+      SDPA's fused kernels refuse ``enable_gqa`` with a mask (math then runs: a copy of K and V
+      per call), and the one that takes a mask (efficient) runs a program per (sequence, head)
+      with no split over the keys: at a few heads, a few SMs reading the whole cache;
+    * elsewhere (CPU; a per-head mask): SDPA with the GQA group folded into the query rows
+      ([B, Hkv, G * Lq, D]), so that it sees equal head counts and copies nothing."""
     B, Hq, Lq, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if (Hq == Hkv or Hq % Hkv or query.shape[0] != key.shape[0]
+    if attn_mask is None and not is_causal:
+        return sdpa(query, key, value, scale=scale, enable_gqa=Hq != Hkv)
+    if (Hq % Hkv or query.shape[0] != key.shape[0] or value.shape[2] != S
             or (is_causal and attn_mask is not None)):  # the last: SDPA's own error
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                     enable_gqa=Hq != Hkv)
+    per_head = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
+    if not per_head and _kernels_serve(query, key, value):
+        bias = _bias(attn_mask, B, Lq, S, is_causal, query.device)
+        return kernel_decode.attend_all(query, key, value, scale, bias)[0]
+    if Hq == Hkv:
+        return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     G = Hq // Hkv
     mask = attn_mask
     if is_causal:  # SDPA's top-left alignment: row i sees keys 0..i
         mask = torch.ones(Lq, S, dtype=torch.bool, device=query.device).tril()
-    if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        if mask.shape[1] == 1:
-            mask = (mask.expand(B, 1, Lq, S).unsqueeze(2).expand(B, 1, G, Lq, S)
-                    .reshape(B, 1, G * Lq, S))
-        else:
-            mask = mask.expand(B, Hq, Lq, S).reshape(B, Hkv, G * Lq, S)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] == 1:
+        mask = (mask.expand(B, 1, Lq, S).unsqueeze(2).expand(B, 1, G, Lq, S)
+                .reshape(B, 1, G * Lq, S))
+    else:
+        mask = mask.expand(B, Hq, Lq, S).reshape(B, Hkv, G * Lq, S)
     rows = query.reshape(B, Hkv, G * Lq, D)
     out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
     return out.view(B, Hq, Lq, value.shape[-1])
+
+
+def _kernels_serve(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether the decode kernels run on these tensors: CUDA in a dtype and layout they take, or
+    the CPU under Triton's interpreter (tests)."""
+    return (query.device.type == "cuda" or settings.interpret()) and unsupported_reason(
+        query, key, value) is None
 
 
 # Above this fraction of its live key blocks kept, a certified step costs more than dense SDPA's

@@ -151,12 +151,13 @@ def ideal_and_oracle(q, k, eps: float, layers: int = 0) -> dict:
     return out
 
 
-BOUNDS_SWEEP = ([dict(int8_dot=i8, one_lse=one, groups_per_program=g, stages=2, num_warps=w,
-                      rows_kernel=False)
-                 for i8 in (True, False) for one in (True, False) for g in (2, 8) for w in (4, 8)]
-                + [dict(int8_dot=False, one_lse=True, groups_per_program=g, stages=st,
-                        num_warps=w, rows_kernel=True)
-                   for g in (2, 8) for st in (2, 3) for w in (2, 4)])
+BOUNDS_SWEEP = ([dict(int8_dot=True, one_lse=True, groups_per_program=g, stages=2, num_warps=w,
+                      rows_kernel=False, real_rows=real)
+                 for real in (True, False) for g in (4, 8, 16) for w in (2, 4)]
+                + [dict(int8_dot=False, one_lse=True, groups_per_program=8, stages=2,
+                        num_warps=4, rows_kernel=False, real_rows=True),
+                   dict(int8_dot=False, one_lse=True, groups_per_program=8, stages=2,
+                        num_warps=2, rows_kernel=True, real_rows=True)])
 ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
                 for st in (3, 4)]
 SELECT_SWEEP = [dict(sections=k) for k in (1, 4, 8)]
@@ -219,6 +220,16 @@ def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
     for _ in range(2):
         op()  # the first call summarises the cache and samples the site's choice
     rec["op_us"] = _bench(op)
+    # with the all-true bool mask transformers passes at each decode step: SDPA then has no
+    # fused kernel for GQA (math), and the op's dense path is its own split kernel
+    mask = torch.ones(B, 1, q.shape[2], S, dtype=torch.bool, device=k.device)
+    op_masked = lambda: torch.ops.aether.decode_attention(q, k, v, mask, False, scale, eps)  # noqa: E731
+    for _ in range(2):
+        op_masked()
+    rec["op_masked_us"] = _bench(op_masked)
+    rec["sdpa_masked_us"] = _bench(lambda: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
+    rec["dense_kernel_us"] = _bench(lambda: decode.attend_all(q, k, v, scale))
     # the step's three parts apart: where its time goes
     rec["bounds_us"] = _bench(lambda: decode.decode_bounds(q, summary, S, scale))
     log_upper, log_lower = decode.decode_bounds(q, summary, S, scale)
@@ -304,6 +315,8 @@ def main(argv=None):
                                **measure(q, k, v, eps, scale, layers)}
                         rec["speedup"] = fastest / rec["ours_us"] if fastest else None
                         rec["op_speedup"] = fastest / rec["op_us"] if fastest else None
+                        rec["op_masked_speedup"] = (fastest / rec["op_masked_us"] if fastest
+                                                    else None)
                         rec["break_even_kept_kv"] = break_even_kept(rec, fastest)
                         record["rows"].append(rec)
                         print(f"{kind:9s} kv {S:6d} B {B:2d} eps {eps:.0e}: kept row "
@@ -312,8 +325,11 @@ def main(argv=None):
                               f"dropped {rec['max_dropped_mass']:.1e} | ours {rec['ours_us']:.1f}"
                               f" us (bounds {rec['bounds_us']:.1f} select "
                               f"{rec['select_us']:.1f} attend {rec['attend_us']:.1f}; op "
-                              f"{rec['op_us']:.1f}) dense "
-                              f"{fastest} -> {rec['speedup']} (op {rec['op_speedup']})",
+                              f"{rec['op_us']:.1f}, masked {rec['op_masked_us']:.1f}, dense "
+                              f"kernel {rec['dense_kernel_us']:.1f}) dense {_f(fastest)} "
+                              f"(masked SDPA {rec['sdpa_masked_us']:.1f}) -> "
+                              f"{_f(rec['speedup'], 3)} (op {_f(rec['op_speedup'], 3)}, "
+                              f"masked {_f(rec['op_masked_speedup'], 3)})",
                               flush=True)
                         if layers:
                             print(f"  kept per layer: ours {rec['kept_kv_per_layer']}, ideal "
@@ -332,6 +348,10 @@ def main(argv=None):
     print(f"-> {path}")
 
 
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def summarize(rows) -> dict:
     ok = [r for r in rows if "error" not in r and r.get("speedup")]
 
@@ -347,6 +367,10 @@ def summarize(rows) -> dict:
                                                    / max(learned["ideal_kept_kv"], 1e-9)),
         "decode_uniform_min_ratio": min((r["op_speedup"] for r in ok if r["kind"] == "uniform"),
                                         default=None),
+        # the op as transformers calls it, with a mask (its dense path is the split kernel)
+        "decode_uniform_min_ratio_masked": min((r["op_masked_speedup"] for r in ok
+                                                if r["kind"] == "uniform"
+                                                and r.get("op_masked_speedup")), default=None),
         "decode_op_speedup_32k_learned": learned and learned["op_speedup"],
         "decode_clustered_speedup_32k_b8": (pick("clustered", 32768, 8) or {}).get("speedup"),
         "decode_max_dropped_over_eps": max((r["max_dropped_mass"] / r["eps"] for r in ok),

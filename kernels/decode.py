@@ -239,10 +239,10 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
                           S, R, LQ, HKV, NB, NG, scale, slack_gamma,
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
-                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_LENGTHS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
-                          INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr,
-                          STAGES: tl.constexpr):
+                          R_EPI: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          GROUPS_PER_PROGRAM: tl.constexpr, INT8_DOT: tl.constexpr,
+                          ONE_LSE: tl.constexpr, STAGES: tl.constexpr):
     """One program: GROUPS_PER_PROGRAM quantisation groups of one (sequence, KV head), every
     row of the head (the query rows load once).
     Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
@@ -250,7 +250,11 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     The codes' dot products run on tensor cores in float16 with float32 accumulation: q ⊙ s is
     scaled per row by a power of two (exact) and split into a float16 head and tail, whose
     products with the codes (integers up to 127, exact in float16) are exact in float32; the
-    split's residue and the accumulation's rounding go into the slack."""
+    split's residue and the accumulation's rounding go into the slack.
+
+    A tensor-core dot needs 16 rows; a GQA group at one position has a few (R_EPI, a power of
+    two). The dots run on R_PAD >= 16 rows, the rest (the exponentials: most of the work) on
+    the R_EPI real ones."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
@@ -267,16 +271,16 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=STAGES):
         _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
-                         stride_bb, stride_bl, stride_bs, D, R_PAD, GROUP, BLOCK_N, HAS_BIAS,
-                         INT8_DOT, ONE_LSE)
+                         stride_bb, stride_bl, stride_bs, D, R_PAD, R_EPI, GROUP, BLOCK_N,
+                         HAS_BIAS, INT8_DOT, ONE_LSE)
 
 
 @triton.jit
 def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step, Bias,
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
+                     R_EPI: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -328,9 +332,27 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
         dots = (tl.dot(head, codes_h) + tl.dot(tail, codes_h)) * up[:, None]
         slack += (slack_gamma * 2 * _CODE_MAX * sum_abs_qs
                   + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
-    _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
-                        LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs,
-                        R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+    if R_EPI < R_PAD:  # keep the first R_EPI rows (the padding's are zeros but for slack)
+        real = o_r < R_EPI
+        dots = _first_rows(tl.where(real[:, None], dots, 0.0), R_PAD, R_EPI, GROUP)
+        base = _first_rows(tl.where(real, base, 0.0)[:, None], R_PAD, R_EPI, 1)
+        slack = _first_rows(tl.where(real, slack, 0.0)[:, None], R_PAD, R_EPI, 1)
+        o_e = tl.arange(0, R_EPI)
+        _store_block_bounds(dots, tl.reshape(base, (R_EPI,)), tl.reshape(slack, (R_EPI,)),
+                            keys, limit, pid_g, pid_bh, b, o_e, o_e < R, Bias, LogUpper,
+                            LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs, R_EPI,
+                            GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+    else:
+        _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
+                            LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl,
+                            stride_bs, R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+
+
+@triton.jit
+def _first_rows(x, R_PAD: tl.constexpr, R_EPI: tl.constexpr, N: tl.constexpr):
+    """[R_PAD, N] -> its first R_EPI rows [R_EPI, N], where every other row is zero: a sum
+    over the R_PAD / R_EPI slabs (Triton has no slicing)."""
+    return tl.sum(tl.reshape(x, (R_PAD // R_EPI, R_EPI, N)), 0)
 
 
 @triton.jit
@@ -453,9 +475,12 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
 # in registers; one log-sum-exp of the score centers for both bounds, or one per bound;
 # quantisation groups per program; pipeline stages; warps.
 BOUNDS_CONFIG = {"int8_dot": True, "one_lse": True, "groups_per_program": GROUPS_PER_PROGRAM,
-                 "stages": 2, "num_warps": 4, "rows_kernel": False}
+                 "stages": 2, "num_warps": 4, "rows_kernel": False, "real_rows": True}
+# real_rows: the work after the dots (exponentials, bias, stores) on the real rows only, not on
+# the 16 a tensor-core dot pads a GQA group's few rows to.
 # rows_kernel: for at most ROWS_KERNEL_MAX_ROWS rows per KV head, _decode_bounds_rows_kernel
-# (CUDA-core dots over the real rows only); off until a GPU run times it against the other
+# (CUDA-core dots over the real rows only): 3x slower than the tensor-core kernel (H100, 32K
+# keys, batch 8, 4 rows per KV head: 665 against 225 us), kept for the sweep
 ROWS_KERNEL_MAX_ROWS = 8
 
 
@@ -493,7 +518,9 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
         bias if bias is not None else dummy, lengths if lengths is not None else dummy,
         log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
         *(bias.stride() if bias is not None else (0, 0, 0)),
-        D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)), GROUP=summary.group, BLOCK_N=BLOCK,
+        D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)),
+        R_EPI=max(2, triton.next_power_of_2(R)) if cfg["real_rows"] else max(16, pad_pow2(R)),
+        GROUP=summary.group, BLOCK_N=BLOCK,
         HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
         INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, ONE_LSE=cfg["one_lse"],
         STAGES=cfg["stages"], num_warps=cfg["num_warps"])
@@ -667,9 +694,11 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
                           DV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           KEYS: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr):
+                          DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr,
+                          ALL_BLOCKS: tl.constexpr):
     """One program: one share of a (sequence, KV head)'s kept blocks, every row of the head;
-    writes its running max, sum and unnormalised output per row."""
+    writes its running max, sum and unnormalised output per row. ALL_BLOCKS: every block, in
+    order (dense decode: no list to read, contiguous loads)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
@@ -682,7 +711,10 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
                 mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
     if DOT_UPCAST:  # the interpreter's dots mishandle bfloat16
         q = q.to(tl.float32)
-    n = tl.load(NKept + pid_bh)
+    if ALL_BLOCKS:
+        n = NB
+    else:
+        n = tl.load(NKept + pid_bh)
     per = tl.cdiv(n, SPLITS)
     start = pid_s * per
     end = tl.minimum(start + per, n)
@@ -697,7 +729,10 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
     o_k = tl.arange(0, KEYS)
     for i in tl.range(start, end, KEYS // BLOCK_N, num_stages=STAGES):  # 4 kept blocks a step
         pos = i + o_k // BLOCK_N
-        blk = tl.load(Order + pid_bh * NB + pos, mask=pos < end, other=0)
+        if ALL_BLOCKS:
+            blk = pos
+        else:
+            blk = tl.load(Order + pid_bh * NB + pos, mask=pos < end, other=0)
         keys = blk * BLOCK_N + o_k % BLOCK_N
         live = (pos < end) & (keys < limit)
         k = tl.load(k_base + keys[:, None] * stride_ks + o_d[None, :],
@@ -748,12 +783,27 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
     """(out [B, Hq, Lq, DV] in query's dtype, lse [B, Hq, Lq] float32): attention over the kept
     blocks only (exact there). Rows with nothing kept get zeros and lse -inf. ``config``:
     overrides of ATTEND_CONFIG (the benchmark's sweep)."""
+    return _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits, config)
+
+
+def attend_all(query, key, value, scale: float, bias=None, lengths=None,
+               splits: int | None = None, config: dict | None = None):
+    """``attend_kept`` with every block kept: exact split-K decode attention (dense). SDPA has
+    no fused kernel for a few query rows that takes both GQA and a mask (it falls back to
+    math, which copies K and V per group), and its kernels that take a mask run one program
+    per (sequence, head) with no split over the keys: this one reads K and V once, spread
+    over every SM."""
+    return _attend(query, key, value, None, None, scale, bias, lengths, splits, config)
+
+
+def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits, config):
     cfg = {**ATTEND_CONFIG, **(config or {})}
     B, Hq, Lq, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     rows = rows_of(query, Hkv)
     R = rows.shape[2]
-    NB = kept_order.shape[-1]
+    everything = kept_order is None
+    NB = triton.cdiv(S, BLOCK) if everything else kept_order.shape[-1]
     splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"])
     part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -761,7 +811,8 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
     dummy = part_m
     traceable(_decode_attend_kernel)[(splits, B * Hkv)](
         rows, key, value, bias if bias is not None else dummy,
-        lengths if lengths is not None else dummy, kept_order, n_kept, part_m, part_l, part_acc,
+        lengths if lengths is not None else dummy, dummy if everything else kept_order,
+        dummy if everything else n_kept, part_m, part_l, part_acc,
         S, R, Lq, Hkv, NB, float(scale), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         *(bias.stride() if bias is not None else (0, 0, 0)),
@@ -770,7 +821,7 @@ def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, 
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, STAGES=cfg["stages"],
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], ALL_BLOCKS=everything)
     if _use_kernel(query):
         out = torch.empty(B, Hq, Lq, DV, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, Hq, Lq, device=query.device, dtype=torch.float32)

@@ -206,9 +206,9 @@ def test_the_dispatchers_version_bumps_were_measured_outside_any_op():
                                        "bool_b1_broadcast_batch"])
 @pytest.mark.parametrize("Lq", [1, 3])
 def test_dense_decode_folds_the_gqa_group_and_equals_sdpa(mask_kind, Lq):
-    """The decode op's dense path (the GQA group folded into query rows, so SDPA's fused
-    kernels take it with a mask) equals SDPA with enable_gqa, in float64, for every mask form
-    SDPA takes; with a mask and is_causal together it does what SDPA does."""
+    """The decode op's dense path where the kernels do not run (float64: the GQA group folded
+    into query rows, so SDPA's fused kernels take it with a mask) equals SDPA with enable_gqa,
+    for every mask form SDPA takes; with a mask and is_causal together it does what SDPA does."""
     B, Hq, Hkv, S, D = 2, 8, 2, 40, 16
     g = torch.Generator().manual_seed(Lq)
     q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64)
@@ -239,3 +239,35 @@ def test_dense_decode_folds_the_gqa_group_and_equals_sdpa(mask_kind, Lq):
                 kv_cache.dense_decode(q, k, v, mask, True, 0.3)
         else:
             torch.testing.assert_close(kv_cache.dense_decode(q, k, v, mask, True, 0.3), want)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRET,
+                    reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "bool_b1", "float_2d", "causal", "per_head"])
+def test_dense_decode_with_a_mask_runs_the_split_kernel(mask_kind, dtype, monkeypatch):
+    """Where the decode kernels run, a masked (or causal) dense decode call goes to
+    ``attend_all`` (SDPA would fall to math for GQA with a mask) and an unmasked one to SDPA
+    itself; a per-head mask, which the kernel's bias cannot carry, is folded. All equal float64
+    SDPA within the dtype's rounding."""
+    B, Hq, Hkv, Lq, S, D = 2, 8, 2, 2, 200, 32
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to(DEVICE, dtype)
+               for h, n in ((Hq, Lq), (Hkv, S), (Hkv, S)))
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind == "bool_b1":
+        mask = (torch.rand(B, 1, Lq, S, generator=g) > 0.3).to(DEVICE)
+        mask[..., 0] = True
+    elif mask_kind == "float_2d":
+        mask = torch.randn(Lq, S, generator=g).to(DEVICE)
+    elif mask_kind == "per_head":
+        mask = torch.randn(B, Hq, Lq, S, generator=g).to(DEVICE)
+    calls = []
+    real = decode.attend_all
+    monkeypatch.setattr(decode, "attend_all", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = kv_cache.dense_decode(q, k, v, mask, causal, 0.3)
+    assert len(calls) == (mask_kind in ("bool_b1", "float_2d", "causal"))
+    m64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m64,
+                                          is_causal=causal, scale=0.3, enable_gqa=True)
+    assert (got.double() - want).abs().max().item() <= 4 * REL_TOL[dtype] * want.abs().max()

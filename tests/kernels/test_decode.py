@@ -100,6 +100,19 @@ def test_both_dot_paths_bound_soundly_and_agree(int8_dot, one_lse):
     assert abs(gap - other_gap) <= 0.05 * other_gap
 
 
+@pytest.mark.parametrize("Hq,Lq", [(2, 1), (6, 1), (4, 3)])  # 2, 6 and 12 rows per KV head
+def test_bounds_on_the_real_rows_equal_bounds_on_the_padded_tile(Hq, Lq):
+    """The bounds kernel's work after the dots on the real rows only (R_EPI < 16) gives the
+    very bounds the 16-row tile gives, bias included."""
+    q, k, _ = _inputs(2, Hq, 1, Lq, 300, 32, torch.float16, seed=Hq + Lq)
+    summary = decode.summarize_keys(k)
+    bias = _bias(2, Lq, 300, "graded", seed=1)
+    got, want = (decode.decode_bounds(q, summary, 300, 32 ** -0.5, bias,
+                                      config={"real_rows": real}) for real in (True, False))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def _split_residue_sign(q, step):
     """The sign of what the bounds kernel's int8 split of q ⊙ s leaves out, per channel
     (63 qs_n = head + (tail + rho) / 254; kernels/decode.py), computed as the kernel does."""
@@ -202,6 +215,30 @@ def test_lengths_end_each_sequence_and_empty_rows_are_zero():
     assert rel_err(out[:2], want[:2]) <= REL_TOL[torch.float16]
     assert not keep_rows[2].any() and (out[2] == 0).all() and torch.isinf(lse[2]).all()
     assert not keep_rows[1, ..., 3:].any()  # blocks past the length are never read
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "graded", "causal_tail"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,S,D", CASES, ids=lambda c: str(c))
+def test_attend_all_is_exact_attention(B, Hq, Hkv, Lq, S, D, dtype, bias_kind):
+    """Every block kept (the decode op's dense path): float64 SDPA with the bias as a mask,
+    within the dtype's rounding, with lengths ending each sequence."""
+    q, k, v = _inputs(B, Hq, Hkv, Lq, S, D, dtype, seed=S + Lq)
+    bias = _bias(B, Lq, S, bias_kind, seed=3)
+    lengths = torch.tensor([S - 7 * b for b in range(B)], device=DEVICE, dtype=torch.int32)
+    out, lse = decode.attend_all(q, k, v, D ** -0.5, bias, lengths)
+    mask = torch.zeros(B, 1, Lq, S, dtype=torch.float64, device=DEVICE)
+    if bias is not None:
+        mask += bias.double()[:, None]
+    mask += torch.where(torch.arange(S, device=DEVICE)[None, :] < lengths[:, None].long(), 0.0,
+                        -math.inf)[:, None, None, :]
+    rep = Hq // Hkv
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
+        attn_mask=mask, scale=D ** -0.5)
+    assert rel_err(out, want) <= REL_TOL[dtype]
+    scores = (q.double() @ k.double().repeat_interleave(rep, 1).transpose(-1, -2)) * D ** -0.5
+    assert torch.allclose(lse.double(), torch.logsumexp(scores + mask, -1), atol=1e-3)
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])
