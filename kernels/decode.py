@@ -475,9 +475,11 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
 # in registers; one log-sum-exp of the score centers for both bounds, or one per bound;
 # quantisation groups per program; pipeline stages; warps.
 BOUNDS_CONFIG = {"int8_dot": True, "one_lse": True, "groups_per_program": GROUPS_PER_PROGRAM,
-                 "stages": 2, "num_warps": 4, "rows_kernel": False, "real_rows": True}
+                 "stages": 2, "num_warps": 2, "rows_kernel": False, "real_rows": True}
 # real_rows: the work after the dots (exponentials, bias, stores) on the real rows only, not on
-# the 16 a tensor-core dot pads a GQA group's few rows to.
+# the 16 a tensor-core dot pads a GQA group's few rows to. With two warps it takes 173 us where
+# the padded tile took 226 (H100, learned keys, 32K, batch 8, 4 rows per KV head; four warps
+# on the real rows: 256).
 # rows_kernel: for at most ROWS_KERNEL_MAX_ROWS rows per KV head, _decode_bounds_rows_kernel
 # (CUDA-core dots over the real rows only): 3x slower than the tensor-core kernel (H100, 32K
 # keys, batch 8, 4 rows per KV head: 665 against 225 us), kept for the sweep
@@ -659,8 +661,8 @@ def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log
 
 # The selection kernel's thresholds per pass: 1 is bisection (SELECT_ITERS passes); 8 narrows
 # the interval ninefold a pass (5 passes to bisection's resolution). benchmarks/bench_decode.py
-# --sweep times both; bisection until it has.
-SELECT_CONFIG = {"sections": 1}
+# --sweep times them.
+SELECT_CONFIG = {"sections": 4}  # 44.7 us against bisection's 49.3 (H100, 32K, batch 8)
 
 
 def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None = None):
@@ -765,7 +767,8 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
 
 # How the attention kernel runs (benchmarks/bench_decode.py --sweep times the alternatives):
 # programs per SM in all, pipeline stages of the gathered loads, warps per program.
-ATTEND_CONFIG = {"programs_per_sm": 8, "stages": 3, "num_warps": 4}
+# 32 programs per SM: 176 us against 8's 185 (H100, learned keys, 32K, batch 8, 55 % kept)
+ATTEND_CONFIG = {"programs_per_sm": 32, "stages": 3, "num_warps": 4}
 
 
 def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None) -> int:

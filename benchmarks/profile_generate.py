@@ -1,0 +1,110 @@
+"""Where a compiled ``generate``'s time goes: the prompt's prefill apart from the decode steps, for
+the default compile and for ``backend="aether"``, and a profile of aether's decode steps (host
+and GPU time per op). bench_generate.py gives tokens/s over the whole call; this splits it.
+
+    python benchmarks/profile_generate.py --ckpt CKPT [--length 32768 --batch 4] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_generate as bg  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
+
+from aether_compile import kv_cache  # noqa: E402
+
+
+class _Clock:
+    """A generate streamer that notes when each token is out (GPU synced): the prompt is put
+    first, then each new token, so the first gap is the prefill and the rest are decode steps."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        bg._sync()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _generate(model, ids, new_tokens: int, streamer=None):
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, cache_implementation="static", streamer=streamer)
+
+
+def split(ckpt, S, B, backend, eps, steps, profile, device):
+    """(prefill seconds, decode ms per step, profile table or None) for one backend:
+    "inductor" (the default compile), "aether_prefill" (aether without decode=True: the
+    prompt's attention rewritten, decode steps SDPA) or "aether" (decode=True). Every generate
+    makes the same number of tokens: the static cache's length, hence the graphs, stay."""
+    import train_stdlib_lm as lm
+
+    torch._dynamo.reset()
+    kv_cache.forget_summaries()
+    model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
+    if backend.startswith("aether"):  # "aether_prefill": decode calls left to SDPA
+        options = {"eps": eps, "decode": backend == "aether", "allow_cpu": device == "cpu"}
+        model.forward = torch.compile(model.forward, backend="aether", options=options)
+    else:
+        model.forward = torch.compile(model.forward)
+    ids = bg.prompt_ids(S, B, device) if B > 1 else bg.prompt_ids(S, 2, device)[:1]
+    _generate(model, ids, steps)  # compiles prefill and decode
+    kv_cache.CALLS.clear()
+    clock = _Clock()
+    bg._sync()
+    t0 = time.perf_counter()
+    _generate(model, ids, steps, clock)
+    t = clock.times  # [prompt, token 1, ..., token steps]
+    rec = {"prefill_s": t[1] - t0, "step_ms": 1e3 * (t[-1] - t[1]) / max(1, len(t) - 2),
+           "decode_calls": dict(kv_cache.CALLS)}
+    table = None
+    if profile:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            _generate(model, ids, steps)
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        table = (prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22)
+                 + "\n" + prof.key_averages().table(sort_by=key, row_limit=14))
+    del model
+    return rec, table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = {"env": env_record(), "config": vars(args), "rows": {}}
+    for backend in ("inductor", "aether_prefill", "aether"):
+        rec, table = split(args.ckpt, args.length, args.batch, backend, args.eps, args.steps,
+                           backend == "aether" and not args.no_profile, device)
+        record["rows"][backend] = rec
+        print(backend, json.dumps(rec), flush=True)
+        if table:
+            print(table, flush=True)
+    if args.out:
+        write_json(os.path.join(args.out, f"profile_generate_{card_tag(record['env'])}.json"),
+                   record)
+
+
+if __name__ == "__main__":
+    main()
