@@ -91,10 +91,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--backends", nargs="+", default=["inductor", "aether_prefill", "aether"],
+                    choices=["inductor", "aether_prefill", "aether"])
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"env": env_record(), "config": vars(args), "rows": {}}
-    for backend in ("inductor", "aether_prefill", "aether"):
+    for backend in args.backends:
         rec, table = split(args.ckpt, args.length, args.batch, backend, args.eps, args.steps,
                            backend == "aether" and not args.no_profile, device)
         record["rows"][backend] = rec

@@ -767,18 +767,22 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
 
 # How the attention kernel runs (benchmarks/bench_decode.py --sweep times the alternatives):
 # programs per SM in all, pipeline stages of the gathered loads, warps per program.
-# 32 programs per SM: 176 us against 8's 185 (H100, learned keys, 32K, batch 8, 55 % kept)
-ATTEND_CONFIG = {"programs_per_sm": 32, "stages": 3, "num_warps": 4}
+# Programs per SM (H100, learned keys, 32K, batch 8, 55 % kept): 8: 185 us, 16: 181, 32: 176;
+# but 32 made the dense pass at batch 1 slower (58 -> 70 us: splits of two loop steps, and a
+# longer combine), hence 16 with at least four steps a split (default_splits)
+ATTEND_CONFIG = {"programs_per_sm": 16, "stages": 3, "num_warps": 4}
 
 
 def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None) -> int:
-    """Programs per (sequence, KV head): about eight per SM in all (the loop waits on gathered
-    loads; many programs hide it), at least two steps of the attention loop each."""
+    """Programs per (sequence, KV head): ATTEND_CONFIG's per SM in all (the loop waits on
+    gathered loads; many programs hide it), at least four steps of the attention loop each
+    (shorter splits cost their setup and the combine more than they gain)."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
     per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // 8), 256))
+    steps = ATTEND_KEYS // BLOCK * 4
+    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // steps), 256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
