@@ -298,9 +298,13 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
                 .reshape(B, 1, G * Lq, S))
     else:
         mask = mask.expand(B, Hq, Lq, S).reshape(B, Hkv, G * Lq, S)
+    if mask.is_floating_point() and mask.dtype != query.dtype:
+        # SDPA's math path (what enable_gqa with a mask runs) adds a float32 mask in float32;
+        # the fused kernel the fold reaches misreads one of another dtype (NaN rows on CUDA)
+        mask = mask.to(query.dtype)
     rows = query.reshape(B, Hkv, G * Lq, D)
     out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
-    return out.view(B, Hq, Lq, value.shape[-1])
+    return out.reshape(B, Hq, Lq, value.shape[-1])  # a fused kernel's output may be strided
 
 
 def _kernels_serve(query: Tensor, key: Tensor, value: Tensor) -> bool:
