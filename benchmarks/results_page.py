@@ -70,12 +70,12 @@ def decode_table(record: dict, eps=None) -> list[str]:
             f"{env.get('commit')}; ε {eps:g}; µs of CUDA-graph replays; kept per KV head "
             "(ideal per-block bound, oracle)", "",
             "| data | KV | batch | kept (ideal, oracle) | dense | bounds | selection | attention "
-            "| step → speed | op → speed | break-even kept |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| step → speed | op → speed | op, masked (SDPA, masked) | break-even kept |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if "error" in r:
             rows.append(f"| {r['kind']} | {r['kv'] // 1024}K | {r['batch']} | "
-                        f"{r['error'][:50]} | | | | | | | |")
+                        f"{r['error'][:50]} | | | | | | | | |")
             continue
         if r["eps"] != eps:
             continue
@@ -85,8 +85,15 @@ def decode_table(record: dict, eps=None) -> list[str]:
             f"{r['fastest_dense_us']:.0f} | {r['bounds_us']:.0f} | "
             f"{r.get('select_us', float('nan')):.0f} | {r.get('attend_us', float('nan')):.0f} | "
             f"{r['ours_us']:.0f} → {r['speedup']:.2f}× | {r['op_us']:.0f} → "
-            f"{r['op_speedup']:.2f}× | {_fmt(r.get('break_even_kept_kv'), 2)} |")
+            f"{r['op_speedup']:.2f}× | {_masked(r)} | {_fmt(r.get('break_even_kept_kv'), 2)} |")
     return rows
+
+
+def _masked(r: dict) -> str:
+    """The op called with transformers' all-true bool mask, and SDPA with that mask (µs)."""
+    if "op_masked_us" not in r:
+        return "—"
+    return f"{r['op_masked_us']:.0f} ({r['sdpa_masked_us']:.0f})"
 
 
 def decode_layers_table(record: dict, eps=None) -> list[str]:
