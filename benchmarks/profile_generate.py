@@ -1,8 +1,10 @@
 """Where a compiled ``generate``'s time goes: the prompt's prefill apart from the decode steps, for
-the default compile and for ``backend="aether"``, and a profile of aether's decode steps (host
-and GPU time per op). bench_generate.py gives tokens/s over the whole call; this splits it.
+the default compile and for ``backend="aether"`` with and without ``decode=True``, and a profile
+(host and GPU time per op) of one whole generate for the backends named in ``--profile``.
+bench_generate.py gives tokens/s over the whole call; this splits it.
 
     python benchmarks/profile_generate.py --ckpt CKPT [--length 32768 --batch 4] [--out DIR]
+        [--profile aether_prefill aether]
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--eps", type=float, default=1e-2)
-    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile", nargs="*", default=["aether"],
+                    choices=["inductor", "aether_prefill", "aether"],
+                    help="the backends whose steps are profiled (none: --profile alone)")
     ap.add_argument("--backends", nargs="+", default=["inductor", "aether_prefill", "aether"],
                     choices=["inductor", "aether_prefill", "aether"])
     args = ap.parse_args(argv)
@@ -98,11 +102,11 @@ def main(argv=None):
     record = {"env": env_record(), "config": vars(args), "rows": {}}
     for backend in args.backends:
         rec, table = split(args.ckpt, args.length, args.batch, backend, args.eps, args.steps,
-                           backend == "aether" and not args.no_profile, device)
+                           backend in args.profile, device)
         record["rows"][backend] = rec
         print(backend, json.dumps(rec), flush=True)
         if table:
-            print(table, flush=True)
+            print(f"== profile: {backend}\n{table}", flush=True)
     if args.out:
         write_json(os.path.join(args.out, f"profile_generate_{card_tag(record['env'])}.json"),
                    record)
