@@ -26,6 +26,7 @@ error against float32 SDPA.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -344,6 +345,11 @@ def main(argv=None):
     record["summary"] = summarize(record["rows"])
     record["wall_s"] = time.perf_counter() - t0
     write_json(path, record)
+    if not args.smoke:  # the generate keys, where bench_generate.py wrote its file beside this
+        import bench_generate
+        bench_generate.attach_to_decode_summary(args.out, card_tag(env))
+        with open(path) as f:
+            record = json.load(f)
     print(record["summary"])
     print(f"-> {path}")
 

@@ -12,6 +12,7 @@ LlamaForCausalLM (``to_llama``), in bf16, prompted with validation text.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,28 @@ def run_isolated(args, S, backend, eps, mode):
         return tokens, stats
 
 
+GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_ratio_eps0", "decode_tokens_match",
+                 "decode_logits_within_noise", "decode_certified_calls")
+
+
+def attach_to_decode_summary(out_dir: str, tag: str) -> None:
+    """Issue 21 asks for one summary: copy this card's generate keys (and the commit they were
+    measured at) into the decode benchmark's file beside it, where both files exist."""
+    gen_path = os.path.join(out_dir, f"generate_{tag}.json")
+    dec_path = os.path.join(out_dir, f"decode_{tag}.json")
+    if not (os.path.exists(gen_path) and os.path.exists(dec_path)):
+        return
+    with open(gen_path) as f:
+        gen = json.load(f)
+    with open(dec_path) as f:
+        dec = json.load(f)
+    if not gen.get("summary") or dec.get("summary") is None:
+        return
+    dec["summary"].update({k: gen["summary"].get(k) for k in GENERATE_KEYS},
+                          generate_commit=gen["env"].get("commit"))
+    write_json(dec_path, dec)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
@@ -210,6 +233,7 @@ def main(argv=None):
                              all(r.get("logits_within_noise") for r in certified)
                              if certified and "dense_noise" in record else None)}
     write_json(path, record)
+    attach_to_decode_summary(args.out, card_tag(env))
     print(record["summary"], f"-> {path}")
 
 

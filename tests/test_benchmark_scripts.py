@@ -196,3 +196,25 @@ def test_decode_plot_is_drawn_from_its_results_file(tmp_path, monkeypatch):
         rows = plot_decode.rows_at(json.load(f), 1e-2)
     rects = [e for e in ET.parse(out).getroot() if e.tag.endswith("rect")]
     assert rows and len(rects) == 4 * len(rows) + 4  # three parts and dense per row; legend
+
+
+def test_generate_keys_join_the_decode_summary(tmp_path, monkeypatch):
+    """Issue 21's summary is one: bench_generate's keys (and their commit) land in the decode
+    file of the same card, and nothing happens where either file is missing."""
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_generate
+
+    gen = {"env": {"commit": "g1"}, "summary": {"generate_tokens_per_s_ratio_32k": 1.5,
+                                                "decode_tokens_match": True, "other": 3}}
+    dec = {"env": {"commit": "d1"}, "rows": [], "summary": {"decode_speedup_32k_learned": 2.0}}
+    bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")  # neither file: no-op
+    (tmp_path / "generate_CARD.json").write_text(json.dumps(gen))
+    bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")  # no decode file: no-op
+    assert not (tmp_path / "decode_CARD.json").exists()
+    (tmp_path / "decode_CARD.json").write_text(json.dumps(dec))
+    bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")
+    summary = json.loads((tmp_path / "decode_CARD.json").read_text())["summary"]
+    assert summary["decode_speedup_32k_learned"] == 2.0
+    assert summary["generate_tokens_per_s_ratio_32k"] == 1.5 and summary["decode_tokens_match"]
+    assert summary["generate_commit"] == "g1" and "other" not in summary
+    assert summary["generate_ratio_eps0"] is None  # named by the issue, absent from this run
