@@ -218,7 +218,7 @@ def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) ->
         return f"{Hq} query heads not a multiple of {Hkv} key heads"
     if value.shape[2] != S or key.shape[0] != B:
         return "key and value caches disagree"
-    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1:
+    if _per_head(attn_mask):
         return "per-head mask"
     if S < kernel_decode.BLOCK * 4:
         return f"{S} keys: too few blocks to skip"
@@ -281,8 +281,7 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
             or (is_causal and attn_mask is not None)):  # the last: SDPA's own error
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                     enable_gqa=Hq != Hkv)
-    per_head = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
-    if not per_head and _kernels_serve(query, key, value):
+    if not _per_head(attn_mask) and _kernels_serve(query, key, value):
         bias = _bias(attn_mask, B, Lq, S, is_causal, query.device)
         return kernel_decode.attend_all(query, key, value, scale, bias)[0]
     if Hq == Hkv:
@@ -305,6 +304,11 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     rows = query.reshape(B, Hkv, G * Lq, D)
     out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
     return out.reshape(B, Hq, Lq, value.shape[-1])  # a fused kernel's output may be strided
+
+
+def _per_head(attn_mask: Optional[Tensor]) -> bool:
+    """A mask that differs between heads: the decode kernels' bias is one per sequence."""
+    return attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
 
 
 def _kernels_serve(query: Tensor, key: Tensor, value: Tensor) -> bool:

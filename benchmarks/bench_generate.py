@@ -131,22 +131,24 @@ GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_ratio_eps0", "deco
                  "decode_logits_within_noise", "decode_certified_calls")
 
 
-def attach_to_decode_summary(out_dir: str, tag: str) -> None:
+def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:
     """Issue 21 asks for one summary: copy this card's generate keys (and the commit they were
-    measured at) into the decode benchmark's file beside it, where both files exist."""
+    measured at) into the decode benchmark's file beside it, where both files exist. Returns
+    the decode file's summary as written, or None where nothing was."""
     gen_path = os.path.join(out_dir, f"generate_{tag}.json")
     dec_path = os.path.join(out_dir, f"decode_{tag}.json")
     if not (os.path.exists(gen_path) and os.path.exists(dec_path)):
-        return
+        return None
     with open(gen_path) as f:
         gen = json.load(f)
     with open(dec_path) as f:
         dec = json.load(f)
     if not gen.get("summary") or dec.get("summary") is None:
-        return
+        return None
     dec["summary"].update({k: gen["summary"].get(k) for k in GENERATE_KEYS},
                           generate_commit=gen["env"].get("commit"))
     write_json(dec_path, dec)
+    return dec["summary"]
 
 
 def main(argv=None):

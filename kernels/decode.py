@@ -781,8 +781,8 @@ def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | Non
         return max(1, min(4, nb // 4))
     per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    steps = ATTEND_KEYS // BLOCK * 4
-    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // steps), 256))
+    min_blocks = 4 * (ATTEND_KEYS // BLOCK)  # four loop steps of ATTEND_KEYS keys
+    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // min_blocks), 256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,

@@ -207,13 +207,14 @@ def test_generate_keys_join_the_decode_summary(tmp_path, monkeypatch):
     gen = {"env": {"commit": "g1"}, "summary": {"generate_tokens_per_s_ratio_32k": 1.5,
                                                 "decode_tokens_match": True, "other": 3}}
     dec = {"env": {"commit": "d1"}, "rows": [], "summary": {"decode_speedup_32k_learned": 2.0}}
-    bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")  # neither file: no-op
+    assert bench_generate.attach_to_decode_summary(str(tmp_path), "CARD") is None  # no files
     (tmp_path / "generate_CARD.json").write_text(json.dumps(gen))
     bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")  # no decode file: no-op
     assert not (tmp_path / "decode_CARD.json").exists()
     (tmp_path / "decode_CARD.json").write_text(json.dumps(dec))
-    bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")
+    returned = bench_generate.attach_to_decode_summary(str(tmp_path), "CARD")
     summary = json.loads((tmp_path / "decode_CARD.json").read_text())["summary"]
+    assert returned == summary
     assert summary["decode_speedup_32k_learned"] == 2.0
     assert summary["generate_tokens_per_s_ratio_32k"] == 1.5 and summary["decode_tokens_match"]
     assert summary["generate_commit"] == "g1" and "other" not in summary
