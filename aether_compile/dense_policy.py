@@ -162,7 +162,7 @@ SAMPLE_CAUSAL_MIN_BLOCKS = 32
 def row_sample(query, key, value, is_causal: bool, block_m: int, block_n: int):
     """(q, k, v) of a sample of this call's query rows, or None where the sample would not be
     much smaller than the call. The sampled rows are exactly rows of this call: non-causal,
-    whole tiles spread over the sequence, seeing every key; causal (top-left, L == S), a prefix
+    whole tiles spread over the sequence, seeing every key; causal (top-left, L <= S), a prefix
     and the keys up to its end. No mask."""
     B, H, L, D = query.shape
     if is_causal:
@@ -233,11 +233,11 @@ def sampled_dense_choice(query, key, value, is_causal: bool, scale: float, eps: 
 def gate_applies(query, key, value, attn_mask, is_causal: bool, dense_fraction) -> bool:
     """Whether the twopass forward puts the dense gate between its probe and its pass: a dense
     crossover is set and a dense kernel computes the call exactly, or the mask may turn out to be
-    exactly causal (L == S; ``dense_gate`` then runs the dense causal kernel)."""
+    exactly top-left causal (L <= S; ``dense_gate`` then runs the dense causal kernel). L < S is
+    a static cache's prefill: transformers materialises its causal mask over the whole cache."""
     return dense_fraction is not None and (
         kernel_dense.dense_eligible(query, key, value, attn_mask, is_causal)
-        or (attn_mask is not None and query.shape[-2] == key.shape[-2]
-            and kernel_dense.dense_kernel_fits(query, key, value, True)))
+        or (attn_mask is not None and kernel_dense.dense_kernel_fits(query, key, value, True)))
 
 
 def dense_choice_buffers(query, value):

@@ -5,7 +5,9 @@
 For each case: the op's wall time and cuDNN's (do_bench, same run), then a torch.profiler trace
 of a few calls, summed per kernel name (geometry, bounds, plan, attention probe + main pass,
 the dense kernel the gate picked, and torch's small ops), plus the host gap: wall time not
-covered by GPU work (launches, the gate's one device-to-host read). Writes
+covered by GPU work (launches, the gate's one device-to-host read). The last case is a static
+cache's prefill (``STATIC_CACHE_PREFILL``), against SDPA with the same mask and SDPA's causal
+kernel. ``--only clustered run_static_cache_prefill`` runs the cases so named. Writes
 profile_stages_<card>.json.
 """
 
@@ -35,6 +37,10 @@ CASES = [  # (workload, N, H, Hkv, D, causal)
     ("clustered", 131072, 16, 16, 128, False),
 ]
 CALLS = 5
+# A static cache's prefill as transformers' generate calls it (the long LM's shape: 8 query and 2
+# KV heads, D 64, bf16, batch 4): a 32K prompt against a cache of 32K + 256 slots, with the bool
+# mask materialised over the whole cache (top-left causal, the empty slots masked).
+STATIC_CACHE_PREFILL = dict(B=4, H=8, Hkv=2, L=32768, S=32768 + 256, D=64)
 
 
 def kernel_times(fn) -> dict:
@@ -72,9 +78,43 @@ def run_case(workload, N, H, Hkv, D, causal) -> dict:
             "host_gap_ms": t_op - gpu_total, "kernels_ms": kernels}
 
 
+def run_static_cache_prefill(B, H, Hkv, L, S, D) -> dict:
+    """The op on a static cache's prefill mask against SDPA given the same mask (what the default
+    compile runs) and SDPA's causal kernel on the first L keys (the same attention)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, L, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+            for _ in range(2))
+    rows, cols = torch.arange(L, device="cuda"), torch.arange(S, device="cuda")
+    mask = (cols[None, :] <= rows[:, None]).expand(B, 1, L, S).contiguous()
+
+    def op():
+        return aether_compile.attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def bench(fn):
+        return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
+
+    t_op = bench(op)
+    anchors = {
+        "sdpa_with_mask": bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True)),
+        "sdpa_causal_first_keys": bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k[:, :, :L], v[:, :, :L], is_causal=True, enable_gqa=True)),
+    }
+    kernels = kernel_times(op)
+    gpu_total = sum(kernels.values())
+    return {"workload": "static_cache_prefill", "B": B, "N": L, "S": S, "H": H, "Hkv": Hkv,
+            "D": D, "causal": "mask", "t_op_ms": t_op, "anchors_ms": anchors,
+            "ratio_vs_fastest_dense": min(anchors.values()) / t_op,
+            "ratio_vs_sdpa_with_mask": anchors["sdpa_with_mask"] / t_op,
+            "gpu_ms_per_call": gpu_total, "host_gap_ms": t_op - gpu_total, "kernels_ms": kernels}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", nargs="*", help="cases whose workload (or run_static_cache_prefill) "
+                    "is named, e.g. clustered run_static_cache_prefill")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profiling needs a CUDA GPU")
@@ -82,9 +122,13 @@ def main(argv=None):
     record = env_record()
     path = os.path.join(args.out, f"profile_stages_{card_tag(record)}.json")
     rows = []
-    for i, case in enumerate(CASES):
-        print(f"[{i + 1}/{len(CASES)}] {case}", flush=True)
-        rows.append(run_case(*case))
+    cases = [(run_case, case) for case in CASES]
+    cases.append((run_static_cache_prefill, STATIC_CACHE_PREFILL))
+    if args.only:
+        cases = [c for c in cases if any(w in (c[0].__name__, *map(str, c[1])) for w in args.only)]
+    for i, (run, case) in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] {case}", flush=True)
+        rows.append(run(**case) if isinstance(case, dict) else run(*case))
         r = rows[-1]
         print(f"    op {r['t_op_ms']:.3f} ms, {r['ratio_vs_fastest_dense']:.3f}x fastest dense, "
               f"host gap {r['host_gap_ms']:.3f} ms", flush=True)

@@ -11,7 +11,7 @@ from .forward import as_out_layout
 
 def dense_eligible(query, key, value, attn_mask, is_causal: bool) -> bool:
     """Whether a dense SDPA kernel computes exactly this call: fp16/bf16 on CUDA, no mask, causal
-    only for L == S (where every backend's alignment agrees), flash-compatible head dims. GQA is
+    only for L <= S (``causal_keys``), flash-compatible head dims. GQA is
     served natively where the kernel checks out, else from expanded k and v
     (``dense_sdpa_with_lse``).
     Static metadata only, so it is safe to ask while tracing."""
@@ -22,7 +22,18 @@ def dense_kernel_fits(query, key, value, is_causal: bool) -> bool:
     L, S = query.shape[-2], key.shape[-2]
     D, DV = query.shape[-1], value.shape[-1]
     return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
-            and D == DV and D % 8 == 0 and D <= 256 and (not is_causal or L == S))
+            and D == DV and D % 8 == 0 and D <= 256 and (not is_causal or L <= S))
+
+
+def causal_keys(query, key, value, is_causal: bool):
+    """(key, value) a dense kernel should see. SDPA's is_causal is top-left (row i sees keys
+    j <= i), but flash aligns a causal mask bottom-right when L != S. For L < S no row sees a key
+    past L - 1, so attention over the first L keys with L == L is the same call, in every
+    backend's alignment (a static cache's prefill: a 32K prompt in a cache of 32K + 256)."""
+    L, S = query.shape[-2], key.shape[-2]
+    if is_causal and L < S:
+        return key[..., :L, :], value[..., :L, :]
+    return key, value
 
 
 def sdpa_picks_cudnn(query, key, value, is_causal: bool, scale: float) -> bool:
@@ -64,6 +75,7 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
     ``_native_gqa`` has checked that it can, else they are expanded first (a copy)."""
     B, H, L, _ = query.shape
     group = H // key.shape[1]
+    key, value = causal_keys(query, key, value, is_causal)
     expanded = None
     if try_cudnn == "if_sdpa_picks":  # asked as the default compile asks: with k, v expanded
         if group > 1:

@@ -201,7 +201,7 @@ def causal_block_map(L, nqt: int, nkb: int, block_m: int, block_n: int, device) 
 
 
 def all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device) -> torch.Tensor:
-    """kept map of dense attention without a mask: every block, or the causal ones (L == S)."""
+    """kept map of dense attention without a mask: every block, or the top-left causal ones."""
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     if not is_causal:
         return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)

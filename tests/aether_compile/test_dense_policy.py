@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from aether_compile import ops
 from aether_compile import dense_policy
+from aether_compile.kernels import dense as kernel_dense
 
 # Samples' (visits, live blocks): dense and sparse at fraction 0.6
 DENSE, SPARSE = (lambda: torch.tensor([90, 100])), (lambda: torch.tensor([20, 100]))
@@ -102,6 +104,24 @@ def _qkv(L, S, B=1, H=2, D=64):
                      for n in (L, S, S))
 
 
+def test_causal_with_fewer_queries_than_keys_is_dense_on_the_first_keys():
+    """Top-left causal with L < S (a prompt prefilled into a longer static cache): no row sees a
+    key past L - 1, so the dense kernels compute it from the first L keys as a square causal call
+    (flash would align L != S bottom-right); L > S has no such form."""
+    q, k, v = _qkv(256, 4096)
+    assert kernel_dense.dense_eligible(q, k, v, None, True)
+    assert not kernel_dense.dense_eligible(*_qkv(4096, 256), None, True)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (3, 5, 5))
+    keys, values = kernel_dense.causal_keys(q, k, v, True)
+    assert torch.equal(keys, k[:, :, :3]) and torch.equal(values, v[:, :, :3])
+    assert keys.data_ptr() == k.data_ptr()  # a view of the cache, no copy
+    assert kernel_dense.causal_keys(q, k, v, False) == (k, v)  # not causal: every key counts
+    causal = torch.ones(3, 5, dtype=torch.bool).tril()  # top-left, as SDPA's is_causal
+    torch.testing.assert_close(
+        F.scaled_dot_product_attention(q, keys, values, is_causal=True),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal))
+
+
 def test_route_names_each_way_a_call_can_be_decided(monkeypatch):
     """The op's one question to the policy: static sizes first, then a sample of the rows (no
     mask), else the gate (compiled graphs, masked calls)."""
@@ -118,7 +138,13 @@ def test_route_names_each_way_a_call_can_be_decided(monkeypatch):
         mask = torch.empty(256, 4096, device="cuda", dtype=torch.bool)
         causal_mask = torch.empty(4096, 4096, device="cuda", dtype=torch.bool)
     routes = [dense_policy.route(q, k, v, mask, False, 64, twopass=t) for t in (True, False)]
-    assert [(r.sample, r.gate) for r in routes] == [(False, False)] * 2  # a general mask: exact
+    # L < S: might be top-left causal (a static cache's prefill), so compiled graphs gate
+    assert [(r.sample, r.gate) for r in routes] == [(False, True), (False, False)]
+    q3, k3, v3 = _qkv(8192, 4096)
+    with FakeTensorMode():
+        wide_mask = torch.empty(8192, 4096, device="cuda", dtype=torch.bool)
+    past = dense_policy.route(q3, k3, v3, wide_mask, False, 64, twopass=True)
+    assert (past.sample, past.gate) == (False, False)  # L > S: no causal kernel computes it
     q2, k2, v2 = _qkv(4096, 4096)
     gate = dense_policy.route(q2, k2, v2, causal_mask, False, 64, twopass=True)
     assert (gate.sample, gate.gate) == (False, True)  # might be exactly causal: the gate checks

@@ -234,6 +234,46 @@ def test_dense_choice_counts_causal_blocks_under_a_materialised_causal_mask():
     assert dense_policy.live_blocks_for_gate(no_mask) is no_mask.n_live
 
 
+@pytest.mark.parametrize("flipped", [False, True], ids=["causal", "one-entry-flipped"])
+def test_gate_runs_a_static_cache_prefill_mask_dense_on_the_first_keys(flipped, monkeypatch):
+    """A static cache's prefill: L queries against a longer cache, a bool mask that is top-left
+    causal (the slots past the prompt masked). Where the certified visit would cover the causal
+    blocks, the gate runs it as a dense causal call (the kernels then read the first L keys), and
+    the result is attention under that mask. One entry unlike causal keeps it off the dense path.
+    The dense kernel is SDPA's math here (the gate's read needs CUDA; the real one runs in the GPU
+    test of the same name's dense dispatch)."""
+    L, S = 64, 96
+    q, _, _ = WORKLOADS["uniform"](1, 2, L, 16, device=DEVICE)
+    _, k, v = WORKLOADS["uniform"](1, 2, S, 16, device=DEVICE, seed=1)
+    mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril()
+    if flipped:
+        mask[40, 70] = True
+    calls = []
+
+    def math_dense(query, key, value, is_causal, scale, try_cudnn=True):
+        calls.append((is_causal, key.shape[-2]))
+        key, value = kernel_dense.causal_keys(query, key, value, is_causal)
+        logits = (query.double() @ key.double().transpose(-1, -2)) * scale
+        if is_causal:
+            logits = logits.masked_fill(~torch.ones_like(logits, dtype=torch.bool).tril(), -math.inf)
+        return (logits.softmax(-1) @ value.double()).to(query.dtype), logits.logsumexp(-1).float()
+
+    buffers = dense_policy.dense_choice_buffers
+    monkeypatch.setattr(dense_policy, "dense_choice_buffers", lambda q_, v_: (*buffers(q_, v_)[:2], True))
+    monkeypatch.setattr(kernel_dense, "dense_sdpa_with_lse", math_dense)
+    plan = kernel_plan.plan_attention(q, k, v, mask, False, None, BM, BN)
+    live = dense_policy.live_blocks_for_gate(plan)
+    out, lse, use_dense = dense_policy.dense_gate(q, k, v, live, live, False, 16 ** -0.5, 0.6,
+                                                  plan.mask_not_causal)
+    assert int(use_dense) == (0 if flipped else int(kernel_forward.Skip.DENSE))
+    if flipped:
+        assert calls == []
+        return
+    assert calls == [(True, S)]
+    want = dense_oracle(q, k, v, mask, False)
+    assert rel_err(out, want) < REL_TOL[q.dtype]
+
+
 @pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
                                                  (2, 40, 637, True), (1, 1, 7, False),
                                                  (2, 17, 17 * 16, False)])

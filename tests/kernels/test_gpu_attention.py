@@ -107,24 +107,31 @@ def test_stop_mode_is_a_certified_subset_of_twopass_at_32k():
         assert 0.0 < float(d.max()) <= 1e-3
 
 
-@pytest.mark.parametrize("H,Hkv,is_causal,hf_mask", [(4, 4, False, False), (8, 2, True, False),
-                                                     (8, 2, False, True)],
-                         ids=["mha-full", "gqa-causal", "gqa-hf-causal-mask"])
-def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, hf_mask, monkeypatch):
+@pytest.mark.parametrize("H,Hkv,is_causal,mask_kind", [(4, 4, False, None), (8, 2, True, None),
+                                                       (8, 2, False, "hf"),
+                                                       (8, 2, False, "static_cache")],
+                         ids=["mha-full", "gqa-causal", "gqa-hf-causal-mask",
+                              "gqa-static-cache-mask"])
+def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, mask_kind, monkeypatch):
     """Uniform data: the certified visit would cover every block, so the op runs the fastest dense
     SDPA kernel (GQA from k and v as they are, or expanded); stats say every live block was
-    computed, the result matches the sparse kernel run densely, and gradients still flow."""
+    computed, the result matches the sparse kernel run densely, and gradients still flow. A
+    static cache's prefill mask (bool, top-left causal over 8K queries and 8K + 256 cache slots)
+    goes dense too, on the first 8K keys."""
     dense_calls = []
     real = kernel_dense.dense_sdpa_with_lse
     monkeypatch.setattr(kernel_dense, "dense_sdpa_with_lse",
                         lambda *a, **k: dense_calls.append(1) or real(*a, **k))
-    q, _, _ = WORKLOADS["uniform"](1, H, 8192, 128, dtype=torch.float16, device="cuda")
-    _, k, v = WORKLOADS["uniform"](1, Hkv, 8192, 128, dtype=torch.float16, device="cuda", seed=1)
+    L, S = 8192, 8192 + (256 if mask_kind == "static_cache" else 0)
+    q, _, _ = WORKLOADS["uniform"](1, H, L, 128, dtype=torch.float16, device="cuda")
+    _, k, v = WORKLOADS["uniform"](1, Hkv, S, 128, dtype=torch.float16, device="cuda", seed=1)
     mask = None
-    if hf_mask:  # a materialised causal mask as transformers builds it: found causal at run time
-        tril = torch.ones(8192, 8192, dtype=torch.bool, device="cuda").tril()
-        mask = torch.zeros(1, 1, 8192, 8192, dtype=torch.float16, device="cuda").masked_fill(
+    tril = torch.ones(L, S, dtype=torch.bool, device="cuda").tril()
+    if mask_kind == "hf":  # a materialised causal mask as transformers builds it: found causal at run time
+        mask = torch.zeros(1, 1, L, S, dtype=torch.float16, device="cuda").masked_fill(
             ~tril, torch.finfo(torch.float16).min)
+    elif mask_kind == "static_cache":
+        mask = tril.expand(1, 1, L, S)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, stats = aether_compile.attention(*leaves, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=H != Hkv, return_stats=True)
