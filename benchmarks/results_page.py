@@ -11,7 +11,8 @@ A table in the page sits between two markers naming its kind and file:
 
 Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention suite's rows),
 ``decode`` (the decode step's rows at one eps, default 1e-2), ``decode_layers`` (its learned rows'
-kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep). The prose around
+kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
+``prefill_selection`` (W2's kept fractions per selection against the oracle). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -130,8 +131,27 @@ def decode_sweep_table(record: dict, kind=None) -> list[str]:
     return rows[:-1] if rows else ["(no sweep in this file)"]
 
 
+PREFILL_SELECTIONS = ("oracle_tile", "ideal_tile", "ideal_rows", "ball", "ball_rows",
+                      "ball_sub32", "ball_m64", "ballbox")
+
+
+def prefill_selection_table(record: dict, _arg=None) -> list[str]:
+    env = record["env"]
+    r0 = record["rows"][0]
+    rows = [f"commit {env.get('commit')}, torch {env['torch']} on the CPU; W2, eps {r0['eps']}, "
+            f"{r0['heads']} heads x {r0['tiles_per_head']} query tiles of {r0['block_m']} rows, "
+            f"key blocks of {r0['block_n']}; kept = blocks visited / blocks", "",
+            "| N | " + " | ".join(PREFILL_SELECTIONS) + " | ball / oracle |",
+            "|---|" + "---|" * (len(PREFILL_SELECTIONS) + 1)]
+    for r in record["rows"]:
+        rows.append(f"| {r['N']} | " + " | ".join(f"{r[k]:.4f}" for k in PREFILL_SELECTIONS)
+                    + f" | {r['certified_over_oracle']:.2f} |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
-         "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table}
+         "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
+         "prefill_selection": prefill_selection_table}
 
 
 def render(page: str) -> str:
