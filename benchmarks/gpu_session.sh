@@ -22,6 +22,8 @@
 #   e2e                 end-to-end Llama and the stdlib LM
 #   reliability         adversarial and property tests on CUDA, the large reliability profile
 #   profile             per-kernel GPU time of one call; MiniLM on CUDA
+#   prefill_costs       the dense-dispatch GPU tests (a static cache's prefill mask among them),
+#                       the profile of W2 and of that mask, the plan kernels' sweeps (issue 22)
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -153,6 +155,14 @@ case "${1:-zoo}" in
     timeout 150 python3 benchmarks/profile_stages.py --out "$OUT" > "$OUT/profile.txt" 2>&1
     $T 100 $PYTEST tests/passes/test_rewrite_zoo.py -k minilm > "$OUT/minilm.txt" 2>&1
     for f in profile minilm; do echo "== $f"; tail -n 6 "$OUT/$f.txt"; done
+    ;;
+  prefill_costs)  # issue 22: where W2's plan and a static cache's prefill mask spend their time
+    $T 150 $PYTEST tests/kernels/test_gpu_attention.py -k "dense_dispatch or dense_gqa" \
+      tests/aether_compile/test_dense_policy.py > "$OUT/dense_tests.txt" 2>&1
+    timeout 200 python3 benchmarks/profile_stages.py --only clustered run_static_cache_prefill \
+      --out "$OUT" > "$OUT/profile.txt" 2>&1
+    timeout 200 python3 benchmarks/sweep_prefill_kernels.py --out "$OUT" > "$OUT/sweep.txt" 2>&1
+    for f in dense_tests profile sweep; do echo "== $f"; tail -n 8 "$OUT/$f.txt"; done
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \

@@ -219,3 +219,28 @@ def test_generate_keys_join_the_decode_summary(tmp_path, monkeypatch):
     assert summary["generate_tokens_per_s_ratio_32k"] == 1.5 and summary["decode_tokens_match"]
     assert summary["generate_commit"] == "g1" and "other" not in summary
     assert summary["generate_ratio_eps0"] is None  # named by the issue, absent from this run
+
+
+def test_prefill_selection_study_counts_what_the_op_keeps(monkeypatch):
+    """The study's ``ball`` selection is the op's: on sampled W2 tiles it keeps the blocks the
+    reference forward keeps for those rows (same bound, order and stop rule); the oracle keeps
+    no more, and the exact block maximum no more than the ball."""
+    import torch
+
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.syspath_prepend(os.path.join(BENCH, "research"))
+    import prefill_selection as study
+    from aether_compile.kernels.reference import reference_attention
+    from aether_compile.workloads import clustered_qkv
+
+    N, tiles, eps = 4096, [0, 9, 20, 31], 1e-3
+    q, k, v = clustered_qkv(1, 1, N, study.D, dtype=torch.float16, seed=0)
+    q, k, v = q[0, 0].float(), k[0, 0].float(), v[0, 0].float()
+    kept = study.study_head(q, k, tiles, eps)
+    rows = torch.cat([torch.arange(t * study.BLOCK_M, (t + 1) * study.BLOCK_M) for t in tiles])
+    _, _, ref_kept = reference_attention(q[rows][None, None], k[None, None], v[None, None],
+                                         eps=eps, block_m=study.BLOCK_M, block_n=study.BLOCK_N)
+    torch.testing.assert_close(kept["ball"], ref_kept[0, 0].float().mean(-1))
+    assert (kept["oracle_row"] <= kept["oracle_tile"]).all()
+    assert (kept["oracle_tile"] <= kept["ball"]).all() and (kept["ideal_tile"] <= kept["ball"]).all()
+    assert (kept["ball"] < 1).any()  # something was skipped: the comparison means something

@@ -1,0 +1,121 @@
+"""Meta-parameter sweeps of the prefill plan's two costliest kernels, where the profiles say the
+time goes (docs/results.md): the bounds kernel on W2 at 32K and 128K (8.2 of the call's 20.9 ms
+at 128K on the H200 went to the plan), and the mask statistics on a static cache's prefill mask
+(27 ms a layer on the H100 inside a compiled generate, for a 4.3 GB bool mask that streams in
+about 1.3 ms).
+
+    python benchmarks/sweep_prefill_kernels.py --out benchmarks/results
+
+Each kernel is launched directly on the op's own inputs with every configuration in the grid and
+timed with do_bench (median); the op's default configuration is marked. Writes
+sweep_prefill_kernels_<card>.json; a cut-short run keeps the cases that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+from aether_compile.kernels import bounds as kernel_bounds
+from aether_compile.kernels import launch
+from aether_compile.kernels.certificate import BOUND_REL_SLACK
+from aether_compile.kernels.plan import MASK_STATS_BLOCKS
+from aether_compile.workloads import WORKLOADS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_stages import STATIC_CACHE_PREFILL  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
+
+H, D, BLOCK_M, BLOCK_N = 16, 128, 128, 64
+
+
+def bench(fn, rep=30) -> float | str:
+    try:
+        return float(triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median"))
+    except Exception as e:  # noqa: BLE001  (a configuration that does not compile or fit)
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def sweep_bounds(N: int) -> dict:
+    """The bounds kernel on W2's queries and geometry, over (BLOCK_J, warps, stages)."""
+    q, k, _ = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
+    nqt, nkb = N // BLOCK_M, N // BLOCK_N
+    geo16 = torch.empty(H * nkb, 3, D, device="cuda", dtype=torch.float16)
+    geo_norm = torch.empty(H * nkb, 4, device="cuda")
+
+    def geometry():
+        kernel_bounds._geometry_kernel[(H * nkb,)](
+            k, geo16, geo_norm, *k.stride(), N, D, nkb, H, BLOCK_N=BLOCK_N, D_PAD=D)
+
+    row = {"N": N, "geometry_ms": bench(geometry)}
+    geometry()
+    bounds = torch.empty(1, H, nqt, nkb, device="cuda")
+    default = launch.bounds_config(D, "cuda", False)
+    times = {}
+    for block_j in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                config = {"BLOCK_J": block_j, "num_warps": warps, "num_stages": stages}
+                times[f"bj{block_j}_w{warps}_s{stages}"] = bench(
+                    lambda: kernel_bounds._bounds_kernel[(H * nqt,)](
+                        q, geo16, geo_norm, q, bounds, *q.stride(), 0, 0, D ** -0.5, N, N, D,
+                        nqt, nkb, H, 1, HAS_MASK=False, IS_CAUSAL=False, SLACK=BOUND_REL_SLACK,
+                        USE_BOX=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D_PAD=D, **config))
+    row["bounds_ms"] = times
+    row["bounds_default"] = (f"bj{default['BLOCK_J']}_w{default['num_warps']}"
+                             f"_s{default['num_stages']}")
+    # the same product on cuBLAS, [N, D] x [D, nKB] per head (written out, so an upper anchor)
+    mu = geo16[:, 0].view(H, nkb, D)
+    row["cublas_q_mu_ms"] = bench(lambda: torch.matmul(q[0], mu.transpose(1, 2)))
+    return row
+
+
+def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
+    """The mask statistics on a static cache's prefill mask, over (key blocks per program, warps)
+    and the mask read as bool or as its uint8 bytes."""
+    cols, rows = torch.arange(S, device="cuda"), torch.arange(L, device="cuda")
+    mask = (cols[None, :] <= rows[:, None]).expand(B, 1, L, S).contiguous()
+    nqt, nkb = triton.cdiv(L, BLOCK_M), triton.cdiv(S, BLOCK_N)
+    mask_max = torch.empty(B, 1, nqt, nkb, device="cuda")
+    not_causal = torch.zeros(B * nqt, device="cuda", dtype=torch.int32)
+    times = {}
+    for view in ("bool", "uint8"):
+        m = mask if view == "bool" else mask.view(torch.uint8)
+        for per_program in (4, 16, 64):
+            for warps in (2, 4, 8):
+                times[f"{view}_kb{per_program}_w{warps}"] = bench(
+                    lambda: kernel_bounds._mask_stats_kernel[(B * nqt, triton.cdiv(nkb, per_program))](
+                        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1, per_program,
+                        IS_BOOL=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps))
+    return {"B": B, "L": L, "S": S, "mask_bytes": mask.numel(), "mask_stats_ms": times,
+            "mask_stats_default": f"bool_kb{MASK_STATS_BLOCKS}_w4",
+            "read_mask_once_ms": bench(lambda: mask.view(torch.uint8).amax())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the sweep needs a CUDA GPU")
+    record = {"env": env_record(), "bounds": [], "mask_stats": None}
+    path = os.path.join(args.out, f"sweep_prefill_kernels_{card_tag(record['env'])}.json")
+    record["mask_stats"] = sweep_mask_stats(**STATIC_CACHE_PREFILL)
+    write_json(path, record)
+    print("mask stats:", record["mask_stats"], flush=True)
+    torch.cuda.empty_cache()
+    for N in args.lengths:
+        record["bounds"].append(sweep_bounds(N))
+        write_json(path, record)
+        print(f"bounds {N}:", record["bounds"][-1], flush=True)
+        torch.cuda.empty_cache()
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
