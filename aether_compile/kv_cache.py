@@ -208,6 +208,17 @@ def _bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool,
     return bias if attn_mask is not None or is_causal else None
 
 
+def _kernel_bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool, device):
+    """The decode kernels' Bias operand: the mask itself as a [B, Lq, S] view (bool or float,
+    broadcast dims at stride 0: no copy, no kernel), or ``_bias``'s float bias under is_causal."""
+    if is_causal or attn_mask is None:
+        return _bias(attn_mask, B, Lq, S, is_causal, device)
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m[:, 0].expand(B, Lq, S)
+
+
 def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) -> Optional[str]:
     """Why this call is not served by certified decode (then it is dense SDPA), or None."""
     B, Hq, Lq, D = query.shape
@@ -242,13 +253,16 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         # lagged choice sends dense costs what dense costs
         inputs = {}
 
+        kernels = _kernels_serve(query, key, value)
+
         def bias_and_summary():
             if not inputs:
-                inputs["bias"] = _bias(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
+                make = _kernel_bias if kernels else _bias
+                inputs["bias"] = make(attn_mask, B, Lq, key.shape[2], is_causal, query.device)
                 inputs["summary"] = summary_for(key)
             return inputs["bias"], inputs["summary"]
 
-        if not _kernels_serve(query, key, value):
+        if not kernels:
             bias, summary = bias_and_summary()
             out, _, _ = decode_reference.reference_decode_attention(query, key, value, summary,
                                                                     eps, scale, bias)
@@ -266,7 +280,7 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
 
     * no mask: SDPA itself (flash and cuDNN take GQA natively, no copy of the cache);
     * a mask (transformers passes one at every decode step) or is_causal, where the decode
-      kernels run: ``attend_all``, the split-K kernel over every block with the mask as a bias.
+      kernels run: ``attend_all``, the split-K kernel over every block, reading the mask as it is.
       SDPA's fused kernels refuse ``enable_gqa`` with a mask (math then runs: a copy of K and V
       per call), and the one that takes a mask (efficient) runs a program per (sequence, head)
       with no split over the keys: at a few heads, a few SMs reading the whole cache;
@@ -282,7 +296,7 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                     enable_gqa=Hq != Hkv)
     if not _per_head(attn_mask) and _kernels_serve(query, key, value):
-        bias = _bias(attn_mask, B, Lq, S, is_causal, query.device)
+        bias = _kernel_bias(attn_mask, B, Lq, S, is_causal, query.device)
         return kernel_decode.attend_all(query, key, value, scale, bias)[0]
     if Hq == Hkv:
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)

@@ -234,13 +234,35 @@ def _quantize_groups(summary: KeySummary, key: torch.Tensor, groups: torch.Tenso
 
 
 # -- 1. bounds ------------------------------------------------------------------------------------
+# What the kernels' Bias operand holds (their BIAS_KIND): nothing, a float bias added to the
+# scores, or a bool mask (True keeps), read as the caller passed it: transformers' decode mask,
+# expanded to [B, Lq, S] without a copy, so a step builds no bias of its own.
+BIAS_NONE, BIAS_ADD, BIAS_KEEP = 0, 1, 2
+
+
+def bias_kind(bias) -> int:
+    if bias is None:
+        return BIAS_NONE
+    return BIAS_KEEP if bias.dtype == torch.bool else BIAS_ADD
+
+
+@triton.jit
+def _load_bias(ptr, mask, BIAS_KIND: tl.constexpr):
+    """float32 additions to the scores at ``ptr`` (-inf where ``mask`` is off): a bool mask's
+    entries as 0 (kept) or -inf, a float bias as it is."""
+    if BIAS_KIND == 2:  # BIAS_KEEP
+        keep = tl.load(ptr, mask=mask, other=0)
+        return tl.where(keep != 0, 0.0, float("-inf"))
+    return tl.load(ptr, mask=mask, other=float("-inf")).to(tl.float32)
+
+
 @triton.jit
 def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLower,
                           S, R, LQ, HKV, NB, NG, scale, slack_gamma,
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                           R_EPI: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          BIAS_KIND: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                           GROUPS_PER_PROGRAM: tl.constexpr, INT8_DOT: tl.constexpr,
                           ONE_LSE: tl.constexpr, STAGES: tl.constexpr):
     """One program: GROUPS_PER_PROGRAM quantisation groups of one (sequence, KV head), every
@@ -272,7 +294,7 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
         _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
                          stride_bb, stride_bl, stride_bs, D, R_PAD, R_EPI, GROUP, BLOCK_N,
-                         HAS_BIAS, INT8_DOT, ONE_LSE)
+                         BIAS_KIND, INT8_DOT, ONE_LSE)
 
 
 @triton.jit
@@ -280,7 +302,7 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
                      R_EPI: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
+                     BIAS_KIND: tl.constexpr, INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -341,11 +363,11 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
         _store_block_bounds(dots, tl.reshape(base, (R_EPI,)), tl.reshape(slack, (R_EPI,)),
                             keys, limit, pid_g, pid_bh, b, o_e, o_e < R, Bias, LogUpper,
                             LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs, R_EPI,
-                            GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+                            GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
     else:
         _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
                             LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl,
-                            stride_bs, R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+                            stride_bs, R_PAD, GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
 
 
 @triton.jit
@@ -359,16 +381,15 @@ def _first_rows(x, R_PAD: tl.constexpr, R_EPI: tl.constexpr, N: tl.constexpr):
 def _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
                         LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs,
                         R_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ONE_LSE: tl.constexpr):
+                        BIAS_KIND: tl.constexpr, ONE_LSE: tl.constexpr):
     """From one group's score centers (dots + base, [R_PAD, GROUP]) and each row's slack: the
     log of an upper and of a lower bound on each block's mass, stored per row and block."""
     NBG: tl.constexpr = GROUP // BLOCK_N
     live = keys < limit
     extra = tl.where(live, 0.0, float("-inf"))[None, :] + tl.zeros((R_PAD, GROUP), tl.float32)
-    if HAS_BIAS:
-        extra += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
-                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
-                         other=float("-inf"))
+    if BIAS_KIND != 0:
+        extra += _load_bias(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
+                            + keys[None, :] * stride_bs, m_r[:, None] & live[None, :], BIAS_KIND)
     if ONE_LSE:
         # Every key's score is within ±slack of its center c_j = dots_j + base, the same slack
         # for the whole row: one log-sum-exp of the centers V gives both bounds, V ± slack
@@ -403,7 +424,7 @@ def _decode_bounds_rows_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, 
                                stride_bb, stride_bl, stride_bs,
                                D: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr,
                                R_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                               BIAS_KIND: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                GROUPS_PER_PROGRAM: tl.constexpr, ONE_LSE: tl.constexpr,
                                STAGES: tl.constexpr):
     """``_decode_bounds_kernel`` for a few rows (R <= 8: a GQA group at one query position):
@@ -450,7 +471,7 @@ def _decode_bounds_rows_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, 
                   + slack_gamma * (_CODE_MAX * sum_abs_qs + sum_abs_qc))
         _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
                             LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl,
-                            stride_bs, R_PAD, GROUP, BLOCK_N, HAS_BIAS, ONE_LSE)
+                            stride_bs, R_PAD, GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
 
 
 @triton.jit
@@ -490,7 +511,8 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
                   config: dict | None = None):
     """(log_upper, log_lower) [B, Hkv, R, NB] float32: per row and block of BLOCK keys, log of an
     upper and of a lower bound on Σ exp(scale q·k + bias) over the block's live keys (keys past S,
-    past ``lengths[b]`` or with bias -inf are not live: -inf). ``bias``: [B, Lq, S] float32.
+    past ``lengths[b]`` or with bias -inf are not live: -inf). ``bias``: [B, Lq, S], float (added
+    to the scores) or bool (True keeps; ``BIAS_KIND``), any strides.
     ``config``: overrides of BOUNDS_CONFIG (the benchmark's sweep)."""
     cfg = {**BOUNDS_CONFIG, **(config or {})}
     B, Hkv, S_pad, D = summary.codes.shape
@@ -511,7 +533,7 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
             log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
             *(bias.stride() if bias is not None else (0, 0, 0)),
             D=D, D_PAD=max(16, pad_pow2(D)), DC=16 if r_pad <= 4 else 8, R_PAD=r_pad,
-            GROUP=summary.group, BLOCK_N=BLOCK, HAS_BIAS=bias is not None,
+            GROUP=summary.group, BLOCK_N=BLOCK, BIAS_KIND=bias_kind(bias),
             HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per, ONE_LSE=cfg["one_lse"],
             STAGES=cfg["stages"], num_warps=cfg["num_warps"])
         return log_upper, log_lower
@@ -523,7 +545,7 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
         D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)),
         R_EPI=max(2, triton.next_power_of_2(R)) if cfg["real_rows"] else max(16, pad_pow2(R)),
         GROUP=summary.group, BLOCK_N=BLOCK,
-        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
+        BIAS_KIND=bias_kind(bias), HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
         INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, ONE_LSE=cfg["one_lse"],
         STAGES=cfg["stages"], num_warps=cfg["num_warps"])
     return log_upper, log_lower
@@ -694,7 +716,7 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
                           stride_bb, stride_bl, stride_bs,
                           D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
                           DV_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          KEYS: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          KEYS: tl.constexpr, SPLITS: tl.constexpr, BIAS_KIND: tl.constexpr,
                           HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr,
                           ALL_BLOCKS: tl.constexpr):
@@ -743,10 +765,9 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         s = s + tl.where(live, 0.0, float("-inf"))[None, :]
-        if HAS_BIAS:
-            s += tl.load(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
-                         + keys[None, :] * stride_bs, mask=m_r[:, None] & live[None, :],
-                         other=float("-inf"))
+        if BIAS_KIND != 0:
+            s += _load_bias(Bias + b * stride_bb + (o_r % LQ)[:, None] * stride_bl
+                            + keys[None, :] * stride_bs, m_r[:, None] & live[None, :], BIAS_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -824,7 +845,7 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
         value.stride(0), value.stride(1), value.stride(2),
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, DV=DV, D_PAD=pad_pow2(D), DV_PAD=pad_pow2(DV), R_PAD=max(16, pad_pow2(R)),
-        BLOCK_N=BLOCK, KEYS=ATTEND_KEYS, SPLITS=splits, HAS_BIAS=bias is not None,
+        BLOCK_N=BLOCK, KEYS=ATTEND_KEYS, SPLITS=splits, BIAS_KIND=bias_kind(bias),
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, STAGES=cfg["stages"],

@@ -248,6 +248,34 @@ def test_attend_all_is_exact_attention(B, Hq, Hkv, Lq, S, D, dtype, bias_kind):
     assert torch.allclose(lse.double(), torch.logsumexp(scores + mask, -1), atol=1e-3)
 
 
+@pytest.mark.parametrize("rows_kernel", [False, True])
+def test_masks_read_as_given_equal_their_float_bias(rows_kernel, monkeypatch):
+    """The decode op hands the kernels transformers' mask as it is (a bool [B, 1, Lq, S] or a
+    half-precision one, expanded to [B, Lq, S] at stride 0, no bias built): bounds, selection
+    input and attention equal, bit for bit, what the float32 bias of the same mask gives."""
+    monkeypatch.setitem(decode.BOUNDS_CONFIG, "rows_kernel", rows_kernel)
+    B, Hq, Hkv, Lq, S, D = 2, 8, 2, 1, 300, 64
+    q, k, v = _inputs(B, Hq, Hkv, Lq, S, D, torch.float16, seed=11)
+    keep = torch.ones(B, 1, Lq, S, dtype=torch.bool, device=DEVICE)
+    keep[1, :, :, :40] = False  # a left-padded sequence
+    keep[0, :, :, 250:] = False  # and a static cache's empty tail
+    half = torch.zeros(keep.shape, dtype=torch.float16, device=DEVICE).masked_fill(
+        ~keep, torch.finfo(torch.float16).min)
+    summary = decode.summarize_keys(k)
+    for given, want in ((keep, torch.where(keep, 0.0, -math.inf)), (half, half.float())):
+        view = given[:, 0].expand(B, Lq, S)
+        assert view.stride(1) == 0 or Lq == 1
+        as_bias = want[:, 0].expand(B, Lq, S).contiguous()
+        assert decode.bias_kind(view) == (decode.BIAS_KEEP if given.dtype == torch.bool
+                                          else decode.BIAS_ADD)
+        for a, b in zip(decode.decode_bounds(q, summary, S, D ** -0.5, view),
+                        decode.decode_bounds(q, summary, S, D ** -0.5, as_bias)):
+            assert torch.equal(a, b)
+        for a, b in zip(decode.attend_all(q, k, v, D ** -0.5, view),
+                        decode.attend_all(q, k, v, D ** -0.5, as_bias)):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("splits", [1, 3, 16])
 def test_splits_do_not_change_the_result(splits):
     q, k, v = _inputs(1, 4, 1, 1, 400, 32, torch.float32, seed=5)
