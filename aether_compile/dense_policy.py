@@ -230,14 +230,22 @@ def sampled_dense_choice(query, key, value, is_causal: bool, scale: float, eps: 
     return out, lse, False
 
 
+# A mask may turn out to be exactly top-left causal only in a prefill (transformers materialises
+# one; with a static cache, over every slot of the cache). A few query rows against a long cache
+# are decode steps or drafts, whose rows see the whole prefix: the gate spends no host read there.
+CAUSAL_MASK_MIN_ROWS = 17
+
+
 def gate_applies(query, key, value, attn_mask, is_causal: bool, dense_fraction) -> bool:
     """Whether the twopass forward puts the dense gate between its probe and its pass: a dense
     crossover is set and a dense kernel computes the call exactly, or the mask may turn out to be
-    exactly top-left causal (L <= S; ``dense_gate`` then runs the dense causal kernel). L < S is
-    a static cache's prefill: transformers materialises its causal mask over the whole cache."""
+    exactly top-left causal (CAUSAL_MASK_MIN_ROWS <= L <= S; ``dense_gate`` then runs the dense
+    causal kernel). L < S is a static cache's prefill."""
+    L = query.shape[-2]
     return dense_fraction is not None and (
         kernel_dense.dense_eligible(query, key, value, attn_mask, is_causal)
-        or (attn_mask is not None and kernel_dense.dense_kernel_fits(query, key, value, True)))
+        or (attn_mask is not None and L >= CAUSAL_MASK_MIN_ROWS
+            and kernel_dense.dense_kernel_fits(query, key, value, True)))
 
 
 def dense_choice_buffers(query, value):

@@ -145,6 +145,11 @@ def test_route_names_each_way_a_call_can_be_decided(monkeypatch):
         wide_mask = torch.empty(8192, 4096, device="cuda", dtype=torch.bool)
     past = dense_policy.route(q3, k3, v3, wide_mask, False, 64, twopass=True)
     assert (past.sample, past.gate) == (False, False)  # L > S: no causal kernel computes it
+    q4, k4, v4 = _qkv(16, 8192)
+    with FakeTensorMode():
+        step_mask = torch.empty(16, 8192, device="cuda", dtype=torch.bool)
+    draft = dense_policy.route(q4, k4, v4, step_mask, False, 64, twopass=True)
+    assert (draft.static_dense, draft.gate) == (False, False)  # decode-shaped: no host read
     q2, k2, v2 = _qkv(4096, 4096)
     gate = dense_policy.route(q2, k2, v2, causal_mask, False, 64, twopass=True)
     assert (gate.sample, gate.gate) == (False, True)  # might be exactly causal: the gate checks
