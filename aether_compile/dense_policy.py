@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import triton
 
 from aether_compile import settings
 from aether_compile.kernels import dense as kernel_dense
@@ -32,7 +31,7 @@ from aether_compile.kernels import forward as kernel_forward
 from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.kernels.forward import Skip, certified_counts, new_out
-from aether_compile.kernels.launch import is_static
+from aether_compile.kernels.launch import cdiv, is_static
 from aether_compile.kernels.plan import VisitPlan, causal_block_map
 
 # Below this much attention work (B * H * L * S * D) the dense kernel takes well under half a
@@ -166,14 +165,14 @@ def row_sample(query, key, value, is_causal: bool, block_m: int, block_n: int):
     and the keys up to its end. No mask."""
     B, H, L, D = query.shape
     if is_causal:
-        rows = triton.cdiv(max(L // SAMPLE_CAUSAL_ROW_FRACTION, SAMPLE_CAUSAL_MIN_BLOCKS * block_n),
+        rows = cdiv(max(L // SAMPLE_CAUSAL_ROW_FRACTION, SAMPLE_CAUSAL_MIN_BLOCKS * block_n),
                            block_m) * block_m
         if 2 * rows > L:
             return None
         return query[:, :, :rows], key[:, :, :rows], value[:, :, :rows]
     tiles = L // block_m  # every SAMPLE_ROW_FRACTION-th whole tile, spread over the sequence
     step = max(1, tiles // max(SAMPLE_MIN_TILES, tiles // SAMPLE_ROW_FRACTION))
-    if 2 * triton.cdiv(tiles, step) > tiles:
+    if 2 * cdiv(tiles, step) > tiles:
         return None
     q = query[:, :, :tiles * block_m].reshape(B, H, tiles, block_m, D)[:, :, ::step]
     return q.reshape(B, H, -1, D), key, value

@@ -353,8 +353,14 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
     def select():
         bias, summary = bias_and_summary()
         upper, lower = kernel_decode.decode_bounds(query, summary, key.shape[2], scale, bias)
+        selection["upper"] = upper
         selection["kept"] = kernel_decode.select_blocks(upper, lower, eps)
-        live = (upper > -math.inf).any(2)  # blocks with a live key in some row
+
+    def sample():
+        # The counts the choice reads: five small ops, issued only on the calls it samples
+        # (its first, then every 16th), not on every certified step.
+        select()
+        live = (selection["upper"] > -math.inf).any(2)  # blocks with a live key in some row
         return torch.stack([selection["kept"][1].sum(dtype=torch.int64),
                             live.sum(dtype=torch.int64)])
 
@@ -362,7 +368,7 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
     site = ("decode", _ident(key), tuple(query.shape), query.dtype, eps)
     fraction = settings.dense_fraction(DECODE_DENSE_FRACTION)
     if fraction is not None and dense_policy.choose_dense(
-            site, select if can_read else None, fraction, lagged=settings.dense_lag()):
+            site, sample if can_read else None, fraction, lagged=settings.dense_lag()):
         CALLS["dense"] += 1
         return None
     CALLS["certified"] += 1

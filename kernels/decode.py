@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, pad_pow2, traceable
+from .launch import INTERPRET, cdiv, next_pow2, pad_pow2, traceable
 
 BLOCK = 16  # keys per skippable block: a 16 x 128 x 2-byte tile of K is 4 KB
 ATTEND_KEYS = 64  # keys per step of the attention loop: four kept blocks, gathered
@@ -83,7 +83,7 @@ def _groups_of(key: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Ten
 def summarize_keys(key: torch.Tensor, group: int = QUANT_GROUP) -> KeySummary:
     """The summary of a whole key cache [B, Hkv, S, D] (one read of K)."""
     B, H, S, D = key.shape
-    n = max(1, triton.cdiv(S, group))
+    n = max(1, cdiv(S, group))
     groups = torch.arange(n, device=key.device)
     if _use_kernel(key):
         summary = KeySummary(
@@ -118,7 +118,7 @@ def extend_summary(summary: KeySummary, key: torch.Tensor, start: int) -> KeySum
     the rest summarised from ``key`` (a read of the new groups only)."""
     g = summary.group
     B, H, S, D = key.shape
-    n = max(1, triton.cdiv(S, g))
+    n = max(1, cdiv(S, g))
     full = min(start // g, summary.center.shape[2], n)
     out = KeySummary(torch.empty(B, H, n * g, D, device=key.device, dtype=torch.int8),
                      torch.empty(B, H, n, D, device=key.device, dtype=torch.float32),
@@ -526,8 +526,8 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
     ng = S_pad // summary.group
     per = cfg["groups_per_program"]
     if cfg["rows_kernel"] and R <= ROWS_KERNEL_MAX_ROWS:
-        r_pad = max(2, triton.next_power_of_2(R))
-        traceable(_decode_bounds_rows_kernel)[(triton.cdiv(ng, per), B * Hkv)](
+        r_pad = max(2, next_pow2(R))
+        traceable(_decode_bounds_rows_kernel)[(cdiv(ng, per), B * Hkv)](
             rows, summary.codes, summary.center, summary.step,
             bias if bias is not None else dummy, lengths if lengths is not None else dummy,
             log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
@@ -537,13 +537,13 @@ def decode_bounds(query, summary: KeySummary, S: int, scale: float, bias=None, l
             HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per, ONE_LSE=cfg["one_lse"],
             STAGES=cfg["stages"], num_warps=cfg["num_warps"])
         return log_upper, log_lower
-    traceable(_decode_bounds_kernel)[(triton.cdiv(ng, per), B * Hkv)](
+    traceable(_decode_bounds_kernel)[(cdiv(ng, per), B * Hkv)](
         rows, summary.codes, summary.center, summary.step,
         bias if bias is not None else dummy, lengths if lengths is not None else dummy,
         log_upper, log_lower, S, R, query.shape[2], Hkv, NB, ng, float(scale), gamma,
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, D_PAD=pad_pow2(D), R_PAD=max(16, pad_pow2(R)),
-        R_EPI=max(2, triton.next_power_of_2(R)) if cfg["real_rows"] else max(16, pad_pow2(R)),
+        R_EPI=max(2, next_pow2(R)) if cfg["real_rows"] else max(16, pad_pow2(R)),
         GROUP=summary.group, BLOCK_N=BLOCK,
         BIAS_KIND=bias_kind(bias), HAS_LENGTHS=lengths is not None, GROUPS_PER_PROGRAM=per,
         INT8_DOT=cfg["int8_dot"] and pad_pow2(D) >= 32, ONE_LSE=cfg["one_lse"],
@@ -697,10 +697,10 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None 
     kept_order = torch.empty(B, Hkv, NB, device=log_upper.device, dtype=torch.int32)
     n_kept = torch.empty(B, Hkv, device=log_upper.device, dtype=torch.int32)
     keep_rows = torch.empty(B, Hkv, R, NB, device=log_upper.device, dtype=torch.int8)
-    r_pad = max(2, triton.next_power_of_2(R))
+    r_pad = max(2, next_pow2(R))
     # a step holds r_pad x chunk bounds in registers: at most 2048 (many rows: shorter steps)
-    chunk = min(SELECT_CHUNK, max(16, 2048 // r_pad), max(16, triton.next_power_of_2(NB)))
-    assert sections == 1 or sections == triton.next_power_of_2(sections), sections
+    chunk = min(SELECT_CHUNK, max(16, 2048 // r_pad), max(16, next_pow2(NB)))
+    assert sections == 1 or sections == next_pow2(sections), sections
     traceable(_decode_select_kernel)[(B * Hkv,)](
         log_upper.contiguous(), log_lower.contiguous(), keep_rows, kept_order, n_kept, R, NB,
         math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN, R_PAD=r_pad,
@@ -803,7 +803,7 @@ def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | Non
     per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     min_blocks = 4 * (ATTEND_KEYS // BLOCK)  # four loop steps of ATTEND_KEYS keys
-    return max(1, min(triton.cdiv(per_sm * sms, B * hkv), max(1, nb // min_blocks), 256))
+    return max(1, min(cdiv(per_sm * sms, B * hkv), max(1, nb // min_blocks), 256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
@@ -831,7 +831,7 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
     rows = rows_of(query, Hkv)
     R = rows.shape[2]
     everything = kept_order is None
-    NB = triton.cdiv(S, BLOCK) if everything else kept_order.shape[-1]
+    NB = cdiv(S, BLOCK) if everything else kept_order.shape[-1]
     splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"])
     part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -855,7 +855,7 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
         lse = torch.empty(B, Hq, Lq, device=query.device, dtype=torch.float32)
         traceable(_combine_kernel)[(B * Hkv, R)](
             part_m, part_l, part_acc, out, lse, splits, R, DV=DV, DV_PAD=pad_pow2(DV),
-            CHUNK=min(16, triton.next_power_of_2(splits)), num_warps=4)
+            CHUNK=min(16, next_pow2(splits)), num_warps=4)
         return out, lse
     return combine_splits(part_m, part_l, part_acc, B, Hq, Lq, query.dtype)
 

@@ -120,8 +120,22 @@ def is_static(*sizes) -> bool:
     return all(isinstance(n, int) for n in sizes)
 
 
+def next_pow2(n):
+    """``triton.next_power_of_2`` for host code. Triton's is a constexpr function: unwrapping its
+    argument costs about 2 µs a call, and a decode step's launches asked a dozen times (a step
+    is host-bound in a compiled generate). SymInts go to Triton's."""
+    if isinstance(n, int) and n >= 0:
+        return 0 if n == 0 else 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
+
+
+def cdiv(a, b):
+    """``triton.cdiv`` for host code (ints or SymInts), without its constexpr wrapper."""
+    return (a + (b - 1)) // b
+
+
 def pad_pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def default_blocks(head_dim: int, device_type: str) -> tuple[int, int]:

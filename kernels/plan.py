@@ -16,8 +16,8 @@ from aether_compile import settings
 from .bounds import _bounds_kernel, _geometry_kernel, _mask_stats_kernel
 from .certificate import (BOUND_REL_SLACK, LOG2E, UNCERTIFIABLE_MAX_LOG2, num_blocks, plan_visits,
                           stop_threshold_log2, use_box_bound)
-from .launch import bounds_config, default_blocks, eager_constant, is_static, mask_as_4d, \
-    pad_pow2, traceable
+from .launch import bounds_config, cdiv, default_blocks, eager_constant, is_static, mask_as_4d, \
+    next_pow2, pad_pow2, traceable
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     order = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.int32)
     tail = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.float32)
     n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
-    nkb_pad = max(16, triton.next_power_of_2(nkb))
+    nkb_pad = max(16, next_pow2(nkb))
     traceable(_plan_kernel)[(B * H * nqt,)](
         bounds, order, tail, n_live, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
@@ -142,7 +142,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         Bm, Hm = mask4.shape[:2]
         mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
         mask_not_causal = torch.zeros(Bm * Hm * nqt, device=dev, dtype=torch.int32)
-        traceable(_mask_stats_kernel)[(Bm * Hm * nqt, triton.cdiv(nkb, MASK_STATS_BLOCKS))](
+        traceable(_mask_stats_kernel)[(Bm * Hm * nqt, cdiv(nkb, MASK_STATS_BLOCKS))](
             mask4, mask_max, mask_not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
             MASK_STATS_BLOCKS,
             IS_BOOL=mask4.dtype == torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)

@@ -507,3 +507,15 @@ def test_recertification_starts_at_long_rows(monkeypatch):
     assert rb(512) == 0 and rb(1024) == kernel_forward.RECERT_BLOCKS and rb(None) == 0
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "4")
     assert rb(16) == 4
+
+
+def test_host_power_of_two_and_ceil_division_equal_tritons():
+    """The launch code's next_pow2 and cdiv (plain Python: Triton's are constexpr functions that
+    cost microseconds a call on the host) give Triton's answers, also for SymInt-free edge cases."""
+    import triton
+
+    for n in [*range(0, 70), 127, 128, 129, 1023, 1024, 1025, 2 ** 20 + 1]:
+        assert launch.next_pow2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300, 7):
+        for b in (1, 2, 3, 16, 64, 128):
+            assert launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
