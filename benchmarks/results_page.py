@@ -132,7 +132,7 @@ def decode_sweep_table(record: dict, kind=None) -> list[str]:
 
 
 PREFILL_SELECTIONS = ("oracle_tile", "ideal_tile", "ideal_rows", "ball", "ball_rows",
-                      "ball_sub32", "ball_m64", "ballbox")
+                      "ball_sub32", "ball_m64", "ballbox", "tile_summary", "refine256")
 
 
 def prefill_selection_table(record: dict, _arg=None) -> list[str]:

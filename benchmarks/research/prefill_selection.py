@@ -28,6 +28,10 @@ in-kernel stop rule, as ``reference._simulate_stop``). Kept = p over the tile's 
   ball_m64      plan tiles of 64 rows: each half of a 128-row tile selected on its own; kept is
                 the union of the halves' blocks (what a 128-row compute tile reads).
   ballbox       the smaller of the ball and the box bound (AETHER_BOX_BOUND=1).
+  tile_summary  bounds from each tile's queries summarised (their centre and radius, and their
+                per-channel range), not from every row: 1/128 of the bounds kernel's work.
+  refine64/256  tile_summary, with the op's per-row ball on each tile's 64 (256) best blocks by
+                it (at 128K, 1/32 (1/8) of the bounds kernel's product).
 
 ``certified_over_oracle`` = ball / oracle_tile. Float32 scores on CPU; the GPU's fp16 bounds and
 fp32 accumulations move a tile's count by a block or two at most.
@@ -52,6 +56,7 @@ from aether_compile.kernels.reference import block_geometry  # noqa: E402
 from aether_compile.workloads import clustered_qkv  # noqa: E402
 
 BLOCK_M, BLOCK_N, D, H = 128, 64, 128, 16
+REFINE_BUDGETS = (64, 256)  # blocks per tile given the per-row ball after the tile summary
 
 
 def certified_count(order, log_bound_mass, block_lse, eps):
@@ -147,6 +152,29 @@ def study_head(q, k, tiles, eps):
     sub_mass = torch.logsumexp(sub + math.log(BLOCK_N // 2), -1)  # [T, nkb]
     order = best_first(sub_mass)
     out["ball_sub32"] = certified_count(order, sub_mass.unsqueeze(1), block_lse, eps)[0]
+
+    # Bounds from each tile's query summary instead of every row (1/128 of the bounds kernel's
+    # product): q_i = c + d_i with |d_i| <= rho, so q_i.mu <= c.mu + rho |mu|; or per channel,
+    # q_i.mu <= sum_d max(lo_d mu_d, hi_d mu_d); either plus max_i |q_i| r. "refine64": those
+    # cheap bounds, with the op's per-row ball on each tile's 64 best blocks by them.
+    qt = qs.view(T, BLOCK_M, D)
+    centre = qt.mean(1)
+    rho = (qt - centre[:, None]).norm(dim=-1).amax(1)
+    qmax = qt.norm(dim=-1).amax(1)
+    mu_n = mu.norm(dim=-1)
+    ball_t = centre @ mu.T + rho[:, None] * mu_n + qmax[:, None] * r
+    lo, hi = qt.amin(1), qt.amax(1)
+    box_t = torch.maximum(lo[:, None, :] * mu, hi[:, None, :] * mu).sum(-1) + qmax[:, None] * r
+    cheap = torch.minimum(ball_t, box_t) + BOUND_REL_SLACK * qmax[:, None] * (mu_n + r)
+    order = best_first(cheap)
+    out["tile_summary"] = certified_count(order, (cheap + log_n).unsqueeze(1), block_lse, eps)[0]
+    for budget in REFINE_BUDGETS:
+        top = cheap.topk(min(budget, nkb), -1).indices
+        refined = cheap.scatter(-1, top, torch.minimum(cheap.gather(-1, top),
+                                                       ball_tile.gather(-1, top)))
+        order = best_first(refined)
+        out[f"refine{budget}"] = certified_count(order, (refined + log_n).unsqueeze(1), block_lse,
+                                                 eps)[0]
 
     union = torch.zeros(T, nkb, dtype=torch.bool)
     for h in range(2):
