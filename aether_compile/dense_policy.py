@@ -166,7 +166,7 @@ def row_sample(query, key, value, is_causal: bool, block_m: int, block_n: int):
     B, H, L, D = query.shape
     if is_causal:
         rows = cdiv(max(L // SAMPLE_CAUSAL_ROW_FRACTION, SAMPLE_CAUSAL_MIN_BLOCKS * block_n),
-                           block_m) * block_m
+                    block_m) * block_m
         if 2 * rows > L:
             return None
         return query[:, :, :rows], key[:, :, :rows], value[:, :, :rows]

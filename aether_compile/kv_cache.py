@@ -192,15 +192,21 @@ def _(cache, dim, index, source, graph_bumps=0):
 _DISPATCH_BUMPS = _measure_dispatch_bumps()
 
 
+def _mask_rows(attn_mask: Tensor, B: int, Lq: int, S: int) -> Tensor:
+    """An SDPA mask that is the same for every head as a [B, Lq, S] view (broadcast dims at
+    stride 0: no copy)."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m[:, 0].expand(B, Lq, S)
+
+
 def _bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool, device):
     """float32 [B, Lq, S] additive bias from an SDPA mask that is the same for every head (and
     from is_causal, SDPA's top-left alignment: row i sees keys 0..i), or None for neither."""
     bias = torch.zeros(B, Lq, S, device=device, dtype=torch.float32)
     if attn_mask is not None:
-        m = attn_mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        m = m[:, 0].expand(B, Lq, S)
+        m = _mask_rows(attn_mask, B, Lq, S)
         bias = bias.masked_fill(~m, -math.inf) if m.dtype == torch.bool else bias + m.float()
     if is_causal:
         causal = torch.ones(Lq, S, dtype=torch.bool, device=device).tril()
@@ -209,14 +215,11 @@ def _bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool,
 
 
 def _kernel_bias(attn_mask: Optional[Tensor], B: int, Lq: int, S: int, is_causal: bool, device):
-    """The decode kernels' Bias operand: the mask itself as a [B, Lq, S] view (bool or float,
-    broadcast dims at stride 0: no copy, no kernel), or ``_bias``'s float bias under is_causal."""
+    """The decode kernels' Bias operand: the mask itself (``_mask_rows``, bool or float: no copy,
+    no kernel), or ``_bias``'s float bias under is_causal."""
     if is_causal or attn_mask is None:
         return _bias(attn_mask, B, Lq, S, is_causal, device)
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    return m[:, 0].expand(B, Lq, S)
+    return _mask_rows(attn_mask, B, Lq, S)
 
 
 def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) -> Optional[str]:

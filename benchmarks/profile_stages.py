@@ -26,7 +26,7 @@ from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import card_tag, env_record, write_json  # noqa: E402
-from bench_attention import sdpa_anchors  # noqa: E402
+from bench_attention import bench_ms, sdpa_anchors  # noqa: E402
 
 CASES = [  # (workload, N, H, Hkv, D, causal)
     ("uniform", 16384, 16, 16, 128, False),
@@ -91,14 +91,11 @@ def run_static_cache_prefill(B, H, Hkv, L, S, D) -> dict:
     def op():
         return aether_compile.attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def bench(fn):
-        return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-
-    t_op = bench(op)
+    t_op = bench_ms(op)
     anchors = {
-        "sdpa_with_mask": bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        "sdpa_with_mask": bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=True)),
-        "sdpa_causal_first_keys": bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        "sdpa_causal_first_keys": bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k[:, :, :L], v[:, :, :L], is_causal=True, enable_gqa=True)),
     }
     kernels = kernel_times(op)

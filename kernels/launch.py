@@ -12,6 +12,8 @@ import triton
 
 from aether_compile import settings
 
+from .certificate import num_blocks
+
 
 INTERPRET = settings.interpret()  # Triton's interpreter (CPU CI): read once, as Triton does
 
@@ -129,9 +131,9 @@ def next_pow2(n):
     return triton.next_power_of_2(n)
 
 
-def cdiv(a, b):
-    """``triton.cdiv`` for host code (ints or SymInts), without its constexpr wrapper."""
-    return (a + (b - 1)) // b
+# ``triton.cdiv`` for host code (ints or SymInts), without its constexpr wrapper: the same
+# ceiling division as the block counts.
+cdiv = num_blocks
 
 
 def pad_pow2(d: int) -> int:
