@@ -19,6 +19,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 from aether_compile.kernels import bounds as kernel_bounds
 from aether_compile.kernels import launch
@@ -74,6 +75,46 @@ def sweep_bounds(N: int) -> dict:
     return row
 
 
+@triton.jit
+def _mask_stats_rows_kernel(
+    Mask, MaskMax, NotCausal,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    L, S, n_qt, n_kb, H_M,
+    ROWS: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The bool branch of kernels/bounds._mask_stats_kernel read the other way round: each load is
+    # ROWS whole rows of KB * BLOCK_N contiguous bytes (the op's kernel reads 64 bytes from each of
+    # 128 rows per load), reduced per key block through a reshape. Measured against it here first.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H_M
+    h = bh % H_M
+    j0 = tl.program_id(1) * KB
+    o_n = j0 * BLOCK_N + tl.arange(0, KB * BLOCK_N)
+    any_keep = tl.zeros([KB], tl.int32)
+    not_causal = tl.zeros([ROWS], tl.int32)
+    for r in range(0, BLOCK_M, ROWS):
+        o_m = t * BLOCK_M + r + tl.arange(0, ROWS)
+        valid = (o_m[:, None] < L) & (o_n[None, :] < S)
+        keep = tl.load(Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
+                       + o_n[None, :] * stride_mn, mask=valid, other=0) != 0
+        any_keep = tl.maximum(any_keep, tl.max(tl.max(
+            tl.reshape(keep.to(tl.int32), [ROWS, KB, BLOCK_N]), 2), 0))
+        differs = keep != (o_n[None, :] <= o_m[:, None])
+        not_causal += tl.sum((differs & valid).to(tl.int32), 1)
+    o_j = j0 + tl.arange(0, KB)
+    tl.store(MaskMax + pid * n_kb + o_j, tl.where(any_keep > 0, 0.0, -float("inf")), mask=o_j < n_kb)
+    tl.atomic_add(NotCausal + pid, tl.sum(not_causal, 0))
+
+
+def mask_stats_rows(m, mask_max, not_causal, L, S, nqt, nkb, rows=8, kb=16, warps=4):
+    """Launch the row-contiguous variant on a [B, 1, L, S] bool mask (or its uint8 view)."""
+    return _mask_stats_rows_kernel[(m.shape[0] * m.shape[1] * nqt, triton.cdiv(nkb, kb))](
+        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, m.shape[1],
+        ROWS=rows, KB=kb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps)
+
+
 def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
     """The mask statistics on a static cache's prefill mask, over (key blocks per program, warps)
     and the mask read as bool or as its uint8 bytes."""
@@ -91,6 +132,12 @@ def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
                     lambda: kernel_bounds._mask_stats_kernel[(B * nqt, triton.cdiv(nkb, per_program))](
                         m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1, per_program,
                         IS_BOOL=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps))
+    m = mask.view(torch.uint8)
+    for rows in (4, 8, 16):
+        for kb in (8, 16, 32):
+            for warps in (4, 8):
+                times[f"rows{rows}_kb{kb}_w{warps}"] = bench(
+                    lambda: mask_stats_rows(m, mask_max, not_causal, L, S, nqt, nkb, rows, kb, warps))
     return {"B": B, "L": L, "S": S, "mask_bytes": mask.numel(), "mask_stats_ms": times,
             "mask_stats_default": f"bool_kb{MASK_STATS_BLOCKS}_w4",
             "read_mask_once_ms": bench(lambda: mask.view(torch.uint8).amax())}
