@@ -15,6 +15,8 @@
 #                       meta-parameter sweep
 #   decode_generate     decode tests, a short decode run with the sweep, generate: one call (CKPT)
 #   decode_fresh        train_long_lm, then decode with its weights, in one call
+#   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
+#                       prompt's prefill apart from the steps; aether with decode=False profiled)
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -111,6 +113,14 @@ case "${1:-zoo}" in
     timeout 390 python3 benchmarks/bench_decode.py --ckpt "$OUT/long_lm.pt" --flex \
       --kinds learned uniform clustered --deadline-min 5.4 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     tail -n 30 "$OUT/bench_decode.txt"
+    ;;
+  generate_split)  # where a compiled generate's time goes, on a fresh machine (no checkpoint):
+                   # the static cache's prefill mask should now go dense (560ca5b), and the
+                   # profile of aether with decode=False shows the decode step's unexplained 2 ms
+    TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm
+    timeout 300 python3 benchmarks/profile_generate.py --ckpt "$OUT/long_lm.pt" --length 32768 \
+      --batch 4 --steps 32 --profile aether_prefill --out "$OUT" > "$OUT/profile_generate.txt" 2>&1
+    tail -n 20 "$OUT/profile_generate.txt"
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from tests.helpers import REPO_ROOT as ROOT  # noqa: E402
+from tests.helpers import TRITON_INTERPRET  # noqa: E402
 BENCH = os.path.join(ROOT, "benchmarks")
 ENV_KEYS = {"card", "torch", "triton", "transformers", "python", "commit", "date"}
 
@@ -261,3 +262,32 @@ def test_prefill_selection_study_counts_what_the_op_keeps(monkeypatch):
     assert (kept["oracle_row"] <= kept["oracle_tile"]).all()
     assert (kept["oracle_tile"] <= kept["ball"]).all() and (kept["ideal_tile"] <= kept["ball"]).all()
     assert (kept["ball"] < 1).any()  # something was skipped: the comparison means something
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="launches Triton kernels: needs TRITON_INTERPRET=1 on CPU")
+def test_mask_stats_row_variant_equals_the_ops_kernel(monkeypatch):
+    """The sweep's row-contiguous mask statistics (a candidate to replace the op's kernel) give
+    the op's kernel's block maxima and causal-difference counts: causal masks with partial tiles,
+    a padded tail, and one flipped entry that must be counted."""
+    import torch
+    import triton
+
+    monkeypatch.syspath_prepend(BENCH)
+    import sweep_prefill_kernels as sweep
+    from aether_compile.kernels import bounds
+
+    bm, bn = sweep.BLOCK_M, sweep.BLOCK_N
+    for B, L, S, flip in [(2, 200, 300, False), (1, 256, 1000, True), (1, 130, 1030, False)]:
+        mask = (torch.arange(S)[None, :] <= torch.arange(L)[:, None]).expand(B, 1, L, S).contiguous()
+        mask[..., S - 40:] = False  # the empty slots of a static cache
+        if flip:
+            mask[0, 0, 5, 700] = True
+        nqt, nkb = triton.cdiv(L, bm), triton.cdiv(S, bn)
+        got, want = [(torch.empty(B, 1, nqt, nkb), torch.zeros(B * nqt, dtype=torch.int32))
+                     for _ in range(2)]
+        bounds._mask_stats_kernel[(B * nqt, triton.cdiv(nkb, 16))](
+            mask, *want, *mask.stride(), L, S, nqt, nkb, 1, 16, IS_BOOL=True, BLOCK_M=bm, BLOCK_N=bn)
+        sweep.mask_stats_rows(mask.view(torch.uint8), *got, L, S, nqt, nkb, rows=8, kb=8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (want[1].sum() > 0) == (flip or L > S - 40)  # the count can tell a change
+        assert torch.isinf(want[0]).any()  # some blocks are wholly masked
