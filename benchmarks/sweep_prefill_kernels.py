@@ -108,6 +108,15 @@ def _mask_stats_rows_kernel(
     tl.atomic_add(NotCausal + pid, tl.sum(not_causal, 0))
 
 
+def mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, per_program=MASK_STATS_BLOCKS, warps=4):
+    """Launch the op's kernel (``plan.plan_attention``'s launch, its meta-parameters exposed) on a
+    [B, 1, L, S] bool mask (or its uint8 view)."""
+    grid = (m.shape[0] * m.shape[1] * nqt, triton.cdiv(nkb, per_program))
+    return kernel_bounds._mask_stats_kernel[grid](
+        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, m.shape[1], per_program,
+        IS_BOOL=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps)
+
+
 def mask_stats_rows(m, mask_max, not_causal, L, S, nqt, nkb, rows=8, kb=16, warps=4):
     """Launch the row-contiguous variant on a [B, 1, L, S] bool mask (or its uint8 view)."""
     return _mask_stats_rows_kernel[(m.shape[0] * m.shape[1] * nqt, triton.cdiv(nkb, kb))](
@@ -129,9 +138,7 @@ def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
         for per_program in (4, 16, 64):
             for warps in (2, 4, 8):
                 times[f"{view}_kb{per_program}_w{warps}"] = bench(
-                    lambda: kernel_bounds._mask_stats_kernel[(B * nqt, triton.cdiv(nkb, per_program))](
-                        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1, per_program,
-                        IS_BOOL=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps))
+                    lambda: mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, per_program, warps))
     m = mask.view(torch.uint8)
     for rows in (4, 8, 16):
         for kb in (8, 16, 32):
