@@ -1,8 +1,8 @@
 """Meta-parameter sweeps of the prefill plan's two costliest kernels, where the profiles say the
 time goes (docs/results.md): the bounds kernel on W2 at 32K and 128K (8.2 of the call's 20.9 ms
-at 128K on the H200 went to the plan), and the mask statistics on a static cache's prefill mask
-(27 ms a layer on the H100 inside a compiled generate, for a 4.3 GB bool mask that streams in
-about 1.3 ms).
+at 128K on the H200 went to the plan), and the bool mask statistics on a static cache's prefill
+mask (27 ms a layer on the H100 inside a compiled generate with the former kernel, for a 4.3 GB
+mask that streams in about 1.3 ms), the op's kernel against that former one.
 
     python benchmarks/sweep_prefill_kernels.py --out benchmarks/results
 
@@ -24,7 +24,7 @@ import triton.language as tl
 from aether_compile.kernels import bounds as kernel_bounds
 from aether_compile.kernels import launch
 from aether_compile.kernels.certificate import BOUND_REL_SLACK
-from aether_compile.kernels.plan import MASK_STATS_BLOCKS
+from aether_compile.kernels.plan import BOOL_MASK_ROWS, MASK_STATS_BLOCKS
 from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,77 +76,83 @@ def sweep_bounds(N: int) -> dict:
 
 
 @triton.jit
-def _mask_stats_rows_kernel(
+def _mask_stats_per_entry_kernel(
     Mask, MaskMax, NotCausal,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    L, S, n_qt, n_kb, H_M,
-    ROWS: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    L, S, n_qt, n_kb, H_M, kb_per_prog,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # The bool branch of kernels/bounds._mask_stats_kernel read the other way round: each load is
-    # ROWS whole rows of KB * BLOCK_N contiguous bytes (the op's kernel reads 64 bytes from each of
-    # 128 rows per load), reduced per key block through a reshape. Measured against it here first.
+    # The op's bool mask statistics before _bool_mask_stats_kernel (the baseline it is timed
+    # against): every block reduced in the loop, every entry compared with the causal pattern.
     pid = tl.program_id(0).to(tl.int64)
+    j_lo = tl.program_id(1) * kb_per_prog
+    j_hi = tl.minimum(j_lo + kb_per_prog, n_kb)
     t = pid % n_qt
     bh = pid // n_qt
-    b = bh // H_M
-    h = bh % H_M
-    j0 = tl.program_id(1) * KB
-    o_n = j0 * BLOCK_N + tl.arange(0, KB * BLOCK_N)
-    any_keep = tl.zeros([KB], tl.int32)
-    not_causal = tl.zeros([ROWS], tl.int32)
-    for r in range(0, BLOCK_M, ROWS):
-        o_m = t * BLOCK_M + r + tl.arange(0, ROWS)
-        valid = (o_m[:, None] < L) & (o_n[None, :] < S)
-        keep = tl.load(Mask + b * stride_mb + h * stride_mh + o_m[:, None] * stride_mm
-                       + o_n[None, :] * stride_mn, mask=valid, other=0) != 0
-        any_keep = tl.maximum(any_keep, tl.max(tl.max(
-            tl.reshape(keep.to(tl.int32), [ROWS, KB, BLOCK_N]), 2), 0))
-        differs = keep != (o_n[None, :] <= o_m[:, None])
+    o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = Mask + (bh // H_M) * stride_mb + (bh % H_M) * stride_mh + o_m[:, None] * stride_mm
+    not_causal = tl.zeros([BLOCK_M], tl.int32)
+    for j in range(j_lo, j_hi):
+        o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = (o_m < L)[:, None] & (o_n[None, :] < S)
+        keep = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=0)
+        any_keep = tl.max(tl.max((keep != 0).to(tl.int32), 1), 0)
+        differs = (keep != 0) != (o_n[None, :] <= o_m[:, None])
         not_causal += tl.sum((differs & valid).to(tl.int32), 1)
-    o_j = j0 + tl.arange(0, KB)
-    tl.store(MaskMax + pid * n_kb + o_j, tl.where(any_keep > 0, 0.0, -float("inf")), mask=o_j < n_kb)
+        tl.store(MaskMax + pid * n_kb + j, tl.where(any_keep > 0, 0.0, -float("inf")))
     tl.atomic_add(NotCausal + pid, tl.sum(not_causal, 0))
 
 
-def mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, per_program=MASK_STATS_BLOCKS, warps=4):
-    """Launch the op's kernel (``plan.plan_attention``'s launch, its meta-parameters exposed) on a
-    [B, 1, L, S] bool mask (or its uint8 view)."""
-    grid = (m.shape[0] * m.shape[1] * nqt, triton.cdiv(nkb, per_program))
-    return kernel_bounds._mask_stats_kernel[grid](
-        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, m.shape[1], per_program,
-        IS_BOOL=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps)
+# Under dynamic shapes Inductor cannot tell that a symbolic length or stride is a multiple of 16,
+# so its launch leaves them unspecialised and the loads go byte by byte; Triton's own launch
+# specialises them at run time. The sweep times both.
+_SIZE_ARGS = ["stride_mb", "stride_mh", "stride_mm", "L", "S"]
+_KERNELS = {
+    (name, specialised): (triton.jit(kernel.fn) if specialised
+                          else triton.jit(do_not_specialize=_SIZE_ARGS)(kernel.fn))
+    for name, kernel in (("per_entry", _mask_stats_per_entry_kernel),
+                         ("op", kernel_bounds._bool_mask_stats_kernel))
+    for specialised in (True, False)}
 
 
-def mask_stats_rows(m, mask_max, not_causal, L, S, nqt, nkb, rows=8, kb=16, warps=4):
-    """Launch the row-contiguous variant on a [B, 1, L, S] bool mask (or its uint8 view)."""
-    return _mask_stats_rows_kernel[(m.shape[0] * m.shape[1] * nqt, triton.cdiv(nkb, kb))](
-        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, m.shape[1],
+def mask_stats_per_entry(m, mask_max, not_causal, L, S, nqt, nkb, kb=MASK_STATS_BLOCKS, warps=4,
+                         specialised=True):
+    """The former bool kernel on a [B, 1, L, S] bool mask."""
+    return _KERNELS["per_entry", specialised][(m.shape[0] * nqt, triton.cdiv(nkb, kb))](
+        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1, kb,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps)
+
+
+def mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, rows=BOOL_MASK_ROWS,
+                  kb=MASK_STATS_BLOCKS, warps=4, specialised=True):
+    """``plan.mask_statistics``' launch of the op's bool kernel, its meta-parameters exposed."""
+    return _KERNELS["op", specialised][(m.shape[0] * nqt, triton.cdiv(nkb, kb))](
+        m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1,
         ROWS=rows, KB=kb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps)
 
 
 def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
-    """The mask statistics on a static cache's prefill mask, over (key blocks per program, warps)
-    and the mask read as bool or as its uint8 bytes."""
+    """The mask statistics on a static cache's prefill mask: the op's bool kernel over (rows per
+    load, key blocks per program, warps) and the former kernel, each launched specialised (as
+    Triton launches it) and not (as Inductor does under dynamic shapes)."""
     cols, rows = torch.arange(S, device="cuda"), torch.arange(L, device="cuda")
     mask = (cols[None, :] <= rows[:, None]).expand(B, 1, L, S).contiguous()
     nqt, nkb = triton.cdiv(L, BLOCK_M), triton.cdiv(S, BLOCK_N)
     mask_max = torch.empty(B, 1, nqt, nkb, device="cuda")
     not_causal = torch.zeros(B * nqt, device="cuda", dtype=torch.int32)
     times = {}
-    for view in ("bool", "uint8"):
-        m = mask if view == "bool" else mask.view(torch.uint8)
-        for per_program in (4, 16, 64):
-            for warps in (2, 4, 8):
-                times[f"{view}_kb{per_program}_w{warps}"] = bench(
-                    lambda: mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, per_program, warps))
-    m = mask.view(torch.uint8)
-    for rows in (4, 8, 16):
-        for kb in (8, 16, 32):
-            for warps in (4, 8):
-                times[f"rows{rows}_kb{kb}_w{warps}"] = bench(
-                    lambda: mask_stats_rows(m, mask_max, not_causal, L, S, nqt, nkb, rows, kb, warps))
+    for specialised in (True, False):
+        tag = "spec" if specialised else "nospec"
+        for kb in (4, 16):
+            times[f"per_entry_{tag}_kb{kb}_w4"] = bench(lambda: mask_stats_per_entry(
+                mask, mask_max, not_causal, L, S, nqt, nkb, kb, 4, specialised))
+        for n_rows in (4, 8, 16):
+            for kb in (8, 16, 32):
+                for warps in (4, 8):
+                    times[f"op_{tag}_rows{n_rows}_kb{kb}_w{warps}"] = bench(lambda: mask_stats_op(
+                        mask, mask_max, not_causal, L, S, nqt, nkb, n_rows, kb, warps, specialised))
     return {"B": B, "L": L, "S": S, "mask_bytes": mask.numel(), "mask_stats_ms": times,
-            "mask_stats_default": f"bool_kb{MASK_STATS_BLOCKS}_w4",
+            "mask_stats_default": f"op_{{spec,nospec}}_rows{BOOL_MASK_ROWS}_kb{MASK_STATS_BLOCKS}_w4",
             "read_mask_once_ms": bench(lambda: mask.view(torch.uint8).amax())}
 
 

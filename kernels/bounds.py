@@ -3,8 +3,9 @@ first three stages of the plan, each one Triton kernel (``plan.plan_attention`` 
 
 1. ``_geometry_kernel``: per key block, centroid mu, radius r, box centre c and half-width h,
    stored as fp16 unit vectors plus fp32 norms (so the bound matmuls run on tensor cores).
-2. ``_mask_stats_kernel`` (masks only): per (query tile, key block), the mask's maximum (-inf: all
-   masked, so the block is skipped outright) and how many entries differ from a causal mask.
+2. ``_mask_stats_kernel`` and ``_bool_mask_stats_kernel`` (masks only): per (query tile, key
+   block), the mask's maximum (-inf: all masked, so the block is skipped outright) and how many
+   entries differ from a causal mask.
 3. ``_bounds_kernel``: per query tile and key block, the max over rows of the ball bound (its min
    with the box bound under AETHER_BOX_BOUND=1) plus slack, plus the mask maximum; causal blocks
    past the diagonal get -inf.
@@ -69,8 +70,9 @@ def _mask_stats_kernel(
     Mask, MaskMax, NotCausal,
     stride_mb, stride_mh, stride_mm, stride_mn,
     L, S, n_qt, n_kb, H_M, kb_per_prog,
-    IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Additive (float) masks; bool masks take _bool_mask_stats_kernel.
     # One program per (mask batch, mask head, query tile) and run of kb_per_prog key blocks (a
     # whole row of blocks per program left too few programs to keep the GPU busy on one shared
     # [L, S] mask). NotCausal (zeroed) accumulates the tile's count of entries that differ from a
@@ -91,26 +93,79 @@ def _mask_stats_kernel(
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = m_m[:, None] & (o_n[None, :] < S)
         causal_keep = o_n[None, :] <= o_m[:, None]
-        if IS_BOOL:
-            keep = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=0)
-            any_keep = tl.max(tl.max((keep != 0).to(tl.int32), 1), 0)
-            mx = tl.where(any_keep > 0, 0.0, -float("inf"))
-            differs = (keep != 0) != causal_keep
-        else:
-            add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
-            add = add.to(tl.float32)
-            floored = tl.maximum(add, _MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays
-            # causal as HF writes it: 0 where kept, at most fp16's finfo.min where masked
-            differs = tl.where(causal_keep, add != 0.0, ~(add <= -65504.0))
-            add = tl.where(add == -float("inf"), add, floored)
-            mx = tl.max(tl.max(add, 1), 0)
-            # a NaN entry must reach its row (SDPA gives NaN there): never prune its block.
-            # Explicit, since whether tl.max propagates NaN differs between backends.
-            has_nan = tl.sum(tl.sum((add != add).to(tl.int32), 1), 0) > 0
-            mx = tl.where(has_nan, float("inf"), mx)
+        add = tl.load(base + o_n[None, :] * stride_mn, mask=valid, other=-float("inf"))
+        add = add.to(tl.float32)
+        floored = tl.maximum(add, _MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays
+        # causal as HF writes it: 0 where kept, at most fp16's finfo.min where masked
+        differs = tl.where(causal_keep, add != 0.0, ~(add <= -65504.0))
+        add = tl.where(add == -float("inf"), add, floored)
+        mx = tl.max(tl.max(add, 1), 0)
+        # a NaN entry must reach its row (SDPA gives NaN there): never prune its block.
+        # Explicit, since whether tl.max propagates NaN differs between backends.
+        has_nan = tl.sum(tl.sum((add != add).to(tl.int32), 1), 0) > 0
+        mx = tl.where(has_nan, float("inf"), mx)
         not_causal += tl.sum((differs & valid).to(tl.int32), 1)
         tl.store(MaskMax + pid * n_kb + j, mx)
     tl.atomic_add(NotCausal + pid, tl.sum(not_causal, 0))
+
+
+@triton.jit
+def _bool_mask_stats_kernel(
+    Mask, MaskMax, NotCausal,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    L, S, n_qt, n_kb, H_M,
+    ROWS: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # _mask_stats_kernel's outputs for a bool mask, with as little work per byte as possible: a
+    # [B, 1, 32K, 32K + 256] prefill mask is 4 GB, and comparing every entry with the causal
+    # pattern and reducing every block in the loop cost ~30 instructions a byte (the kernel ran at
+    # ~5% of the bandwidth). One program per (mask batch and head, query tile) and run of KB key
+    # blocks. The loop only adds each entry (kept: 1) into a register tile of ROWS rows; the
+    # reductions run once, after it. The count of entries unlike top-left causal (keep j <= i)
+    # needs no compare per entry either:
+    #     unlike = causal_live - kept + 2 * kept_above,
+    # where kept_above counts kept entries with j > i: whole columns right of the tile's last row,
+    # plus the triangle of the BLOCK_M columns on its diagonal, which one short pass re-reads.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % n_qt
+    bh = pid // n_qt
+    b = bh // H_M
+    h = bh % H_M
+    j0 = tl.program_id(1) * KB
+    row0 = t * BLOCK_M
+    o_n = j0 * BLOCK_N + tl.arange(0, KB * BLOCK_N)
+    n_ok = o_n < S
+    base = Mask + b * stride_mb + h * stride_mh
+    acc = tl.zeros([ROWS, KB * BLOCK_N], tl.int32)
+    for r in range(0, BLOCK_M, ROWS):
+        o_m = row0 + r + tl.arange(0, ROWS)
+        keep = tl.load(base + o_m[:, None] * stride_mm + o_n[None, :] * stride_mn,
+                       mask=(o_m[:, None] < L) & n_ok[None, :], other=0)
+        acc += (keep != 0).to(tl.int32)
+    col_kept = tl.sum(acc, 0)  # [KB * BLOCK_N]
+    block_kept = tl.sum(tl.reshape(col_kept, [KB, BLOCK_N]), 1)  # [KB]
+    o_j = j0 + tl.arange(0, KB)
+    tl.store(MaskMax + pid * n_kb + o_j, tl.where(block_kept > 0, 0.0, -float("inf")),
+             mask=o_j < n_kb)
+    kept = tl.sum(block_kept, 0)
+    kept_above = tl.sum(tl.where(o_n >= row0 + BLOCK_M, col_kept, 0), 0)
+    # The diagonal's columns (row0, row0 + BLOCK_M) that fall in this program's range.
+    lo = tl.maximum(j0 * BLOCK_N, row0 + 1)
+    hi = tl.minimum(tl.minimum((j0 + KB) * BLOCK_N, row0 + BLOCK_M), S)
+    if lo < hi:
+        o_d = row0 + tl.arange(0, BLOCK_M)
+        d_ok = (o_d >= lo) & (o_d < hi)
+        for r in range(0, BLOCK_M, ROWS):
+            o_m = row0 + r + tl.arange(0, ROWS)
+            above = (o_m[:, None] < L) & d_ok[None, :] & (o_d[None, :] > o_m[:, None])
+            keep = tl.load(base + o_m[:, None] * stride_mm + o_d[None, :] * stride_mn,
+                           mask=above, other=0)
+            kept_above += tl.sum(tl.sum((keep != 0).to(tl.int32), 1), 0)
+    unlike = 2 * kept_above - kept
+    if tl.program_id(1) == 0:  # the tile's causal entries, counted once
+        o_r = row0 + tl.arange(0, BLOCK_M)
+        unlike += tl.sum(tl.where(o_r < L, tl.minimum(o_r + 1, S), 0).to(tl.int32), 0)
+    tl.atomic_add(NotCausal + pid, unlike)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from aether_compile import settings
 
-from .bounds import _bounds_kernel, _geometry_kernel, _mask_stats_kernel
+from .bounds import _bool_mask_stats_kernel, _bounds_kernel, _geometry_kernel, _mask_stats_kernel
 from .certificate import (BOUND_REL_SLACK, LOG2E, UNCERTIFIABLE_MAX_LOG2, num_blocks, plan_visits,
                           stop_threshold_log2, use_box_bound)
 from .launch import bounds_config, cdiv, default_blocks, eager_constant, is_static, mask_as_4d, \
@@ -111,8 +111,30 @@ class VisitPlan(NamedTuple):
     mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
 
 
-# Key blocks per program of the mask-statistics kernel.
+# Key blocks per program of the mask-statistics kernels, and the rows per load of the bool one.
 MASK_STATS_BLOCKS = 16
+BOOL_MASK_ROWS = 8
+
+
+def mask_statistics(mask4, L, S, block_m, block_n):
+    """A [Bm, Hm, L, S] mask's maximum per (query tile, key block) (float32 [Bm, Hm, nQT, nKB];
+    0 or -inf for a bool mask) and per tile the count of entries unlike top-left causal
+    (int32 [Bm*Hm*nQT])."""
+    Bm, Hm = mask4.shape[:2]
+    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    mask_max = torch.empty(Bm, Hm, nqt, nkb, device=mask4.device, dtype=torch.float32)
+    not_causal = torch.zeros(Bm * Hm * nqt, device=mask4.device, dtype=torch.int32)
+    grid = (Bm * Hm * nqt, cdiv(nkb, MASK_STATS_BLOCKS))
+    if mask4.dtype == torch.bool:
+        traceable(_bool_mask_stats_kernel)[grid](
+            mask4, mask_max, not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
+            ROWS=min(BOOL_MASK_ROWS, block_m), KB=MASK_STATS_BLOCKS,
+            BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        traceable(_mask_stats_kernel)[grid](
+            mask4, mask_max, not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
+            MASK_STATS_BLOCKS, BLOCK_M=block_m, BLOCK_N=block_n)
+    return mask_max, not_causal
 
 
 def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
@@ -139,13 +161,8 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     mask_max, mask_strides = query, (0, 0)  # placeholders when there is no mask
     if attn_mask is not None:
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
+        mask_max, mask_not_causal = mask_statistics(mask4, L, S, block_m, block_n)
         Bm, Hm = mask4.shape[:2]
-        mask_max = torch.empty(Bm, Hm, nqt, nkb, device=dev, dtype=torch.float32)
-        mask_not_causal = torch.zeros(Bm * Hm * nqt, device=dev, dtype=torch.int32)
-        traceable(_mask_stats_kernel)[(Bm * Hm * nqt, cdiv(nkb, MASK_STATS_BLOCKS))](
-            mask4, mask_max, mask_not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
-            MASK_STATS_BLOCKS,
-            IS_BOOL=mask4.dtype == torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
     bounds = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.float32)

@@ -5,12 +5,12 @@ early compile)."""
 from __future__ import annotations
 
 from .backward import _dkv_kernel, _dq_kernel
-from .bounds import _bounds_kernel, _geometry_kernel, _mask_stats_kernel
+from .bounds import _bool_mask_stats_kernel, _bounds_kernel, _geometry_kernel, _mask_stats_kernel
 from .forward import VISIT_CERTIFY, VISIT_STOP, _attention_kernel
 from .plan import _plan_kernel
 
 
-JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _plan_kernel,
+JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bool_mask_stats_kernel, _bounds_kernel, _plan_kernel,
                _attention_kernel, _dq_kernel, _dkv_kernel)
 
 
@@ -22,6 +22,7 @@ JIT_KERNELS = (_geometry_kernel, _mask_stats_kernel, _bounds_kernel, _plan_kerne
 KERNEL_WRITES = {
     "_geometry_kernel": lambda args: ("Geo16", "GeoNorm"),
     "_mask_stats_kernel": lambda args: ("MaskMax", "NotCausal"),
+    "_bool_mask_stats_kernel": lambda args: ("MaskMax", "NotCausal"),
     "_bounds_kernel": lambda args: ("Bounds",),
     "_attention_kernel": lambda args: (
         ("Out", "Lse") + (("NVisit",) if args["VISIT"] == VISIT_CERTIFY else ())

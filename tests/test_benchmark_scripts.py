@@ -265,12 +265,15 @@ def test_prefill_selection_study_counts_what_the_op_keeps(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_INTERPRET, reason="launches Triton kernels: needs TRITON_INTERPRET=1 on CPU")
-def test_mask_stats_row_variant_equals_the_ops_kernel(monkeypatch):
-    """The sweep's row-contiguous mask statistics (a candidate to replace the op's kernel) give
-    the op's kernel's block maxima and causal-difference counts: causal masks with partial tiles,
-    a padded tail, and one flipped entry that must be counted."""
+def test_mask_stats_sweep_launches_equal_the_op(monkeypatch):
+    """Every launch the sweep times (the op's bool kernel with its meta-parameters, the former
+    per-entry kernel, each specialised and not) gives ``plan.mask_statistics``' block maxima and
+    causal-difference counts: causal masks with partial tiles, a static cache's empty slots, and
+    one flipped entry that must be counted."""
     import torch
     import triton
+
+    from aether_compile.kernels import plan as kernel_plan
 
     monkeypatch.syspath_prepend(BENCH)
     import sweep_prefill_kernels as sweep
@@ -282,10 +285,13 @@ def test_mask_stats_row_variant_equals_the_ops_kernel(monkeypatch):
         if flip:
             mask[0, 0, 5, 700] = True
         nqt, nkb = triton.cdiv(L, bm), triton.cdiv(S, bn)
-        got, want = [(torch.empty(B, 1, nqt, nkb), torch.zeros(B * nqt, dtype=torch.int32))
-                     for _ in range(2)]
-        sweep.mask_stats_op(mask, *want, L, S, nqt, nkb)
-        sweep.mask_stats_rows(mask.view(torch.uint8), *got, L, S, nqt, nkb, rows=8, kb=8)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        want = kernel_plan.mask_statistics(mask, L, S, bm, bn)
         assert (want[1].sum() > 0) == (flip or L > S - 40)  # the count can tell a change
         assert torch.isinf(want[0]).any()  # some blocks are wholly masked
+        for specialised in (True, False):
+            launches = [lambda *a: sweep.mask_stats_per_entry(*a, kb=4, specialised=specialised),
+                        lambda *a: sweep.mask_stats_op(*a, rows=16, kb=8, specialised=specialised)]
+            for launch_stats in launches:
+                got = torch.empty(B, 1, nqt, nkb), torch.zeros(B * nqt, dtype=torch.int32)
+                launch_stats(mask, *got, L, S, nqt, nkb)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

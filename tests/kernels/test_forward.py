@@ -216,6 +216,61 @@ def test_mask_stats_count_entries_unlike_causal(name, mask, expected, blocks_per
     assert torch.equal(plan.n_live, whole.n_live) and torch.equal(plan.order, whole.order)
 
 
+def _mask_stats_oracle(mask4, L, S, bm, bn):
+    """Per (mask batch and head, tile, block) the mask's maximum (0 or -inf), and per tile the
+    entries unlike top-left causal, from the dense [L, S] pattern."""
+    keep = mask4.cpu().expand(mask4.shape[0], mask4.shape[1], L, S)
+    causal = torch.ones(L, S, dtype=torch.bool).tril()
+    nqt, nkb = -(-L // bm), -(-S // bn)
+    pad = torch.zeros(*keep.shape[:2], nqt * bm, nkb * bn, dtype=torch.bool)
+    pad[..., :L, :S] = keep
+    block_any = pad.view(*keep.shape[:2], nqt, bm, nkb, bn).any(5).any(3)
+    mask_max = torch.zeros(block_any.shape).masked_fill(~block_any, -math.inf)
+    unlike = torch.zeros(*keep.shape[:2], nqt * bm, dtype=torch.int64)
+    unlike[..., :L] = (keep != causal).sum(-1)
+    return mask_max, unlike.view(*keep.shape[:2], nqt, bm).sum(-1).flatten().to(torch.int32)
+
+
+BOOL_MASK_CASES = [  # L, S, block_m, block_n, blocks per program, rows per load, mask
+    (40, 40, 16, 16, 16, 8, "random"), (40, 72, 16, 16, 1, 8, "random"),
+    (70, 50, 32, 16, 2, 4, "causal_with_holes"), (64, 96, 16, 32, 1, 16, "static_cache"),
+    (33, 130, 16, 16, 4, 8, "static_cache"), (48, 48, 16, 16, 2, 8, "one_above"),
+]
+
+
+@pytest.mark.parametrize("L,S,bm,bn,per_program,rows,kind", BOOL_MASK_CASES,
+                         ids=[f"{c[6]}-L{c[0]}-S{c[1]}-kb{c[4]}" for c in BOOL_MASK_CASES])
+def test_bool_mask_stats_equal_the_dense_pattern(L, S, bm, bn, per_program, rows, kind,
+                                                 monkeypatch):
+    """The bool kernel counts kept entries per block and the entries unlike causal per tile
+    without comparing each entry with the causal pattern (kept, kept past the diagonal's tile,
+    the diagonal triangle re-read): its block maxima and per-tile counts equal the dense
+    pattern's, whichever program holds the diagonal and whatever the mask's strides (a
+    transposed copy: key stride L; a head broadcast with stride 0)."""
+    g = torch.Generator().manual_seed(L * S)
+    causal = torch.ones(L, S, dtype=torch.bool).tril()
+    if kind == "random":
+        mask = torch.rand(2, 1, L, S, generator=g) < 0.02  # whole blocks empty
+    elif kind == "causal_with_holes":
+        mask = causal & (torch.rand(L, S, generator=g) > 0.1)
+    elif kind == "one_above":
+        mask = causal.clone()
+        mask[20, 21] = True  # on the diagonal's triangle
+        mask[3, 47] = True  # past the tile's last row
+    else:
+        mask = causal  # the slots past the prompt masked
+    if mask.dim() == 2:
+        mask = torch.stack([mask, ~mask]).unsqueeze(1)  # the complement: every entry unlike
+    strided = mask.transpose(-1, -2).contiguous().transpose(-1, -2)  # row stride 1, key stride L
+    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", per_program)
+    monkeypatch.setattr(kernel_plan, "BOOL_MASK_ROWS", rows)
+    want_max, want_unlike = _mask_stats_oracle(mask, L, S, bm, bn)
+    for m in (mask, strided, mask.expand(2, 3, L, S)):
+        mask_max, unlike = kernel_plan.mask_statistics(m.to(DEVICE), L, S, bm, bn)
+        assert torch.equal(mask_max.cpu(), want_max.expand_as(mask_max))
+        assert torch.equal(unlike.cpu(), want_unlike.view(2, 1, -1).expand(2, m.shape[1], -1).flatten())
+
+
 def test_dense_choice_counts_causal_blocks_under_a_materialised_causal_mask():
     """HF's finfo.min causal mask leaves the blocks past the diagonal live (finite bounds), so the
     dense choice measures its visit fraction against the causal blocks: on unprunable data the
