@@ -186,12 +186,20 @@ def _bounds_kernel(
     g = b * (H // GROUP) + h // GROUP  # flat (batch, kv head)
     o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, D_PAD)
-    m_m = o_m < L
+    # Rows past L repeat row L - 1: the max over the tile's rows needs no mask then.
+    o_m = tl.minimum(o_m, L - 1)
     p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
+    b_q = tl.load(p_q, mask=o_d[None, :] < D, other=0.0).to(tl.float32)
     b_q = b_q * sm_scale  # q' = scale * q: the bound is then on the score itself, any sign of scale
     qn = tl.sqrt(tl.sum(b_q * b_q, 1))  # [BM]
-    q_unit = b_q / tl.where(qn > 0, qn, 1.0)[:, None]
+    # NaN or inf in q: every block must be visited so it reaches the output, as in SDPA. Such
+    # rows are zeroed and flagged here, once, and blocks whose summary is not finite are flagged
+    # per block below, so that no NaN reaches the per-entry work of the loop (each entry then
+    # costs one multiply-add, one multiply and its share of the max).
+    bad_row = ~(qn < float("inf"))
+    any_bad_row = tl.max(bad_row.to(tl.int32), 0) > 0
+    qn = tl.where(bad_row, 0.0, qn)
+    q_unit = tl.where(bad_row[:, None], 0.0, b_q / tl.where(qn > 0, qn, 1.0)[:, None])
     if USE_BOX:
         qa_unit = tl.abs(q_unit).to(tl.float16)
     q_unit = q_unit.to(tl.float16)
@@ -210,6 +218,9 @@ def _bounds_kernel(
         p_n = GeoNorm + (g * n_kb + o_j) * 4
         n_mu = tl.load(p_n, mask=m_j, other=0.0)
         rad = tl.load(p_n + 1, mask=m_j, other=0.0)
+        # A key block with NaN or inf holds a non-finite centroid norm or radius (its unit
+        # centroid may then be NaN): flagged, so whatever the max makes of its NaN is overridden.
+        bad = ~((n_mu < float("inf")) & (rad < float("inf")))
         dot_mu = tl.dot(g_mu, q_unit_t)  # [BJ, BM], fp16 in, fp32 accumulate
         bound = n_mu[:, None] * dot_mu + (rad + SLACK * (n_mu + rad))[:, None]  # the ball
         if USE_BOX:
@@ -217,16 +228,13 @@ def _bounds_kernel(
             g_h = tl.load(p_g + 2 * D_PAD, mask=m_j[:, None], other=0.0)
             n_c = tl.load(p_n + 2, mask=m_j, other=0.0)
             n_h = tl.load(p_n + 3, mask=m_j, other=0.0)
+            bad = bad | ~((n_c < float("inf")) & (n_h < float("inf")))
             dot_c = tl.dot(g_c, q_unit_t)
             dot_h = tl.dot(g_h, qa_unit_t)
             box = n_c[:, None] * dot_c + n_h[:, None] * dot_h + SLACK * (n_c + n_h)[:, None]
-            bound = tl.minimum(bound, box, propagate_nan=tl.PropagateNan.ALL)
-        rb = qn[None, :] * bound
-        # NaN in q or k: the block must be visited so the NaN reaches the output, as in SDPA;
-        # +inf here makes the max say so (one reduction, whatever tl.max does with NaN).
-        rb = tl.where(rb != rb, float("inf"), rb)
-        rb = tl.where(m_m[None, :], rb, -float("inf"))
-        u = tl.max(rb, 1)  # [BJ]
+            bound = tl.minimum(bound, box)
+        u = tl.max(qn[None, :] * bound, 1)  # [BJ]
+        u = tl.where(bad | any_bad_row, float("inf"), u)
         if HAS_MASK:
             mmax = tl.load(MaskMax + b * stride_xb + h * stride_xh + t * n_kb + o_j, mask=m_j,
                            other=-float("inf"))

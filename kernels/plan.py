@@ -137,20 +137,17 @@ def mask_statistics(mask4, L, S, block_m, block_n):
     return mask_max, not_causal
 
 
-def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   block_m=None, block_n=None) -> VisitPlan:
-    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
+def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: int, block_n: int):
+    """Stages 1-3: per (batch, head, query tile, key block) an upper bound on every score of the
+    tile's rows against the block's keys, mask included (float32 [B, H, nQT, nKB], natural log
+    units; -inf: nothing live, +inf: must be visited). Returns (bounds, the mask as a 4-D view
+    or None, its per-tile count of entries unlike causal or None)."""
     B, H, L, D = query.shape
-    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
-    D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
+    Hkv, S = key.shape[1], key.shape[2]
+    D = int(D)
     dev = query.device
-    d_block_m, d_block_n = default_blocks(max(D, DV), dev.type)
-    block_m = block_m or d_block_m
-    block_n = block_n or d_block_n
-    scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = pad_pow2(D)
-
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
     traceable(_geometry_kernel)[(B * Hkv * nkb,)](
@@ -173,6 +170,21 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         USE_BOX=use_box_bound(),
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
         **bounds_config(d_pad, dev.type, use_box_bound()))
+    return bounds, mask4, mask_not_causal
+
+
+def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                   block_m=None, block_n=None) -> VisitPlan:
+    """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
+    B, H, L, D = query.shape
+    Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
+    D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
+    d_block_m, d_block_n = default_blocks(max(D, DV), query.device.type)
+    block_m = block_m or d_block_m
+    block_n = block_n or d_block_n
+    scale = D ** -0.5 if scale is None else float(scale)
+    bounds, mask4, mask_not_causal = tile_bounds(query, key, attn_mask, is_causal, scale, block_m,
+                                                 block_n)
 
     planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)

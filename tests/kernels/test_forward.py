@@ -128,6 +128,72 @@ def test_prunes_and_agrees_with_reference_selection(box, monkeypatch):
     assert torch.all(kept2 | ~kept) and kept2.float().mean() < 0.95
 
 
+TILE_BOUND_CASES = [  # B, H, Hkv, L, S, D, mask, causal, box
+    (1, 2, 2, 40, 72, 16, None, False, "0"), (2, 4, 2, 33, 50, 24, "bool", False, "0"),
+    (1, 2, 1, 50, 50, 32, "float", True, "1"), (1, 2, 2, 17, 40, 16, None, True, "1"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,S,D,mask_kind,is_causal,box", TILE_BOUND_CASES,
+                         ids=[f"L{c[3]}-S{c[4]}-{c[6]}-{'causal' if c[7] else 'full'}-box{c[8]}"
+                              for c in TILE_BOUND_CASES])
+def test_tile_bounds_hold_for_every_score_and_follow_the_reference(B, H, Hkv, L, S, D, mask_kind,
+                                                                   is_causal, box, monkeypatch):
+    """The bounds kernel's value for each (tile, block) is at least every score of the tile's
+    rows against the block's keys (float64, mask and causal applied), partial tiles included,
+    and no looser than the plain-torch bound over the tile's real rows by more than the fp16
+    rounding its slack covers (rows past L must not loosen it)."""
+    from aether_compile.kernels.reference import block_geometry, row_bounds, tile_max
+
+    monkeypatch.setenv("AETHER_BOX_BOUND", box)
+    q, k, _ = _inputs(B, H, Hkv, L, S, D, D, torch.float16, seed=L + S)
+    scale = D ** -0.5
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(B, 1, L, S, generator=g) > 0.3
+    keep[..., :, 16:32] = False  # a wholly masked block column
+    mask = {None: None, "bool": keep,
+            "float": torch.where(keep, torch.randn(B, 1, L, S, generator=g), -math.inf)}[mask_kind]
+    bounds, _, _ = kernel_plan.tile_bounds(q, k, None if mask is None else mask.to(DEVICE),
+                                           is_causal, scale, BM, BN)
+    bounds = bounds.cpu().double()
+    kx = k.double().cpu().repeat_interleave(H // Hkv, 1)
+    scores = q.double().cpu() @ kx.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + (torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool
+                           else mask.double())
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
+    exact = tile_max(tile_max(scores, BM, -2), BN, -1)  # [B, H, nQT, nKB]
+    assert bool((bounds >= exact).all())
+    if mask is not None or is_causal:  # some blocks hold nothing live, and say so
+        assert bool((bounds[exact == -math.inf] == -math.inf).any())
+    # Against the reference bound over each tile's real rows, on the fp16 inputs as the kernel
+    # read them: equal up to the fp16 unit vectors' rounding.
+    ref = tile_max(row_bounds(q.double().cpu() * scale,
+                              block_geometry(kx.to(torch.float16).double(), BN)), BM, -2)
+    live = torch.isfinite(bounds) & torch.isfinite(exact)
+    if mask is not None and mask.dtype != torch.bool:
+        return  # the float mask adds its own block maximum: compared above against the scores
+    slack = 2e-3 * (ref.abs() + 1)
+    assert bool((bounds[live] <= ref[live] + slack[live]).all())
+
+
+def test_tile_bounds_flag_nonfinite_rows_and_blocks():
+    """NaN or inf in a query row makes its tile's bounds +inf (every block visited, as SDPA lets
+    the NaN reach the output); NaN or inf in a key makes its block's bounds +inf for every tile;
+    the other (tile, block) pairs stay finite."""
+    q, k, _ = _inputs(1, 2, 2, 40, 64, 16, 16, torch.float16, seed=9)
+    q[0, 0, 20, 3] = math.nan  # tile 1 of head 0
+    k[0, 1, 40, 5] = math.inf  # block 2 of head 1
+    bounds, _, _ = kernel_plan.tile_bounds(q, k, None, False, 0.25, BM, BN)
+    bounds = bounds.cpu()
+    want_inf = torch.zeros_like(bounds, dtype=torch.bool)
+    want_inf[0, 0, 1, :] = True
+    want_inf[0, 1, :, 2] = True
+    assert torch.equal(bounds == math.inf, want_inf)
+    assert bool(torch.isfinite(bounds[~want_inf]).all())
+
+
 def test_box_bound_tightens_anisotropic_blocks(monkeypatch):
     """Keys spread along one channel: the ball pays the whole spread times |q|, the box only q's
     share of that channel. With the box on, bounds are never looser and here strictly tighter,
