@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from aether_compile import dense_policy
+from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.kernels.forward import Skip, forward_mode, launch_attention, new_out
-from aether_compile.kernels.launch import eager_constant, mask_as_4d
+from aether_compile.kernels.launch import default_blocks, eager_constant, mask_as_4d
 from aether_compile.kernels.plan import VisitPlan, all_live_blocks, kept_map
 
 
@@ -28,7 +29,8 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     ``dense_policy.sampled_dense_choice`` first; dense leaves an empty plan (identity order,
     nothing live) and skip = 1. gate (``dense_policy.gate_applies``, no sample): plan, probe
     and ``dense_gate``; n_visit is the certified count, or every live block where the gate went
-    dense. Otherwise: the plan.
+    dense. A gated call whose mask turns out exactly top-left causal takes the sampled choice
+    instead, as is_causal (``_prepare_as_causal``). Otherwise: the plan.
     Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
     lse hold the dense answer where skip is 1, else the pass fills them."""
     B, H, L, _ = query.shape
@@ -53,8 +55,17 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
         plan = kernel_plan.plan_attention(query, key, value, None, is_causal, scale, block_m,
                                           block_n)
     else:
+        mask_stats = None
+        if gate and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
+            # A mask exactly top-left causal (a static cache's prefill) is is_causal without it:
+            # the sampled choice decides before any plan, as for an unmasked causal call.
+            mask4 = mask_as_4d(attn_mask, B, H, L, key.shape[-2])
+            mask_stats = kernel_plan.mask_statistics(mask4, L, key.shape[-2], block_m, block_n)
+            if not int(mask_stats[1].sum()):
+                return _prepare_as_causal(query, key, value, scale, eps, block_m, block_n,
+                                          fraction, site)
         plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
-                                          block_n)
+                                          block_n, mask_stats=mask_stats)
         if gate:
             out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps,
                                                                   fraction)
@@ -63,6 +74,44 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
             skip = dense_policy.new_skip_flag(query)
     if n_visit is None:
         n_visit = torch.zeros(B, H, nqt, device=dev, dtype=torch.int32)
+    return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
+
+
+def causal_mask_may_skip_the_plan(query, key, value, attn_mask) -> bool:
+    """Whether the forward first checks if the mask is exactly top-left causal (one host read of
+    its statistics, which the plan needs anyway): a prefill-sized call that a dense causal
+    kernel computes, on CUDA tensors (not while tracing), not while a CUDA graph is captured."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (attn_mask is not None and query.device.type == "cuda" and not is_fake(query)
+            and not torch.compiler.is_compiling()
+            and query.shape[-2] >= dense_policy.CAUSAL_MASK_MIN_ROWS
+            and not torch.cuda.is_current_stream_capturing()
+            and kernel_dense.dense_kernel_fits(query, key, value, True))
+
+
+def _prepare_as_causal(query, key, value, scale, eps, block_m, block_n, fraction, site):
+    """``prepare_pass``'s outputs for a call whose mask is exactly top-left causal: the sampled
+    dense choice with is_causal, then either the dense answer (the pass returns at once; the
+    kept map is the causal blocks: identity order, n_visit the causal count) or the causal plan
+    without the mask, its probe and gate. The pass still applies the mask, which equals what
+    the causal plan assumed, so its visit order and tail sums hold."""
+    B, H, L, _ = query.shape
+    S, dev = key.shape[-2], query.device
+    nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
+    out, lse, dense = dense_policy.sampled_dense_choice(query, key, value, True, scale, eps,
+                                                        block_m, block_n, fraction, site)
+    if dense:
+        order = torch.empty(B, H, nqt, nkb, device=dev, dtype=torch.int32)
+        order.copy_(eager_constant(("arange", nkb, dev), lambda: torch.arange(
+            nkb, device=dev, dtype=torch.int32)))
+        causal = kernel_plan.cached_causal_block_map(L, nqt, nkb, block_m, block_n, dev)
+        n_visit = causal.sum(-1, dtype=torch.int32).expand(B, H, nqt).contiguous()
+        skip = torch.full((1,), int(Skip.DENSE), device=dev, dtype=torch.int32)
+        return (out, lse, order, torch.empty(order.shape, device=dev), n_visit.clone(), n_visit,
+                skip)
+    plan = kernel_plan.plan_attention(query, key, value, None, True, scale, block_m, block_n)
+    out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps, fraction)
     return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
 
 
@@ -137,7 +186,30 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
     """Certified block-sparse attention on the Triton path, eager (compiled graphs split it into
     ``prepare_pass`` and ``attention_after_prepare``).
 
-    Same contract as ``reference.reference_attention``: returns (out, lse, kept)."""
+    Same contract as ``reference.reference_attention``: returns (out, lse, kept). With a dense
+    crossover, a mask that turns out exactly top-left causal is run as is_causal without it
+    (``prepare_pass`` does the same for compiled graphs)."""
+    mask_stats = None
+    if dense_fraction is not None and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
+        B, H, L, D = query.shape
+        S = key.shape[-2]
+        d_block_m, d_block_n = default_blocks(max(int(D), int(value.shape[-1])), query.device.type)
+        block_m, block_n = block_m or d_block_m, block_n or d_block_n
+        mask_stats = kernel_plan.mask_statistics(mask_as_4d(attn_mask, B, H, L, S), L, S,
+                                                 block_m, block_n)
+        if not int(mask_stats[1].sum()):
+            scale = D ** -0.5 if scale is None else float(scale)
+            dense = dense_policy.eager_choice(query, key, value, True, scale, eps, block_m,
+                                              block_n, dense_fraction)
+            if dense:
+                out = kernel_dense.dense_sdpa_with_lse(query, key, value, True, scale)
+                if out is not None:
+                    return (*out, all_live_blocks(L, S, block_m, block_n, True, B, H,
+                                                  query.device))
+            plan = kernel_plan.plan_attention(query, key, value, None, True, scale, block_m,
+                                              block_n)
+            return run_attention(query, key, value, plan, eps, mode,
+                                 None if dense is not None else dense_fraction)
     plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
-                                      block_n)
+                                      block_n, mask_stats=mask_stats)
     return run_attention(query, key, value, plan, eps, mode, dense_fraction)

@@ -23,8 +23,9 @@ import triton.language as tl
 
 from aether_compile.kernels import bounds as kernel_bounds
 from aether_compile.kernels import launch
-from aether_compile.kernels.certificate import BOUND_REL_SLACK
-from aether_compile.kernels.plan import BOOL_MASK_ROWS, MASK_STATS_BLOCKS
+from aether_compile.kernels import plan as kernel_plan
+from aether_compile.kernels.certificate import BOUND_REL_SLACK, sort_index_bits
+from aether_compile.kernels.plan import BOOL_MASK_BLOCKS, BOOL_MASK_ROWS, MASK_STATS_BLOCKS
 from aether_compile.workloads import WORKLOADS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,11 +49,15 @@ def sweep_bounds(N: int) -> dict:
     geo16 = torch.empty(H * nkb, 3, D, device="cuda", dtype=torch.float16)
     geo_norm = torch.empty(H * nkb, 4, device="cuda")
 
-    def geometry():
+    def geometry(warps=4):
         kernel_bounds._geometry_kernel[(H * nkb,)](
-            k, geo16, geo_norm, *k.stride(), N, D, nkb, H, BLOCK_N=BLOCK_N, D_PAD=D)
+            k, geo16, geo_norm, *k.stride(), N, D, nkb, H, BLOCK_N=BLOCK_N, D_PAD=D,
+            num_warps=warps)
 
-    row = {"N": N, "geometry_ms": bench(geometry)}
+    # The op launches it with Triton's default of 4 warps. One per-block reduction chain a
+    # program: fewer warps trade barriers for registers.
+    row = {"N": N, "geometry_ms": {f"w{w}": bench(lambda: geometry(w)) for w in (1, 2, 4, 8)},
+           "geometry_default": "w4"}
     geometry()
     bounds = torch.empty(1, H, nqt, nkb, device="cuda")
     default = launch.bounds_config(D, "cuda", False)
@@ -72,6 +77,20 @@ def sweep_bounds(N: int) -> dict:
     # the same product on cuBLAS, [N, D] x [D, nKB] per head (written out, so an upper anchor)
     mu = geo16[:, 0].view(H, nkb, D)
     row["cublas_q_mu_ms"] = bench(lambda: torch.matmul(q[0], mu.transpose(1, 2)))
+    # the plan kernel (sort and tail sums) on these bounds, over warps
+    kernel_bounds._bounds_kernel[(H * nqt,)](
+        q, geo16, geo_norm, q, bounds, *q.stride(), 0, 0, D ** -0.5, N, N, D, nqt, nkb, H, 1,
+        HAS_MASK=False, IS_CAUSAL=False, SLACK=BOUND_REL_SLACK, USE_BOX=False, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, D_PAD=D, **default)
+    order = torch.empty(1, H, nqt, nkb, device="cuda", dtype=torch.int32)
+    tail = torch.empty(1, H, nqt, nkb, device="cuda")
+    n_live = torch.empty(1, H, nqt, device="cuda", dtype=torch.int32)
+    pad = max(16, triton.next_power_of_2(nkb))
+    row["plan_ms"] = {f"w{warps}": bench(lambda: kernel_plan._plan_kernel[(H * nqt,)](
+        bounds, order, tail, n_live, N, N, nqt, nkb, IS_CAUSAL=False, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, NKB_PAD=pad, IDX_BITS=sort_index_bits(nkb), num_warps=warps))
+        for warps in (4, 8, 16)}
+    row["plan_default"] = f"w{4 if pad <= 1024 else 8}"
     return row
 
 
@@ -124,7 +143,7 @@ def mask_stats_per_entry(m, mask_max, not_causal, L, S, nqt, nkb, kb=MASK_STATS_
 
 
 def mask_stats_op(m, mask_max, not_causal, L, S, nqt, nkb, rows=BOOL_MASK_ROWS,
-                  kb=MASK_STATS_BLOCKS, warps=4, specialised=True):
+                  kb=BOOL_MASK_BLOCKS, warps=4, specialised=True):
     """``plan.mask_statistics``' launch of the op's bool kernel, its meta-parameters exposed."""
     return _KERNELS["op", specialised][(m.shape[0] * nqt, triton.cdiv(nkb, kb))](
         m, mask_max, not_causal, *m.stride(), L, S, nqt, nkb, 1,
@@ -152,7 +171,7 @@ def sweep_mask_stats(B, H, Hkv, L, S, D) -> dict:
                     times[f"op_{tag}_rows{n_rows}_kb{kb}_w{warps}"] = bench(lambda: mask_stats_op(
                         mask, mask_max, not_causal, L, S, nqt, nkb, n_rows, kb, warps, specialised))
     return {"B": B, "L": L, "S": S, "mask_bytes": mask.numel(), "mask_stats_ms": times,
-            "mask_stats_default": f"op_{{spec,nospec}}_rows{BOOL_MASK_ROWS}_kb{MASK_STATS_BLOCKS}_w4",
+            "mask_stats_default": f"op_{{spec,nospec}}_rows{BOOL_MASK_ROWS}_kb{BOOL_MASK_BLOCKS}_w4",
             "read_mask_once_ms": bench(lambda: mask.view(torch.uint8).amax())}
 
 

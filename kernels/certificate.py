@@ -84,6 +84,24 @@ def causal_priority_block(L: int, S: int, block_m: int, block_n: int, device) ->
     return torch.where(first_row < S, blk, torch.full_like(blk, -1))
 
 
+def sort_index_bits(n_kb: int) -> int:
+    """Bits of a packed sort key that hold the block index (the plan kernel sorts a row padded
+    to a power of two, at least 16)."""
+    return max(16, 1 << max(int(n_kb) - 1, 0).bit_length()).bit_length() - 1
+
+
+def sort_keys(bounds: torch.Tensor) -> torch.Tensor:
+    """The visit order's sort key: the bounds' order-preserving int32 bits with the low
+    ``sort_index_bits`` cleared, as the plan kernel packs them (it keeps the block index there).
+    A descending stable sort on it is best-first to 2^(bits - 23) of each bound, ties by block
+    index. Any order certifies: the tail sums follow it."""
+    bits = bounds.float().contiguous().view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    n_kb = bounds.shape[-1]
+    # A symbolic count (dynamic shapes) never reaches the plan kernel: keep every bit there.
+    return bits >> sort_index_bits(n_kb) if isinstance(n_kb, int) else bits
+
+
 def plan_visits(bounds: torch.Tensor, S: int, block_m: int, block_n: int, is_causal: bool,
                 L: int):
     """Best-first visit order for every query tile.
@@ -105,7 +123,7 @@ def plan_visits(bounds: torch.Tensor, S: int, block_m: int, block_n: int, is_cau
         is_prio = torch.arange(nkb, device=device)[None, :] == prio[:, None]  # [nQT, nKB]
         is_prio = is_prio & (bounds > -math.inf)
         sort_key = torch.where(is_prio, torch.full_like(bounds, math.inf), bounds)
-    sort_key, order = torch.sort(sort_key, dim=-1, descending=True, stable=True)
+    _, order = torch.sort(sort_keys(sort_key), dim=-1, descending=True, stable=True)
     sorted_bounds = torch.gather(bounds, -1, order)
     log_mass = sorted_bounds + torch.log(keys_per_block(S, block_n, device))[order]
     # Suffix log-sum-exp: tail[p] = log sum_{q >= p} exp(log_mass[q]).

@@ -15,7 +15,7 @@ from aether_compile import settings
 
 from .bounds import _bool_mask_stats_kernel, _bounds_kernel, _geometry_kernel, _mask_stats_kernel
 from .certificate import (BOUND_REL_SLACK, LOG2E, UNCERTIFIABLE_MAX_LOG2, num_blocks, plan_visits,
-                          stop_threshold_log2, use_box_bound)
+                          sort_index_bits, stop_threshold_log2, use_box_bound)
 from .launch import bounds_config, cdiv, default_blocks, eager_constant, is_static, mask_as_4d, \
     next_pow2, pad_pow2, traceable
 
@@ -29,15 +29,22 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _ordered_bits(x):
+    """float32 -> int32 with the same order (negative floats' magnitude bits flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _plan_kernel(
     Bounds, Order, TailLog2, NLive,
     L, S, n_qt, n_kb,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NKB_PAD: tl.constexpr,
+    NKB_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
 ):
     """certificate.plan_visits for one (batch, head, query tile) row of Bounds, in registers: the
-    same order (descending bound, ties by block index, the causal priority block first), the
-    suffix log-sum-exp of bounded mass in log2 units, and the live count."""
+    same order (descending bound to 32 - IDX_BITS bits, ties by block index, the causal priority
+    block first), the suffix log-sum-exp of bounded mass in log2 units, and the live count."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
     o_j = tl.arange(0, NKB_PAD)
@@ -49,13 +56,14 @@ def _plan_kernel(
         first_row = t * BLOCK_M
         prio = (o_j == first_row // BLOCK_N) & (first_row < S) & (bound > -float("inf"))
         key = tl.where(prio, float("inf"), key)
-    # Sort (key desc, index asc) as one int64: order-preserving float bits above, the inverted
-    # index below, so that a plain descending sort breaks ties by the lower block index.
-    bits = key.to(tl.int32, bitcast=True)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (bits.to(tl.int64) << 32) | (NKB_PAD - 1 - o_j).to(tl.int64)
+    # Sort (key desc, index asc) as one int32: the order-preserving float bits with their low
+    # IDX_BITS cleared above, the inverted index below, so that a plain descending sort breaks
+    # ties by the lower block index (certificate.sort_keys). Half the sort's int64 shuffles and
+    # registers; the order is best-first to 2^(IDX_BITS - 23) of each bound, and the tail sums
+    # below follow the order as it is, so the certificate does not depend on it.
+    packed = (_ordered_bits(key) >> IDX_BITS << IDX_BITS) | (NKB_PAD - 1 - o_j)
     packed = tl.sort(packed, descending=True)
-    idx = (NKB_PAD - 1 - (packed & 0xFFFFFFFF)).to(tl.int32)
+    idx = NKB_PAD - 1 - (packed & (NKB_PAD - 1))
     live_slot = idx < n_kb
     sorted_bound = tl.load(Bounds + pid * n_kb + idx, mask=live_slot, other=-float("inf"))
     sorted_bound = tl.where(sorted_bound != sorted_bound, float("inf"), sorted_bound)
@@ -86,6 +94,7 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     traceable(_plan_kernel)[(B * H * nqt,)](
         bounds, order, tail, n_live, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
+        IDX_BITS=sort_index_bits(nkb),
         **({"num_warps": 4 if nkb_pad <= 1024 else 8} if bounds.device.type == "cuda" else {}))
     return order, tail, n_live
 
@@ -112,8 +121,11 @@ class VisitPlan(NamedTuple):
 
 
 # Key blocks per program of the mask-statistics kernels, and the rows per load of the bool one.
+# The bool kernel's: the sweep's steadiest (H100, 7f11e03: 2.0 ms for a 4.3 GB mask whether the
+# launch knew its lengths to be multiples of 16 or not; 8 rows and 16 blocks took 2.0 and 2.7).
 MASK_STATS_BLOCKS = 16
-BOOL_MASK_ROWS = 8
+BOOL_MASK_BLOCKS = 8
+BOOL_MASK_ROWS = 4
 
 
 def mask_statistics(mask4, L, S, block_m, block_n):
@@ -124,24 +136,25 @@ def mask_statistics(mask4, L, S, block_m, block_n):
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     mask_max = torch.empty(Bm, Hm, nqt, nkb, device=mask4.device, dtype=torch.float32)
     not_causal = torch.zeros(Bm * Hm * nqt, device=mask4.device, dtype=torch.int32)
-    grid = (Bm * Hm * nqt, cdiv(nkb, MASK_STATS_BLOCKS))
     if mask4.dtype == torch.bool:
-        traceable(_bool_mask_stats_kernel)[grid](
+        traceable(_bool_mask_stats_kernel)[(Bm * Hm * nqt, cdiv(nkb, BOOL_MASK_BLOCKS))](
             mask4, mask_max, not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
-            ROWS=min(BOOL_MASK_ROWS, block_m), KB=MASK_STATS_BLOCKS,
+            ROWS=min(BOOL_MASK_ROWS, block_m), KB=BOOL_MASK_BLOCKS,
             BLOCK_M=block_m, BLOCK_N=block_n)
     else:
-        traceable(_mask_stats_kernel)[grid](
+        traceable(_mask_stats_kernel)[(Bm * Hm * nqt, cdiv(nkb, MASK_STATS_BLOCKS))](
             mask4, mask_max, not_causal, *mask4.stride(), L, S, nqt, nkb, Hm,
             MASK_STATS_BLOCKS, BLOCK_M=block_m, BLOCK_N=block_n)
     return mask_max, not_causal
 
 
-def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: int, block_n: int):
+def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: int, block_n: int,
+                mask_stats=None):
     """Stages 1-3: per (batch, head, query tile, key block) an upper bound on every score of the
     tile's rows against the block's keys, mask included (float32 [B, H, nQT, nKB], natural log
     units; -inf: nothing live, +inf: must be visited). Returns (bounds, the mask as a 4-D view
-    or None, its per-tile count of entries unlike causal or None)."""
+    or None, its per-tile count of entries unlike causal or None). ``mask_stats``: the mask's
+    ``mask_statistics`` where the caller has them already."""
     B, H, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     D = int(D)
@@ -158,7 +171,7 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
     mask_max, mask_strides = query, (0, 0)  # placeholders when there is no mask
     if attn_mask is not None:
         mask4 = mask_as_4d(attn_mask, B, H, L, S)
-        mask_max, mask_not_causal = mask_statistics(mask4, L, S, block_m, block_n)
+        mask_max, mask_not_causal = mask_stats or mask_statistics(mask4, L, S, block_m, block_n)
         Bm, Hm = mask4.shape[:2]
         mask_strides = (mask_max.stride(0) if Bm > 1 else 0, mask_max.stride(1) if Hm > 1 else 0)
 
@@ -174,7 +187,7 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
 
 
 def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   block_m=None, block_n=None) -> VisitPlan:
+                   block_m=None, block_n=None, mask_stats=None) -> VisitPlan:
     """Stages 1-4: key geometry, mask statistics, bounds, best-first order. No host sync."""
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
@@ -184,7 +197,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     block_n = block_n or d_block_n
     scale = D ** -0.5 if scale is None else float(scale)
     bounds, mask4, mask_not_causal = tile_bounds(query, key, attn_mask, is_causal, scale, block_m,
-                                                 block_n)
+                                                 block_n, mask_stats)
 
     planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)

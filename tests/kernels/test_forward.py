@@ -272,11 +272,13 @@ def test_mask_stats_count_entries_unlike_causal(name, mask, expected, blocks_per
     """The mask statistics count, per tile, the entries that differ from a top-left causal mask;
     zero lets the dense dispatch run a materialised causal mask (HF's) as is_causal. Programs
     that split a tile's key blocks add their counts up."""
-    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", blocks_per_program)
+    for knob in ("MASK_STATS_BLOCKS", "BOOL_MASK_BLOCKS"):
+        monkeypatch.setattr(kernel_plan, knob, blocks_per_program)
     q, k, _ = WORKLOADS["uniform"](1, 2, 40, 16, device=DEVICE)
     plan = kernel_plan.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert int(plan.mask_not_causal.sum()) == expected * plan.mask4.shape[0] * plan.mask4.shape[1]
-    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", 16)
+    for knob in ("MASK_STATS_BLOCKS", "BOOL_MASK_BLOCKS"):
+        monkeypatch.setattr(kernel_plan, knob, 16)
     whole = kernel_plan.plan_attention(q, k, k, mask.to(DEVICE), False, None, 16, 16)
     assert torch.equal(plan.mask_not_causal, whole.mask_not_causal)  # per tile, not just in sum
     assert torch.equal(plan.n_live, whole.n_live) and torch.equal(plan.order, whole.order)
@@ -328,7 +330,7 @@ def test_bool_mask_stats_equal_the_dense_pattern(L, S, bm, bn, per_program, rows
     if mask.dim() == 2:
         mask = torch.stack([mask, ~mask]).unsqueeze(1)  # the complement: every entry unlike
     strided = mask.transpose(-1, -2).contiguous().transpose(-1, -2)  # row stride 1, key stride L
-    monkeypatch.setattr(kernel_plan, "MASK_STATS_BLOCKS", per_program)
+    monkeypatch.setattr(kernel_plan, "BOOL_MASK_BLOCKS", per_program)
     monkeypatch.setattr(kernel_plan, "BOOL_MASK_ROWS", rows)
     want_max, want_unlike = _mask_stats_oracle(mask, L, S, bm, bn)
     for m in (mask, strided, mask.expand(2, 3, L, S)):
@@ -395,6 +397,67 @@ def test_gate_runs_a_static_cache_prefill_mask_dense_on_the_first_keys(flipped, 
     assert rel_err(out, want) < REL_TOL[q.dtype]
 
 
+@pytest.mark.parametrize("choice", ["dense", "sparse", "flipped"])
+def test_prepare_pass_takes_an_exactly_causal_mask_as_is_causal(choice, monkeypatch):
+    """A compiled site with a gate whose mask is exactly top-left causal (a static cache's
+    prefill: fewer queries than slots) skips the masked plan: after the mask's statistics it
+    takes the sampled choice as is_causal. Dense: the pass returns at once, the kept map is the
+    causal blocks. Sparse: the causal plan without the mask, its probe and gate, then the pass
+    with the mask; the result is attention under the mask, each row's dropped mass within eps.
+    One entry unlike causal keeps the masked plan and never asks the sampled choice. (CPU: the
+    shortcut's CUDA check is patched and the dense kernel is float64 math.)"""
+    L, S, eps = 128, 160, 1e-2
+    monkeypatch.setattr(kernel_forward, "PROBE_BLOCKS", 2)  # so that the pass can skip here
+    q, k, v = WORKLOADS["clustered"](1, 2, S, 16, device=DEVICE, seed=4, run=32, centers=8)
+    q = q[:, :, :L].contiguous()
+    mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril()
+    if choice == "flipped":
+        mask[40, 150] = True
+    scale = 16 ** -0.5
+    want = dense_oracle(q, k, v, mask, False)
+    asked = []
+
+    def sampled(query, key, value, is_causal, scale_, eps_, bm, bn, fraction, site=-1):
+        asked.append(is_causal)
+        out, lse = math_causal(query, key, value, scale_)
+        return out, lse, choice == "dense"
+
+    def math_causal(query, key, value, scale_):
+        logits = (query.double() @ key.double().transpose(-1, -2)) * scale_
+        logits = logits.masked_fill(~torch.ones_like(logits, dtype=torch.bool).tril(), -math.inf)
+        return (logits.softmax(-1) @ value.double()).to(query.dtype), logits.logsumexp(-1).float()
+
+    monkeypatch.setattr(triton_forward, "causal_mask_may_skip_the_plan", lambda *a: True)
+    monkeypatch.setattr(dense_policy, "sampled_dense_choice", sampled)
+    monkeypatch.setattr(dense_policy, "eager_choice", lambda query, key, value, is_causal, *a:
+                        asked.append(is_causal) or choice == "dense")
+    monkeypatch.setattr(kernel_dense, "dense_sdpa_with_lse",
+                        lambda query, key, value, is_causal, scale_, **kw: math_causal(
+                            query, key, value, scale_))
+    causal_blocks = kernel_plan.causal_block_map(L, L // BM, -(-S // BN), BM, BN, "cpu")
+    for compiled in (True, False):  # prepare_pass and its pass; the eager forward
+        asked.clear()
+        if compiled:
+            prepared = triton_forward.prepare_pass(q, k, v, mask, False, scale, eps, BM, BN, 0.6,
+                                                   False, True)
+            out, lse, kept = triton_forward.attention_after_prepare(
+                q, k, v, mask, False, scale, eps, BM, BN, prepared, False, True)
+            assert int(prepared[-1]) == (int(kernel_forward.Skip.DENSE) if choice == "dense"
+                                         else 0)
+        else:
+            out, lse, kept = triton_forward.triton_attention(q, k, v, mask, False, scale, False,
+                                                             eps, BM, BN, dense_fraction=0.6)
+        assert asked == ([] if choice == "flipped" else [True])
+        assert rel_err(out, want) < REL_TOL[q.dtype]
+        if choice == "dense":
+            assert torch.equal(kept.cpu(), causal_blocks.expand_as(kept.cpu()))
+        else:
+            assert float(dropped_mass(q, k, kept, BM, BN, attn_mask=mask).max()) <= eps
+            assert bool((~kept.cpu() & causal_blocks).any())  # clustered data: something skipped
+        if choice == "sparse":
+            assert not bool((kept.cpu() & ~causal_blocks).any())  # nothing past the diagonal
+
+
 @pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
                                                  (2, 40, 637, True), (1, 1, 7, False),
                                                  (2, 17, 17 * 16, False)])
@@ -410,6 +473,9 @@ def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
         b[0, 0, 0, 2] = -math.inf
         b[1, 2, -1, -1] = math.nan
     b[0, 1, 0, :] = -math.inf  # a tile with no live block
+    if nkb > 4:  # bounds a hair apart (below the packed key's resolution) and negative ones
+        b[1, 0, 0, 3] = b[1, 0, 0, 4] * (1 + 2 ** -20)
+        b[1, 1, 0, :] = -b[1, 1, 0, :].abs()
     b = b.to(DEVICE)
     L = nqt * 16
     order, tail, n_live = plan_visits(b, S, 16, 16, is_causal, L)
@@ -419,6 +485,32 @@ def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
     assert torch.equal(finite, torch.isfinite(f_tail))
     assert torch.equal(tail[~finite], f_tail[~finite])
     torch.testing.assert_close(f_tail[finite], tail[finite], rtol=1e-6, atol=1e-5)
+
+
+def test_visit_order_is_best_first_to_the_packed_keys_resolution():
+    """The order sorts bounds packed with the block index into 32 bits: best-first except between
+    bounds closer than 2^(index bits - 23) of their size, which keep block order; live blocks
+    before dead ones; and the tail at each position is the bounded mass of exactly the blocks from
+    there on (what the certificate needs, whatever the order)."""
+    from aether_compile.kernels.certificate import plan_visits, sort_index_bits
+
+    g = torch.Generator().manual_seed(0)
+    nkb = 700
+    b = torch.randn(2, 2, 3, nkb, generator=g) * 8
+    b[..., 600:] = -math.inf
+    b[0, 0, 0, 10] = b[0, 0, 0, 11] * (1 + 2 ** -21)  # below the resolution: block order
+    order, tail, n_live = plan_visits(b, nkb * 16, 16, 16, False, 48)
+    sorted_b = torch.gather(b, -1, order.long())
+    rel = 2.0 ** (sort_index_bits(nkb) - 23)
+    live = sorted_b[..., :-1] > -math.inf
+    step_up = sorted_b[..., 1:] > sorted_b[..., :-1]
+    assert not bool((step_up & live & (sorted_b[..., 1:] - sorted_b[..., :-1]
+                                        > rel * 2 * sorted_b[..., 1:].abs())).any())
+    assert bool((n_live == 600).all()) and bool((sorted_b[..., :600] > -math.inf).all())
+    want = torch.logcumsumexp((sorted_b + math.log(16)).flip(-1), -1).flip(-1) * 1.4426950408889634
+    torch.testing.assert_close(tail[..., :600], want[..., :600].float(), rtol=1e-5, atol=1e-5)
+    i, j = (order[0, 0, 0] == 10).nonzero().item(), (order[0, 0, 0] == 11).nonzero().item()
+    assert i < j  # tied after packing: the lower block first
 
 
 def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
