@@ -138,7 +138,14 @@ def test_dense_dispatch_on_unprunable_data(H, Hkv, is_causal, mask_kind, monkeyp
     assert dense_calls, "the dense path was not taken"
     ref_out, ref_lse, ref_kept = triton_forward.triton_attention(q, k, v, mask, is_causal, None, H != Hkv,
                                                       0.0)  # the sparse kernel, dense
-    assert torch.equal(stats.kept_blocks, ref_kept)  # every live block
+    if mask is None:
+        assert torch.equal(stats.kept_blocks, ref_kept)  # every live block
+    else:  # found exactly causal, so run as is_causal: the causal blocks (the HF mask's blocks
+        # past the diagonal hold finfo.min, live to the masked kernel but never computed here)
+        causal = kernel_plan.all_live_blocks(L, S, stats.block_m, stats.block_n, True, 1, H,
+                                             "cuda")
+        assert torch.equal(stats.kept_blocks, causal)
+        assert not bool((causal & ~ref_kept).any())
     assert rel_err(out, ref_out) < 2e-3
     assert torch.allclose(stats.lse, ref_lse, atol=2e-2)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
