@@ -59,9 +59,8 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
         if gate and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
             # A mask exactly top-left causal (a static cache's prefill) is is_causal without it:
             # the sampled choice decides before any plan, as for an unmasked causal call.
-            mask4 = mask_as_4d(attn_mask, B, H, L, key.shape[-2])
-            mask_stats = kernel_plan.mask_statistics(mask4, L, key.shape[-2], block_m, block_n)
-            if not int(mask_stats[1].sum()):
+            found_causal, mask_stats = mask_found_causal(query, key, attn_mask, block_m, block_n)
+            if found_causal:
                 return _prepare_as_causal(query, key, value, scale, eps, block_m, block_n,
                                           fraction, site)
         plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
@@ -88,6 +87,14 @@ def causal_mask_may_skip_the_plan(query, key, value, attn_mask) -> bool:
             and query.shape[-2] >= dense_policy.CAUSAL_MASK_MIN_ROWS
             and not torch.cuda.is_current_stream_capturing()
             and kernel_dense.dense_kernel_fits(query, key, value, True))
+
+
+def mask_found_causal(query, key, attn_mask, block_m: int, block_n: int):
+    """(whether the mask is exactly top-left causal, its ``mask_statistics``): one host read."""
+    B, H, L, _ = query.shape
+    S = key.shape[-2]
+    stats = kernel_plan.mask_statistics(mask_as_4d(attn_mask, B, H, L, S), L, S, block_m, block_n)
+    return not int(stats[1].sum()), stats
 
 
 def _prepare_as_causal(query, key, value, scale, eps, block_m, block_n, fraction, site):
@@ -195,9 +202,8 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
         S = key.shape[-2]
         d_block_m, d_block_n = default_blocks(max(int(D), int(value.shape[-1])), query.device.type)
         block_m, block_n = block_m or d_block_m, block_n or d_block_n
-        mask_stats = kernel_plan.mask_statistics(mask_as_4d(attn_mask, B, H, L, S), L, S,
-                                                 block_m, block_n)
-        if not int(mask_stats[1].sum()):
+        found_causal, mask_stats = mask_found_causal(query, key, attn_mask, block_m, block_n)
+        if found_causal:
             scale = D ** -0.5 if scale is None else float(scale)
             dense = dense_policy.eager_choice(query, key, value, True, scale, eps, block_m,
                                               block_n, dense_fraction)
