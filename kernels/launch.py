@@ -169,12 +169,24 @@ def bounds_config(d_pad: int, device_type: str, use_box: bool) -> dict:
     return {"BLOCK_J": 64 if use_box else 128, "num_warps": 8, "num_stages": 2}
 
 
+def _zero(stride) -> bool:
+    """A stride known to be 0 (a symbolic one is not asked: that would guard on it)."""
+    return isinstance(stride, int) and stride == 0
+
+
 def mask_as_4d(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int) -> torch.Tensor:
     """A broadcastable SDPA mask as a 4-D view [Bm, Hm, L, S] (Bm in {1, B}, Hm in {1, H});
-    broadcast row/key dims become stride-0 views, nothing is copied."""
+    broadcast row/key dims become stride-0 views, nothing is copied. Batch and head dims of
+    stride 0 count as broadcast (Bm, Hm = 1)."""
     m = attn_mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
+    # A batch or head dim expanded with stride 0 holds one mask: read it once. (transformers
+    # expands one mask over the batch; the mask statistics would otherwise read it B times.)
+    if m.shape[0] != 1 and _zero(m.stride(0)):
+        m = m[:1]
+    if m.shape[1] != 1 and _zero(m.stride(1)):
+        m = m[:, :1]
     Bm = B if m.shape[0] != 1 else 1
     Hm = H if m.shape[1] != 1 else 1
     # Bool masks go to Triton as they are (it loads i1 through a byte pointer); a uint8 view

@@ -178,6 +178,29 @@ def test_tile_bounds_hold_for_every_score_and_follow_the_reference(B, H, Hkv, L,
     assert bool((bounds[live] <= ref[live] + slack[live]).all())
 
 
+def test_a_mask_expanded_with_stride_zero_is_read_once():
+    """A mask expanded over batch and heads (stride 0, as transformers expands one over the
+    batch) is one mask: the plan's statistics cover it once (Bm = Hm = 1), and the op's output
+    equals the output with a contiguous copy of the same mask."""
+    L, S = 40, 56
+    q, k, v = _inputs(3, 2, 2, L, S, 16, 16, torch.float32, seed=12)
+    one = torch.rand(1, 1, L, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    one[..., 0] = True
+    expanded = one.to(DEVICE).expand(3, 2, L, S)
+    assert launch.mask_as_4d(expanded, 3, 2, L, S).shape[:2] == (1, 1)
+    assert launch.mask_as_4d(expanded.contiguous(), 3, 2, L, S).shape[:2] == (3, 2)
+    plan = kernel_plan.plan_attention(q, k, v, expanded, False, None, BM, BN)
+    assert plan.mask_not_causal.numel() == num_tiles(L)
+    got = triton_attention(q, k, v, expanded, False, None, False, 1e-3, BM, BN)
+    want = triton_attention(q, k, v, expanded.contiguous(), False, None, False, 1e-3, BM, BN)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def num_tiles(L):
+    return -(-L // BM)
+
+
 def test_tile_bounds_flag_nonfinite_rows_and_blocks():
     """NaN or inf in a query row makes its tile's bounds +inf (every block visited, as SDPA lets
     the NaN reach the output); NaN or inf in a key makes its block's bounds +inf for every tile;
