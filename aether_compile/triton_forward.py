@@ -13,7 +13,7 @@ from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.kernels.forward import Skip, forward_mode, launch_attention, new_out
-from aether_compile.kernels.launch import default_blocks, eager_constant, mask_as_4d
+from aether_compile.kernels.launch import eager_constant, mask_as_4d
 from aether_compile.kernels.plan import VisitPlan, all_live_blocks, kept_map
 
 
@@ -200,8 +200,7 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
     if dense_fraction is not None and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
         B, H, L, D = query.shape
         S = key.shape[-2]
-        d_block_m, d_block_n = default_blocks(max(int(D), int(value.shape[-1])), query.device.type)
-        block_m, block_n = block_m or d_block_m, block_n or d_block_n
+        block_m, block_n = kernel_plan.plan_blocks(query, value, block_m, block_n)
         found_causal, mask_stats = mask_found_causal(query, key, attn_mask, block_m, block_n)
         if found_causal:
             scale = D ** -0.5 if scale is None else float(scale)

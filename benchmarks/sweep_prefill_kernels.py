@@ -124,10 +124,10 @@ def _mask_stats_per_entry_kernel(
 
 # Under dynamic shapes Inductor cannot tell that a symbolic length or stride is a multiple of 16,
 # so its launch leaves them unspecialised and the loads go byte by byte; Triton's own launch
-# specialises them at run time. The sweep times both.
+# specialises them at run time. The sweep times both (the second a copy that never specialises).
 _SIZE_ARGS = ["stride_mb", "stride_mh", "stride_mm", "L", "S"]
 _KERNELS = {
-    (name, specialised): (triton.jit(kernel.fn) if specialised
+    (name, specialised): (kernel if specialised
                           else triton.jit(do_not_specialize=_SIZE_ARGS)(kernel.fn))
     for name, kernel in (("per_entry", _mask_stats_per_entry_kernel),
                          ("op", kernel_bounds._bool_mask_stats_kernel))
