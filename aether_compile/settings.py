@@ -16,6 +16,7 @@ cache key covers (``context.code_fingerprint``).
 | ``AETHER_BOX_BOUND=1`` | trace | bounds take the min of the ball and the box (default: the ball) |
 | ``AETHER_RECERT_BLOCKS`` | trace | the pass's re-certification step for every length (0: off) |
 | ``AETHER_PLAN=torch`` | trace | plan with torch ops instead of the fused plan kernel |
+| ``AETHER_PLAN_SORTED`` | trace | blocks the plan kernel sorts per row (a power of two; 0: all) |
 | ``AETHER_TRITON_OP=0`` | import | register the op's bodies as opaque custom ops, not triton_ops |
 | ``AETHER_ACCESS_MEMO=0`` | import | Inductor analyses our kernels' TTIR, not declared writes |
 | ``AETHER_EARLY_COMPILE=0`` | import | Inductor compiles our kernels when it loads its module |
@@ -32,7 +33,7 @@ from typing import Optional
 # do not split the cache).
 KEYED = ("TRITON_INTERPRET", "AETHER_DENSE_FRACTION", "AETHER_STATIC_DENSE",
          "AETHER_DENSE_SAMPLE", "AETHER_FORWARD_MODE", "AETHER_BOX_BOUND", "AETHER_RECERT_BLOCKS",
-         "AETHER_PLAN", "AETHER_TRITON_OP")
+         "AETHER_PLAN", "AETHER_PLAN_SORTED", "AETHER_TRITON_OP")
 
 FORWARD_MODES = ("twopass", "stop")
 
@@ -82,6 +83,17 @@ def forward_mode(mode: Optional[str] = None) -> str:
 def recert_blocks_override() -> Optional[int]:
     env = os.environ.get("AETHER_RECERT_BLOCKS")
     return None if env is None else int(env)
+
+
+def plan_sorted_override() -> Optional[int]:
+    """AETHER_PLAN_SORTED: how many blocks of a row the plan kernel sorts (0: all); None: unset."""
+    env = os.environ.get("AETHER_PLAN_SORTED")
+    if env is None:
+        return None
+    top = int(env)
+    if top < 0 or top & (top - 1):
+        raise ValueError(f"AETHER_PLAN_SORTED must be 0 or a power of two, got {env!r}")
+    return top
 
 
 def fused_plan() -> bool:

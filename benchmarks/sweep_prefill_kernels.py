@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+import aether_compile
 from aether_compile.kernels import bounds as kernel_bounds
 from aether_compile.kernels import launch
 from aether_compile.kernels import plan as kernel_plan
@@ -52,12 +53,11 @@ def sweep_bounds(N: int) -> dict:
     def geometry(warps=4):
         kernel_bounds._geometry_kernel[(H * nkb,)](
             k, geo16, geo_norm, *k.stride(), N, D, nkb, H, BLOCK_N=BLOCK_N, D_PAD=D,
-            num_warps=warps)
+            WITH_BOX=False, num_warps=warps)
 
-    # The op launches it with Triton's default of 4 warps. One per-block reduction chain a
-    # program: fewer warps trade barriers for registers.
+    # One per-block reduction chain a program: fewer warps trade barriers for registers.
     row = {"N": N, "geometry_ms": {f"w{w}": bench(lambda: geometry(w)) for w in (1, 2, 4, 8)},
-           "geometry_default": "w4"}
+           "geometry_default": f"w{kernel_plan.GEOMETRY_WARPS}"}
     geometry()
     bounds = torch.empty(1, H, nqt, nkb, device="cuda")
     default = launch.bounds_config(D, "cuda", False)
@@ -86,11 +86,26 @@ def sweep_bounds(N: int) -> dict:
     tail = torch.empty(1, H, nqt, nkb, device="cuda")
     n_live = torch.empty(1, H, nqt, device="cuda", dtype=torch.int32)
     pad = max(16, triton.next_power_of_2(nkb))
-    row["plan_ms"] = {f"w{warps}": bench(lambda: kernel_plan._plan_kernel[(H * nqt,)](
+    # the plan kernel over warps and how many blocks of a row it sorts (TOP; pad: all of them)
+    tops = sorted({pad, pad // 2, pad // 4, pad // 8} & set(range(16, pad + 1)), reverse=True)
+    row["plan_ms"] = {f"top{top}_w{warps}": bench(lambda: kernel_plan._plan_kernel[(H * nqt,)](
         bounds, order, tail, n_live, N, N, nqt, nkb, IS_CAUSAL=False, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, NKB_PAD=pad, IDX_BITS=sort_index_bits(nkb), num_warps=warps))
-        for warps in (4, 8, 16)}
-    row["plan_default"] = f"w{4 if pad <= 1024 else 8}"
+        BLOCK_N=BLOCK_N, NKB_PAD=pad, IDX_BITS=sort_index_bits(nkb), TOP=top, num_warps=warps))
+        for top in tops for warps in (4, 8, 16)}
+    row["plan_default"] = f"top{kernel_plan.sorted_blocks(nkb)}_w{kernel_plan.plan_warps(pad)}"
+    # the op (eager, W2's eps) per TOP: a partial sort visits blocks past the sorted ones in
+    # block order, so its kept fraction can grow where it saves plan time
+    row["op_by_sorted_blocks"] = {}
+    v = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)[2]
+    for top in tops:
+        os.environ["AETHER_PLAN_SORTED"] = str(0 if top == pad else top)
+        try:
+            _, st = aether_compile.attention(q, k, v, return_stats=True)
+            row["op_by_sorted_blocks"][f"top{top}"] = {
+                "ms": bench(lambda: aether_compile.attention(q, k, v)),
+                "kept_fraction": float(st.kept_fraction)}
+        finally:
+            del os.environ["AETHER_PLAN_SORTED"]
     return row
 
 

@@ -28,10 +28,12 @@ def _geometry_kernel(
     K, Geo16, GeoNorm,
     stride_kb, stride_kh, stride_kn, stride_kd,
     S, D, n_kb, H_KV,
-    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, WITH_BOX: tl.constexpr,
 ):
     # One program per (batch, kv head, key block). Geo16: [B*Hkv*nKB, 3, D_PAD] fp16 unit vectors
-    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|).
+    # (mu, c, h); GeoNorm: [B*Hkv*nKB, 4] fp32 (|mu|, r, |c|, |h|). Without WITH_BOX (the bounds
+    # kernel's USE_BOX off, the default) c, h and their norms are left unwritten: nothing reads
+    # them, and the box's two reductions over the block are a third of the work.
     pid = tl.program_id(0).to(tl.int64)
     j = pid % n_kb
     bh = pid // n_kb
@@ -47,22 +49,23 @@ def _geometry_kernel(
     b_mu = tl.sum(b_k, 0) / count  # [D]
     diff = tl.where(m_n[:, None] & m_d[None, :], b_k - b_mu[None, :], 0.0)
     radius = tl.sqrt(tl.max(tl.sum(diff * diff, 1), 0)) * (1.0 + _RADIUS_INFLATE)
-    lo = tl.min(tl.where(m_n[:, None], b_k, float("inf")), 0)
-    hi = tl.max(tl.where(m_n[:, None], b_k, -float("inf")), 0)
-    b_c = tl.where(m_d, (lo + hi) * 0.5, 0.0)
-    b_h = tl.where(m_d, (hi - lo) * 0.5, 0.0)
     n_mu = tl.sqrt(tl.sum(b_mu * b_mu, 0))
-    n_c = tl.sqrt(tl.sum(b_c * b_c, 0))
-    n_h = tl.sqrt(tl.sum(b_h * b_h, 0))
     p_g = Geo16 + pid * 3 * D_PAD + o_d
-    tl.store(p_g, (b_mu / tl.where(n_mu > 0, n_mu, 1.0)).to(tl.float16))
-    tl.store(p_g + D_PAD, (b_c / tl.where(n_c > 0, n_c, 1.0)).to(tl.float16))
-    tl.store(p_g + 2 * D_PAD, (b_h / tl.where(n_h > 0, n_h, 1.0)).to(tl.float16))
     p_n = GeoNorm + pid * 4
+    tl.store(p_g, (b_mu / tl.where(n_mu > 0, n_mu, 1.0)).to(tl.float16))
     tl.store(p_n, n_mu)
     tl.store(p_n + 1, radius)
-    tl.store(p_n + 2, n_c)
-    tl.store(p_n + 3, n_h)
+    if WITH_BOX:
+        lo = tl.min(tl.where(m_n[:, None], b_k, float("inf")), 0)
+        hi = tl.max(tl.where(m_n[:, None], b_k, -float("inf")), 0)
+        b_c = tl.where(m_d, (lo + hi) * 0.5, 0.0)
+        b_h = tl.where(m_d, (hi - lo) * 0.5, 0.0)
+        n_c = tl.sqrt(tl.sum(b_c * b_c, 0))
+        n_h = tl.sqrt(tl.sum(b_h * b_h, 0))
+        tl.store(p_g + D_PAD, (b_c / tl.where(n_c > 0, n_c, 1.0)).to(tl.float16))
+        tl.store(p_g + 2 * D_PAD, (b_h / tl.where(n_h > 0, n_h, 1.0)).to(tl.float16))
+        tl.store(p_n + 2, n_c)
+        tl.store(p_n + 3, n_h)
 
 
 @triton.jit

@@ -51,6 +51,9 @@ EPS_MARGIN = 0.98
 RADIUS_INFLATE = 1e-5
 
 LOG2E = 1.4426950408889634
+# float32's smallest normal: the floor of a live block's mass relative to its row's largest in the
+# plan's suffix sums (below it exp2 may flush to zero, and a tail must never undercount).
+SMALLEST_NORMAL = 2.0 ** -126
 # Finite additive-mask values are clamped from below to this (−inf stays −inf): HF's
 # finfo(float32).min would overflow to −inf once scaled by log2(e) in the kernel and turn a row
 # that SDPA averages uniformly into an empty one. Below it every key weight is 0 anyway.
@@ -103,11 +106,13 @@ def sort_keys(bounds: torch.Tensor) -> torch.Tensor:
 
 
 def plan_visits(bounds: torch.Tensor, S: int, block_m: int, block_n: int, is_causal: bool,
-                L: int):
+                L: int, top: int | None = None):
     """Best-first visit order for every query tile.
 
     bounds: [B, H, nQT, nKB] float32 upper bounds (natural-log units, scale and mask included;
     -inf for blocks that cannot hold an unmasked key).
+
+    ``top``: sort only the best blocks, as the plan kernel does with its TOP (``partial_order``).
 
     Returns (order int32 [B, H, nQT, nKB], tail_log2 float32 [B, H, nQT, nKB], n_live int32
     [B, H, nQT]): ``tail_log2[..., p]`` is log2 of the bounded mass of the blocks order[p:], and
@@ -123,13 +128,43 @@ def plan_visits(bounds: torch.Tensor, S: int, block_m: int, block_n: int, is_cau
         is_prio = torch.arange(nkb, device=device)[None, :] == prio[:, None]  # [nQT, nKB]
         is_prio = is_prio & (bounds > -math.inf)
         sort_key = torch.where(is_prio, torch.full_like(bounds, math.inf), bounds)
-    _, order = torch.sort(sort_keys(sort_key), dim=-1, descending=True, stable=True)
+    keys = sort_keys(sort_key)
+    if top is not None and top < nkb:
+        order = partial_order(keys, sort_key, bounds > -math.inf, top)
+    else:
+        _, order = torch.sort(keys, dim=-1, descending=True, stable=True)
     sorted_bounds = torch.gather(bounds, -1, order)
-    log_mass = sorted_bounds + torch.log(keys_per_block(S, block_n, device))[order]
-    # Suffix log-sum-exp: tail[p] = log sum_{q >= p} exp(log_mass[q]).
-    tail = torch.logcumsumexp(log_mass.flip(-1), dim=-1).flip(-1)
+    log2_mass = sorted_bounds * LOG2E + torch.log2(keys_per_block(S, block_n, device))[order]
     n_live = (bounds > -math.inf).sum(-1, dtype=torch.int32)
-    return order.to(torch.int32).contiguous(), (tail * LOG2E).contiguous(), n_live.contiguous()
+    return order.to(torch.int32).contiguous(), suffix_mass_log2(log2_mass), n_live.contiguous()
+
+
+def partial_order(keys: torch.Tensor, sort_key: torch.Tensor, live: torch.Tensor, top: int):
+    """The plan kernel's order when it sorts only ``top`` blocks of each row: the blocks whose
+    key's upper 16 bits reach the smallest threshold that at most ``top`` of the row reach,
+    best-first (ties by block index); then the other live blocks, then the dead ones, each in
+    block order. ``keys``: ``sort_keys`` of ``sort_key``."""
+    bits = sort_key.float().contiguous().view(torch.int32)
+    high = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16
+    threshold = high.sort(-1, descending=True).values[..., top:top + 1] + 1
+    hot = high >= threshold
+    kind = torch.where(hot, 0, torch.where(live, 1, 2)).long()
+    block = torch.arange(keys.shape[-1], device=keys.device)
+    within = torch.where(hot, (1 << 31) - keys.long(), block)  # hot: descending key
+    return torch.sort(kind * (1 << 33) + within, dim=-1, stable=True).indices
+
+
+def suffix_mass_log2(log2_mass: torch.Tensor) -> torch.Tensor:
+    """tail[..., p] = log2 sum_{q >= p} 2^log2_mass[..., q], as the plan kernel computes it:
+    each term relative to the row's largest finite one, floored at float32's smallest normal
+    (SMALLEST_NORMAL) so that no live term rounds to 0 and every tail stays an upper bound; -inf
+    terms add nothing, +inf ones make every tail up to them +inf."""
+    finite = torch.isfinite(log2_mass)
+    top = torch.where(finite, log2_mass, -math.inf).amax(-1, keepdim=True)
+    top = torch.where(top > -math.inf, top, torch.zeros_like(top))
+    rel = torch.where(finite, torch.exp2(log2_mass - top).clamp_min(SMALLEST_NORMAL),
+                      torch.where(log2_mass > 0, math.inf, 0.0))
+    return (top + torch.log2(rel.flip(-1).cumsum(-1).flip(-1))).contiguous()
 
 
 def stop_threshold_log2(eps: float) -> float:

@@ -14,18 +14,14 @@ import triton.language as tl
 from aether_compile import settings
 
 from .bounds import _bool_mask_stats_kernel, _bounds_kernel, _geometry_kernel, _mask_stats_kernel
-from .certificate import (BOUND_REL_SLACK, LOG2E, UNCERTIFIABLE_MAX_LOG2, num_blocks, plan_visits,
-                          sort_index_bits, stop_threshold_log2, use_box_bound)
+from .certificate import (BOUND_REL_SLACK, LOG2E, SMALLEST_NORMAL, UNCERTIFIABLE_MAX_LOG2,
+                          num_blocks, plan_visits, sort_index_bits, stop_threshold_log2,
+                          use_box_bound)
 from .launch import bounds_config, cdiv, default_blocks, eager_constant, is_static, mask_as_4d, \
     next_pow2, pad_pow2, traceable
 
 
-@triton.jit
-def _logaddexp(a, b):
-    m = tl.maximum(a, b)
-    inf = (m == -float("inf")) | (m == float("inf"))  # exp(a - m) would be NaN
-    safe = tl.where(inf, 0.0, m)
-    return tl.where(inf, m, safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe)))
+_SMALLEST_NORMAL = tl.constexpr(SMALLEST_NORMAL)
 
 
 @triton.jit
@@ -36,44 +32,115 @@ def _ordered_bits(x):
 
 
 @triton.jit
+def _log2_mass(bound, idx, n_kb, S, BLOCK_N: tl.constexpr):
+    """log2 of each block's bounded mass, n_j * exp(bound): -inf for dead blocks and slots past
+    the row, +inf for blocks that must be visited (NaN bounds included)."""
+    bound = tl.where(bound != bound, float("inf"), bound)
+    keys = tl.where(idx == n_kb - 1, S - (n_kb - 1) * BLOCK_N, BLOCK_N).to(tl.float32)
+    return tl.where(idx < n_kb, bound * 1.4426950408889634 + tl.log2(keys), -float("inf"))
+
+
+@triton.jit
+def _relative_mass(log2_mass, top):
+    """2^(log2_mass - top), a live block's never below the smallest normal float (exp2 may flush
+    below it, and a tail must never undercount); +inf stays +inf, -inf gives 0."""
+    finite = (log2_mass > -float("inf")) & (log2_mass < float("inf"))
+    return tl.where(finite, tl.maximum(tl.exp2(log2_mass - top), _SMALLEST_NORMAL),
+                    tl.where(log2_mass > 0, float("inf"), 0.0))
+
+
+@triton.jit
 def _plan_kernel(
     Bounds, Order, TailLog2, NLive,
     L, S, n_qt, n_kb,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NKB_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
+    NKB_PAD: tl.constexpr, IDX_BITS: tl.constexpr, TOP: tl.constexpr,
 ):
     """certificate.plan_visits for one (batch, head, query tile) row of Bounds, in registers: the
-    same order (descending bound to 32 - IDX_BITS bits, ties by block index, the causal priority
-    block first), the suffix log-sum-exp of bounded mass in log2 units, and the live count."""
+    same order, the suffix sums of bounded mass in log2 units, and the live count. With
+    TOP >= NKB_PAD every block is sorted (descending bound to 32 - IDX_BITS bits, ties by block
+    index, the causal priority block first). With a smaller TOP only the best blocks are: those
+    whose key's upper 16 bits reach the smallest threshold that at most TOP blocks reach; the
+    other live blocks follow in block order, then the dead ones. The tails follow whatever order
+    results, so the certificate holds either way; only blocks past the sorted ones are visited
+    in worse than best-first order."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
+    row = pid * n_kb
     o_j = tl.arange(0, NKB_PAD)
     in_row = o_j < n_kb
-    bound = tl.load(Bounds + pid * n_kb + o_j, mask=in_row, other=-float("inf"))
+    bound = tl.load(Bounds + row + o_j, mask=in_row, other=-float("inf"))
     bound = tl.where(bound != bound, float("inf"), bound)  # NaN: must be visited
+    live = bound > -float("inf")
     key = bound
     if IS_CAUSAL:  # the block holding key t * BLOCK_M, the tile's first row's own position
         first_row = t * BLOCK_M
-        prio = (o_j == first_row // BLOCK_N) & (first_row < S) & (bound > -float("inf"))
+        prio = (o_j == first_row // BLOCK_N) & (first_row < S) & live
         key = tl.where(prio, float("inf"), key)
     # Sort (key desc, index asc) as one int32: the order-preserving float bits with their low
     # IDX_BITS cleared above, the inverted index below, so that a plain descending sort breaks
     # ties by the lower block index (certificate.sort_keys). Half the sort's int64 shuffles and
-    # registers; the order is best-first to 2^(IDX_BITS - 23) of each bound, and the tail sums
-    # below follow the order as it is, so the certificate does not depend on it.
+    # registers; the order is best-first to 2^(IDX_BITS - 23) of each bound.
     packed = (_ordered_bits(key) >> IDX_BITS << IDX_BITS) | (NKB_PAD - 1 - o_j)
-    packed = tl.sort(packed, descending=True)
-    idx = NKB_PAD - 1 - (packed & (NKB_PAD - 1))
-    live_slot = idx < n_kb
-    sorted_bound = tl.load(Bounds + pid * n_kb + idx, mask=live_slot, other=-float("inf"))
-    sorted_bound = tl.where(sorted_bound != sorted_bound, float("inf"), sorted_bound)
-    keys = tl.where(idx == n_kb - 1, S - (n_kb - 1) * BLOCK_N, BLOCK_N).to(tl.float32)
-    log_mass = tl.where(live_slot, sorted_bound + tl.log(keys), -float("inf"))
-    tail = tl.associative_scan(log_mass, 0, _logaddexp, reverse=True)
-    o_p = tl.arange(0, NKB_PAD)
-    tl.store(Order + pid * n_kb + o_p, idx, mask=o_p < n_kb)
-    tl.store(TailLog2 + pid * n_kb + o_p, tail * 1.4426950408889634, mask=o_p < n_kb)
-    tl.store(NLive + pid, tl.sum((bound > -float("inf")).to(tl.int32), 0))
+    # Suffix sums of each block's mass relative to the row's largest finite one: one exp2 and one
+    # log2 an entry and a scan of adds (a log-add-exp scan took 62% of this kernel's sm_90
+    # instructions at 2048 blocks).
+    log2_mass = _log2_mass(bound, o_j, n_kb, S, BLOCK_N)
+    finite = live & (log2_mass < float("inf"))
+    top = tl.max(tl.where(finite, log2_mass, -float("inf")), 0)
+    top = tl.where(top > -float("inf"), top, 0.0)
+    if TOP >= NKB_PAD:
+        packed = tl.sort(packed, descending=True)
+        idx = NKB_PAD - 1 - (packed & (NKB_PAD - 1))
+        sorted_bound = tl.load(Bounds + row + idx, mask=idx < n_kb, other=-float("inf"))
+        rel = _relative_mass(_log2_mass(sorted_bound, idx, n_kb, S, BLOCK_N), top)
+        tail = top + tl.log2(tl.cumsum(rel, 0, reverse=True))
+        tl.store(Order + row + o_j, idx, mask=in_row)
+        tl.store(TailLog2 + row + o_j, tail, mask=in_row)
+    else:
+        # The threshold: the smallest T with at most TOP keys' upper 16 bits >= T (a binary
+        # search of 16 counts; at least TOP + 1 blocks are in the row, as NKB_PAD > TOP).
+        high = packed >> 16
+        lo = tl.full([], -32768, tl.int32)  # more than TOP reach lo, at most TOP reach hi
+        hi = tl.full([], 32768, tl.int32)
+        for _ in range(16):
+            mid = (lo + hi) >> 1
+            above = tl.sum(((high >= mid) & in_row).to(tl.int32), 0)
+            lo = tl.where(above > TOP, mid, lo)
+            hi = tl.where(above > TOP, hi, mid)
+        hot = (high >= hi) & in_row
+        cold = live & ~hot
+        # Positions: the sorted ones first, then the other live blocks and the dead ones, each in
+        # block order (one scan counts both kinds before each block: hot low, cold high bits).
+        before = tl.cumsum(hot.to(tl.int32) + (cold.to(tl.int32) << 16), 0)
+        hot_before = (before & 0xFFFF) - hot.to(tl.int32)
+        cold_before = (before >> 16) - cold.to(tl.int32)
+        n_hot = tl.sum(hot.to(tl.int32), 0)
+        n_cold = tl.sum(cold.to(tl.int32), 0)
+        pos = tl.where(hot, hot_before, tl.where(cold, n_hot + cold_before,
+                                                 n_hot + n_cold + o_j - hot_before - cold_before))
+        cold_rel = tl.where(cold, _relative_mass(log2_mass, top), 0.0)
+        cold_tail = tl.cumsum(cold_rel, 0, reverse=True)
+        tl.store(Order + row + pos, o_j, mask=in_row & ~hot)
+        tl.store(TailLog2 + row + pos, tl.where(cold, top + tl.log2(cold_tail), -float("inf")),
+                 mask=in_row & ~hot)
+        # The sorted blocks pass through Order (their slots, rewritten below) to one TOP-long
+        # register row; barriers because other threads of the program read what one stored.
+        tl.store(Order + row + pos, packed, mask=hot)
+        tl.debug_barrier()
+        o_t = tl.arange(0, TOP)
+        in_top = o_t < n_hot
+        top_keys = tl.load(Order + row + o_t, mask=in_top, other=-2147483648)
+        tl.debug_barrier()
+        top_keys = tl.sort(top_keys, descending=True)
+        idx = NKB_PAD - 1 - (top_keys & (NKB_PAD - 1))
+        sorted_bound = tl.load(Bounds + row + idx, mask=in_top, other=-float("inf"))
+        rel = _relative_mass(_log2_mass(sorted_bound, tl.where(in_top, idx, n_kb), n_kb, S,
+                                        BLOCK_N), top)
+        tail = top + tl.log2(tl.cumsum(rel, 0, reverse=True) + tl.sum(cold_rel, 0))
+        tl.store(Order + row + o_t, idx, mask=in_top)
+        tl.store(TailLog2 + row + o_t, tail, mask=in_top)
+    tl.store(NLive + pid, tl.sum(live.to(tl.int32), 0))
 
 
 # Rows up to this many key blocks are planned by _plan_kernel (register sort); longer rows use
@@ -81,8 +148,32 @@ def _plan_kernel(
 FUSED_PLAN_MAX_BLOCKS = 4096
 
 
-def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
-    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply."""
+# Rows of at least this many (padded) key blocks sort only their best quarter; the rest follow in
+# block order (_plan_kernel's TOP). Shorter rows sort every block.
+PARTIAL_SORT_MIN_BLOCKS = 1024
+
+
+def sorted_blocks(n_kb: int) -> int:
+    """How many of a row's ``n_kb`` blocks the plan sorts (its TOP): all of them (the padded row)
+    below PARTIAL_SORT_MIN_BLOCKS, else a quarter of the padded row. AETHER_PLAN_SORTED overrides
+    it (a power of two; 0: all)."""
+    nkb_pad = max(16, next_pow2(n_kb))
+    override = settings.plan_sorted_override()
+    if override is not None:
+        top = override or nkb_pad
+    else:
+        top = nkb_pad if nkb_pad < PARTIAL_SORT_MIN_BLOCKS else nkb_pad // 4
+    return nkb_pad if top >= n_kb else top
+
+
+def plan_warps(nkb_pad: int) -> int:
+    """The plan kernel's warps for a padded row of ``nkb_pad`` blocks."""
+    return 4 if nkb_pad <= 1024 else 8
+
+
+def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, top=None):
+    """``certificate.plan_visits`` as one Triton kernel; None where it does not apply. ``top``:
+    how many blocks to sort (a power of two; by default ``sorted_blocks``)."""
     B, H, nqt, nkb = bounds.shape
     if not settings.fused_plan() or not is_static(nkb) \
             or nkb > FUSED_PLAN_MAX_BLOCKS or nkb == 0:
@@ -91,11 +182,12 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L):
     tail = torch.empty(B, H, nqt, nkb, device=bounds.device, dtype=torch.float32)
     n_live = torch.empty(B, H, nqt, device=bounds.device, dtype=torch.int32)
     nkb_pad = max(16, next_pow2(nkb))
+    top = sorted_blocks(nkb) if top is None else nkb_pad if top >= nkb else top
     traceable(_plan_kernel)[(B * H * nqt,)](
         bounds, order, tail, n_live, L, S, nqt, nkb,
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, NKB_PAD=nkb_pad,
-        IDX_BITS=sort_index_bits(nkb),
-        **({"num_warps": 4 if nkb_pad <= 1024 else 8} if bounds.device.type == "cuda" else {}))
+        IDX_BITS=sort_index_bits(nkb), TOP=top,
+        **({"num_warps": plan_warps(nkb_pad)} if bounds.device.type == "cuda" else {}))
     return order, tail, n_live
 
 
@@ -119,6 +211,11 @@ class VisitPlan(NamedTuple):
     n_live: torch.Tensor  # int32 [B, H, nQT]
     mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
 
+
+# The geometry kernel's warps: one 64 x 128 block a program, whose reductions cross fewer warps
+# with fewer (H100, 15aa5cf, W2 at 128K: 0.24 ms with 2 warps, 0.31 with 1, 0.54 with Triton's
+# default of 4, 1.01 with 8; at 32K 0.069 against 0.142 with 4).
+GEOMETRY_WARPS = 2
 
 # Key blocks per program of the mask-statistics kernels, and the rows per load of the bool one.
 # The bool kernel's: the sweep's steadiest (H100, 7f11e03: 2.0 ms for a 4.3 GB mask whether the
@@ -161,11 +258,13 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
     dev = query.device
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad = pad_pow2(D)
+    with_box = use_box_bound()  # read once: the geometry and the bounds kernel must agree
     geo16 = torch.empty(B * Hkv * nkb, 3, d_pad, device=dev, dtype=torch.float16)
     geo_norm = torch.empty(B * Hkv * nkb, 4, device=dev, dtype=torch.float32)
     traceable(_geometry_kernel)[(B * Hkv * nkb,)](
         key, geo16, geo_norm, *key.stride(), S, D, nkb, Hkv,
-        BLOCK_N=block_n, D_PAD=d_pad)
+        BLOCK_N=block_n, D_PAD=d_pad, WITH_BOX=with_box,
+        **({"num_warps": GEOMETRY_WARPS} if dev.type == "cuda" else {}))
 
     mask4 = mask_not_causal = None
     mask_max, mask_strides = query, (0, 0)  # placeholders when there is no mask
@@ -180,9 +279,8 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
         query, geo16, geo_norm, mask_max, bounds, *query.stride(), *mask_strides,
         scale, L, S, D, nqt, nkb, H, H // Hkv,
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
-        USE_BOX=use_box_bound(),
-        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
-        **bounds_config(d_pad, dev.type, use_box_bound()))
+        USE_BOX=with_box, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
+        **bounds_config(d_pad, dev.type, with_box))
     return bounds, mask4, mask_not_causal
 
 

@@ -82,7 +82,7 @@ def _geometry_kwargs(dtype, n_kb):
         geo_norm = torch.empty(2 * n_kb, 4, dtype=torch.float32)
     strides = dict(zip(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), key.stride()))
     kwargs = dict(K=key, Geo16=geo16, GeoNorm=geo_norm, **strides, S=64 * n_kb, D=64,
-                  n_kb=n_kb, H_KV=2, BLOCK_N=64, D_PAD=64)
+                  n_kb=n_kb, H_KV=2, BLOCK_N=64, D_PAD=64, WITH_BOX=False)
     assert set(kwargs) == set(GEOMETRY.arg_names)
     return kwargs
 

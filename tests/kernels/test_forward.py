@@ -477,12 +477,16 @@ def test_prepare_pass_takes_an_exactly_causal_mask_as_is_causal(choice, monkeypa
             assert not bool((kept.cpu() & ~causal_blocks).any())  # nothing past the diagonal
 
 
-@pytest.mark.parametrize("nqt,nkb,S,is_causal", [(3, 5, 70, False), (4, 13, 200, True),
-                                                 (2, 40, 637, True), (1, 1, 7, False),
-                                                 (2, 17, 17 * 16, False)])
-def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
+@pytest.mark.parametrize("nqt,nkb,S,is_causal,top", [
+    (3, 5, 70, False, None), (4, 13, 200, True, None), (2, 40, 637, True, None),
+    (1, 1, 7, False, None), (2, 17, 17 * 16, False, None),
+    # only the best blocks sorted (the rest in block order), as at 1024 blocks and more
+    (4, 13, 200, True, 4), (2, 40, 637, True, 16), (2, 17, 17 * 16, False, 8),
+    (3, 5, 70, False, 1)])
+def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal, top):
     """_plan_kernel (register sort + reverse scan) gives plan_visits' order and live counts
-    exactly, and its tail to float rounding: ties, dead blocks, dead rows and NaN bounds."""
+    exactly, and its tail to float rounding: ties, dead blocks, dead rows and NaN bounds; sorting
+    every block or only the best ``top``."""
     from aether_compile.kernels.certificate import plan_visits
 
     g = torch.Generator().manual_seed(nkb)
@@ -497,8 +501,8 @@ def test_fused_plan_matches_torch_plan(nqt, nkb, S, is_causal):
         b[1, 1, 0, :] = -b[1, 1, 0, :].abs()
     b = b.to(DEVICE)
     L = nqt * 16
-    order, tail, n_live = plan_visits(b, S, 16, 16, is_causal, L)
-    f_order, f_tail, f_live = kernel_plan.plan_visits_fused(b, S, 16, 16, is_causal, L)
+    order, tail, n_live = plan_visits(b, S, 16, 16, is_causal, L, top)
+    f_order, f_tail, f_live = kernel_plan.plan_visits_fused(b, S, 16, 16, is_causal, L, top)
     assert torch.equal(order, f_order) and torch.equal(n_live, f_live)
     finite = torch.isfinite(tail)
     assert torch.equal(finite, torch.isfinite(f_tail))
@@ -530,6 +534,51 @@ def test_visit_order_is_best_first_to_the_packed_keys_resolution():
     torch.testing.assert_close(tail[..., :600], want[..., :600].float(), rtol=1e-5, atol=1e-5)
     i, j = (order[0, 0, 0] == 10).nonzero().item(), (order[0, 0, 0] == 11).nonzero().item()
     assert i < j  # tied after packing: the lower block first
+
+
+@pytest.mark.parametrize("top", [64, 256])
+def test_partial_sort_keeps_the_best_blocks_first_and_every_tail_an_upper_bound(top):
+    """Sorting only the best ``top`` blocks (long rows): the sorted head holds at most ``top``
+    blocks and every live block whose bound beats its worst one (to the 16-bit threshold), in
+    best-first order; the other live blocks follow in block order, then the dead ones; and each
+    tail is at least the exact mass of the blocks from there on, above it only by rounding or the
+    floor of a live block's mass (2^-126 of the row's largest)."""
+    from aether_compile.kernels.certificate import plan_visits, sort_index_bits
+
+    g = torch.Generator().manual_seed(top)
+    nkb = 1000
+    b = torch.randn(2, 2, 3, nkb, generator=g, dtype=torch.float64).float() * 8
+    b[..., 900:] = -math.inf
+    b[0, 0, 0, 5:40] = 30.0  # a tie run straddling nothing: 35 equal best bounds
+    b[1, 1, 2, 100] = -1e30  # a live block far below the rest (its mass floors)
+    full = plan_visits(b, nkb * 16, 16, 16, False, 48)
+    order, tail, n_live = plan_visits(b, nkb * 16, 16, 16, False, 48, top)
+    assert torch.equal(n_live, full[2])
+    sorted_b = torch.gather(b, -1, order.long())
+    live = sorted_b > -math.inf
+    assert bool((live[..., :900].all()) and not bool(live[..., 900:].any()))
+    bits = b.view(torch.int32)
+    high = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16  # the float's upper 16 bits, in order
+    rel = 2.0 ** (sort_index_bits(nkb) - 23)
+    n_sorted = 0
+    for row in range(12):
+        o, sb, hi = order.view(12, nkb)[row].long(), sorted_b.view(12, nkb)[row], high.view(12, nkb)[row]
+        reach = [t for t in hi.unique().tolist() if int((hi >= t).sum()) <= top]
+        head = int((hi >= min(reach)).sum())  # the blocks reaching the smallest such threshold
+        assert 0 < head <= top and set(o[:head].tolist()) == set((hi >= min(reach)).nonzero().view(-1).tolist())
+        step_up = sb[1:head] - sb[:head - 1]
+        assert bool((step_up <= rel * 2 * sb[1:head].abs()).all())  # best-first
+        assert bool((torch.diff(o[head:900]) > 0).all()) and bool((torch.diff(o[900:]) > 0).all())
+        n_sorted += head
+    assert n_sorted > 6 * top  # most rows sort (nearly) top blocks
+    mass = torch.where(live, sorted_b.double() + math.log(16), -math.inf)
+    want = torch.logcumsumexp(mass.flip(-1), -1).flip(-1) * 1.4426950408889634
+    ok = live.clone()
+    ok[1, 1, 2] = False  # the floored row is checked below
+    assert bool((tail.double()[ok] >= want[ok] - 1e-5 * want[ok].abs()).all())
+    torch.testing.assert_close(tail.double()[ok], want[ok], rtol=1e-5, atol=1e-5)
+    floored = tail[1, 1, 2, :900].double()
+    assert bool((floored >= want[1, 1, 2, :900] - 1e-5 * want[1, 1, 2, :900].abs()).all())
 
 
 def test_sdpa_cudnn_choice_follows_the_dispatcher(monkeypatch):
