@@ -271,3 +271,34 @@ def test_dense_decode_with_a_mask_runs_the_split_kernel(mask_kind, dtype, monkey
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m64,
                                           is_causal=causal, scale=0.3, enable_gqa=True)
     assert (got.double() - want).abs().max().item() <= 4 * REL_TOL[dtype] * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("user_backends", ["default", "flash_only"])
+def test_unmasked_dense_decode_runs_cudnn_first_unless_the_user_turned_it_off(user_backends):
+    """An unmasked dense decode call runs cuDNN (SDPA's dispatcher picks flash, slower at every
+    decode shape measured) and equals float64 SDPA; a user's own backend choice is kept."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    B, Hq, Hkv, S, D = 4, 16, 4, 4096, 128
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to("cuda", torch.bfloat16)
+               for h, n in ((Hq, 1), (Hkv, S), (Hkv, S)))
+    import contextlib
+    user = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if user_backends == "flash_only" \
+        else contextlib.nullcontext()
+    with user:
+        kv_cache.dense_decode(q, k, v, None, False, 0.1)  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = kv_cache.dense_decode(q, k, v, None, False, 0.1)
+            torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in prof.events())
+    if user_backends == "flash_only":
+        assert "cudnn" not in names and "flash" in names, names[:300]
+    else:
+        assert "cudnn" in names, names[:300]
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.1,
+                                          enable_gqa=True)
+    assert (got.double() - want).abs().max().item() <= 4 * REL_TOL[torch.bfloat16] * want.abs().max()
