@@ -33,6 +33,7 @@ from torch import Tensor
 
 from aether_compile import settings
 from aether_compile.kernels import decode as kernel_decode
+from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import decode_reference
 from aether_compile.kernels.launch import unsupported_reason
 
@@ -281,10 +282,12 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), exact, by the
     fastest path for a few query rows against a long cache:
 
-    * no mask: SDPA itself (flash and cuDNN take GQA natively, no copy of the cache), cuDNN
-      first on CUDA: SDPA's dispatcher picks flash there, and cuDNN was as fast or faster at
-      every decode shape measured (H100, 15aa5cf's grid: 1393 against 1651 us at batch 32 and
-      32K keys, 64 against 71 us at batch 1);
+    * no mask: cuDNN on CUDA where it takes GQA natively (``kernels.dense.cudnn_unmasked``),
+      else SDPA itself (flash takes GQA natively too: no copy of the cache). SDPA's dispatcher
+      picks flash, and cuDNN was as fast or faster at every decode shape measured (H100,
+      15aa5cf's grid: 1393 against 1651 us at batch 32 and 32K keys, 64 against 71 at batch 1;
+      with cuDNN put first in SDPA's priority order the dispatcher still ran flash at batch 32);
+      a user who turned cuDNN's SDPA off keeps that;
     * a mask (transformers passes one at every decode step) or is_causal, where the decode
       kernels run: ``attend_all``, the split-K kernel over every block, reading the mask as it is.
       SDPA's fused kernels refuse ``enable_gqa`` with a mask (math then runs: a copy of K and V
@@ -296,13 +299,10 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     Hkv, S = key.shape[1], key.shape[2]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if attn_mask is None and not is_causal:
-        if query.device.type != "cuda":
-            return sdpa(query, key, value, scale=scale, enable_gqa=Hq != Hkv)
-        try:
-            with cudnn_first():
-                return sdpa(query, key, value, scale=scale, enable_gqa=Hq != Hkv)
-        except RuntimeError:  # a cuDNN build that accepts the shape and then fails on it
-            return sdpa(query, key, value, scale=scale, enable_gqa=Hq != Hkv)
+        out = kernel_dense.cudnn_unmasked(query, key, value, scale) \
+            if torch.backends.cuda.cudnn_sdp_enabled() else None
+        return out if out is not None else sdpa(query, key, value, scale=scale,
+                                                 enable_gqa=Hq != Hkv)
     if (Hq % Hkv or query.shape[0] != key.shape[0] or value.shape[2] != S
             or (is_causal and attn_mask is not None)):  # the last: SDPA's own error
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -330,23 +330,6 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     rows = query.reshape(B, Hkv, G * Lq, D)
     out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
     return out.reshape(B, Hq, Lq, value.shape[-1])  # a fused kernel's output may be strided
-
-
-def cudnn_first():
-    """SDPA's enabled backends with cuDNN first, then flash, efficient and math (each still only
-    where it takes the inputs); nothing changes where the user has turned cuDNN off."""
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    cuda = torch.backends.cuda
-    if not cuda.cudnn_sdp_enabled():
-        return contextlib.nullcontext()
-    order = [b for b, on in ((SDPBackend.CUDNN_ATTENTION, True),
-                             (SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
-                             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
-                             (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
-    return sdpa_kernel(order, set_priority=True)
 
 
 def _per_head(attn_mask: Optional[Tensor]) -> bool:

@@ -1,10 +1,11 @@
-"""Meta-parameter sweeps of the prefill plan's two costliest kernels, where the profiles say the
-time goes (docs/results.md): the bounds kernel on W2 at 32K and 128K (8.2 of the call's 20.9 ms
-at 128K on the H200 went to the plan), and the bool mask statistics on a static cache's prefill
-mask (27 ms a layer on the H100 inside a compiled generate with the former kernel, for a 4.3 GB
-mask that streams in about 1.3 ms), the op's kernel against that former one.
+"""Meta-parameter sweeps of the prefill's costliest kernels, where the profiles say the time goes
+(docs/results.md): the bool mask statistics on a static cache's prefill mask (27 ms a layer on
+the H100 inside a compiled generate with the former kernel, for a 4.3 GB mask that streams in
+about 1.3 ms), the op's kernel against that former one; on W2 at 32K and 128K the geometry, the
+bounds and the plan kernel (with how many blocks it sorts, and the op's time and kept fraction
+for each), then the attention pass over warps and pipeline stages.
 
-    python benchmarks/sweep_prefill_kernels.py --out benchmarks/results
+    python benchmarks/sweep_prefill_kernels.py --out benchmarks/results [--parts bounds attention]
 
 Each kernel is launched directly on the op's own inputs with every configuration in the grid and
 timed with do_bench (median); the op's default configuration is marked. Writes
@@ -109,6 +110,31 @@ def sweep_bounds(N: int) -> dict:
     return row
 
 
+def sweep_attention(N: int) -> dict:
+    """The attention pass itself (VISIT_CERTIFY: probe, certified count, re-certified visit) on
+    W2's plan, over the kernel's warps and pipeline stages (the op's: ``launch.launch_config``)."""
+    from aether_compile.kernels import forward as kernel_forward
+
+    q, k, v = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
+    plan = kernel_plan.plan_attention(q, k, v)
+    n_visit = torch.empty(1, H, plan.order.shape[-2], device="cuda", dtype=torch.int32)
+    eps = 1e-3
+    default = launch.launch_config(plan.block_m, D, D, "cuda")
+    times = {}
+    real = kernel_forward.launch_config
+    try:
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                kernel_forward.launch_config = lambda *a, w=warps, st=stages: {
+                    "num_warps": w, "num_stages": st}
+                times[f"w{warps}_s{stages}"] = bench(lambda: kernel_forward.launch_attention(
+                    q, k, v, plan, eps, n_visit, None, certify=True), rep=20)
+    finally:
+        kernel_forward.launch_config = real
+    return {"N": N, "attention_ms": times,
+            "attention_default": f"w{default['num_warps']}_s{default['num_stages']}"}
+
+
 @triton.jit
 def _mask_stats_per_entry_kernel(
     Mask, MaskMax, NotCausal,
@@ -194,19 +220,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--parts", nargs="*", default=["mask", "bounds", "attention"],
+                    choices=["mask", "bounds", "attention"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the sweep needs a CUDA GPU")
     record = {"env": env_record(), "bounds": [], "mask_stats": None}
     path = os.path.join(args.out, f"sweep_prefill_kernels_{card_tag(record['env'])}.json")
-    record["mask_stats"] = sweep_mask_stats(**STATIC_CACHE_PREFILL)
-    write_json(path, record)
-    print("mask stats:", record["mask_stats"], flush=True)
-    torch.cuda.empty_cache()
-    for N in args.lengths:
+    if "mask" in args.parts:
+        record["mask_stats"] = sweep_mask_stats(**STATIC_CACHE_PREFILL)
+        write_json(path, record)
+        print("mask stats:", record["mask_stats"], flush=True)
+        torch.cuda.empty_cache()
+    for N in args.lengths if "bounds" in args.parts else ():
         record["bounds"].append(sweep_bounds(N))
         write_json(path, record)
         print(f"bounds {N}:", record["bounds"][-1], flush=True)
+        torch.cuda.empty_cache()
+    record["attention"] = []
+    for N in args.lengths if "attention" in args.parts else ():
+        record["attention"].append(sweep_attention(N))
+        write_json(path, record)
+        print(f"attention {N}:", record["attention"][-1], flush=True)
         torch.cuda.empty_cache()
     print(f"-> {path}")
 

@@ -148,21 +148,25 @@ def _plan_kernel(
 FUSED_PLAN_MAX_BLOCKS = 4096
 
 
-# Rows of at least this many (padded) key blocks sort only their best quarter; the rest follow in
-# block order (_plan_kernel's TOP). Shorter rows sort every block.
+# Rows of at least this many (padded) key blocks sort only their best half; the rest follow in
+# block order (_plan_kernel's TOP). Shorter rows sort every block. On W2 at 128K (H100, 14e944f,
+# benchmarks/sweep_prefill_kernels.py) sorting 1024 of 2048 blocks took the plan kernel from
+# 1.62 to 1.06 ms and the call from 15.64 to 15.14 ms (kept 2.47% -> 2.49%); sorting 512 took
+# 0.77 ms but kept 2.85% (16.68 ms), 256 kept 3.43% (18.84 ms): tiles whose certified count
+# passes the sorted head visit the rest in block order.
 PARTIAL_SORT_MIN_BLOCKS = 1024
 
 
 def sorted_blocks(n_kb: int) -> int:
     """How many of a row's ``n_kb`` blocks the plan sorts (its TOP): all of them (the padded row)
-    below PARTIAL_SORT_MIN_BLOCKS, else a quarter of the padded row. AETHER_PLAN_SORTED overrides
-    it (a power of two; 0: all)."""
+    below PARTIAL_SORT_MIN_BLOCKS, else half the padded row. AETHER_PLAN_SORTED overrides it (a
+    power of two; 0: all)."""
     nkb_pad = max(16, next_pow2(n_kb))
     override = settings.plan_sorted_override()
     if override is not None:
         top = override or nkb_pad
     else:
-        top = nkb_pad if nkb_pad < PARTIAL_SORT_MIN_BLOCKS else nkb_pad // 4
+        top = nkb_pad if nkb_pad < PARTIAL_SORT_MIN_BLOCKS else nkb_pad // 2
     return nkb_pad if top >= n_kb else top
 
 
