@@ -269,40 +269,47 @@ def _decode_bounds_kernel(Q, Codes, Center, Step, Bias, Lengths, LogUpper, LogLo
     row of the head (the query rows load once).
     Writes log Σ exp(U) and log Σ exp(L) per row and block (natural log, scaled scores).
 
-    The codes' dot products run on tensor cores in float16 with float32 accumulation: q ⊙ s is
-    scaled per row by a power of two (exact) and split into a float16 head and tail, whose
-    products with the codes (integers up to 127, exact in float16) are exact in float32; the
-    split's residue and the accumulation's rounding go into the slack.
+    The codes' dot products run on tensor cores (int8 dots on the codes as stored, or float16
+    dots on codes converted in registers): q ⊙ s is scaled per row by a power of two (exact)
+    and split into a head and a tail whose products with the codes are exact; the split's
+    residue and the float32 roundings go into the slack.
 
     A tensor-core dot needs 16 rows; a GQA group at one position has a few (R_EPI, a power of
-    two). The dots run on R_PAD >= 16 rows, the rest (the exponentials: most of the work) on
-    the R_EPI real ones."""
+    two). Only the dots run on R_PAD >= 16 rows (the real rows, zeros below); everything else
+    (the split of q ⊙ s, the slack, the exponentials) runs on the R_EPI real ones."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
-    o_r = tl.arange(0, R_PAD)
+    o_e = tl.arange(0, R_EPI)
     o_d = tl.arange(0, D_PAD)
-    m_r = o_r < R
+    m_e = o_e < R
     m_d = o_d < D
-    q = tl.load(Q + (pid_bh * R + o_r[:, None]) * D + o_d[None, :],
-                mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    q = tl.load(Q + (pid_bh * R + o_e[:, None]) * D + o_d[None, :],
+                mask=m_e[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     limit = S
     if HAS_LENGTHS:
         limit = tl.minimum(limit, tl.load(Lengths + b))
     g_end = tl.minimum((pid_p + 1) * GROUPS_PER_PROGRAM, NG)
     for pid_g in tl.range(pid_p * GROUPS_PER_PROGRAM, g_end, num_stages=STAGES):
-        _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step,
+        _bounds_of_group(q, pid_g, pid_bh, b, o_e, o_d, m_e, m_d, Codes, Center, Step,
                          Bias, LogUpper, LogLower, limit, R, LQ, NB, NG, scale, slack_gamma,
                          stride_bb, stride_bl, stride_bs, D, R_PAD, R_EPI, GROUP, BLOCK_N,
                          BIAS_KIND, INT8_DOT, ONE_LSE)
 
 
+# The slack's own float32 evaluation (sums of up to D_PAD positive terms, each a product of a
+# few roundings): relative error below (D_PAD + 4) * 2^-24; scaling the slack by 1 + 2^-14 covers
+# it up to D_PAD = 1020.
+SLACK_ROUNDING = tl.constexpr(2.0 ** -14)
+
+
 @triton.jit
-def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Step, Bias,
+def _bounds_of_group(q, pid_g, pid_bh, b, o_e, o_d, m_e, m_d, Codes, Center, Step, Bias,
                      LogUpper, LogLower, limit, R, LQ, NB, ng, scale, slack_gamma,
                      stride_bb, stride_bl, stride_bs, D: tl.constexpr, R_PAD: tl.constexpr,
                      R_EPI: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                      BIAS_KIND: tl.constexpr, INT8_DOT: tl.constexpr, ONE_LSE: tl.constexpr):
+    """One group's bounds: q [R_EPI, D_PAD] (the real rows), the score centers' dots on R_PAD."""
     p_off = (pid_bh * ng + pid_g) * D + o_d
     center = tl.load(Center + p_off, mask=m_d, other=0.0)
     step = tl.load(Step + p_off, mask=m_d, other=0.0)
@@ -314,35 +321,34 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
     down = ((127 - e) << 23).to(tl.float32, bitcast=True)
     up = ((127 + e) << 23).to(tl.float32, bitcast=True)
     qs_n = qs * down[:, None]  # |qs_n| < 2
-    sum_abs_qs = tl.sum(tl.abs(qs), 1)
-    # e_c = s_c / 2 plus the reconstruction's rounding; q * s's own rounding; the base's own
-    # dot's accumulation (gamma)
+    # Every slack term is a sum over the channels, so one reduction takes them all: e_c = s_c/2
+    # plus the reconstruction's rounding; q * s's own rounding; the base's accumulation (gamma).
     err = 0.5 * step + 2.0 ** -20 * (tl.abs(center) + (_CODE_MAX + 1) * step)
-    slack = (tl.sum(tl.abs(q) * err[None, :], 1)
-             + slack_gamma * tl.sum(tl.abs(q * center[None, :]), 1)
-             + _CODE_MAX * 2.0 ** -22 * sum_abs_qs)
-    # the whole group in one pair of dots (8 KB of codes a load), then per block of BLOCK_N keys
+    terms = (tl.abs(q) * err[None, :] + slack_gamma * tl.abs(q * center[None, :])
+             + _CODE_MAX * 2.0 ** -22 * tl.abs(qs))
     o_g = tl.arange(0, GROUP)
     keys = pid_g * GROUP + o_g
     codes = tl.load(Codes + (pid_bh * ng * GROUP + keys[:, None]) * D + o_d[None, :],
                     mask=m_d[None, :], other=0)
     if INT8_DOT:
         # 63 qs_n = head + (tail + rho) / 254 (+ float32 rounding): two int8 dots with the codes,
-        # exact in int32; |rho| <= 1/2 is measured per channel and goes into the slack with the
-        # rounding of combining the two dots in float32
+        # exact in int32, combined exactly as 254 d_head + d_tail (|.| < 2^28); |rho| <= 1/2 is
+        # measured per channel; the one conversion to float32 and the scaling by unit / 254 round
+        # within 2^-21 of 127 (254 Σ|head| + Σ|tail|) steps of the tail
         a = qs_n * 63.0
         head_f = tl.floor(a + 0.5)
         r1 = (a - head_f) * 254.0
         tail_f = tl.floor(r1 + 0.5)
         rho = tl.abs(r1 - tail_f)
-        codes_t = tl.trans(codes)
-        d1 = tl.dot(head_f.to(tl.int8), codes_t, out_dtype=tl.int32)
-        d2 = tl.dot(tail_f.to(tl.int8), codes_t, out_dtype=tl.int32)
         unit = up / 63.0  # one step of head: 2^e / 63
-        dots = (d1.to(tl.float32) + d2.to(tl.float32) * (1.0 / 254.0)) * unit[:, None]
-        slack += unit * _CODE_MAX * (
-            (tl.sum(rho, 1) + D * 0.005) / 254.0
-            + 2.0 ** -21 * tl.sum(tl.abs(head_f) + tl.abs(tail_f) * (1.0 / 254.0), 1))
+        codes_t = tl.trans(codes)
+        d1 = tl.dot(_pad_rows(head_f.to(tl.int8), R_EPI, R_PAD), codes_t, out_dtype=tl.int32)
+        d2 = tl.dot(_pad_rows(tail_f.to(tl.int8), R_EPI, R_PAD), codes_t, out_dtype=tl.int32)
+        d = _first_rows(d1 * 254 + d2, R_PAD, R_EPI, GROUP)
+        dots = d.to(tl.float32) * (unit * (1.0 / 254.0))[:, None]
+        terms += (unit * (_CODE_MAX / 254.0))[:, None] * (
+            rho + 2.0 ** -21 * (254.0 * tl.abs(head_f) + tl.abs(tail_f)))
+        const = unit * (_CODE_MAX * D * 0.005 / 254.0)
     else:
         # q * s split into a float16 head and tail: their products with the codes (integers up
         # to 127, exact in float16) are exact in float32 on tensor cores; the float32
@@ -351,29 +357,32 @@ def _bounds_of_group(q, pid_g, pid_bh, b, o_r, o_d, m_r, m_d, Codes, Center, Ste
         head = qs_n.to(tl.float16)
         tail = (qs_n - head.to(tl.float32)).to(tl.float16)
         codes_h = tl.trans(codes.to(tl.float16))
-        dots = (tl.dot(head, codes_h) + tl.dot(tail, codes_h)) * up[:, None]
-        slack += (slack_gamma * 2 * _CODE_MAX * sum_abs_qs
-                  + _CODE_MAX * (2.0 ** -22 * sum_abs_qs + D * 2.0 ** -25 * up))
-    if R_EPI < R_PAD:  # keep the first R_EPI rows (the padding's are zeros but for slack)
-        real = o_r < R_EPI
-        dots = _first_rows(tl.where(real[:, None], dots, 0.0), R_PAD, R_EPI, GROUP)
-        base = _first_rows(tl.where(real, base, 0.0)[:, None], R_PAD, R_EPI, 1)
-        slack = _first_rows(tl.where(real, slack, 0.0)[:, None], R_PAD, R_EPI, 1)
-        o_e = tl.arange(0, R_EPI)
-        _store_block_bounds(dots, tl.reshape(base, (R_EPI,)), tl.reshape(slack, (R_EPI,)),
-                            keys, limit, pid_g, pid_bh, b, o_e, o_e < R, Bias, LogUpper,
-                            LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs, R_EPI,
-                            GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
-    else:
-        _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_r, m_r, Bias,
-                            LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl,
-                            stride_bs, R_PAD, GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
+        dd = (tl.dot(_pad_rows(head, R_EPI, R_PAD), codes_h)
+              + tl.dot(_pad_rows(tail, R_EPI, R_PAD), codes_h))
+        dots = _first_rows(dd, R_PAD, R_EPI, GROUP) * up[:, None]
+        terms += slack_gamma * 2 * _CODE_MAX * tl.abs(qs)
+        const = _CODE_MAX * D * 2.0 ** -25 * up
+    slack = (tl.sum(terms, 1) + const) * (1.0 + SLACK_ROUNDING)
+    _store_block_bounds(dots, base, slack, keys, limit, pid_g, pid_bh, b, o_e, m_e, Bias,
+                        LogUpper, LogLower, R, LQ, NB, scale, stride_bb, stride_bl, stride_bs,
+                        R_EPI, GROUP, BLOCK_N, BIAS_KIND, ONE_LSE)
+
+
+@triton.jit
+def _pad_rows(x, P: tl.constexpr, R_PAD: tl.constexpr):
+    """[P, N] -> [R_PAD, N]: x in the first P rows, zeros below (a tensor-core dot's 16 rows)."""
+    if P == R_PAD:
+        return x
+    first = (tl.arange(0, R_PAD // P) == 0).to(x.dtype)
+    return tl.reshape(x[None, :, :] * first[:, None, None], (R_PAD, x.shape[1]))
 
 
 @triton.jit
 def _first_rows(x, R_PAD: tl.constexpr, R_EPI: tl.constexpr, N: tl.constexpr):
     """[R_PAD, N] -> its first R_EPI rows [R_EPI, N], where every other row is zero: a sum
     over the R_PAD / R_EPI slabs (Triton has no slicing)."""
+    if R_EPI == R_PAD:
+        return x
     return tl.sum(tl.reshape(x, (R_PAD // R_EPI, R_EPI, N)), 0)
 
 
