@@ -160,7 +160,7 @@ BOUNDS_SWEEP = ([dict(int8_dot=True, one_lse=True, groups_per_program=g, stages=
                         num_warps=2, rows_kernel=True, real_rows=True)])
 ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
                 for st in (3, 4)]
-SELECT_SWEEP = [dict(sections=k) for k in (1, 4, 8)]
+SELECT_SWEEP = [dict(per_row=True)] + [dict(per_row=False, sections=k) for k in (1, 4, 8)]
 
 
 def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
@@ -191,7 +191,7 @@ def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
                           ("attend", decode.ATTEND_CONFIG)):
         timed = [r for r in out[part] if isinstance(r["us"], float)]
         best = min(timed, key=lambda r: r["us"], default=None)
-        mine = [r for r in timed if all(r[n] == x for n, x in default.items())]
+        mine = [r for r in timed if all(r.get(n, x) == x for n, x in default.items())]
         print(f"  {part} sweep: best {best}; default {mine[0] if mine else default}", flush=True)
     return out
 

@@ -598,18 +598,34 @@ def select_blocks_sorted(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: 
 
 
 @triton.jit
-def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log_nb, log_eps,
-                          margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr, ITERS: tl.constexpr,
-                          SECTIONS: tl.constexpr):
+def _decode_select_kernel(LogUpper, LogLower, Threshold, KeepRows, Order, NKept, R, NB, log_nb,
+                          log_eps, margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                          ITERS: tl.constexpr, SECTIONS: tl.constexpr,
+                          THRESHOLD_GIVEN: tl.constexpr):
     """One program: one (sequence, KV head), all its rows. A row skips every block whose upper
     bound U_j is at most a threshold t with Σ_{U_j <= t} exp(U_j) <= eps * Z_low: t starts at
     budget - log(NB) (NB blocks below it hold at most the budget) and a bisection raises it while
-    the sum stays within the budget. Then the union over rows, compacted by a prefix sum."""
+    the sum stays within the budget. Then the union over rows, compacted by a prefix sum.
+    THRESHOLD_GIVEN: each row's threshold comes from ``_decode_threshold_kernel`` (one program
+    per row); this program does the union alone."""
     pid = tl.program_id(0).to(tl.int64)
     o_r = tl.arange(0, R_PAD)
     o_c = tl.arange(0, CHUNK)
     m_r = o_r < R
     rows = pid * R * NB + o_r[:, None] * NB
+    if THRESHOLD_GIVEN:
+        lo_t = tl.load(Threshold + pid * R + o_r, mask=m_r, other=0.0)
+    else:
+        lo_t = _threshold_of_rows(LogUpper, LogLower, rows, m_r, NB, log_nb, log_eps, margin,
+                                  R_PAD, CHUNK, ITERS, SECTIONS)
+    _union_of_rows(LogUpper, KeepRows, Order, NKept, pid, rows, m_r, lo_t, NB, CHUNK)
+
+
+@triton.jit
+def _threshold_of_rows(LogUpper, LogLower, rows, m_r, NB, log_nb, log_eps, margin,
+                       R_PAD: tl.constexpr, CHUNK: tl.constexpr, ITERS: tl.constexpr,
+                       SECTIONS: tl.constexpr):
+    o_c = tl.arange(0, CHUNK)
     # 1. per row: log Z_low (online log-sum-exp of the lower bounds) and the largest upper bound
     m_lo = tl.full((R_PAD,), float("-inf"), tl.float32)
     s_lo = tl.zeros((R_PAD,), tl.float32)
@@ -666,7 +682,15 @@ def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log
             lo_new = tl.where(first_miss > 0, best, lo_t)
             hi_t = tl.where(first_miss < SECTIONS, above, hi_t)
             lo_t = lo_new
-    # 3. keep what exceeds the threshold; the KV head reads the union, kept blocks first
+    return lo_t
+
+
+@triton.jit
+def _union_of_rows(LogUpper, KeepRows, Order, NKept, pid, rows, m_r, lo_t, NB,
+                   CHUNK: tl.constexpr):
+    """3. keep what exceeds each row's threshold; the KV head reads the union, kept blocks
+    first (ascending), then the rest."""
+    o_c = tl.arange(0, CHUNK)
     n_kept = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)
     for c in range(0, NB, CHUNK):
         in_row = (c + o_c) < NB
@@ -690,10 +714,45 @@ def _decode_select_kernel(LogUpper, LogLower, KeepRows, Order, NKept, R, NB, log
         n_skipped += tl.sum(skip, 0)
 
 
+@triton.jit
+def _decode_threshold_kernel(LogUpper, LogLower, Threshold, NB, log_nb, log_eps, margin,
+                             NB_PAD: tl.constexpr, ITERS: tl.constexpr):
+    """One program: one row, its NB bounds held in registers (read once). The skip threshold of
+    ``_decode_select_kernel``'s steps 1-2: log Z_low, then a bisection of t between budget -
+    log(NB) and the budget, raised while Σ_{U_j <= t} exp(U_j) stays within eps · Z_low.
+    One program per (sequence, KV head) waited on ten passes over all its rows' bounds (43 us
+    at 32K keys, batch 1, H100, where the dense step takes 52): this spreads the rows over
+    programs and reads them once."""
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, NB_PAD)
+    m = o < NB
+    up = tl.load(LogUpper + row * NB + o, mask=m, other=float("-inf"))
+    lo = tl.load(LogLower + row * NB + o, mask=m, other=float("-inf"))
+    m_lo = tl.max(lo, 0)
+    m_safe = tl.where(m_lo == float("-inf"), 0.0, m_lo)
+    s_lo = tl.sum(tl.exp(lo - m_safe), 0)
+    log_z = tl.where(s_lo > 0, m_safe + tl.log(s_lo), float("-inf"))
+    budget = log_z + log_eps - margin
+    lo_t = budget - log_nb
+    hi_t = tl.maximum(tl.minimum(budget, tl.max(up, 0)), lo_t)
+    live = up > float("-inf")
+    mass_of = tl.where(live, tl.exp(up - budget), 0.0)  # each block's share of the budget
+    for _ in range(ITERS):
+        mid = (lo_t + hi_t) * 0.5
+        fits = tl.sum(tl.where(live & (up <= mid), mass_of, 0.0), 0) <= 1.0
+        lo_t = tl.where(fits, mid, lo_t)
+        hi_t = tl.where(fits, hi_t, mid)
+    tl.store(Threshold + row, lo_t)
+
+
 # The selection kernel's thresholds per pass: 1 is bisection (SELECT_ITERS passes); 8 narrows
 # the interval ninefold a pass (5 passes to bisection's resolution). benchmarks/bench_decode.py
-# --sweep times them.
-SELECT_CONFIG = {"sections": 4}  # 44.7 us against bisection's 49.3 (H100, 32K, batch 8)
+# --sweep times them. per_row: the thresholds from _decode_threshold_kernel (one program per
+# row, its bounds in registers) where a row has at most SELECT_ROW_MAX blocks, then the union
+# in _decode_select_kernel; else that kernel does all of it.
+SELECT_CONFIG = {"sections": 4, "per_row": True}  # sections 4: 44.7 us against bisection's 49.3
+# (H100, 32K, batch 8, one program per KV head)
+SELECT_ROW_MAX = 8192  # blocks of a row held in registers: 128K keys (32 a thread, 8 warps)
 
 
 def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None = None):
@@ -710,10 +769,20 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None 
     # a step holds r_pad x chunk bounds in registers: at most 2048 (many rows: shorter steps)
     chunk = min(SELECT_CHUNK, max(16, 2048 // r_pad), max(16, next_pow2(NB)))
     assert sections == 1 or sections == next_pow2(sections), sections
+    log_upper, log_lower = log_upper.contiguous(), log_lower.contiguous()
+    log_eps = math.log(eps) if eps > 0 else -math.inf
+    per_row = cfg["per_row"] and next_pow2(NB) <= SELECT_ROW_MAX
+    threshold = kept_order  # a dummy unless per_row
+    if per_row:
+        threshold = torch.empty(B * Hkv * R, device=log_upper.device, dtype=torch.float32)
+        nb_pad = max(16, next_pow2(NB))
+        traceable(_decode_threshold_kernel)[(B * Hkv * R,)](
+            log_upper, log_lower, threshold, NB, math.log(NB), log_eps, SELECT_MARGIN,
+            NB_PAD=nb_pad, ITERS=SELECT_ITERS, num_warps=4 if nb_pad <= 2048 else 8)
     traceable(_decode_select_kernel)[(B * Hkv,)](
-        log_upper.contiguous(), log_lower.contiguous(), keep_rows, kept_order, n_kept, R, NB,
-        math.log(NB), math.log(eps) if eps > 0 else -math.inf, SELECT_MARGIN, R_PAD=r_pad,
-        CHUNK=chunk, ITERS=iters, SECTIONS=sections, num_warps=4)
+        log_upper, log_lower, threshold, keep_rows, kept_order, n_kept, R, NB, math.log(NB),
+        log_eps, SELECT_MARGIN, R_PAD=r_pad, CHUNK=chunk, ITERS=iters, SECTIONS=sections,
+        THRESHOLD_GIVEN=per_row, num_warps=4)
     return kept_order, n_kept, keep_rows.view(torch.bool)
 
 

@@ -339,19 +339,22 @@ def test_reference_matches_the_kernels_selection():
     assert rel_err(got[0], want[0]) < 1e-2
 
 
-@pytest.mark.parametrize("sections", [1, 4, 8])
+@pytest.mark.parametrize("config", [{"per_row": True}, {"per_row": False, "sections": 1},
+                                    {"per_row": False, "sections": 4},
+                                    {"per_row": False, "sections": 8}])
 @pytest.mark.parametrize("R,NB", [(1, 7), (4, 100), (8, 1300)])
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 0.3])
-def test_selection_kernel_is_certified_and_as_tight_as_sorting(R, NB, eps, sections):
-    """The sort-free selection (a bisected threshold per row) skips a subset of what sorting
-    skips, within a block or two of it, and its skipped bounded mass is <= eps * Z_low per row;
-    kept_order lists the kept blocks ascending, then the rest."""
+def test_selection_kernel_is_certified_and_as_tight_as_sorting(R, NB, eps, config):
+    """The sort-free selection (a bisected threshold per row: one program per row, or one per KV
+    head trying 1, 4 or 8 thresholds a pass) skips a subset of what sorting skips, within a
+    block or two of it, and its skipped bounded mass is <= eps * Z_low per row; kept_order lists
+    the kept blocks ascending, then the rest."""
     g = torch.Generator().manual_seed(R * NB)
     upper = (torch.randn(2, 3, R, NB, generator=g) * 3).to(DEVICE)
     lower = upper - torch.rand(2, 3, R, NB, generator=g).to(DEVICE) * 2
     upper[..., -3:] = -math.inf  # blocks past the cache: no live key
     lower[..., -3:] = -math.inf
-    order, n_kept, keep_rows = decode.select_blocks(upper, lower, eps, {"sections": sections})
+    order, n_kept, keep_rows = decode.select_blocks(upper, lower, eps, config)
     _, n_sorted, keep_sorted = decode.select_blocks_sorted(upper, lower, eps)
     skipped = torch.logsumexp(upper.masked_fill(keep_rows, -math.inf), -1)
     budget = torch.logsumexp(lower, -1) + (math.log(eps) if eps > 0 else -math.inf)
