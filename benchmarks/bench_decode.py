@@ -151,15 +151,17 @@ def ideal_and_oracle(q, k, eps: float, layers: int = 0) -> dict:
     return out
 
 
-BOUNDS_SWEEP = ([dict(int8_dot=True, one_lse=True, groups_per_program=g, stages=2, num_warps=w,
-                      rows_kernel=False, real_rows=real)
-                 for real in (True, False) for g in (4, 8, 16) for w in (2, 4)]
-                + [dict(int8_dot=False, one_lse=True, groups_per_program=8, stages=2,
+BOUNDS_SWEEP = ([dict(int8_dot=True, one_lse=True, groups_per_program=g, stages=st, num_warps=w,
+                      rows_kernel=False, real_rows=True)
+                 for g in (4, 8, 16) for st in (2, 3) for w in (1, 2, 4)]
+                + [dict(int8_dot=True, one_lse=True, groups_per_program=8, stages=2,
+                        num_warps=2, rows_kernel=False, real_rows=False),
+                   dict(int8_dot=False, one_lse=True, groups_per_program=8, stages=2,
                         num_warps=4, rows_kernel=False, real_rows=True),
                    dict(int8_dot=False, one_lse=True, groups_per_program=8, stages=2,
                         num_warps=2, rows_kernel=True, real_rows=True)])
-ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=4) for p in (8, 16, 32)
-                for st in (3, 4)]
+ATTEND_SWEEP = [dict(programs_per_sm=p, stages=st, num_warps=w) for p in (8, 16, 32)
+                for st in (2, 3, 4) for w in (4, 8)]
 SELECT_SWEEP = [dict(per_row=True)] + [dict(per_row=False, sections=k) for k in (1, 4, 8)]
 
 
@@ -268,7 +270,7 @@ def main(argv=None):
     ap.add_argument("--synthetic-eps", type=float, nargs="+", default=[1e-2],
                     help="eps values for the uniform and clustered rows")
     ap.add_argument("--sweep", action="store_true",
-                    help="time the kernels' meta-parameter sets at 32K keys, batch 8 (first kind)")
+                    help="time the kernels' meta-parameter sets at 32K keys, batch 1 and 8")
     ap.add_argument("--kinds", nargs="+", default=["uniform", "clustered", "learned"])
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     ap.add_argument("--deadline-min", type=float, default=9.0)
@@ -306,9 +308,9 @@ def main(argv=None):
                                    if isinstance(t, float)), default=None)
                     if args.flex and S == 32768 and device == "cuda":
                         dense["flex"] = flex_time(q, k, v)
-                    if (args.sweep and device == "cuda" and (S, B) == (32768, 8)
-                            and "sweeps" not in record):  # the first kind's (learned) only
-                        record.setdefault("sweeps", {})[kind] = sweep(
+                    if (args.sweep and device == "cuda" and S == 32768
+                            and B in (1, 8)):  # each kind's, at batch 1 and 8
+                        record.setdefault("sweeps", {})[f"{kind}_b{B}"] = sweep(
                             q, k, v, decode.summarize_keys(k), 1e-2, scale)
                     for eps in (args.eps if kind == "learned" else args.synthetic_eps):
                         rec = {**base, "eps": eps, "dense_us": dense, "fastest_dense_us": fastest,
