@@ -38,7 +38,7 @@ from .launch import INTERPRET, cdiv, next_pow2, pad_pow2, traceable
 
 BLOCK = 16  # keys per skippable block: a 16 x 128 x 2-byte tile of K is 4 KB
 ATTEND_KEYS = 64  # keys per step of the attention loop: four kept blocks, gathered
-GROUPS_PER_PROGRAM = 8  # quantisation groups one bounds program covers (512 keys)
+GROUPS_PER_PROGRAM = 4  # quantisation groups one bounds program covers (256 keys)
 QUANT_GROUP = 64  # keys sharing one (center, step) per channel: 8 bytes per channel per group
 CODE_MAX = 127
 _CODE_MAX = tl.constexpr(CODE_MAX)  # globals read inside @triton.jit must be constexpr
@@ -505,11 +505,14 @@ def rows_of(query: torch.Tensor, hkv: int) -> torch.Tensor:
 # in registers; one log-sum-exp of the score centers for both bounds, or one per bound;
 # quantisation groups per program; pipeline stages; warps.
 BOUNDS_CONFIG = {"int8_dot": True, "one_lse": True, "groups_per_program": GROUPS_PER_PROGRAM,
-                 "stages": 2, "num_warps": 2, "rows_kernel": False, "real_rows": True}
-# real_rows: the work after the dots (exponentials, bias, stores) on the real rows only, not on
-# the 16 a tensor-core dot pads a GQA group's few rows to. With two warps it takes 173 us where
-# the padded tile took 226 (H100, learned keys, 32K, batch 8, 4 rows per KV head; four warps
-# on the real rows: 256).
+                 "stages": 3, "num_warps": 1, "rows_kernel": False, "real_rows": True}
+# groups 4, stages 3, one warp (the sweep at c13b9cd, H100, 32K keys; learned D 64 / uniform
+# D 128): batch 8 98 / 124 us against two warps' 154 / 169, batch 1 21.9 / 27.1 against 30.4 /
+# 33.8. Once the work after the dots ran on the real rows alone, more programs a SM (each with
+# its loads in flight) beat more threads a program.
+# real_rows: all but the dots (the split of q ⊙ s, the slack, the exponentials, the stores) on
+# the real rows only, not on the 16 a tensor-core dot pads a GQA group's few rows to: 98 us
+# where the padded tile took 212 (the sweep above, learned, batch 8).
 # rows_kernel: for at most ROWS_KERNEL_MAX_ROWS rows per KV head, _decode_bounds_rows_kernel
 # (CUDA-core dots over the real rows only): 3x slower than the tensor-core kernel (H100, 32K
 # keys, batch 8, 4 rows per KV head: 665 against 225 us), kept for the sweep
@@ -601,7 +604,7 @@ def select_blocks_sorted(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: 
 def _decode_select_kernel(LogUpper, LogLower, Threshold, KeepRows, Order, NKept, R, NB, log_nb,
                           log_eps, margin, R_PAD: tl.constexpr, CHUNK: tl.constexpr,
                           ITERS: tl.constexpr, SECTIONS: tl.constexpr,
-                          THRESHOLD_GIVEN: tl.constexpr):
+                          THRESHOLD_GIVEN: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """One program: one (sequence, KV head), all its rows. A row skips every block whose upper
     bound U_j is at most a threshold t with Σ_{U_j <= t} exp(U_j) <= eps * Z_low: t starts at
     budget - log(NB) (NB blocks below it hold at most the budget) and a bisection raises it while
@@ -618,7 +621,7 @@ def _decode_select_kernel(LogUpper, LogLower, Threshold, KeepRows, Order, NKept,
     else:
         lo_t = _threshold_of_rows(LogUpper, LogLower, rows, m_r, NB, log_nb, log_eps, margin,
                                   R_PAD, CHUNK, ITERS, SECTIONS)
-    _union_of_rows(LogUpper, KeepRows, Order, NKept, pid, rows, m_r, lo_t, NB, CHUNK)
+    _union_of_rows(LogUpper, KeepRows, Order, NKept, pid, rows, m_r, lo_t, NB, CHUNK, ONE_CHUNK)
 
 
 @triton.jit
@@ -687,10 +690,24 @@ def _threshold_of_rows(LogUpper, LogLower, rows, m_r, NB, log_nb, log_eps, margi
 
 @triton.jit
 def _union_of_rows(LogUpper, KeepRows, Order, NKept, pid, rows, m_r, lo_t, NB,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """3. keep what exceeds each row's threshold; the KV head reads the union, kept blocks
-    first (ascending), then the rest."""
+    first (ascending), then the rest. ONE_CHUNK (CHUNK >= NB): one read, one scan and one
+    store of the order (a skipped block's slot: the kept count, then the skipped before it)."""
     o_c = tl.arange(0, CHUNK)
+    if ONE_CHUNK:
+        in_row = o_c < NB
+        m = m_r[:, None] & in_row[None, :]
+        up = tl.load(LogUpper + rows + o_c[None, :], mask=m, other=float("-inf"))
+        keep_rows = (up > lo_t[:, None]) & m
+        tl.store(KeepRows + rows + o_c[None, :], keep_rows.to(tl.int8), mask=m)
+        keep = (tl.max(keep_rows.to(tl.int32), 0) > 0).to(tl.int32)
+        kept_before = tl.cumsum(keep, 0) - keep
+        n_all = tl.sum(keep, 0)
+        slot = tl.where(keep > 0, kept_before, n_all + o_c - kept_before)
+        tl.store(Order + pid * NB + slot, o_c.to(tl.int32), mask=in_row)
+        tl.store(NKept + pid, n_all)
+        return
     n_kept = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)
     for c in range(0, NB, CHUNK):
         in_row = (c + o_c) < NB
@@ -773,7 +790,12 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None 
     log_eps = math.log(eps) if eps > 0 else -math.inf
     per_row = cfg["per_row"] and next_pow2(NB) <= SELECT_ROW_MAX
     threshold = kept_order  # a dummy unless per_row
+    warps = 4
     if per_row:
+        # the union alone: a KV head's rows in one chunk where they fit in registers (8192
+        # bounds over eight warps), so one read and one scan
+        chunk = min(max(16, next_pow2(NB)), max(16, SELECT_ROW_MAX // r_pad))
+        warps = 8 if chunk * r_pad > 2048 else 4
         threshold = torch.empty(B * Hkv * R, device=log_upper.device, dtype=torch.float32)
         nb_pad = max(16, next_pow2(NB))
         traceable(_decode_threshold_kernel)[(B * Hkv * R,)](
@@ -782,7 +804,7 @@ def _select_blocks_kernel(log_upper, log_lower, eps: float, config: dict | None 
     traceable(_decode_select_kernel)[(B * Hkv,)](
         log_upper, log_lower, threshold, keep_rows, kept_order, n_kept, R, NB, math.log(NB),
         log_eps, SELECT_MARGIN, R_PAD=r_pad, CHUNK=chunk, ITERS=iters, SECTIONS=sections,
-        THRESHOLD_GIVEN=per_row, num_warps=4)
+        THRESHOLD_GIVEN=per_row, ONE_CHUNK=chunk >= NB, num_warps=warps)
     return kept_order, n_kept, keep_rows.view(torch.bool)
 
 

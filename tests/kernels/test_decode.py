@@ -252,7 +252,9 @@ def test_attend_all_is_exact_attention(B, Hq, Hkv, Lq, S, D, dtype, bias_kind):
 def test_masks_read_as_given_equal_their_float_bias(rows_kernel, monkeypatch):
     """The decode op hands the kernels transformers' mask as it is (a bool [B, 1, Lq, S] or a
     half-precision one, expanded to [B, Lq, S] at stride 0, no bias built): bounds, selection
-    input and attention equal, bit for bit, what the float32 bias of the same mask gives."""
+    input and attention equal what the float32 bias of the same mask gives: the same blocks
+    dead (-inf), the rest within a rounding (each bias kind compiles its own kernel, and CUDA's
+    compiler may contract a product and a sum into one rounding in one of them)."""
     monkeypatch.setitem(decode.BOUNDS_CONFIG, "rows_kernel", rows_kernel)
     B, Hq, Hkv, Lq, S, D = 2, 8, 2, 1, 300, 64
     q, k, v = _inputs(B, Hq, Hkv, Lq, S, D, torch.float16, seed=11)
@@ -270,10 +272,11 @@ def test_masks_read_as_given_equal_their_float_bias(rows_kernel, monkeypatch):
                                           else decode.BIAS_ADD)
         for a, b in zip(decode.decode_bounds(q, summary, S, D ** -0.5, view),
                         decode.decode_bounds(q, summary, S, D ** -0.5, as_bias)):
-            assert torch.equal(a, b)
+            assert torch.equal(torch.isinf(a), torch.isinf(b))
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
         for a, b in zip(decode.attend_all(q, k, v, D ** -0.5, view),
                         decode.attend_all(q, k, v, D ** -0.5, as_bias)):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b)  # fp16 output, float32 lse: their dtypes' rounding
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])
