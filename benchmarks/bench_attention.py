@@ -226,6 +226,7 @@ def suite_issue2(progress):
 # --only: run just these workloads of a suite (the issue-6 suite does not fit one 10-minute device
 # call with W4 in it).
 ONLY_WORKLOADS: tuple = ()
+ONLY_SIZES: tuple = ()
 
 
 def suite_issue6(progress):
@@ -252,6 +253,8 @@ def suite_issue6(progress):
                       H=4, kv_heads=1, check=False, fwd_bwd=True))
     if ONLY_WORKLOADS:
         cases = [c for c in cases if c["workload"] in ONLY_WORKLOADS]
+    if ONLY_SIZES:
+        cases = [c for c in cases if c["N"] in ONLY_SIZES]
     rows = []
     for i, c in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {c}")
@@ -425,9 +428,12 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated workloads of the issue-6 suite "
                     "(uniform, clustered, llm_like, clustered_gqa); default all")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--sizes", default="", help="comma-separated N of the issue-6 suite to run "
+                    "(all when empty)")
     args = ap.parse_args(argv)
-    global ONLY_WORKLOADS
+    global ONLY_WORKLOADS, ONLY_SIZES
     ONLY_WORKLOADS = tuple(w for w in args.only.split(",") if w)
+    ONLY_SIZES = tuple(int(n) for n in args.sizes.split(",") if n)
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
