@@ -58,7 +58,8 @@ class _Entry:
 
 _SUMMARIES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 STATS = collections.Counter()  # "rebuilt", "updated", "extended", "dropped": summaries' cost
-CALLS = collections.Counter()  # "certified", "dense": what decode calls did (benchmarks)
+# what decode calls did (benchmarks): "certified", "dense", and which dense kernel ran unmasked
+CALLS = collections.Counter()
 
 
 def _ident(cache: Tensor) -> tuple:
@@ -301,6 +302,7 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     if attn_mask is None and not is_causal:
         out = kernel_dense.cudnn_unmasked(query, key, value, scale) \
             if torch.backends.cuda.cudnn_sdp_enabled() else None
+        CALLS["dense_cudnn" if out is not None else "dense_sdpa"] += 1
         return out if out is not None else sdpa(query, key, value, scale=scale,
                                                  enable_gqa=Hq != Hkv)
     if (Hq % Hkv or query.shape[0] != key.shape[0] or value.shape[2] != S

@@ -26,6 +26,7 @@ error against float32 SDPA.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import sys
@@ -221,7 +222,10 @@ def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
     op = lambda: torch.ops.aether.decode_attention(q, k, v, None, False, scale, eps)  # noqa: E731
     for _ in range(2):
         op()  # the first call summarises the cache and samples the site's choice
+    before = collections.Counter(kv_cache.CALLS)
     rec["op_us"] = _bench(op)
+    # the paths its warm-up and captured calls took (dense_cudnn, dense_sdpa, certified)
+    rec["op_paths"] = dict(kv_cache.CALLS - before)
     # with the all-true bool mask transformers passes at each decode step: SDPA then has no
     # fused kernel for GQA (math), and the op's dense path is its own split kernel
     mask = torch.ones(B, 1, q.shape[2], S, dtype=torch.bool, device=k.device)
