@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dense_policy
 from . import ops as _ops
 from .validation import check_arguments, check_inputs
 
@@ -76,13 +77,36 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
                                               scale=scale, enable_gqa=enable_gqa)
     scale = None if scale is None else float(scale)
     if not return_stats:
+        if attn_mask is None and _eager_on_cuda(query, key, value):
+            # the dense choice before the op: a call that goes dense skips the op's dispatch
+            check_inputs(query, key, value, None, 0.0, scale, enable_gqa, eps)
+            if _ops.use_triton(query, key, value):
+                resolved = _ops.default_eps(query.dtype) if eps is None else float(eps)
+                block_m, block_n = _ops.resolve_blocks(query, value, None, None, key)
+                out, sparse = dense_policy.eager_dense_call(
+                    query, key, value, is_causal, query.shape[-1] ** -0.5 if scale is None
+                    else scale, resolved, block_m, block_n)
+                if out is not None:
+                    return out
+                if sparse:
+                    with dense_policy.sparse_decided():
+                        return torch.ops.aether.attention(query, key, value, None, is_causal,
+                                                          scale, enable_gqa, eps)
         return torch.ops.aether.attention(query, key, value, attn_mask, is_causal, scale,
                                           enable_gqa, eps)
-    block_m, block_n = _ops.resolve_blocks(query, value, None, None)
+    block_m, block_n = _ops.resolve_blocks(query, value, None, None, key, attn_mask)
     out, lse, kept = torch.ops.aether.attention_with_stats(
         query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n)
     resolved = _ops.default_eps(query.dtype) if eps is None else float(eps)
     return out, AttentionStats(kept, lse, block_m, block_n, resolved)
+
+
+def _eager_on_cuda(query, key, value) -> bool:
+    """Plain CUDA tensors outside any trace or functorch transform: the public function may
+    choose dense itself (one host read) and call the dense kernel without the op."""
+    return (query.device.type == "cuda" and type(query) is Tensor and type(key) is Tensor
+            and type(value) is Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _is_4d_batch_aligned(query, key, value) -> bool:

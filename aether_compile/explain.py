@@ -168,7 +168,8 @@ def _kept_over_live(func, args, kwargs, out) -> float:
     names = [a.name for a in func._schema.arguments]
     bound = {**dict(zip(names, args)), **kwargs}
     query, key, value = bound["query"], bound["key"], bound["value"]
-    block_m, block_n = resolve_blocks(query, value, bound.get("block_m"), bound.get("block_n"))
+    block_m, block_n = resolve_blocks(query, value, bound.get("block_m"), bound.get("block_n"),
+                                      key, bound.get("attn_mask"))
     kept = out[2]
     L, S = query.shape[-2], key.shape[-2]
     is_causal, mask = bool(bound.get("is_causal")), bound.get("attn_mask")

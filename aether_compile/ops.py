@@ -49,9 +49,13 @@ def default_eps(dtype: torch.dtype) -> float:
     return DEFAULT_EPS.get(dtype, 0.0)
 
 
-def resolve_blocks(query: Tensor, value: Tensor, block_m: Optional[int], block_n: Optional[int]):
-    """Tile sizes a call will use; the fake implementation and both backends agree on them."""
-    dm, dn = launch.default_blocks(max(query.shape[-1], value.shape[-1]), "cuda")
+def resolve_blocks(query: Tensor, value: Tensor, block_m: Optional[int], block_n: Optional[int],
+                   key: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None):
+    """Tile sizes a call will use; the fake implementation and both backends agree on them. Long
+    calls without a mask take longer key blocks (``launch.LONG_KEYS``): pass ``key`` and
+    ``attn_mask`` wherever the call's kept map is read."""
+    dm, dn = launch.default_blocks(max(query.shape[-1], value.shape[-1]), "cuda",
+                                   None if key is None else key.shape[-2], attn_mask is not None)
     return block_m or dm, block_n or dn
 
 
@@ -73,7 +77,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     torch ops, wrap_triton launches and opaque aether ops only (no host reads)."""
     check_inputs(query, key, value, attn_mask, 0.0, scale, enable_gqa, eps)
     eps = default_eps(query.dtype) if eps is None else float(eps)
-    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n, key, attn_mask)
     B, H, L, _ = query.shape
     S = key.shape[-2]
     if L == 0 or S == 0 or B == 0 or H == 0:  # empty, or no keys: zeros, as SDPA
@@ -107,9 +111,10 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
             return with_all_blocks_kept(dense)
         eps = 0.0  # exact, on our kernel (a general mask)
     elif route.sample and not tracing and not torch.cuda.is_current_stream_capturing():
-        # Eager (a host read): a sample of the rows decides before the full plan.
-        dense = dense_policy.eager_choice(query, key, value, is_causal, scale, eps, block_m,
-                                          block_n, fraction)
+        # Eager (a host read): a sample of the rows decides before the full plan, unless the
+        # public function's sample just did (dense_policy.eager_dense_call)
+        dense = False if dense_policy.decided_sparse() else dense_policy.eager_choice(
+            query, key, value, is_causal, scale, eps, block_m, block_n, fraction)
         if dense:
             out = kernel_dense.dense_sdpa_with_lse(query, key, value, is_causal, scale_f)
             if out is not None:
@@ -149,12 +154,12 @@ def _traced_site_id(query: Tensor) -> int:
     return next(counter)
 
 
-def _fake_outputs(query, key, value, block_m=None, block_n=None, kernel_layout=False):
+def _fake_outputs(query, key, value, attn_mask, block_m=None, block_n=None, kernel_layout=False):
     """Fake (out, lse, kept); out strided as the Triton path writes it where ``kernel_layout``,
     else contiguous (the reference)."""
     B, H, L, _ = query.shape
     S = key.shape[-2]
-    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n, key, attn_mask)
     out = (kernel_forward.new_out(query, value.shape[-1]) if kernel_layout
            else query.new_empty(B, H, L, value.shape[-1]))
     lse = query.new_empty(B, H, L, dtype=torch.float32)
@@ -176,7 +181,7 @@ def reference_attention_with_stats(query: Tensor, key: Tensor, value: Tensor,
 
 @reference_attention_with_stats.register_fake
 def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, block_n):
-    return _fake_outputs(query, key, value, block_m, block_n)
+    return _fake_outputs(query, key, value, attn_mask, block_m, block_n)
 
 
 @torch.library.custom_op("aether::prepare_pass", mutates_args=())
@@ -250,7 +255,7 @@ if not USE_TRITON_OP:  # triton_op registers its body as the fake
     @attention_with_stats.register_fake
     def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
           eps=None, block_m=None, block_n=None):
-        return _fake_outputs(query, key, value, block_m, block_n,
+        return _fake_outputs(query, key, value, attn_mask, block_m, block_n,
                              kernel_layout=use_triton(query, key, value))
 
 
@@ -264,7 +269,8 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     """Gradients of attention restricted to the forward's kept blocks (exact for that function)."""
     if query.shape[-2] == 0 or key.shape[-2] == 0 or query.shape[0] * query.shape[1] == 0:
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-    block_m, block_n = resolve_blocks(query, value, block_m, block_n)
+    # the forward's tiles, which the kept map is on
+    block_m, block_n = resolve_blocks(query, value, block_m, block_n, key, attn_mask)
     if use_triton(query, key, value):
         return _bwd.triton_attention_backward(grad_out, query, key, value, out, lse, kept,
                                               attn_mask, is_causal, scale, block_m, block_n)

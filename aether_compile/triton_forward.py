@@ -200,7 +200,7 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
     if dense_fraction is not None and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
         B, H, L, D = query.shape
         S = key.shape[-2]
-        block_m, block_n = kernel_plan.plan_blocks(query, value, block_m, block_n)
+        block_m, block_n = kernel_plan.plan_blocks(query, key, value, attn_mask, block_m, block_n)
         found_causal, mask_stats = mask_found_causal(query, key, attn_mask, block_m, block_n)
         if found_causal:
             scale = D ** -0.5 if scale is None else float(scale)

@@ -115,7 +115,7 @@ def run_dense_choice(N, H, D, causal) -> dict:
     q, k, v = WORKLOADS["uniform"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
     scale = D ** -0.5
     eps = default_eps(q.dtype)
-    bm, bn = resolve_blocks(q, v, None, None)
+    bm, bn = resolve_blocks(q, v, None, None, k)
 
     def op():
         return aether_compile.attention(q, k, v, is_causal=causal)

@@ -185,6 +185,11 @@ def triton_attention_backward(grad_out, query, key, value, out, lse, kept, attn_
     dev = query.device
     dm, dn = default_blocks(max(D, DV), dev.type)
     block_m, block_n = block_m or dm, block_n or dn
+    if block_m == dm and block_n > dn and block_n % dn == 0:
+        # A forward on longer key blocks (launch.LONG_KEYS): its kept map on the backward's own
+        # grid, each kept block as the shorter blocks it covers (the same keys, exactly).
+        kept = kept.repeat_interleave(block_n // dn, -1)[..., :num_blocks(S, dn)]
+        block_n = dn
     scale = D ** -0.5 if scale is None else float(scale)
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
     d_pad, dv_pad = pad_pow2(D), pad_pow2(DV)

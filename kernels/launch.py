@@ -140,11 +140,24 @@ def pad_pow2(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def default_blocks(head_dim: int, device_type: str) -> tuple[int, int]:
-    """(block_m, block_n) tiles for the attention kernel; geometry uses block_n keys."""
+# From this many keys a call without a mask plans and computes key blocks of 128 (head dims up to
+# 128): the plan's bounds product and sort grow as L * S / block_n and come to dominate it. W2 at
+# 128K keys took 13.0 ms with blocks of 128 against 15.3 ms with 64 (bounds 1.32 against 2.35 ms,
+# sort 0.44 against 1.14), at 32K 4.63 against 4.55 ms (H200, 2f919b2, profile_stages.py
+# run_block_n). The backward keeps its own tiles (the kept map is regridded, backward.py).
+LONG_KEYS = 65536
+
+
+def default_blocks(head_dim: int, device_type: str, keys=None,
+                   masked: bool = False) -> tuple[int, int]:
+    """(block_m, block_n) tiles for the attention kernel; geometry uses block_n keys. ``keys``: the
+    call's key length (None: not known, the short-sequence tiles); a symbolic length guards on
+    LONG_KEYS."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU tests quick yet multi-block
         return 16, 16
     if head_dim <= 128:
+        if keys is not None and not masked and keys >= LONG_KEYS:
+            return 128, 128
         return 128, 64
     return 64, 32
 

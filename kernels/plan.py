@@ -288,11 +288,11 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
     return bounds, mask4, mask_not_causal
 
 
-def plan_blocks(query, value, block_m=None, block_n=None) -> tuple[int, int]:
+def plan_blocks(query, key, value, attn_mask=None, block_m=None, block_n=None) -> tuple[int, int]:
     """The tiles ``plan_attention`` uses: those given, else its device's defaults for the head
-    dims."""
+    dims and the key length."""
     d_block_m, d_block_n = default_blocks(max(int(query.shape[-1]), int(value.shape[-1])),
-                                          query.device.type)
+                                          query.device.type, key.shape[-2], attn_mask is not None)
     return block_m or d_block_m, block_n or d_block_n
 
 
@@ -302,7 +302,7 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
-    block_m, block_n = plan_blocks(query, value, block_m, block_n)
+    block_m, block_n = plan_blocks(query, key, value, attn_mask, block_m, block_n)
     scale = D ** -0.5 if scale is None else float(scale)
     bounds, mask4, mask_not_causal = tile_bounds(query, key, attn_mask, is_causal, scale, block_m,
                                                  block_n, mask_stats)

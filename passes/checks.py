@@ -68,7 +68,7 @@ def short_attention(q, k, v) -> Optional[Decline]:
     q4 = tuple(q.shape) if q.dim() == 4 else (1, *q.shape)
     B, H, L, D = q4
     S, DV = k.shape[-2], v.shape[-1]
-    block_n = ops.resolve_blocks(q, v, None, None)[1]
+    block_n = ops.resolve_blocks(q, v, None, None, k)[1]
     reason = dense_policy.static_dense_reason(B, H, L, S, D, DV, block_n, exact_dense=True)
     return None if reason is None else Decline("short", f"dense is faster: {reason}")
 

@@ -139,6 +139,30 @@ def test_fake_matches_real_shape_and_strides():
     assert fake.shape == real.shape and fake.stride() == real.stride()
 
 
+def test_long_key_lengths_take_longer_key_blocks_in_real_fake_and_compiled_calls():
+    """From launch.LONG_KEYS keys a call without a mask plans key blocks of 128 (the plan's cost
+    grows as 1 / block_n); fewer keys, or a mask, keep 64. The fake and a dynamic-shape compile
+    give the kept map the real call's shape on both sides of the threshold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aether_compile.kernels.launch import LONG_KEYS
+
+    q, k, v = _qkv(B=1, H=1, Hkv=1, L=8, S=LONG_KEYS + 64, D=16)
+    short = (q, k[:, :, :LONG_KEYS - 64], v[:, :, :LONG_KEYS - 64])
+    _, stats = aether_compile.attention(q, k, v, return_stats=True)
+    assert (stats.block_n, stats.kept_blocks.shape[-1]) == (128, LONG_KEYS // 128 + 1)
+    mask = torch.ones(8, LONG_KEYS + 64, dtype=torch.bool)
+    assert aether_compile.attention(q, k, v, attn_mask=mask, return_stats=True)[1].block_n == 64
+    assert aether_compile.attention(*short, return_stats=True)[1].block_n == 64
+    with FakeTensorMode() as mode:
+        fake = torch.ops.aether.attention_with_stats(*(mode.from_tensor(t) for t in (q, k, v)))
+    assert fake[2].shape == stats.kept_blocks.shape
+    compiled = torch.compile(lambda *qkv: torch.ops.aether.attention_with_stats(*qkv)[2],
+                             backend="aot_eager", dynamic=True)
+    assert compiled(*short).shape[-1] == (LONG_KEYS - 64) // 64
+    assert compiled(q, k, v).shape == stats.kept_blocks.shape
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gradients_match_float64_autograd_at_eps0(is_causal):
     q, k, v = _qkv(B=1, H=4, Hkv=2, L=40, S=40, dtype=torch.float64)

@@ -98,6 +98,46 @@ def test_compiled_training_step_matches_eager():
         assert rel_err(b, a) < 1e-5
 
 
+@needs_triton
+def test_backward_regrids_a_kept_map_of_longer_key_blocks():
+    """A forward on longer key blocks than the backward's own (launch.LONG_KEYS on a GPU): the
+    backward runs on its grid, each kept block as the shorter blocks it covers, and equals
+    float64 autograd of the forward's restricted function. S = 200 leaves a partial last block."""
+    q, k, v = clustered_qkv(2, 2, 64, 32, S=200, run=32, centers=8, seed=3)
+    q, k, v = (t.to(DEVICE, torch.float32) for t in (q, k, v))
+    out, lse, kept = triton_attention(q, k, v, None, False, None, False, 1e-2, 16, 32, "stop")
+    assert kept.shape[-1] == 7 and kept.float().mean() < 0.9  # 32-key blocks, sparse
+    do = torch.randn_like(out)
+    grads = triton_attention_backward(do, q, k, v, out, lse, kept, None, False, None, 16, 32)
+    ref = _autograd_oracle(q, k, v, do, None, False, kept, 16, 32)
+    for name, got, want in zip("qkv", grads, ref):
+        assert rel_err(got, want) < 2 * REL_TOL[torch.float32], name
+
+
+@pytest.mark.gpu
+def test_gpu_long_keys_plan_longer_blocks_and_backward_matches(monkeypatch):
+    """From LONG_KEYS keys a call without a mask plans and computes key blocks of 128: its kept
+    map says so, each row's dropped mass stays within eps, and the gradients (on the backward's
+    own 64-key grid) equal float64 autograd of the restricted function."""
+    from aether_compile.kernels.launch import LONG_KEYS
+    from aether_compile.kernels.reference import dropped_mass
+
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # 256 query rows: little work
+    monkeypatch.setenv("AETHER_DENSE_FRACTION", "off")
+    q, k, v = clustered_qkv(1, 2, 256, 128, S=LONG_KEYS, dtype=torch.float16, device="cuda",
+                            seed=5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, stats = aether_compile.attention(*leaves, return_stats=True)
+    assert (stats.block_m, stats.block_n) == (128, 128)
+    assert stats.kept_blocks.shape[-1] == LONG_KEYS // 128 and stats.kept_fraction < 0.5
+    assert float(dropped_mass(q, k, stats.kept_blocks, 128, 128).max()) <= stats.eps
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref = _autograd_oracle(q, k, v, do, None, False, stats.kept_blocks, 128, 128)
+    for name, got, want in zip("qkv", grads, ref):
+        assert rel_err(got, want) < 2 * REL_TOL[torch.float16], name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [1024, 4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
