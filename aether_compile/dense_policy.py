@@ -13,12 +13,17 @@ kernel (both correct: dense is exact, sparse certified; the choice is about spee
 3. **The gate** (``dense_gate``), after the plan and probe, for masked calls and eager calls too
    short to sample: one host read of the certified visit count.
 
+The public function's eager calls without a mask make choices 1 and 2 before the op
+(``eager_dense_call``): a call that goes dense then costs one dense kernel launched right after
+the sample's read, with no op dispatch and no log-sum-exp that nothing will read.
+
 ``Skip`` is what a choice tells the attention kernel. Environment switches come from
 ``aether_compile.settings``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -121,6 +126,52 @@ def static_dense(query, key, value, attn_mask, is_causal: bool,
     return static_dense_reason(B, H, L, key.shape[-2], D, value.shape[-1], block_n,
                                exact_dense=exact) is not None
 
+
+
+# Set while the public function calls the op for an eager call its sample sent to the sparse
+# path: the op then plans the whole call without sampling it again.
+_DECIDED_SPARSE = contextvars.ContextVar("aether_decided_sparse", default=False)
+
+
+def decided_sparse() -> bool:
+    """Whether the public function's sample already chose the sparse path for this call."""
+    return _DECIDED_SPARSE.get()
+
+
+def eager_dense_call(query, key, value, is_causal: bool, scale, eps: float, block_m: int,
+                     block_n: int):
+    """The public function's eager calls without a mask, before the op: (out, decided_sparse).
+    out: the dense kernel's output where the static sizes (``static_dense``) or a sample of the
+    rows (``eager_choice``) choose dense, else None; decided_sparse: the sample chose sparse (the
+    caller runs the op under ``sparse_decided()``). The caller checked the inputs and that the
+    Triton op serves them; no mask. Output equals SDPA's; gradients flow through the kernel's."""
+    if static_dense(query, key, value, None, is_causal, block_n):
+        if not kernel_dense.dense_eligible(query, key, value, None, is_causal):
+            return None, False
+        return _dense_output(query, key, value, is_causal, scale), False
+    fraction = dense_fraction()
+    if (fraction is None or not sample_applies(query, key, value, None, is_causal)
+            or torch.cuda.is_current_stream_capturing()):
+        return None, False
+    dense = eager_choice(query, key, value, is_causal, scale, eps, block_m, block_n, fraction)
+    if dense:
+        return _dense_output(query, key, value, is_causal, scale), False
+    return None, dense is not None
+
+
+def _dense_output(query, key, value, is_causal: bool, scale: float):
+    needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return kernel_dense.dense_sdpa(query, key, value, is_causal, scale, with_lse=needs_lse)
+
+
+class sparse_decided:
+    """Context for the op call of an eager call whose sample chose the sparse path."""
+
+    def __enter__(self):
+        self._token = _DECIDED_SPARSE.set(True)
+
+    def __exit__(self, *exc):
+        _DECIDED_SPARSE.reset(self._token)
 
 
 def sample_applies(query, key, value, attn_mask, is_causal) -> bool:

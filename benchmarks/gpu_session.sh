@@ -26,6 +26,7 @@
 #   profile             per-kernel GPU time of one call; MiniLM on CUDA
 #   prefill_costs       the attention GPU tests (a static cache's prefill mask among them),
 #                       the profile of W2 and of that mask, the plan kernels' sweeps (issue 22)
+#   issue22             prefill GPU tests, the suite's W1 and W2, the eager dense choice's cost
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -174,6 +175,17 @@ case "${1:-zoo}" in
       --out "$OUT" > "$OUT/profile.txt" 2>&1
     timeout 200 python3 benchmarks/sweep_prefill_kernels.py --out "$OUT" > "$OUT/sweep.txt" 2>&1
     for f in dense_tests profile sweep; do echo "== $f"; tail -n 8 "$OUT/$f.txt"; done
+    ;;
+  issue22)  # issue 22: the public function's dense choice before the op, 128-key blocks from 64K
+    # keys: the prefill GPU tests, the suite's W1 and W2, where an eager dense call's time goes
+    $T 230 $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py -k "not test_gpu_backward_long" \
+      > "$OUT/prefill_gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/prefill_gpu_tests.txt" | tail -15
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 250 python3 benchmarks/bench_attention.py \
+      --suite issue6 --only uniform,clustered --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    tail -n 22 "$OUT/issue6.txt"
+    timeout 70 python3 benchmarks/profile_stages.py --only run_dense_choice --out "$OUT" > "$OUT/profile.txt" 2>&1
+    grep -E "^\[|op |times_ms" "$OUT/profile.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \

@@ -60,9 +60,9 @@ def _flash_sdpa(query, key, value, is_causal: bool, scale: float):
         query, key, value, 0.0, is_causal, False, scale=scale)
 
 
-def _cudnn_sdpa(query, key, value, is_causal: bool, scale: float):
+def _cudnn_sdpa(query, key, value, is_causal: bool, scale: float, with_lse: bool = True):
     return torch.ops.aten._scaled_dot_product_cudnn_attention(
-        query, key, value, None, True, 0.0, is_causal, False, scale=scale)
+        query, key, value, None, with_lse, 0.0, is_causal, False, scale=scale)
 
 
 def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cudnn=True):
@@ -73,8 +73,23 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
     caught); "if_sdpa_picks" (traced graphs, where it cannot) uses cuDNN only where SDPA's own
     dispatcher would, else flash. GQA (fewer kv heads): the kernel reads k and v as they are where
     ``_native_gqa`` has checked that it can, else they are expanded first (a copy)."""
+    res = _fastest_dense(query, key, value, is_causal, scale, try_cudnn, with_lse=True)
+    if res is None:
+        return None
     B, H, L, _ = query.shape
-    group = H // key.shape[1]
+    return as_out_layout(res[0], query), res[1].reshape(B, H, L).float().contiguous()
+
+
+def dense_sdpa(query, key, value, is_causal: bool, scale: float, with_lse: bool):
+    """The output alone of ``dense_sdpa_with_lse``'s kernel (eager), in the kernel's own layout, or
+    None. Without ``with_lse`` cuDNN skips the log-sum-exp (1.5 % of its time at 16K tokens, D 64,
+    H200), which only its backward needs; autograd goes through the ATen kernel's own formula."""
+    res = _fastest_dense(query, key, value, is_causal, scale, True, with_lse)
+    return None if res is None else res[0]
+
+
+def _fastest_dense(query, key, value, is_causal: bool, scale: float, try_cudnn, with_lse: bool):
+    group = query.shape[1] // key.shape[1]
     key, value = causal_keys(query, key, value, is_causal)
     expanded = None
     if try_cudnn == "if_sdpa_picks":  # asked as the default compile asks: with k, v expanded
@@ -88,10 +103,11 @@ def dense_sdpa_with_lse(query, key, value, is_causal: bool, scale: float, try_cu
                 expanded = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
             kv = expanded
         try:
-            res = run(query, *kv, is_causal, scale)
+            if run is _cudnn_sdpa:
+                return run(query, *kv, is_causal, scale, with_lse)
+            return run(query, *kv, is_causal, scale)
         except RuntimeError:  # backend unavailable for these inputs / this build
             continue
-        return as_out_layout(res[0], query), res[1].reshape(B, H, L).float().contiguous()
     return None
 
 

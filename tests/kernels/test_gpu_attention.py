@@ -34,6 +34,7 @@ CASES = [
     ("clustered", 4096, 6000, False, 2, 1, "key_padding"),
     ("sink_local", 8192, None, True, 2, 2, None),
     ("adversarial", 4096, None, False, 2, 2, None),
+    ("clustered", 1024, 65536, False, 2, 2, None),  # launch.LONG_KEYS: key blocks of 128
 ]
 
 
@@ -199,6 +200,44 @@ def test_eager_sample_sends_unprunable_data_dense_before_the_full_plan(is_causal
     monkeypatch.setenv("AETHER_DENSE_SAMPLE", "0")
     aether_compile.attention(q, k, v, is_causal=is_causal)
     assert planned == [N]
+
+
+def test_public_eager_call_chooses_dense_before_the_op(monkeypatch):
+    """Without stats or a mask, the public function samples before the op: uniform data runs
+    the dense kernel with no op call (gradients through the kernel's own backward, equal to
+    float64 autograd), a 4K call goes dense on its sizes alone, and clustered data samples once
+    and then plans the whole call in the op (no second sample)."""
+    from aether_compile import ops
+
+    planned, op_calls = [], []
+    real_plan, real_forward = kernel_plan.plan_attention, ops.forward_impl
+    monkeypatch.setattr(kernel_plan, "plan_attention",
+                        lambda q, *a, **k: planned.append(q.shape[2]) or real_plan(q, *a, **k))
+    monkeypatch.setattr(ops, "forward_impl",
+                        lambda *a, **k: op_calls.append(1) or real_forward(*a, **k))
+    N = 16384
+    q, k, v = WORKLOADS["uniform"](1, 4, N, 64, dtype=torch.float16, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = aether_compile.attention(*leaves)
+    assert planned and max(planned) < N and not op_calls, (planned, op_calls)
+    assert rel_err(out, chunked_oracle(q, k, v)) < REL_TOL[torch.float16]
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*ref), ref, do.float())
+    for got, w in zip(grads, want):
+        assert rel_err(got, w) < 4 * REL_TOL[torch.float16]
+    monkeypatch.delenv("AETHER_STATIC_DENSE")
+    planned.clear()
+    small = WORKLOADS["clustered"](1, 4, 4096, 128, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        assert rel_err(aether_compile.attention(*small, is_causal=True),
+                       chunked_oracle(*small, None, True)) < REL_TOL[torch.float16]
+    assert not planned and not op_calls
+    q, k, v = WORKLOADS["clustered"](1, 4, N, 128, dtype=torch.float16, device="cuda")
+    out = aether_compile.attention(q, k, v)
+    assert len(planned) == 2 and planned[0] < N and planned[1] == N and op_calls == [1]
+    assert rel_err(out, chunked_oracle(q, k, v)) < REL_TOL[torch.float16] * 4
 
 
 def test_static_dense_in_eager(monkeypatch):
