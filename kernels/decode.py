@@ -15,10 +15,12 @@ bounded key by key, Σ_j exp(U_j), not as n · exp(block max).
 
 1. ``decode_bounds`` (Triton): per query row and block of ``BLOCK`` keys, log Σ_j exp(U_j) (an
    upper bound on the block's mass) and log Σ_j exp(L_j) (a lower bound).
-2. ``select_blocks`` (torch): a row's normaliser Z is at least Z_low = Σ_j exp(L_j) over every
-   live key; blocks are skipped smallest bound first while their bounded masses sum to at most
-   eps · Z_low, so the dropped mass is at most eps · Z_low / Z ≤ eps. A KV head reads a block
-   when any of its rows (query heads of the group, query positions) keeps it.
+2. ``select_blocks`` (Triton: each row's threshold in its own program, then the union over a KV
+   head's rows; a sort in torch where the kernels do not run): a row's normaliser Z is at least
+   Z_low = Σ_j exp(L_j) over every live key; blocks are skipped smallest bound first while their
+   bounded masses sum to at most eps · Z_low, so the dropped mass is at most eps · Z_low / Z ≤
+   eps. A KV head reads a block when any of its rows (query heads of the group, query positions)
+   keeps it.
 3. ``attend_kept`` (Triton): exact attention over the kept blocks, split over many programs per
    KV head (FlashDecoding), each with its own online softmax; a combine merges the splits.
 
@@ -577,8 +579,9 @@ def select_blocks(log_upper: torch.Tensor, log_lower: torch.Tensor, eps: float,
     A row skips blocks whose bounded masses sum to at most eps * Z_low (Z_low = Σ exp(log_lower),
     a lower bound on its normaliser), so its dropped mass is at most eps; a KV head reads a block
     any of its rows keeps. kept_order lists the kept blocks first, in ascending order, then the
-    skipped ones. On CUDA (and the interpreter) one Triton program per KV head does it without a
-    sort (``_decode_select_kernel``); elsewhere ``select_blocks_sorted``."""
+    skipped ones. On CUDA (and the interpreter) without a sort: one program per row finds its
+    threshold (``_decode_threshold_kernel``), one per KV head takes the union
+    (``_decode_select_kernel``; ``SELECT_CONFIG``); elsewhere ``select_blocks_sorted``."""
     if log_upper.device.type == "cuda" or INTERPRET:
         return _select_blocks_kernel(log_upper, log_lower, eps, config)
     return select_blocks_sorted(log_upper, log_lower, eps)
