@@ -178,8 +178,8 @@ case "${1:-zoo}" in
     ;;
   issue22)  # issue 22: the public function's dense choice before the op, 128-key blocks from 64K
     # keys: the prefill GPU tests, the suite's W1 and W2, where an eager dense call's time goes
-    $T 230 $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py -k "not test_gpu_backward_long" \
-      > "$OUT/prefill_gpu_tests.txt" 2>&1
+    $T ${TEST_S:-230} $PYTEST tests/kernels/test_gpu_attention.py tests/kernels/test_backward.py \
+      -k "${TESTS_K:-not test_gpu_backward_long}" > "$OUT/prefill_gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/prefill_gpu_tests.txt" | tail -15
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 250 python3 benchmarks/bench_attention.py \
       --suite issue6 --only uniform,clustered --out "$OUT" > "$OUT/issue6.txt" 2>&1
