@@ -182,8 +182,9 @@ case "${1:-zoo}" in
       -k "${TESTS_K:-not test_gpu_backward_long}" > "$OUT/prefill_gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/prefill_gpu_tests.txt" | tail -15
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout 250 python3 benchmarks/bench_attention.py \
-      --suite issue6 --only uniform,clustered --out "$OUT" > "$OUT/issue6.txt" 2>&1
+      --suite issue6 --only uniform,clustered ${SIZES:+--sizes $SIZES} --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 22 "$OUT/issue6.txt"
+    [ -n "${NO_PROFILE:-}" ] && exit 0
     timeout 70 python3 benchmarks/profile_stages.py --only run_dense_choice --out "$OUT" > "$OUT/profile.txt" 2>&1
     grep -E "^\[|op |times_ms" "$OUT/profile.txt"
     ;;
