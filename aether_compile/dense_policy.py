@@ -145,15 +145,15 @@ def eager_dense_call(query, key, value, is_causal: bool, scale, eps: float, bloc
     rows (``eager_choice``) choose dense, else None; decided_sparse: the sample chose sparse (the
     caller runs the op under ``sparse_decided()``). The caller checked the inputs and that the
     Triton op serves them; no mask. Output equals SDPA's; gradients flow through the kernel's."""
-    if static_dense(query, key, value, None, is_causal, block_n):
+    chosen = route(query, key, value, None, is_causal, block_n, twopass=False)
+    if chosen.static_dense:
         if not kernel_dense.dense_eligible(query, key, value, None, is_causal):
             return None, False
         return _dense_output(query, key, value, is_causal, scale), False
-    fraction = dense_fraction()
-    if (fraction is None or not sample_applies(query, key, value, None, is_causal)
-            or torch.cuda.is_current_stream_capturing()):
+    if not chosen.sample or torch.cuda.is_current_stream_capturing():
         return None, False
-    dense = eager_choice(query, key, value, is_causal, scale, eps, block_m, block_n, fraction)
+    dense = eager_choice(query, key, value, is_causal, scale, eps, block_m, block_n,
+                         chosen.fraction)
     if dense:
         return _dense_output(query, key, value, is_causal, scale), False
     return None, dense is not None

@@ -200,6 +200,10 @@ def run_static_cache_prefill(B, H, Hkv, L, S, D) -> dict:
             "gpu_ms_per_call": gpu_total, "host_gap_ms": t_op - gpu_total, "kernels_ms": kernels}
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -223,7 +227,7 @@ def main(argv=None):
         rows.append(run(**case) if isinstance(case, dict) else run(*case))
         r = rows[-1]
         print(f"    op {r['t_op_ms']:.3f} ms, {r['ratio_vs_fastest_dense']:.3f}x fastest dense, "
-              f"host gap {r['host_gap_ms']} ms", flush=True)
+              f"host gap {_ms(r['host_gap_ms'])} ms", flush=True)
         for key in ("times_ms", "host_ms_gpu_idle", "timeline_us", "kept_fraction", "error"):
             if key in r:
                 print(f"      {key}: {r[key]}", flush=True)
