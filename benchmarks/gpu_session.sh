@@ -27,6 +27,8 @@
 #   prefill_costs       the attention GPU tests (a static cache's prefill mask among them),
 #                       the profile of W2 and of that mask, the plan kernels' sweeps (issue 22)
 #   issue22             prefill GPU tests, the suite's W1 and W2, the eager dense choice's cost
+#   sweeps              GPU tests of the public eager call, dense policy and HF eager models;
+#                       the decode dense path's and the prefill pass's meta-parameter sweeps
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -187,6 +189,19 @@ case "${1:-zoo}" in
     [ -n "${NO_PROFILE:-}" ] && exit 0
     timeout 70 python3 benchmarks/profile_stages.py --only run_dense_choice --out "$OUT" > "$OUT/profile.txt" 2>&1
     grep -E "^\[|op |times_ms" "$OUT/profile.txt"
+    ;;
+  sweeps)  # the GPU tests the last changes touched (public eager calls, the dense policy, HF eager
+    # models), then the decode op's dense path with a mask swept (sweep_decode_dense.py) and the
+    # prefill attention pass's warps and stages at 128-key blocks (sweep_prefill_kernels.py)
+    $T ${TEST_S:-150} $PYTEST tests/aether_compile/test_transformers_attention.py tests/aether_compile/test_dense_policy.py \
+      tests/kernels/test_gpu_attention.py -k "${TESTS_K:-eager or dense or policy}" > "$OUT/sweeps_gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/sweeps_gpu_tests.txt" | tail -15
+    timeout ${DECODE_S:-200} python3 benchmarks/sweep_decode_dense.py --out "$OUT" ${SHAPES:+--shapes $SHAPES} \
+      > "$OUT/sweep_decode_dense.txt" 2>&1
+    grep -vE "^ *$" "$OUT/sweep_decode_dense.txt" | tail -12
+    timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
+      --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
+    grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \

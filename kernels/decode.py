@@ -894,18 +894,23 @@ def _decode_attend_kernel(Q, K, V, Bias, Lengths, Order, NKept, PartM, PartL, Pa
 # Programs per SM (H100, learned keys, 32K, batch 8, 55 % kept): 8: 185 us, 16: 181, 32: 176;
 # but 32 made the dense pass at batch 1 slower (58 -> 70 us: splits of two loop steps, and a
 # longer combine), hence 16 with at least four steps a split (default_splits)
-ATTEND_CONFIG = {"programs_per_sm": 16, "stages": 3, "num_warps": 4}
+# "keys": keys per loop step (ATTEND_KEYS); "min_steps": loop steps a split has at least.
+ATTEND_CONFIG = {"programs_per_sm": 16, "stages": 3, "num_warps": 4, "keys": ATTEND_KEYS,
+                 "min_steps": 4}
+# attend_all's (every block in order, contiguous loads: the op's dense path with a mask)
+ATTEND_ALL_CONFIG = dict(ATTEND_CONFIG)
 
 
-def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None) -> int:
+def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None,
+                   keys: int = ATTEND_KEYS, min_steps: int = 4) -> int:
     """Programs per (sequence, KV head): ATTEND_CONFIG's per SM in all (the loop waits on
-    gathered loads; many programs hide it), at least four steps of the attention loop each
-    (shorter splits cost their setup and the combine more than they gain)."""
+    gathered loads; many programs hide it), at least ``min_steps`` steps of the attention loop
+    each (shorter splits cost their setup and the combine more than they gain)."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
     per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    min_blocks = 4 * (ATTEND_KEYS // BLOCK)  # four loop steps of ATTEND_KEYS keys
+    min_blocks = min_steps * (keys // BLOCK)
     return max(1, min(cdiv(per_sm * sms, B * hkv), max(1, nb // min_blocks), 256))
 
 
@@ -924,7 +929,8 @@ def attend_all(query, key, value, scale: float, bias=None, lengths=None,
     math, which copies K and V per group), and its kernels that take a mask run one program
     per (sequence, head) with no split over the keys: this one reads K and V once, spread
     over every SM."""
-    return _attend(query, key, value, None, None, scale, bias, lengths, splits, config)
+    return _attend(query, key, value, None, None, scale, bias, lengths, splits,
+                   {**ATTEND_ALL_CONFIG, **(config or {})})
 
 
 def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits, config):
@@ -935,7 +941,8 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
     R = rows.shape[2]
     everything = kept_order is None
     NB = cdiv(S, BLOCK) if everything else kept_order.shape[-1]
-    splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"])
+    splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"],
+                                      cfg["keys"], cfg["min_steps"])
     part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(B * Hkv, splits, R, DV, device=query.device, dtype=torch.float32)
@@ -948,7 +955,7 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
         value.stride(0), value.stride(1), value.stride(2),
         *(bias.stride() if bias is not None else (0, 0, 0)),
         D=D, DV=DV, D_PAD=pad_pow2(D), DV_PAD=pad_pow2(DV), R_PAD=max(16, pad_pow2(R)),
-        BLOCK_N=BLOCK, KEYS=ATTEND_KEYS, SPLITS=splits, BIAS_KIND=bias_kind(bias),
+        BLOCK_N=BLOCK, KEYS=cfg["keys"], SPLITS=splits, BIAS_KIND=bias_kind(bias),
         HAS_LENGTHS=lengths is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, STAGES=cfg["stages"],

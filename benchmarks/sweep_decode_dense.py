@@ -1,0 +1,109 @@
+"""The decode op's dense path with a mask, swept: ``kernels.decode.attend_all`` (the split-K
+kernel the op runs where transformers passes a mask at each decode step) over its
+meta-parameters, against cuDNN without the mask (the fastest dense, what the op is held to) and
+SDPA with it, at the decode grid's shapes. Also the op without a mask on uniform and clustered
+keys of one shape, where the decode grid read 0.84x on clustered data only.
+
+    python benchmarks/sweep_decode_dense.py --out benchmarks/results
+
+Times are CUDA-graph replays (bench_decode._bench). Writes sweep_decode_dense_<card>.json; the
+defaults in kernels/decode.py (ATTEND_CONFIG, ATTEND_ALL_CONFIG) come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import _bench, synthetic  # noqa: E402
+from provenance import card_tag, env_record, write_json  # noqa: E402
+
+from aether_compile import kv_cache  # noqa: E402
+from aether_compile.kernels import decode, dense  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+SHAPES = [(1, 8192), (1, 32768), (1, 131072), (8, 32768), (8, 8192), (32, 32768)]
+
+
+def timed(fn):
+    try:
+        return _bench(fn)
+    except Exception as e:  # noqa: BLE001 (a configuration the compiler refuses)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def sweep_shape(B: int, S: int) -> dict:
+    q, k, v = synthetic("uniform", B, HQ, HKV, S, D, torch.bfloat16, "cuda")
+    scale = D ** -0.5
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device="cuda")  # transformers' decode mask
+    bias = kv_cache._kernel_bias(mask, B, 1, S, False, q.device)
+    row = {"batch": B, "kv": S,
+           "cudnn_unmasked_us": timed(lambda: dense.cudnn_unmasked(q, k, v, scale)),
+           "sdpa_masked_us": timed(lambda: F.scaled_dot_product_attention(
+               q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)),
+           "default": dict(decode.ATTEND_ALL_CONFIG),
+           "default_us": timed(lambda: decode.attend_all(q, k, v, scale, bias))}
+    grid = []
+    for keys, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+        cfg = {**decode.ATTEND_ALL_CONFIG, "keys": keys, "num_warps": warps, "stages": stages}
+        grid.append({**cfg, "us": timed(lambda: decode.attend_all(q, k, v, scale, bias,
+                                                                  config=cfg))})
+    best = min((r for r in grid if isinstance(r["us"], float)), key=lambda r: r["us"])
+    for per_sm, min_steps in itertools.product((8, 16, 32), (1, 2, 4, 8)):
+        cfg = {**{n: best[n] for n in decode.ATTEND_ALL_CONFIG}, "programs_per_sm": per_sm,
+               "min_steps": min_steps}
+        grid.append({**cfg, "us": timed(lambda: decode.attend_all(q, k, v, scale, bias,
+                                                                  config=cfg))})
+    row["grid"] = grid
+    best = min((r for r in grid if isinstance(r["us"], float)), key=lambda r: r["us"])
+    row["best"] = best
+    print(f"B{B} S{S}: cudnn unmasked {row['cudnn_unmasked_us']:.1f} us, SDPA masked "
+          f"{row['sdpa_masked_us']:.1f}, attend_all default {row['default_us']:.1f}, best "
+          f"{best['us']:.1f} {best}", flush=True)
+    return row
+
+
+def clustered_against_uniform(B: int, S: int) -> dict:
+    """The op without a mask and cuDNN on uniform and clustered keys of one shape."""
+    row = {"batch": B, "kv": S}
+    scale = D ** -0.5
+    for kind in ("uniform", "clustered"):
+        q, k, v = synthetic(kind, B, HQ, HKV, S, D, torch.bfloat16, "cuda")
+        kv_cache.forget_summaries()
+        op = lambda: torch.ops.aether.decode_attention(q, k, v, None, False, scale, 1e-2)  # noqa: E731
+        for _ in range(2):
+            op()
+        row[kind] = {"cudnn_unmasked_us": timed(lambda: dense.cudnn_unmasked(q, k, v, scale)),
+                     "sdpa_us": timed(lambda: F.scaled_dot_product_attention(
+                         q, k, v, scale=scale, enable_gqa=True)),
+                     "op_us": timed(op),
+                     "k_stride": list(k.stride()), "calls": dict(kv_cache.CALLS)}
+        kv_cache.CALLS.clear()
+        print(f"{kind} B{B} S{S}: {row[kind]}", flush=True)
+        del q, k, v
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", nargs="*", default=[f"{b}x{s}" for b, s in SHAPES])
+    args = ap.parse_args(argv)
+    record = {"env": env_record(), "shapes": [], "clustered": None}
+    path = os.path.join(args.out, f"sweep_decode_dense_{card_tag()}.json")
+    for shape in args.shapes:
+        B, S = map(int, shape.split("x"))
+        record["shapes"].append(sweep_shape(B, S))
+        write_json(path, record)
+    record["clustered"] = clustered_against_uniform(8, 131072)
+    write_json(path, record)
+
+
+if __name__ == "__main__":
+    main()
