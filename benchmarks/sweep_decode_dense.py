@@ -96,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", default=[f"{b}x{s}" for b, s in SHAPES])
     args = ap.parse_args(argv)
     record = {"env": env_record(), "shapes": [], "clustered": None}
-    path = os.path.join(args.out, f"sweep_decode_dense_{card_tag()}.json")
+    path = os.path.join(args.out, f"sweep_decode_dense_{card_tag(record['env'])}.json")
     for shape in args.shapes:
         B, S = map(int, shape.split("x"))
         record["shapes"].append(sweep_shape(B, S))
