@@ -196,7 +196,7 @@ case "${1:-zoo}" in
     $T ${TEST_S:-150} $PYTEST tests/aether_compile/test_transformers_attention.py tests/aether_compile/test_dense_policy.py \
       tests/kernels/test_gpu_attention.py -k "${TESTS_K:-eager or dense or policy}" > "$OUT/sweeps_gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/sweeps_gpu_tests.txt" | tail -15
-    timeout ${DECODE_S:-200} python3 benchmarks/sweep_decode_dense.py --out "$OUT" ${SHAPES:+--shapes $SHAPES} \
+    timeout ${DECODE_S:-200} python3 benchmarks/sweep_decode_dense.py --out "$OUT" ${SHAPES:+--shapes $SHAPES} ${DECODE_ARGS:-} \
       > "$OUT/sweep_decode_dense.txt" 2>&1
     grep -vE "^ *$" "$OUT/sweep_decode_dense.txt" | tail -12
     timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \

@@ -50,19 +50,23 @@ def sweep_shape(B: int, S: int) -> dict:
            "default": dict(decode.ATTEND_ALL_CONFIG),
            "default_us": timed(lambda: decode.attend_all(q, k, v, scale, bias))}
     grid = []
-    for keys, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
-        cfg = {**decode.ATTEND_ALL_CONFIG, "keys": keys, "num_warps": warps, "stages": stages}
+    # keys per split = min_steps * keys: the split count follows from it (default_splits)
+    for keys, warps, stages, split_keys, per_sm in itertools.product(
+            (64, 128), (4, 8), (2, 3), (512, 1024, 2048), (8, 16)):
+        cfg = {"keys": keys, "num_warps": warps, "stages": stages, "programs_per_sm": per_sm,
+               "min_steps": split_keys // keys}
         grid.append({**cfg, "us": timed(lambda: decode.attend_all(q, k, v, scale, bias,
                                                                   config=cfg))})
-    best = min((r for r in grid if isinstance(r["us"], float)), key=lambda r: r["us"])
-    for per_sm, min_steps in itertools.product((8, 16, 32), (1, 2, 4, 8)):
-        cfg = {**{n: best[n] for n in decode.ATTEND_ALL_CONFIG}, "programs_per_sm": per_sm,
-               "min_steps": min_steps}
-        grid.append({**cfg, "us": timed(lambda: decode.attend_all(q, k, v, scale, bias,
-                                                                  config=cfg))})
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH"):
+        with sdpa_kernel([getattr(SDPBackend, name)]):
+            row[f"sdpa_masked_{name.split('_')[0].lower()}_us"] = timed(
+                lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                       enable_gqa=True))
     row["grid"] = grid
     best = min((r for r in grid if isinstance(r["us"], float)), key=lambda r: r["us"])
     row["best"] = best
+    print({n: r for n, r in row.items() if n.startswith("sdpa")}, flush=True)
     print(f"B{B} S{S}: cudnn unmasked {row['cudnn_unmasked_us']:.1f} us, SDPA masked "
           f"{row['sdpa_masked_us']:.1f}, attend_all default {row['default_us']:.1f}, best "
           f"{best['us']:.1f} {best}", flush=True)
@@ -94,6 +98,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", nargs="*", default=[f"{b}x{s}" for b, s in SHAPES])
+    ap.add_argument("--no-clustered", action="store_true",
+                    help="leave out the op on clustered against uniform keys")
     args = ap.parse_args(argv)
     record = {"env": env_record(), "shapes": [], "clustered": None}
     path = os.path.join(args.out, f"sweep_decode_dense_{card_tag(record['env'])}.json")
@@ -101,8 +107,9 @@ def main(argv=None):
         B, S = map(int, shape.split("x"))
         record["shapes"].append(sweep_shape(B, S))
         write_json(path, record)
-    record["clustered"] = clustered_against_uniform(8, 131072)
-    write_json(path, record)
+    if not args.no_clustered:
+        record["clustered"] = clustered_against_uniform(8, 131072)
+        write_json(path, record)
 
 
 if __name__ == "__main__":

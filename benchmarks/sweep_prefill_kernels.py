@@ -112,7 +112,8 @@ def sweep_bounds(N: int) -> dict:
 
 def sweep_attention(N: int) -> dict:
     """The attention pass itself (VISIT_CERTIFY: probe, certified count, re-certified visit) on
-    W2's plan, over the kernel's warps and pipeline stages (the op's: ``launch.launch_config``)."""
+    W2's plan, over the kernel's keys per step, warps and pipeline stages (the op's:
+    ``launch.key_step``, ``launch.launch_config``)."""
     from aether_compile.kernels import forward as kernel_forward
 
     q, k, v = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
@@ -121,18 +122,30 @@ def sweep_attention(N: int) -> dict:
     eps = 1e-3
     default = launch.launch_config(plan.block_m, D, D, "cuda")
     times = {}
-    real = kernel_forward.launch_config
+    real, real_step = kernel_forward.launch_config, launch.KEY_STEP
+    steps = sorted({64, plan.block_n})  # keys per online-softmax step (launch.KEY_STEP)
     try:
-        for warps in (4, 8):
-            for stages in (1, 2, 3, 4):
-                kernel_forward.launch_config = lambda *a, w=warps, st=stages: {
-                    "num_warps": w, "num_stages": st}
-                times[f"w{warps}_s{stages}"] = bench(lambda: kernel_forward.launch_attention(
-                    q, k, v, plan, eps, n_visit, None, certify=True), rep=20)
+        for step in steps:
+            launch.KEY_STEP = step
+            for warps in (4, 8):
+                for stages in (1, 2, 3, 4):
+                    kernel_forward.launch_config = lambda *a, w=warps, st=stages: {
+                        "num_warps": w, "num_stages": st}
+                    times[f"k{step}_w{warps}_s{stages}"] = bench(
+                        lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
+                                                                certify=True), rep=20)
     finally:
-        kernel_forward.launch_config = real
-    return {"N": N, "attention_ms": times,
-            "attention_default": f"w{default['num_warps']}_s{default['num_stages']}"}
+        kernel_forward.launch_config, launch.KEY_STEP = real, real_step
+    step = launch.key_step(plan.block_n, "cuda")
+    # FlexAttention on exactly the blocks this pass visited, in the same run (issue 22's
+    # kernel_vs_flex_same_blocks)
+    from bench_attention import flex_anchors
+    kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None, certify=True)
+    flex = flex_anchors(q, k, v, kernel_plan.kept_map(plan, n_visit), plan.block_m, plan.block_n)
+    return {"N": N, "block_n": plan.block_n, "attention_ms": times,
+            "flex_same_blocks_ms": flex.get("flex_same_blocks"),
+            "kept": float(kernel_plan.kept_map(plan, n_visit).float().mean()),
+            "attention_default": f"k{step}_w{default['num_warps']}_s{default['num_stages']}"}
 
 
 @triton.jit

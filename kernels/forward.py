@@ -17,7 +17,8 @@ from aether_compile import settings
 
 from .certificate import LOG2E, MASK_FLOOR, UNCERTIFIABLE_MAX_LOG2, stop_threshold_log2
 from .jit_common import scores_log2
-from .launch import INTERPRET, is_static, launch_config, pad_pow2, read_only_flag, traceable
+from .launch import (INTERPRET, is_static, key_step, launch_config, pad_pow2, read_only_flag,
+                     traceable)
 from .plan import VisitPlan, certified_visit_count
 
 # Globals read inside @triton.jit must be constexpr.
@@ -47,10 +48,27 @@ def _visit_block(
     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Key block ``j`` (BLOCK_N keys) of online softmax, in steps of o_n0's length: returns the
+    updated (m_i, l_i, acc); log2 units."""
+    for step in tl.static_range(BLOCK_N // o_n0.shape[0]):
+        m_i, l_i, acc = _visit_keys(
+            m_i, l_i, acc, b_q, j * BLOCK_N + step * o_n0.shape[0] + o_n0, o_m, m_m, o_d, o_dv,
+            k_base, v_base, m_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+            stride_mn, sm_scale_log2, S, D, DV,
+            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _visit_keys(
+    m_i, l_i, acc, b_q, o_n, o_m, m_m, o_d, o_dv, k_base, v_base, m_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """One key block of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
-    o_n = j * o_n0.shape[0] + o_n0
+    """Keys ``o_n`` of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
     m_n = o_n < S
     p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
     b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
@@ -104,8 +122,8 @@ def _attention_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_STEP: tl.constexpr, D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
     PROBE: tl.constexpr, RECERT: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
@@ -135,7 +153,7 @@ def _attention_kernel(
     o_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, D_PAD)
     o_dv = tl.arange(0, DV_PAD)
-    o_n0 = tl.arange(0, BLOCK_N)
+    o_n0 = tl.arange(0, KEY_STEP)  # keys per online-softmax step: BLOCK_N or a part of it
     m_m = o_m < L
     p_q = Q + b * stride_qb + h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, D]
@@ -162,7 +180,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
             thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
             n_visit = tl.minimum(_first_certified(TailLog2, plan, n_probe, n_kb, thr), n_live)
             tl.store(NVisit + pid, n_visit)
@@ -184,7 +202,7 @@ def _attention_kernel(
                         m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                         sm_scale_log2, S, D, DV,
-                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
                 p0 = p1
                 thr = tl.where(EXACT != 0, -float("inf"),
                                stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
@@ -197,7 +215,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
     else:
         n_live = tl.load(NLive + pid)
         p = n_live * 0
@@ -208,7 +226,7 @@ def _attention_kernel(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
                 S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
             tl.store(Kept + plan + j, 1)
             p += 1
             # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
@@ -322,7 +340,8 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
         plan.scale * LOG2E, stop_log2, int(eps <= 0.0), L, S, D, DV, nqt, nkb, H, plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
-        IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, D_PAD=d_pad,
+        IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        KEY_STEP=key_step(plan.block_n, dev.type), D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,

@@ -170,6 +170,15 @@ def launch_config(block_m: int, d_pad: int, dv_pad: int, device_type: str):
     return {"num_warps": warps, "num_stages": stages}
 
 
+# Keys per online-softmax step of the attention kernel: a key block larger than this is visited
+# in steps of this many keys (the same keys, in order; the plan's blocks stay whole).
+KEY_STEP = 128
+
+
+def key_step(block_n: int, device_type: str) -> int:
+    return block_n if device_type != "cuda" else min(block_n, KEY_STEP)
+
+
 def bounds_config(d_pad: int, device_type: str, use_box: bool) -> dict:
     """Key blocks per bounds-kernel step and launch shape, chosen from sm_90 compiles (ptxas: no
     register spills, shared memory within 227 KB; the box bound at head dim 256 spills least at

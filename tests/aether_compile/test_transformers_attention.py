@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -161,8 +162,13 @@ def test_cuda_eager_model_runs_aether_attention(masked, monkeypatch):
     if masked:  # HF then builds a bool [B, 1, L, S] mask instead of is_causal
         kwargs["attention_mask"] = torch.ones_like(ids)
         kwargs["attention_mask"][:, :100] = 0
-    models = {impl: transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
-              .to("cuda", torch.float16).eval() for impl in ("sdpa", "aether")}
+    # a config each: from_config records attn_implementation on the config it is given, and a
+    # shared one would make the reference model run aether too (two calls, nothing compared)
+    models = {impl: transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation=impl).to("cuda", torch.float16).eval()
+        for impl in ("sdpa", "aether")}
+    assert {impl: m.config._attn_implementation for impl, m in models.items()} == {
+        "sdpa": "sdpa", "aether": "aether"}
     models["aether"].load_state_dict(models["sdpa"].state_dict())
     with torch.no_grad():
         ref = models["sdpa"](ids, **kwargs).logits.float()
