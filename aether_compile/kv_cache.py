@@ -346,13 +346,27 @@ def _kernels_serve(query: Tensor, key: Tensor, value: Tensor) -> bool:
         query, key, value) is None
 
 
-# Above this fraction of its live key blocks kept, a certified step costs more than dense SDPA's
-# one read of everything. The byte count alone (a quarter of K and V's bytes for the bounds, then
-# the kept blocks) would put it at 0.75; the kernels' measured speeds put it at 0.045-0.07 on
-# learned data at batch 8 (0.19 on uniform, D 128) and below zero at batch 1 (bench_decode's
-# break_even_kept_kv, H100 at 076568f). It stays there until they are faster: decode=True must
-# not cost a model its dense speed.
-DECODE_DENSE_FRACTION = 0.05
+# Above its kept fraction (of the live key blocks) a certified step costs more than dense SDPA's
+# one read of everything. It depends on the call's size: the bounds read a quarter of K and V's
+# bytes, and the selection's scan is latency-bound (13-74 us) however short the call. Measured as
+# bench_decode's break_even_kept_kv on an H100 (7e1656c, every row of its grid: (dense - bounds -
+# selection) / attention time per unit kept), by cached key rows per call (batch x KV heads x
+# keys): below 256K rows, never (-0.2 to -0.05); 256K-512K (batch 1, 32K keys), 0.15-0.25;
+# 512K-2M, 0.22-0.43 (batch 1 at 128K keys is the low end: its selection alone takes 65 us);
+# 2M and up, 0.52-0.64. Each threshold below sits under the least measured in its range, so that
+# decode=True does not cost a model its dense speed where the estimate is off.
+DECODE_DENSE_FRACTIONS = ((256 * 1024, 0.0), (512 * 1024, 0.10), (2 * 1024 * 1024, 0.20),
+                          (None, 0.45))
+
+
+def decode_dense_fraction(batch: int, kv_heads: int, keys: int) -> float:
+    """The kept fraction above which a decode call of this size runs dense
+    (DECODE_DENSE_FRACTIONS): 0 where a certified step never pays."""
+    rows = batch * kv_heads * keys
+    for below, fraction in DECODE_DENSE_FRACTIONS:
+        if below is None or rows < below:
+            return fraction
+    raise AssertionError("unreachable: the table ends with None")
 
 
 def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: float):
@@ -380,7 +394,13 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
 
     can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
     site = ("decode", _ident(key), tuple(query.shape), query.dtype, eps)
-    fraction = settings.dense_fraction(DECODE_DENSE_FRACTION)
+    fraction = settings.dense_fraction(
+        decode_dense_fraction(query.shape[0], key.shape[1], key.shape[2]))
+    if fraction == 0.0 and query.device.type == "cuda":
+        # a certified step never pays at this size: dense without the sample's bounds and
+        # selection (the CPU, where the interpreter runs the kernels for tests, keeps them)
+        CALLS["dense"] += 1
+        return None
     if fraction is not None and dense_policy.choose_dense(
             site, sample if can_read else None, fraction, lagged=settings.dense_lag()):
         CALLS["dense"] += 1

@@ -226,6 +226,8 @@ def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
     rec["op_us"] = _bench(op)
     # the paths its warm-up and captured calls took (dense_cudnn, dense_sdpa, certified)
     rec["op_paths"] = dict(kv_cache.CALLS - before)
+    if layers:
+        rec.update(per_layer_op(q, k, v, eps, scale, layers))
     # with the all-true bool mask transformers passes at each decode step: SDPA then has no
     # fused kernel for GQA (math), and the op's dense path is its own split kernel
     mask = torch.ones(B, 1, q.shape[2], S, dtype=torch.bool, device=k.device)
@@ -252,6 +254,41 @@ def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
         lambda: (k.index_copy_(2, pos, new), decode.update_summary(summary, k, pos)))
     rec.update(ideal_and_oracle(q, k, eps, layers))
     return rec
+
+
+def per_layer_op(q, k, v, eps: float, scale: float, layers: int) -> dict:
+    """The op as a model calls it: once per layer, each layer a site with its own dense choice
+    (from its own kept fraction, DECODE_DENSE_FRACTIONS by size), all layers in one CUDA graph;
+    against cuDNN per layer in one graph. Learned rows stack the layers as heads in one call,
+    where one site's choice covers every layer."""
+    from aether_compile import kv_cache
+    from aether_compile.kernels import dense
+
+    hq, hkv = q.shape[1] // layers, k.shape[1] // layers
+    parts = [(q[:, i * hq:(i + 1) * hq].contiguous(), k[:, i * hkv:(i + 1) * hkv].contiguous(),
+              v[:, i * hkv:(i + 1) * hkv].contiguous()) for i in range(layers)]
+    kv_cache.forget_summaries()
+    paths = []
+    for ql, kl, vl in parts:  # each site's first call samples its choice
+        before = collections.Counter(kv_cache.CALLS)
+        torch.ops.aether.decode_attention(ql, kl, vl, None, False, scale, eps)
+        paths.append("certified" if (kv_cache.CALLS - before)["certified"] else "dense")
+
+    def op_layers():
+        for ql, kl, vl in parts:
+            torch.ops.aether.decode_attention(ql, kl, vl, None, False, scale, eps)
+
+    def dense_layers():
+        for ql, kl, vl in parts:
+            dense.cudnn_unmasked(ql, kl, vl, scale)
+
+    out = {"op_layers_us": _bench(op_layers), "dense_layers_us": _bench(dense_layers),
+           "op_layers_paths": paths,
+           "dense_fraction_per_layer": kv_cache.decode_dense_fraction(
+               q.shape[0], hkv, k.shape[2])}
+    out["op_layers_speedup"] = out["dense_layers_us"] / out["op_layers_us"]
+    del parts
+    return out
 
 
 def break_even_kept(rec: dict, fastest) -> float | None:
@@ -338,6 +375,9 @@ def main(argv=None):
                               f"masked {_f(rec['op_masked_speedup'], 3)})",
                               flush=True)
                         if layers:
+                            print(f"  op per layer: {rec['op_layers_us']:.1f} us against cuDNN "
+                                  f"{rec['dense_layers_us']:.1f} ({rec['op_layers_paths']})",
+                                  flush=True)
                             print(f"  kept per layer: ours {rec['kept_kv_per_layer']}, ideal "
                                   f"{rec['ideal_kept_kv_per_layer']}, oracle "
                                   f"{rec['oracle_kept_kv_per_layer']}", flush=True)
@@ -382,6 +422,10 @@ def summarize(rows) -> dict:
                                                 if r["kind"] == "uniform"
                                                 and r.get("op_masked_speedup")), default=None),
         "decode_op_speedup_32k_learned": learned and learned["op_speedup"],
+        # the op called per layer (each layer its own site and dense choice), best eps
+        "decode_op_layers_speedup_32k_learned": max(
+            (r["op_layers_speedup"] for r in ok if (r["kind"], r["kv"], r["batch"])
+             == ("learned", 32768, 8) and r.get("op_layers_speedup")), default=None),
         "decode_clustered_speedup_32k_b8": (pick("clustered", 32768, 8) or {}).get("speedup"),
         "decode_max_dropped_over_eps": max((r["max_dropped_mass"] / r["eps"] for r in ok),
                                            default=None),

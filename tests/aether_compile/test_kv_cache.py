@@ -305,3 +305,22 @@ def test_unmasked_dense_decode_runs_cudnn_first_unless_the_user_turned_it_off(us
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.1,
                                           enable_gqa=True)
     assert (got.double() - want).abs().max().item() <= 4 * REL_TOL[torch.bfloat16] * want.abs().max()
+
+
+def test_decode_dense_fraction_stays_under_the_measured_break_even():
+    """The op's dense threshold by call size sits at or under the break-even kept fraction the
+    committed decode grid measured for every shape it holds (bench_decode's
+    break_even_kept_kv): where the op runs a certified step, the measured kernels beat dense."""
+    import json
+    import pathlib
+
+    grid = pathlib.Path(__file__).parents[2] / "benchmarks/results/decode_NVIDIA_H100_80GB_HBM3.json"
+    rows = [r for r in json.loads(grid.read_text())["rows"]
+            if r.get("break_even_kept_kv") is not None]
+    assert len(rows) >= 20
+    for r in rows:
+        fraction = kv_cache.decode_dense_fraction(r["batch"], r["hkv"], r["kv"])
+        assert fraction <= max(0.0, r["break_even_kept_kv"]), r
+    # and it is not the old constant: the large calls certify where they pay
+    assert kv_cache.decode_dense_fraction(8, 8, 32768) > 0.3
+    assert kv_cache.decode_dense_fraction(1, 8, 8192) == 0.0
