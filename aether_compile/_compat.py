@@ -15,6 +15,8 @@
 * Inductor's analysis of what a user Triton kernel writes: ``identify_mutated_tensors`` returns
   names on 2.11, ``identify_accessed_tensors`` a ``TensorAccesses`` on 2.13 (``declared_access``
   builds either). ``define_user_defined_triton_kernel`` and ``AsyncCompile.triton`` are the same.
+* Which SDPA backend takes a mask with ``enable_gqa`` differs by release: ``sdpa_fused_takes``
+  asks SDPA's own checks.
 """
 
 from __future__ import annotations
@@ -218,3 +220,19 @@ def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
             if name not in vars(fresh):
                 setattr(fresh, name, value)
     return new
+
+
+def sdpa_fused_takes(query, key, value, attn_mask, enable_gqa: bool) -> bool:
+    """Whether SDPA would run one of its fused CUDA kernels (flash, efficient, cuDNN: each
+    enabled and taking these inputs) rather than math, without running it. Releases differ in
+    which backend takes a mask together with ``enable_gqa`` (math alone on some; cuDNN on the
+    device's 2.11), so it is asked, not assumed. False where the probe itself is missing."""
+    backends = torch.backends.cuda
+    try:
+        params = backends.SDPAParams(query, key, value, attn_mask, 0.0, False, enable_gqa)
+        return ((backends.cudnn_sdp_enabled() and backends.can_use_cudnn_attention(params))
+                or (backends.mem_efficient_sdp_enabled()
+                    and backends.can_use_efficient_attention(params))
+                or (backends.flash_sdp_enabled() and backends.can_use_flash_attention(params)))
+    except (AttributeError, TypeError, RuntimeError):
+        return False

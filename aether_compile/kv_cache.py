@@ -290,9 +290,10 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
       with cuDNN put first in SDPA's priority order the dispatcher still ran flash at batch 32);
       a user who turned cuDNN's SDPA off keeps that;
     * a mask (transformers passes one at every decode step) or is_causal, where the decode
-      kernels run: ``attend_all``, the split-K kernel over every block, reading the mask as it is.
-      SDPA's fused kernels refuse ``enable_gqa`` with a mask (math then runs: a copy of K and V
-      per call), and the one that takes a mask (efficient) runs a program per (sequence, head)
+      kernels run: ``attend_all``, the split-K kernel over every block, reading the mask as it is;
+      from SDPA_MASKED_MIN_KEYS keys times batch, SDPA itself where one of its fused kernels
+      takes the mask with GQA. On some releases none does (math then runs: a copy of K and V per
+      call), and the one that takes a mask there (efficient) runs a program per (sequence, head)
       with no split over the keys: at a few heads, a few SMs reading the whole cache;
     * elsewhere (CPU; a per-head mask): SDPA with the GQA group folded into the query rows
       ([B, Hkv, G * Lq, D]), so that it sees equal head counts and copies nothing."""
@@ -310,6 +311,11 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                     enable_gqa=Hq != Hkv)
     if not _per_head(attn_mask) and _kernels_serve(query, key, value):
+        if (attn_mask is not None and not is_causal and B * S >= SDPA_MASKED_MIN_KEYS
+                and _sdpa_fused_takes_mask(query, key, value, attn_mask)):
+            CALLS["dense_sdpa_masked"] += 1
+            return sdpa(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
+        CALLS["dense_split"] += 1
         bias = _kernel_bias(attn_mask, B, Lq, S, is_causal, query.device)
         return kernel_decode.attend_all(query, key, value, scale, bias)[0]
     if Hq == Hkv:
@@ -332,6 +338,30 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     rows = query.reshape(B, Hkv, G * Lq, D)
     out = sdpa(rows, key, value, attn_mask=mask, scale=scale)
     return out.reshape(B, Hq, Lq, value.shape[-1])  # a fused kernel's output may be strided
+
+
+# From this many keys times batch, a masked dense decode call runs SDPA where one of its fused
+# kernels takes the mask with GQA (cuDNN on the device's torch 2.11), below it ``attend_all``.
+# H100, sweep_decode_dense at 2368903, uniform keys, GQA 32/8, D 128, the all-true bool mask
+# transformers passes, against cuDNN without it: SDPA 1.04x at batch 1 and 128K keys (attend_all
+# at its best 1.07x), 1.02x at batch 8 and 32K, 1.01x at batch 32; attend_all 0.94x at batch 1
+# and 8K (SDPA 1.25x), 1.03x at batch 1 and 32K (SDPA 1.11x), 1.02x at batch 8 and 8K (1.07x).
+SDPA_MASKED_MIN_KEYS = 128 * 1024
+_SDPA_TAKES: dict = {}
+
+
+def _sdpa_fused_takes_mask(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor) -> bool:
+    """``_compat.sdpa_fused_takes``, remembered per kind of call (dtypes, head counts and dims,
+    the mask's broadcast pattern, alignment): one probe per kind, not per decode step."""
+    from aether_compile import _compat
+
+    kind = (query.device, query.dtype, attn_mask.dtype, tuple(query.shape[1:]), key.shape[1],
+            value.shape[-1], key.shape[2] % 16, attn_mask.dim(),
+            tuple(n == 1 for n in attn_mask.shape), tuple(st == 0 for st in attn_mask.stride()))
+    if kind not in _SDPA_TAKES:
+        _SDPA_TAKES[kind] = _compat.sdpa_fused_takes(query, key, value, attn_mask,
+                                                     query.shape[1] != key.shape[1])
+    return _SDPA_TAKES[kind]
 
 
 def _per_head(attn_mask: Optional[Tensor]) -> bool:

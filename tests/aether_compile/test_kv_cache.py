@@ -4,6 +4,7 @@ decode op equals float64 SDPA within its certificate, eagerly and inside torch.c
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -324,3 +325,29 @@ def test_decode_dense_fraction_stays_under_the_measured_break_even():
     # and it is not the old constant: the large calls certify where they pay
     assert kv_cache.decode_dense_fraction(8, 8, 32768) > 0.3
     assert kv_cache.decode_dense_fraction(1, 8, 8192) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("keys", [8192, 131072])
+def test_masked_dense_decode_takes_sdpa_from_its_size_where_a_fused_kernel_takes_the_mask(keys):
+    """A masked dense decode call below SDPA_MASKED_MIN_KEYS runs the split kernel; from it, SDPA
+    where one of its fused kernels takes the mask with GQA (else the split kernel still). Both
+    equal float64 SDPA."""
+    from aether_compile import _compat
+
+    B, Hq, Hkv, D = 1, 8, 2, 64
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to("cuda", torch.bfloat16)
+               for h, n in ((Hq, 1), (Hkv, keys), (Hkv, keys)))
+    mask = torch.ones(B, 1, 1, keys, dtype=torch.bool, device="cuda")
+    mask[..., keys // 2:] = False  # a static cache half filled
+    before = collections.Counter(kv_cache.CALLS)
+    got = kv_cache.dense_decode(q, k, v, mask, False, D ** -0.5)
+    took = kv_cache.CALLS - before
+    fused = _compat.sdpa_fused_takes(q, k, v, mask, True)
+    sdpa = B * keys >= kv_cache.SDPA_MASKED_MIN_KEYS and fused
+    assert took == {"dense_sdpa_masked" if sdpa else "dense_split": 1}, (took, fused)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                          enable_gqa=True)
+    assert (got.double() - want).abs().max().item() <= 4 * REL_TOL[q.dtype] * want.abs().max()
