@@ -137,12 +137,27 @@ def sweep_attention(N: int) -> dict:
     finally:
         kernel_forward.launch_config, launch.KEY_STEP = real, real_step
     step = launch.key_step(plan.block_n, "cuda")
+    # the probe's length and the re-certification step (forward.PROBE_BLOCKS, RECERT_BLOCKS):
+    # the visit is cut into loops of that many blocks, each pipelined apart
+    recert = {}
+    real_probe = kernel_forward.PROBE_BLOCKS
+    try:
+        for probe, every in ((8, 0), (8, 16), (8, 32), (4, 8), (16, 8), (16, 16), (8, 8)):
+            kernel_forward.PROBE_BLOCKS = probe
+            os.environ["AETHER_RECERT_BLOCKS"] = str(every)
+            ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
+                                                               certify=True), rep=20)
+            kept = float(kernel_plan.kept_map(plan, n_visit).float().mean())
+            recert[f"probe{probe}_recert{every}"] = {"ms": ms, "kept": kept}
+    finally:
+        kernel_forward.PROBE_BLOCKS = real_probe
+        os.environ.pop("AETHER_RECERT_BLOCKS", None)
     # FlexAttention on exactly the blocks this pass visited, in the same run (issue 22's
     # kernel_vs_flex_same_blocks)
     from bench_attention import flex_anchors
     kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None, certify=True)
     flex = flex_anchors(q, k, v, kernel_plan.kept_map(plan, n_visit), plan.block_m, plan.block_n)
-    return {"N": N, "block_n": plan.block_n, "attention_ms": times,
+    return {"N": N, "block_n": plan.block_n, "attention_ms": times, "probe_recert": recert,
             "flex_same_blocks_ms": flex.get("flex_same_blocks"),
             "kept": float(kernel_plan.kept_map(plan, n_visit).float().mean()),
             "attention_default": f"k{step}_w{default['num_warps']}_s{default['num_stages']}"}
