@@ -12,7 +12,8 @@ A table in the page sits between two markers naming its kind and file:
 Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention suite's rows),
 ``decode`` (the decode step's rows at one eps, default 1e-2), ``decode_layers`` (its learned rows'
 kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
-``prefill_selection`` (W2's kept fractions per selection against the oracle). The prose around
+``prefill_selection`` (W2's kept fractions per selection against the oracle), ``decode_dense``
+(the decode op's masked dense paths, sweep_decode_dense.py). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -149,9 +150,31 @@ def prefill_selection_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def decode_dense_table(record: dict, _arg=None) -> list[str]:
+    """sweep_decode_dense: the decode op's masked dense paths against cuDNN without the mask."""
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; uniform keys, GQA 32/8, D 128, bf16, transformers' all-true "
+            "bool mask; µs of CUDA-graph replays, and each over cuDNN without the mask", "",
+            "| batch | KV | cuDNN, no mask | SDPA, mask | attend_all, default | attend_all, best "
+            "| best: keys a step, warps, stages, keys a split, programs per SM |",
+            "|---|---|---|---|---|---|---|"]
+    for r in record["shapes"]:
+        base, best = r["cudnn_unmasked_us"], r["best"]
+        split = best.get("min_steps", 0) * best.get("keys", 0)
+
+        def cell(us):
+            return f"{us:.1f} ({us / base:.3f})" if isinstance(us, float) else str(us)
+        rows.append(f"| {r['batch']} | {r['kv'] // 1024}K | {base:.1f} | "
+                    f"{cell(r['sdpa_masked_us'])} | {cell(r['default_us'])} | "
+                    f"{cell(best['us'])} | {best.get('keys')}, {best.get('num_warps')}, "
+                    f"{best.get('stages')}, {split}, {best.get('programs_per_sm')} |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
-         "prefill_selection": prefill_selection_table}
+         "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table}
 
 
 def render(page: str) -> str:
