@@ -225,7 +225,7 @@ def copy_graph(graph: "torch.fx.Graph") -> "torch.fx.Graph":
 def sdpa_fused_takes(query, key, value, attn_mask, enable_gqa: bool) -> bool:
     """Whether SDPA would run one of its fused CUDA kernels (flash, efficient, cuDNN: each
     enabled and taking these inputs) rather than math, without running it. Releases differ in
-    which backend takes a mask together with ``enable_gqa`` (math alone on some; cuDNN on the
+    which backend takes a mask together with ``enable_gqa`` (math alone on some; a fused one on the
     device's 2.11), so it is asked, not assumed. False where the probe itself is missing."""
     backends = torch.backends.cuda
     try:

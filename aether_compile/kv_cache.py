@@ -341,7 +341,7 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
 
 
 # From this many keys times batch, a masked dense decode call runs SDPA where one of its fused
-# kernels takes the mask with GQA (cuDNN on the device's torch 2.11), below it ``attend_all``.
+# kernels takes the mask with GQA (one does on the device's torch 2.11), below it ``attend_all``.
 # H100, sweep_decode_dense at 2368903, uniform keys, GQA 32/8, D 128, the all-true bool mask
 # transformers passes, against cuDNN without it: SDPA 1.04x at batch 1 and 128K keys (attend_all
 # at its best 1.07x), 1.02x at batch 8 and 32K, 1.01x at batch 32; attend_all 0.94x at batch 1
