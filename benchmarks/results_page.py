@@ -157,7 +157,7 @@ def decode_dense_table(record: dict, _arg=None) -> list[str]:
             f"{env.get('commit')}; uniform keys, GQA 32/8, D 128, bf16, transformers' all-true "
             "bool mask; µs of CUDA-graph replays, and each over cuDNN without the mask", "",
             "| batch | KV | cuDNN, no mask | SDPA, mask | attend_all, default | attend_all, best "
-            "| best: keys a step, warps, stages, keys a split, programs per SM |",
+            "| best: keys a step, warps, stages, least keys a split, programs per SM |",
             "|---|---|---|---|---|---|---|"]
     for r in record["shapes"]:
         base, best = r["cudnn_unmasked_us"], r["best"]
