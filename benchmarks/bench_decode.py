@@ -294,7 +294,8 @@ def per_layer_op(q, k, v, eps: float, scale: float, layers: int) -> dict:
 def break_even_kept(rec: dict, fastest) -> float | None:
     """The kept fraction (per KV head) below which this step would beat the fastest dense one,
     with the attention's time taken as proportional to what it reads: (dense - bounds -
-    selection) / (attention time per unit kept). What kv_cache.DECODE_DENSE_FRACTIONS must stay under (a test checks it)."""
+    selection) / (attention time per unit kept). kv_cache.DECODE_DENSE_FRACTIONS stays under it
+    (a test checks the committed grid)."""
     if not fastest or rec["kept_kv"] <= 0:
         return None
     return (fastest - rec["bounds_us"] - rec["select_us"]) / (rec["attend_us"] / rec["kept_kv"])
