@@ -123,7 +123,8 @@ def _attention_kernel(
     sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_STEP: tl.constexpr, D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, VISIT: tl.constexpr,
+    DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    VISIT: tl.constexpr,
     PROBE: tl.constexpr, RECERT: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton

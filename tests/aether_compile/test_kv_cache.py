@@ -315,7 +315,8 @@ def test_decode_dense_fraction_stays_under_the_measured_break_even():
     import json
     import pathlib
 
-    grid = pathlib.Path(__file__).parents[2] / "benchmarks/results/decode_NVIDIA_H100_80GB_HBM3.json"
+    results = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
+    grid = results / "decode_NVIDIA_H100_80GB_HBM3.json"
     rows = [r for r in json.loads(grid.read_text())["rows"]
             if r.get("break_even_kept_kv") is not None]
     assert len(rows) >= 20
