@@ -406,6 +406,13 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
     ``bias_and_summary()``: the step's bias and key summary, made on first use."""
     from aether_compile import dense_policy
 
+    fraction = settings.dense_fraction(
+        decode_dense_fraction(query.shape[0], key.shape[1], key.shape[2]))
+    if fraction == 0.0 and query.device.type == "cuda":
+        # a certified step never pays at this size: dense without the sample's bounds and
+        # selection (the CPU, where the interpreter runs the kernels for tests, keeps them)
+        CALLS["dense"] += 1
+        return None
     selection = {}
 
     def select():
@@ -424,13 +431,6 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
 
     can_read = query.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
     site = ("decode", _ident(key), tuple(query.shape), query.dtype, eps)
-    fraction = settings.dense_fraction(
-        decode_dense_fraction(query.shape[0], key.shape[1], key.shape[2]))
-    if fraction == 0.0 and query.device.type == "cuda":
-        # a certified step never pays at this size: dense without the sample's bounds and
-        # selection (the CPU, where the interpreter runs the kernels for tests, keeps them)
-        CALLS["dense"] += 1
-        return None
     if fraction is not None and dense_policy.choose_dense(
             site, sample if can_read else None, fraction, lagged=settings.dense_lag()):
         CALLS["dense"] += 1

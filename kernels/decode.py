@@ -906,17 +906,16 @@ ATTEND_CONFIG = {"programs_per_sm": 16, "stages": 3, "num_warps": 4, "keys": ATT
 ATTEND_ALL_CONFIG = {**ATTEND_CONFIG, "keys": 128, "stages": 2, "min_steps": 8}
 
 
-def default_splits(B: int, hkv: int, nb: int, device, programs_per_sm: int | None = None,
-                   keys: int = ATTEND_KEYS, min_steps: int = 4) -> int:
-    """Programs per (sequence, KV head): ATTEND_CONFIG's per SM in all (the loop waits on
-    gathered loads; many programs hide it), at least ``min_steps`` steps of the attention loop
-    each (shorter splits cost their setup and the combine more than they gain)."""
+def default_splits(B: int, hkv: int, nb: int, device, config: dict = ATTEND_CONFIG) -> int:
+    """Programs per (sequence, KV head): ``config``'s programs per SM in all (the loop waits on
+    gathered loads; many programs hide it), at least its ``min_steps`` steps of the attention
+    loop each (shorter splits cost their setup and the combine more than they gain)."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
-    per_sm = programs_per_sm or ATTEND_CONFIG["programs_per_sm"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    min_blocks = min_steps * (keys // BLOCK)
-    return max(1, min(cdiv(per_sm * sms, B * hkv), max(1, nb // min_blocks), 256))
+    min_blocks = config["min_steps"] * (config["keys"] // BLOCK)
+    return max(1, min(cdiv(config["programs_per_sm"] * sms, B * hkv), max(1, nb // min_blocks),
+                      256))
 
 
 def attend_kept(query, key, value, kept_order, n_kept, scale: float, bias=None, lengths=None,
@@ -946,8 +945,7 @@ def _attend(query, key, value, kept_order, n_kept, scale, bias, lengths, splits,
     R = rows.shape[2]
     everything = kept_order is None
     NB = cdiv(S, BLOCK) if everything else kept_order.shape[-1]
-    splits = splits or default_splits(B, Hkv, NB, query.device, cfg["programs_per_sm"],
-                                      cfg["keys"], cfg["min_steps"])
+    splits = splits or default_splits(B, Hkv, NB, query.device, cfg)
     part_m = torch.empty(B * Hkv, splits, R, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(B * Hkv, splits, R, DV, device=query.device, dtype=torch.float32)
