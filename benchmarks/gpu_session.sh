@@ -29,6 +29,9 @@
 #   issue22             prefill GPU tests, the suite's W1 and W2, the eager dense choice's cost
 #   sweeps              GPU tests of the public eager call, dense policy and HF eager models;
 #                       the decode dense path's and the prefill pass's meta-parameter sweeps
+#   decode_grid_steps   the GPU tests of the decode op's masked routes and HF eager models; the
+#                       decode grid (CKPT) with the size threshold and masked routes; the masked
+#                       dense paths' defaults; the prefill pass's key steps and probe/recert
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -201,6 +204,20 @@ case "${1:-zoo}" in
     grep -vE "^ *$" "$OUT/sweep_decode_dense.txt" | tail -12
     timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
+    grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
+    ;;
+  decode_grid_steps)  # what the last stop built without a GPU, in one call (about 9 minutes)
+    $T 100 $PYTEST tests/aether_compile/test_transformers_attention.py tests/aether_compile/test_kv_cache.py \
+      -k "${TESTS_K:-cuda_eager_model or masked_dense}" > "$OUT/decode_route_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/decode_route_tests.txt" | tail -10
+    timeout 150 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --deadline-min 1.9 --out "$OUT" \
+      > "$OUT/bench_decode.txt" 2>&1
+    tail -n 45 "$OUT/bench_decode.txt"
+    timeout 70 python3 benchmarks/sweep_decode_dense.py --quick --no-clustered --out "$OUT" \
+      > "$OUT/sweep_decode_dense.txt" 2>&1
+    grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
+    timeout 220 python3 benchmarks/sweep_prefill_kernels.py --parts attention \
+      --lengths ${LENGTHS:-131072} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
