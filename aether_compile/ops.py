@@ -163,8 +163,23 @@ def _fake_outputs(query, key, value, attn_mask, block_m=None, block_n=None, kern
     out = (kernel_forward.new_out(query, value.shape[-1]) if kernel_layout
            else query.new_empty(B, H, L, value.shape[-1]))
     lse = query.new_empty(B, H, L, dtype=torch.float32)
-    kept = query.new_empty(B, H, num_blocks(L, block_m), num_blocks(S, block_n), dtype=torch.bool)
+    kept = query.new_empty(B, H, _fake_block_count(L, block_m), _fake_block_count(S, block_n),
+                           dtype=torch.bool)
     return out, lse, kept
+
+
+def _fake_block_count(length, block: int):
+    """A block count for a fake output: the count itself where the length is static; a new
+    unbacked size where it is symbolic. ceil(L/128) can be 1, and tracing records every tensor's
+    contiguity, which asks size == 1 of each dim: on a backed symbol that question is a guard, so
+    lengths up to one block and past it would compile apart. Unbacked, it is no guard; the size is
+    bound from the real output when the graph runs."""
+    count = num_blocks(length, block)
+    if not isinstance(count, torch.SymInt) or not isinstance(length, torch.SymInt):
+        return count
+    # the shape env's own unbacked size: the library's ctx.new_dynamic_size() refuses unless
+    # Dynamo captures data-dependent output shapes, a setting for ops whose sizes depend on data
+    return length.node.shape_env.create_unbacked_symint()
 
 
 # -- opaque helpers the traceable bodies call ----------------------------------------------------
