@@ -93,6 +93,8 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
+        if _symbolic(L) or _symbolic(S):  # traced: block counts as unbacked sizes (live_blocks)
+            return (*dense, torch.ops.aether.live_blocks(query, key, is_causal, block_m, block_n))
         return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
                                                     query.device))
 
@@ -168,6 +170,10 @@ def _fake_outputs(query, key, value, attn_mask, block_m=None, block_n=None, kern
     return out, lse, kept
 
 
+def _symbolic(n) -> bool:
+    return isinstance(n, torch.SymInt)
+
+
 def _fake_block_count(length, block: int):
     """A block count for a fake output: the count itself where the length is static; a new
     unbacked size where it is symbolic. ceil(L/128) can be 1, and tracing records every tensor's
@@ -175,14 +181,31 @@ def _fake_block_count(length, block: int):
     lengths up to one block and past it would compile apart. Unbacked, it is no guard; the size is
     bound from the real output when the graph runs."""
     count = num_blocks(length, block)
-    if not isinstance(count, torch.SymInt) or not isinstance(length, torch.SymInt):
+    if not _symbolic(count):
         return count
     # the shape env's own unbacked size: the library's ctx.new_dynamic_size() refuses unless
     # Dynamo captures data-dependent output shapes, a setting for ops whose sizes depend on data
-    return length.node.shape_env.create_unbacked_symint()
+    return count.node.shape_env.create_unbacked_symint()
 
 
 # -- opaque helpers the traceable bodies call ----------------------------------------------------
+@torch.library.custom_op("aether::live_blocks", mutates_args=())
+def live_blocks(query: Tensor, key: Tensor, is_causal: bool, block_m: int, block_n: int
+                ) -> Tensor:
+    """The kept map of a call that went dense (``kernel_plan.all_live_blocks``), opaque where
+    the lengths are symbolic, so that its block counts are unbacked sizes (``_fake_block_count``)."""
+    B, H, L, _ = query.shape
+    return kernel_plan.all_live_blocks(L, key.shape[-2], block_m, block_n, is_causal, B, H,
+                                       query.device).clone()
+
+
+@live_blocks.register_fake
+def _(query, key, is_causal, block_m, block_n):
+    B, H, L, _ = query.shape
+    return query.new_empty(B, H, _fake_block_count(L, block_m),
+                           _fake_block_count(key.shape[-2], block_n), dtype=torch.bool)
+
+
 @torch.library.custom_op("aether::reference_attention_with_stats", mutates_args=())
 def reference_attention_with_stats(query: Tensor, key: Tensor, value: Tensor,
                                    attn_mask: Optional[Tensor], is_causal: bool,
@@ -220,7 +243,10 @@ def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fra
     # Tracing sees the real shapes: start JIT-compiling the kernels the first call will launch.
     _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                   block_n, fraction, sample, gate)
-    return triton_forward.new_prepared(query, key, value, block_m, block_n, out_interleaved)
+    return triton_forward.new_prepared(
+        query, key, value, block_m, block_n, out_interleaved,
+        blocks=(_fake_block_count(query.shape[-2], block_m),
+                _fake_block_count(key.shape[-2], block_n)))
 
 
 @torch.library.custom_op("aether::reference_attention_backward", mutates_args=())

@@ -122,10 +122,14 @@ def _prepare_as_causal(query, key, value, scale, eps, block_m, block_n, fraction
     return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
 
 
-def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved: bool):
-    """New buffers shaped as ``prepare_pass``'s outputs (the op's fake; the precompile replay)."""
+def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved: bool,
+                 blocks=None):
+    """New buffers shaped as ``prepare_pass``'s outputs (the op's fake; the precompile replay).
+    ``blocks``: (query tiles, key blocks) to shape them with (the fake's, unbacked where the
+    lengths are symbolic), else from the lengths."""
     B, H, L, _ = query.shape
-    nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
+    nqt, nkb = blocks if blocks is not None else (num_blocks(L, block_m),
+                                                  num_blocks(key.shape[-2], block_n))
     tiles = query.new_empty(B, H, nqt, dtype=torch.int32)
     return (new_out(query, value.shape[-1], out_interleaved),
             query.new_empty(B, H, L, dtype=torch.float32),
@@ -150,7 +154,10 @@ def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale
                                  certify=not gate)
     kept = kept_map(plan, n_visit)
     if sample:
-        live = all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device)
+        # on the kept map's own block counts: traced with symbolic lengths they are sizes of
+        # prepare_pass's outputs (unbacked), not ceil(L / block_m) (backed: guards)
+        live = all_live_blocks(L, S, block_m, block_n, is_causal, B, H, query.device,
+                               blocks=order.shape[-2:])
         kept = torch.where(skip.bool(), live, kept)
     return out, lse, kept
 
