@@ -223,10 +223,10 @@ case "${1:-zoo}" in
     grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
     ;;
   prefill_unmasked)  # second part: the pass's variants at 128K, then W1 and W2 (about 8 minutes)
-    timeout ${PREFILL_S:-230} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
-      --lengths ${LENGTHS:-131072} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
+    timeout ${PREFILL_S:-250} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
+      --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
-    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-300} python3 benchmarks/bench_attention.py \
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-280} python3 benchmarks/bench_attention.py \
       --suite issue6 --only uniform,clustered ${SIZES:+--sizes $SIZES} --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 22 "$OUT/issue6.txt"
     ;;
