@@ -13,7 +13,8 @@ Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention su
 ``decode`` (the decode step's rows at one eps, default 1e-2), ``decode_layers`` (its learned rows'
 kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
 ``prefill_selection`` (W2's kept fractions per selection against the oracle), ``decode_dense``
-(the decode op's masked dense paths, sweep_decode_dense.py). The prose around
+(the decode op's masked dense paths, sweep_decode_dense.py), ``prefill_pass`` (the prefill pass's
+launch variants and Flex on the same blocks, sweep_prefill_kernels.py). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -172,9 +173,44 @@ def decode_dense_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def prefill_pass_table(record: dict, _arg=None) -> list[str]:
+    """sweep_prefill_kernels' attention part: the pass on W2's plan, its default launch against
+    the other variants timed in the same run, and FlexAttention on the same blocks."""
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; W2 clustered, fp16, H 16, D 128, eps 1e-3; ms of the pass "
+            "alone (VISIT_CERTIFY) on the op's plan; variants: kK keys a step, wW warps, sS "
+            "stages", "",
+            "| N | key block | kept | default | its time | masked variant | fastest variant "
+            "| fastest probe, recert | Flex, same blocks | Flex / default |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(x):
+        return f"{x:.2f}" if isinstance(x, float) else "—"
+    for r in record.get("attention") or []:
+        times = {n: t for n, t in r["attention_ms"].items() if isinstance(t, float)}
+        default = r["attention_default"]
+        base = times.get(default)
+        fastest = min((n for n in times if n != "default_masked"), key=times.get)
+        recert = {n: v for n, v in (r.get("probe_recert") or {}).items()
+                  if isinstance(v.get("ms"), float)}
+        best_recert = min(recert, key=lambda n: recert[n]["ms"]) if recert else None
+        flex = r.get("flex_same_blocks_ms")
+        rows.append(
+            f"| {r['N'] // 1024}K | {r.get('block_n', '—')} | "
+            f"{_fmt(r.get('kept'), 4) if r.get('kept') is not None else '—'} | {default} | "
+            f"{ms(base)} | {ms(times.get('default_masked'))} | {fastest} {ms(times[fastest])} | "
+            + (f"{best_recert} {ms(recert[best_recert]['ms'])} (kept "
+               f"{recert[best_recert]['kept']:.4f})" if best_recert else "—")
+            + f" | {ms(flex)} | "
+            + (f"{flex / base:.3f}" if isinstance(flex, float) and base else "—") + " |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
-         "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table}
+         "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table,
+         "prefill_pass": prefill_pass_table}
 
 
 def render(page: str) -> str:
