@@ -84,7 +84,7 @@ def _visit_keys(
         s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn,
                          sm_scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row of -inf scores (inputs' infs)
     b_p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
@@ -95,7 +95,9 @@ def _visit_keys(
         b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_UPCAST:
         b_v = b_v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    # the rescaled accumulator as the product's own accumulator (one MMA chain, as Flex and
+    # FlashAttention write it) rather than a product added to it afterwards
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
