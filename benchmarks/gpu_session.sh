@@ -34,7 +34,8 @@
 #                       paths' defaults
 #   prefill_unmasked    GPU tests of dynamic lengths across tiles (one graph) and the pass's
 #                       unmasked variant; the pass's variants at 128K (key steps, unmasked,
-#                       probe/recert, Flex on the same blocks); the issue-6 suite's W1 and W2
+#                       probe/recert, Flex on the same blocks; 32K on 128-key blocks too); the
+#                       issue-6 suite's W2 (SUITE_ONLY=uniform,clustered adds W1)
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -206,7 +207,7 @@ case "${1:-zoo}" in
       > "$OUT/sweep_decode_dense.txt" 2>&1
     grep -vE "^ *$" "$OUT/sweep_decode_dense.txt" | tail -12
     timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
-      --lengths ${LENGTHS:-131072} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
+      --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
     ;;
   decode_grid_steps)  # what stops 34 and 35 built without a GPU, first part (about 7 minutes)
@@ -221,15 +222,15 @@ case "${1:-zoo}" in
     grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
     ;;
   prefill_unmasked)  # the prefill GPU tests of stop 35 (dynamic lengths across tiles, the
-                     # unmasked variant), the pass's variants at 128K, W1 and W2 (about 9 min)
+                     # unmasked variant), the pass's variants at 128K and 32K, W2 (about 9 min)
     $T ${TEST_S:-110} $PYTEST -m "" tests/aether_compile/test_inductor_gpu.py tests/kernels/test_forward.py \
       -k "recompile or dynamic or unmasked or key_blocks or certificate_every_row" > "$OUT/prefill_route_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/prefill_route_tests.txt" | tail -10
     timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
-      --lengths ${LENGTHS:-131072} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
+      --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^attention|Error" "$OUT/sweep_prefill.txt"
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-280} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only uniform,clustered ${SIZES:+--sizes $SIZES} --out "$OUT" > "$OUT/issue6.txt" 2>&1
+      --suite issue6 --only ${SUITE_ONLY:-clustered} ${SIZES:+--sizes $SIZES} --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 22 "$OUT/issue6.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each

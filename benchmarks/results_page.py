@@ -182,8 +182,9 @@ def prefill_pass_table(record: dict, _arg=None) -> list[str]:
             "alone (VISIT_CERTIFY) on the op's plan; variants: kK keys a step, wW warps, sS "
             "stages", "",
             "| N | key block | kept | default | its time | masked variant | fastest variant "
-            "| fastest probe, recert | Flex, same blocks | Flex / default |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| fastest probe, recert | Flex, same blocks | Flex / default "
+            "| on 128-key blocks: kept, 64- / 128-key steps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(x):
         return f"{x:.2f}" if isinstance(x, float) else "—"
@@ -203,7 +204,9 @@ def prefill_pass_table(record: dict, _arg=None) -> list[str]:
             + (f"{best_recert} {ms(recert[best_recert]['ms'])} (kept "
                f"{recert[best_recert]['kept']:.4f})" if best_recert else "—")
             + f" | {ms(flex)} | "
-            + (f"{flex / base:.3f}" if isinstance(flex, float) and base else "—") + " |")
+            + (f"{flex / base:.3f}" if isinstance(flex, float) and base else "—") + " | "
+            + (f"{b128['kept']:.4f}, {ms(b128.get('k64_ms'))} / {ms(b128.get('k128_ms'))}"
+               if (b128 := r.get("blocks_128")) else "—") + " |")
     return rows
 
 

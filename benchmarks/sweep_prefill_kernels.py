@@ -166,7 +166,25 @@ def sweep_attention(N: int) -> dict:
     from bench_attention import flex_anchors
     kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None, certify=True)
     flex = flex_anchors(q, k, v, kernel_plan.kept_map(plan, n_visit), plan.block_m, plan.block_n)
+    # Below launch.LONG_KEYS the plan's key blocks are 64 keys: the same length on 128-key blocks
+    # (coarser, so more keys kept; half the blocks, each visited in 64- or 128-key steps)
+    long_blocks = {}
+    if plan.block_n < 128:
+        plan128 = kernel_plan.plan_attention(q, k, v, block_n=128)
+        n_visit128 = torch.empty(1, H, plan128.order.shape[-2], device="cuda", dtype=torch.int32)
+        try:
+            for step in (64, 128):
+                launch.KEY_STEP = step
+                long_blocks[f"k{step}_ms"] = bench(lambda: kernel_forward.launch_attention(
+                    q, k, v, plan128, eps, n_visit128, None, certify=True), rep=20)
+        finally:
+            launch.KEY_STEP = real_step
+        long_blocks["kept"] = float(kernel_plan.kept_map(plan128, n_visit128).float().mean())
+        long_blocks["plan_ms"] = bench(lambda: kernel_plan.plan_attention(q, k, v, block_n=128))
+        long_blocks["default_plan_ms"] = bench(lambda: kernel_plan.plan_attention(q, k, v))
+        del plan128
     return {"N": N, "block_n": plan.block_n, "attention_ms": times, "probe_recert": recert,
+            "blocks_128": long_blocks or None,
             "flex_same_blocks_ms": flex.get("flex_same_blocks"),
             "kept": float(kernel_plan.kept_map(plan, n_visit).float().mean()),
             "attention_default": f"k{step}_w{default['num_warps']}_s{default['num_stages']}"}
