@@ -127,8 +127,9 @@ def sweep_attention(N: int) -> dict:
     try:
         for step in steps:
             launch.KEY_STEP = step
-            for warps in (4, 8):
-                for stages in (1, 2, 3, 4):
+            # 4 warps and 1 or 4 stages lost by 10-200 % at 2368903 (or did not fit)
+            for warps in (8,):
+                for stages in (2, 3):
                     kernel_forward.launch_config = lambda *a, w=warps, st=stages: {
                         "num_warps": w, "num_stages": st}
                     times[f"k{step}_w{warps}_s{stages}"] = bench(
@@ -151,7 +152,7 @@ def sweep_attention(N: int) -> dict:
     recert = {}
     real_probe = kernel_forward.PROBE_BLOCKS
     try:
-        for probe, every in ((8, 0), (8, 16), (8, 32), (4, 8), (16, 8), (16, 16), (8, 8)):
+        for probe, every in ((8, 0), (8, 8), (8, 16), (4, 8), (16, 8)):
             kernel_forward.PROBE_BLOCKS = probe
             os.environ["AETHER_RECERT_BLOCKS"] = str(every)
             ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
