@@ -138,15 +138,6 @@ def sweep_attention(N: int) -> dict:
     finally:
         kernel_forward.launch_config, launch.KEY_STEP = real, real_step
     step = launch.key_step(plan.block_n, "cuda")
-    # the default launch with the pass's unmasked variant off (kernel_forward.unmasked_blocks:
-    # every W2 block is full, so the default takes it)
-    real_unmasked = kernel_forward.unmasked_blocks
-    try:
-        kernel_forward.unmasked_blocks = lambda *a: False
-        times["default_masked"] = bench(lambda: kernel_forward.launch_attention(
-            q, k, v, plan, eps, n_visit, None, certify=True), rep=20)
-    finally:
-        kernel_forward.unmasked_blocks = real_unmasked
     # the probe's length and the re-certification step (forward.PROBE_BLOCKS, RECERT_BLOCKS):
     # the visit is cut into loops of that many blocks, each pipelined apart
     recert = {}

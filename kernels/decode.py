@@ -903,17 +903,23 @@ ATTEND_CONFIG = {"programs_per_sm": 16, "stages": 3, "num_warps": 4, "keys": ATT
 # 1 and 32K keys 1.03x against 1.18x with ATTEND_CONFIG's (64 keys a step, three stages, 256 keys
 # a split: 128 splits of a short loop each, where 32 of a longer one read faster); at batch 8 and
 # 8K keys 1.02x against 1.05x. Larger calls take SDPA (kv_cache.SDPA_MASKED_MIN_KEYS).
-ATTEND_ALL_CONFIG = {**ATTEND_CONFIG, "keys": 128, "stages": 2, "min_steps": 8}
+# "fill_steps": where splits of min_steps would leave fewer programs than SMs, splits of this
+# many steps: at batch 1 and 8K keys, 1024-key splits are 64 programs, 0.75x (5c1f3a2), and
+# 512-key splits measured 0.96x (2368903's sweep; 1.06x with three stages).
+ATTEND_ALL_CONFIG = {**ATTEND_CONFIG, "keys": 128, "stages": 2, "min_steps": 8, "fill_steps": 4}
 
 
 def default_splits(B: int, hkv: int, nb: int, device, config: dict = ATTEND_CONFIG) -> int:
     """Programs per (sequence, KV head): ``config``'s programs per SM in all (the loop waits on
     gathered loads; many programs hide it), at least its ``min_steps`` steps of the attention
-    loop each (shorter splits cost their setup and the combine more than they gain)."""
+    loop each (shorter splits cost their setup and the combine more than they gain), or its
+    ``fill_steps`` where min_steps would leave SMs without a program."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, nb // 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     min_blocks = config["min_steps"] * (config["keys"] // BLOCK)
+    if "fill_steps" in config and B * hkv * max(1, nb // min_blocks) < sms:
+        min_blocks = config["fill_steps"] * (config["keys"] // BLOCK)
     return max(1, min(cdiv(config["programs_per_sm"] * sms, B * hkv), max(1, nb // min_blocks),
                       256))
 

@@ -49,16 +49,15 @@ def _visit_block(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-    UNMASKED: tl.constexpr,
 ):
     """Key block ``j`` (BLOCK_N keys) of online softmax, in steps of o_n0's length: returns the
-    updated (m_i, l_i, acc); log2 units. UNMASKED: see ``unmasked_blocks``."""
+    updated (m_i, l_i, acc); log2 units."""
     for step in tl.static_range(BLOCK_N // o_n0.shape[0]):
         m_i, l_i, acc = _visit_keys(
             m_i, l_i, acc, b_q, j * BLOCK_N + step * o_n0.shape[0] + o_n0, o_m, m_m, o_d, o_dv,
             k_base, v_base, m_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
             stride_mn, sm_scale_log2, S, D, DV,
-            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, UNMASKED)
+            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
     return m_i, l_i, acc
 
 
@@ -67,32 +66,23 @@ def _visit_keys(
     m_i, l_i, acc, b_q, o_n, o_m, m_m, o_d, o_dv, k_base, v_base, m_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, UNMASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Keys ``o_n`` of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
     m_n = o_n < S
     p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
-    if UNMASKED:
-        b_kt = tl.load(p_k)  # [D, BN]
-    else:
-        b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
+    b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
-    if UNMASKED:  # every score is a real key's: no select per element
-        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale_log2
-    else:
-        s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn,
-                         sm_scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)
+    s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn, sm_scale_log2,
+                     HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)  # [BM, BN]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row of -inf scores (inputs' infs)
     b_p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
-    if UNMASKED:
-        b_v = tl.load(p_v)  # [BN, DV]
-    else:
-        b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
     if DOT_UPCAST:
         b_v = b_v.to(tl.float32)
     # the rescaled accumulator as the product's own accumulator (one MMA chain, as Flex and
@@ -137,7 +127,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_STEP: tl.constexpr, D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     VISIT: tl.constexpr,
-    PROBE: tl.constexpr, RECERT: tl.constexpr, UNMASKED: tl.constexpr,
+    PROBE: tl.constexpr, RECERT: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -193,8 +183,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
-                    UNMASKED)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
             thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
             n_visit = tl.minimum(_first_certified(TailLog2, plan, n_probe, n_kb, thr), n_live)
             tl.store(NVisit + pid, n_visit)
@@ -216,8 +205,7 @@ def _attention_kernel(
                         m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                         sm_scale_log2, S, D, DV,
-                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
-                    UNMASKED)
+                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
                 p0 = p1
                 thr = tl.where(EXACT != 0, -float("inf"),
                                stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
@@ -230,8 +218,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
-                    UNMASKED)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
     else:
         n_live = tl.load(NLive + pid)
         p = n_live * 0
@@ -242,7 +229,7 @@ def _attention_kernel(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
                 S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N, UNMASKED)
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
             tl.store(Kept + plan + j, 1)
             p += 1
             # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
@@ -326,17 +313,6 @@ def as_out_layout(out, query, interleaved: bool | None = None) -> torch.Tensor:
     return out
 
 
-def unmasked_blocks(plan: VisitPlan, d_pad: int, dv_pad: int) -> bool:
-    """Whether every score of every block is a real key's, unmasked: no mask, not causal, the
-    key length a static multiple of the block (Triton specialises the flag, so a length past it
-    compiles one more variant) and head dims at their padded size. The pass then loads K and V
-    without bounds and skips the select per score: FlexAttention does so in its full blocks, and
-    FlashAttention where the length divides the block. Query rows past L need no mask either:
-    their q is zero, their scores finite, and neither their output nor lse is stored."""
-    return (plan.mask4 is None and not plan.is_causal and is_static(plan.S)
-            and plan.S % plan.block_n == 0 and plan.D == d_pad and plan.DV == dv_pad)
-
-
 def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, kept,
                       out=None, lse=None, skip=None, certify=False):
     """One attention pass; writes into ``out``/``lse`` when given (skipped entirely where
@@ -375,7 +351,6 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
         RECERT=recert_blocks(nkb) if certify else 0,
-        UNMASKED=unmasked_blocks(plan, d_pad, dv_pad),
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

@@ -186,7 +186,10 @@ def test_max_autotune():
     assert rel_err(out, dense_oracle(q, k, v)) < _tol(q.dtype)
 
 
-@pytest.mark.parametrize("lengths", [(1024, 1536, 2048, 3000), (64, 100, 128, 129, 200)],
+# across tiles: the first length is not the head dim (64). Dynamo's duck shaping gives equal sizes
+# one symbol, and the head dim is specialised (SDPA's default scale guards on it, as the tile's
+# constexpr does), which would specialise that length with it: the default compile too.
+@pytest.mark.parametrize("lengths", [(1024, 1536, 2048, 3000), (100, 64, 128, 129, 200)],
                          ids=["long", "across_tiles"])
 @pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
 def test_lengths_do_not_recompile(dynamic, lengths):

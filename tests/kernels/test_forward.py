@@ -96,41 +96,6 @@ def test_key_blocks_visited_in_steps_equal_whole_blocks(mask_kind, is_causal, mo
     torch.testing.assert_close(out16, out32, atol=1e-5, rtol=1e-5)
 
 
-def test_unmasked_blocks_where_every_score_is_a_real_key(monkeypatch):
-    """The pass's unmasked variant (``unmasked_blocks``: no bounds on K and V, no select per
-    score) is taken exactly where every block is full, unmasked and not causal, and there gives
-    the masked variant's output bit for bit, kept blocks included, with query rows past L; at
-    eps 0 it is exact against float64."""
-    from aether_compile.kernels.launch import pad_pow2
-    from aether_compile.kernels.plan import plan_attention
-
-    def flag(L, S, D, mask=None, is_causal=False):
-        q, k, v = _inputs(1, 2, 2, L, S, D, D, torch.float32, seed=1)
-        p = plan_attention(q, k, v, mask, is_causal, None, 32, 32)
-        return kernel_forward.unmasked_blocks(p, pad_pow2(D), pad_pow2(D))
-
-    assert flag(70, 256, 32)
-    assert not flag(70, 250, 32)  # the last key block is partial
-    assert not flag(70, 256, 24)  # head dim below its padded size
-    assert not flag(70, 256, 32, is_causal=True)
-    assert not flag(70, 256, 32, mask=make_mask("bool", 1, 2, 70, 256, torch.float32, DEVICE))
-    cq, ck, cv = WORKLOADS["clustered"](1, 2, 512, 32, device=DEVICE, seed=2, run=32,
-                                        centers=16)
-    cq = cq[:, :, :200]  # rows past L in the last query tile
-    results = {}
-    for unmasked in (True, False):
-        monkeypatch.setattr(kernel_forward, "unmasked_blocks", lambda *a, u=unmasked: u)
-        exact = triton_attention(cq, ck, cv, None, False, None, False, 0.0, 32, 32)[0]
-        assert rel_err(exact, dense_oracle(cq, ck, cv)) < REL_TOL[torch.float32]
-        for mode in ("twopass", "stop"):  # the probe and certified count; the in-kernel stop
-            results[unmasked, mode] = triton_attention(cq, ck, cv, None, False, None, False,
-                                                       1e-2, 32, 32, mode)
-    for mode in ("twopass", "stop"):
-        (out_u, lse_u, kept_u), (out_m, lse_m, kept_m) = results[True, mode], results[False, mode]
-        assert torch.equal(kept_u, kept_m) and not kept_u.all(), mode
-        assert torch.equal(out_u, out_m) and torch.equal(lse_u, lse_m), mode
-
-
 # Under the interpreter (CPU CI) the middle eps is left out: 1e-3 and 1e-1 bracket it, and the
 # grid cost 70 s of the CI budget; GPUs run all three
 CERT_CASES = list(itertools.product(["clustered", "adversarial", "sink_local"],
