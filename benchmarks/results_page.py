@@ -174,39 +174,37 @@ def decode_dense_table(record: dict, _arg=None) -> list[str]:
 
 
 def prefill_pass_table(record: dict, _arg=None) -> list[str]:
-    """sweep_prefill_kernels' attention part: the pass on W2's plan, its default launch against
-    the other variants timed in the same run, and FlexAttention on the same blocks."""
+    """sweep_prefill_kernels' attention part: the pass on W2's plan in each variant timed in the
+    run (the fastest in bold), the probe and re-certification pairs, and FlexAttention on the
+    same blocks."""
     env = record["env"]
     rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
             f"{env.get('commit')}; W2 clustered, fp16, H 16, D 128, eps 1e-3; ms of the pass "
-            "alone (VISIT_CERTIFY) on the op's plan; variants: kK keys a step, wW warps, sS "
-            "stages", "",
-            "| N | key block | kept | default | its time | masked variant | fastest variant "
-            "| fastest probe, recert | Flex, same blocks | Flex / default "
-            "| on 128-key blocks: kept, 64- / 128-key steps |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "alone (VISIT_CERTIFY) on the op's plan. Variants: kK_wW_sS, K keys a step, W warps, "
+            "S stages; `default_masked`, the run's default without its unmasked variant", "",
+            "| N | key block | kept | pass variants, ms | probe, recert: ms (kept) "
+            "| Flex, same blocks | Flex / fastest | on 128-key blocks: kept, 64- / 128-key steps |",
+            "|---|---|---|---|---|---|---|---|"]
 
     def ms(x):
         return f"{x:.2f}" if isinstance(x, float) else "—"
     for r in record.get("attention") or []:
         times = {n: t for n, t in r["attention_ms"].items() if isinstance(t, float)}
-        default = r["attention_default"]
-        base = times.get(default)
-        fastest = min((n for n in times if n != "default_masked"), key=times.get)
-        recert = {n: v for n, v in (r.get("probe_recert") or {}).items()
-                  if isinstance(v.get("ms"), float)}
-        best_recert = min(recert, key=lambda n: recert[n]["ms"]) if recert else None
+        fastest = min(times, key=times.get)
+        variants = ", ".join((f"**{n} {ms(t)}**" if n == fastest else f"{n} {ms(t)}")
+                             for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+        recert = ", ".join(f"{n.replace('probe', 'p').replace('_recert', '/')} {ms(v['ms'])} "
+                           f"({v['kept']:.4f})" for n, v in (r.get("probe_recert") or {}).items()
+                           if isinstance(v.get("ms"), float)) or "—"
         flex = r.get("flex_same_blocks_ms")
+        b128 = r.get("blocks_128")
         rows.append(
             f"| {r['N'] // 1024}K | {r.get('block_n', '—')} | "
-            f"{_fmt(r.get('kept'), 4) if r.get('kept') is not None else '—'} | {default} | "
-            f"{ms(base)} | {ms(times.get('default_masked'))} | {fastest} {ms(times[fastest])} | "
-            + (f"{best_recert} {ms(recert[best_recert]['ms'])} (kept "
-               f"{recert[best_recert]['kept']:.4f})" if best_recert else "—")
-            + f" | {ms(flex)} | "
-            + (f"{flex / base:.3f}" if isinstance(flex, float) and base else "—") + " | "
+            + (f"{r['kept']:.4f}" if r.get("kept") is not None else "—")
+            + f" | {variants} | {recert} | {ms(flex)} | "
+            + (f"{flex / times[fastest]:.3f}" if isinstance(flex, float) else "—") + " | "
             + (f"{b128['kept']:.4f}, {ms(b128.get('k64_ms'))} / {ms(b128.get('k128_ms'))}"
-               if (b128 := r.get("blocks_128")) else "—") + " |")
+               if b128 else "—") + " |")
     return rows
 
 

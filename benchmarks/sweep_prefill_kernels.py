@@ -165,9 +165,9 @@ def sweep_attention(N: int) -> dict:
         plan128 = kernel_plan.plan_attention(q, k, v, block_n=128)
         n_visit128 = torch.empty(1, H, plan128.order.shape[-2], device="cuda", dtype=torch.int32)
         try:
-            for step in (64, 128):
-                launch.KEY_STEP = step
-                long_blocks[f"k{step}_ms"] = bench(lambda: kernel_forward.launch_attention(
+            for keys in (64, 128):
+                launch.KEY_STEP = keys
+                long_blocks[f"k{keys}_ms"] = bench(lambda: kernel_forward.launch_attention(
                     q, k, v, plan128, eps, n_visit128, None, certify=True), rep=20)
         finally:
             launch.KEY_STEP = real_step

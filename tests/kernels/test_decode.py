@@ -285,7 +285,10 @@ def test_splits_do_not_change_the_result(splits):
     summary = decode.summarize_keys(k)
     outs = [decode.decode_attention(q, k, v, summary, 1e-3, 32 ** -0.5, splits=n)[0]
             for n in (splits, 2)]
-    assert rel_err(outs[0], outs[1]) <= 1e-6
+    # float32 rounding only: the splits' partial states are rescaled (exp2, a few ulps each)
+    # and summed in another order. 16 splits read 1.07e-6 on one CPU where 1e-6 was the bound;
+    # a split that dropped or repeated a 16-key block would be off by orders more.
+    assert rel_err(outs[0], outs[1]) <= 1e-5
 
 
 @pytest.mark.parametrize("splits", [1, 5, 40])
