@@ -32,10 +32,11 @@
 #   decode_grid_steps   GPU tests of the decode op's masked routes and HF eager models; the decode
 #                       grid (CKPT) with the size threshold and masked routes; the masked dense
 #                       paths' defaults
-#   prefill_unmasked    GPU tests of dynamic lengths across tiles (one graph) and the pass's
-#                       unmasked variant; the pass's variants at 128K (key steps, unmasked,
-#                       probe/recert, Flex on the same blocks; 32K on 128-key blocks too); the
-#                       issue-6 suite's W2 (SUITE_ONLY=uniform,clustered adds W1)
+#   prefill_unmasked    GPU tests of dynamic lengths across tiles (one graph) and the pass; the
+#                       pass's variants at 128K and 32K (key steps, probe/recert, Flex on the
+#                       same blocks; 32K on 128-key blocks too); the issue-6 suite's W2
+#                       (SUITE_ONLY=uniform,clustered adds W1). Named for the unmasked variant
+#                       it first measured (5c1f3a2), since removed
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -222,9 +223,9 @@ case "${1:-zoo}" in
     grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
     ;;
   prefill_unmasked)  # the prefill GPU tests of stop 35 (dynamic lengths across tiles, the
-                     # unmasked variant), the pass's variants at 128K and 32K, W2 (about 9 min)
+                     # pass), the pass's variants at 128K and 32K, W2 (about 9 min)
     $T ${TEST_S:-110} $PYTEST -m "" tests/aether_compile/test_inductor_gpu.py tests/kernels/test_forward.py \
-      -k "recompile or dynamic or unmasked or key_blocks or certificate_every_row" > "$OUT/prefill_route_tests.txt" 2>&1
+      -k "recompile or dynamic or key_blocks or certificate_every_row" > "$OUT/prefill_route_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/prefill_route_tests.txt" | tail -10
     timeout ${PREFILL_S:-200} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
