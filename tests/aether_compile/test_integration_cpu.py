@@ -177,6 +177,24 @@ def test_dynamic_true_one_graph_across_tiles():
     assert all(s and r == layers for s, r in rec.compiles), rec.compiles
 
 
+def test_dynamic_true_training_across_tiles():
+    """Training under dynamic=True across tiles: one graph, forward and backward rewritten; the
+    backward reads the forward's kept map, whose block counts are unbacked sizes there; the input
+    gradients equal eager's."""
+    torch.manual_seed(0)
+    model = spellings.NanoGPTBlock(flash=False, block_size=512, dropout=0.0).train()
+    rec = Recorder(**{**OPTIONS, "compiler": "aot_eager"})
+    compiled = torch.compile(model, backend=rec, dynamic=True)
+    for L in (100, 64, 129, 200):
+        x = torch.randn(2, L, 32, generator=torch.Generator().manual_seed(L), requires_grad=True)
+        compiled(x).square().sum().backward()
+        got, x.grad = x.grad, None
+        model(x).square().sum().backward()
+        torch.testing.assert_close(got, x.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"L={L}: {m}")
+    assert counters["stats"]["unique_graphs"] == 1, (dict(counters["stats"]), rec.compiles)
+    assert rec.compiles == [(True, 1)], rec.compiles
+
+
 @pytest.mark.slow
 def test_dynamic_inductor_matches_eager():
     """The dynamic graph through Inductor (not only aot_eager): rewritten, matches eager."""
