@@ -368,5 +368,22 @@ torch.library.define(
 @torch.library.impl("aether::attention", "CompositeImplicitAutograd")
 def attention_op(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                  eps=None):
-    return torch.ops.aether.attention_with_stats(query, key, value, attn_mask, is_causal, scale,
-                                                 enable_gqa, eps)[0]
+    with _discarding_unbacked_sizes(query):
+        return torch.ops.aether.attention_with_stats(query, key, value, attn_mask, is_causal,
+                                                     scale, enable_gqa, eps)[0]
+
+
+def _discarding_unbacked_sizes(query):
+    """Where fake tensors are propagated outside graph tracing (Dynamo's example values, the
+    pass's new nodes), the kept map's unbacked block counts (``_fake_block_count``) never leave
+    this op, which returns ``out`` alone: they are discarded, not left pending (Dynamo would
+    fail the call: "pending unbacked symbols not in returned outputs"). Under AOT's tracing (a
+    proxy mode) they stay, and bind to attention_with_stats' kept output."""
+    from contextlib import nullcontext
+
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    shape_env = getattr(getattr(query, "fake_mode", None), "shape_env", None)
+    if shape_env is None or get_proxy_mode() is not None:
+        return nullcontext()
+    return shape_env.ignore_fresh_unbacked_symbols()

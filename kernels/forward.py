@@ -77,7 +77,7 @@ def _visit_keys(
     s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn, sm_scale_log2,
                      HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION)  # [BM, BN]
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row of -inf scores (inputs' infs)
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     b_p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
@@ -322,7 +322,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
     B, H, L, S, D, DV = plan.B, plan.H, plan.L, plan.S, plan.D, plan.DV
     dev = query.device
     # from the lengths, not plan.order's shape: traced, the order's dims may be unbacked sizes
-    # (ops.fake_block_count), which the grid and the host's choices of RECERT should not read
+    # (ops._fake_block_count), which the grid and the host's choices of RECERT should not read
     nqt, nkb = num_blocks(L, plan.block_m), num_blocks(S, plan.block_n)
     d_pad, dv_pad = pad_pow2(D), pad_pow2(DV)
     mask4 = plan.mask4

@@ -353,7 +353,7 @@ def causal_block_map(L, nqt: int, nkb: int, block_m: int, block_n: int, device) 
 def all_live_blocks(L, S, block_m, block_n, is_causal, B, H, device, blocks=None) -> torch.Tensor:
     """kept map of dense attention without a mask: every block, or the top-left causal ones.
     ``blocks``: the map's (query tiles, key blocks) where a traced caller has them as sizes of
-    its own (unbacked, ``ops.fake_block_count``), else they follow from L and S."""
+    its own (unbacked, ``ops._fake_block_count``), else they follow from L and S."""
     nqt, nkb = blocks if blocks is not None else (num_blocks(L, block_m), num_blocks(S, block_n))
     if not is_causal:
         return torch.ones(B, H, nqt, nkb, dtype=torch.bool, device=device)

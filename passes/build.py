@@ -41,11 +41,7 @@ class Builder:
                 node.meta[key] = self.meta_from.meta[key]
         fargs = map_arg(args, ev)
         fkwargs = map_arg(kwargs, ev)
-        # The op's internal outputs (the kept map) may carry unbacked sizes; only ``out`` is this
-        # node's value, so they are discarded here rather than left pending for the next trace.
-        shape_env = getattr(self.fake_mode, "shape_env", None)
-        with self.fake_mode if self.fake_mode is not None else nullcontext(), \
-                shape_env.ignore_fresh_unbacked_symbols() if shape_env else nullcontext():
+        with self.fake_mode if self.fake_mode is not None else nullcontext():
             if op == "call_method":
                 value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
             else:
