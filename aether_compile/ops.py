@@ -193,7 +193,8 @@ def _fake_block_count(length, block: int):
 def live_blocks(query: Tensor, key: Tensor, is_causal: bool, block_m: int, block_n: int
                 ) -> Tensor:
     """The kept map of a call that went dense (``kernel_plan.all_live_blocks``), opaque where
-    the lengths are symbolic, so that its block counts are unbacked sizes (``_fake_block_count``)."""
+    the lengths are symbolic, so that its block counts are unbacked sizes
+    (``_fake_block_count``)."""
     B, H, L, _ = query.shape
     return kernel_plan.all_live_blocks(L, key.shape[-2], block_m, block_n, is_causal, B, H,
                                        query.device).clone()
