@@ -126,6 +126,8 @@ def test_opcheck():
     for args in [(q, k, v), (q, k, v, mask, False, 0.5, False, 1e-3), (q, k, v, None, True)]:
         torch.library.opcheck(torch.ops.aether.attention.default, args)
     torch.library.opcheck(torch.ops.aether.attention_with_stats.default, (q, k, v))
+    for is_causal in (False, True):  # the dense call's kept map in traced bodies
+        torch.library.opcheck(torch.ops.aether.live_blocks.default, (q, k, is_causal, 16, 8))
 
 
 def test_fake_matches_real_shape_and_strides():
