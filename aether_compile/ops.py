@@ -13,6 +13,7 @@ caller asks for them directly), otherwise the plain-torch reference, which has t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -93,7 +94,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
-        if _symbolic(L) or _symbolic(S):  # traced: block counts as unbacked sizes (live_blocks)
+        if not launch.is_static(L, S):  # traced: block counts as unbacked sizes (live_blocks)
             return (*dense, torch.ops.aether.live_blocks(query, key, is_causal, block_m, block_n))
         return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
                                                     query.device))
@@ -170,10 +171,6 @@ def _fake_outputs(query, key, value, attn_mask, block_m=None, block_n=None, kern
     return out, lse, kept
 
 
-def _symbolic(n) -> bool:
-    return isinstance(n, torch.SymInt)
-
-
 def _fake_block_count(length, block: int):
     """A block count for a fake output: the count itself where the length is static; a new
     unbacked size where it is symbolic. ceil(L/128) can be 1, and tracing records every tensor's
@@ -181,7 +178,7 @@ def _fake_block_count(length, block: int):
     lengths up to one block and past it would compile apart. Unbacked, it is no guard; the size is
     bound from the real output when the graph runs."""
     count = num_blocks(length, block)
-    if not _symbolic(count):
+    if launch.is_static(count):
         return count
     # the shape env's own unbacked size: the library's ctx.new_dynamic_size() refuses unless
     # Dynamo captures data-dependent output shapes, a setting for ops whose sizes depend on data
@@ -197,7 +194,7 @@ def live_blocks(query: Tensor, key: Tensor, is_causal: bool, block_m: int, block
     (``_fake_block_count``)."""
     B, H, L, _ = query.shape
     return kernel_plan.all_live_blocks(L, key.shape[-2], block_m, block_n, is_causal, B, H,
-                                       query.device).clone()
+                                       query.device)  # a new tensor: ones, or a causal copy
 
 
 @live_blocks.register_fake
@@ -380,11 +377,11 @@ def _discarding_unbacked_sizes(query):
     this op, which returns ``out`` alone: they are discarded, not left pending (Dynamo would
     fail the call: "pending unbacked symbols not in returned outputs"). Under AOT's tracing (a
     proxy mode) they stay, and bind to attention_with_stats' kept output."""
-    from contextlib import nullcontext
-
+    shape_env = getattr(getattr(query, "fake_mode", None), "shape_env", None)
+    if shape_env is None:  # real tensors (every eager call): nothing more to ask
+        return contextlib.nullcontext()
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    shape_env = getattr(getattr(query, "fake_mode", None), "shape_env", None)
-    if shape_env is None or get_proxy_mode() is not None:
-        return nullcontext()
+    if get_proxy_mode() is not None:
+        return contextlib.nullcontext()
     return shape_env.ignore_fresh_unbacked_symbols()

@@ -181,7 +181,10 @@ def prefill_pass_table(record: dict, _arg=None) -> list[str]:
     rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
             f"{env.get('commit')}; W2 clustered, fp16, H 16, D 128, eps 1e-3; ms of the pass "
             "alone (VISIT_CERTIFY) on the op's plan. Variants: kK_wW_sS, K keys a step, W warps, "
-            "S stages; `default_masked`, the run's default without its unmasked variant", "",
+            "S stages"
+            + ("; `default_masked`, the run's default without its unmasked variant"
+               if any("default_masked" in r["attention_ms"] for r in record.get("attention") or [])
+               else ""), "",
             "| N | key block | kept | pass variants, ms | probe, recert: ms (kept) "
             "| Flex, same blocks | Flex / fastest | on 128-key blocks: kept, 64- / 128-key steps |",
             "|---|---|---|---|---|---|---|---|"]

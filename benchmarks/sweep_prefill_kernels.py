@@ -157,7 +157,8 @@ def sweep_attention(N: int) -> dict:
     # kernel_vs_flex_same_blocks)
     from bench_attention import flex_anchors
     kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None, certify=True)
-    flex = flex_anchors(q, k, v, kernel_plan.kept_map(plan, n_visit), plan.block_m, plan.block_n)
+    kept = kernel_plan.kept_map(plan, n_visit)
+    flex = flex_anchors(q, k, v, kept, plan.block_m, plan.block_n)
     # Below launch.LONG_KEYS the plan's key blocks are 64 keys: the same length on 128-key blocks
     # (coarser, so more keys kept; half the blocks, each visited in 64- or 128-key steps)
     long_blocks = {}
@@ -178,7 +179,7 @@ def sweep_attention(N: int) -> dict:
     return {"N": N, "block_n": plan.block_n, "attention_ms": times, "probe_recert": recert,
             "blocks_128": long_blocks or None,
             "flex_same_blocks_ms": flex.get("flex_same_blocks"),
-            "kept": float(kernel_plan.kept_map(plan, n_visit).float().mean()),
+            "kept": float(kept.float().mean()),
             "attention_default": f"k{step}_w{default['num_warps']}_s{default['num_stages']}"}
 
 
