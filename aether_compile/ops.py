@@ -73,9 +73,10 @@ def _tracing(t: Tensor) -> bool:
 
 
 def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
-                 block_m=None, block_n=None):
+                 block_m=None, block_n=None, with_kept: bool = True):
     """(out, lse, kept) with eps resolved; the body of aether::attention_with_stats. Traceable:
-    torch ops, wrap_triton launches and opaque aether ops only (no host reads)."""
+    torch ops, wrap_triton launches and opaque aether ops only (no host reads). with_kept=False
+    (eager calls only, ``_eager_inference``): kept may be None."""
     check_inputs(query, key, value, attn_mask, 0.0, scale, enable_gqa, eps)
     eps = default_eps(query.dtype) if eps is None else float(eps)
     block_m, block_n = resolve_blocks(query, value, block_m, block_n, key, attn_mask)
@@ -94,6 +95,8 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
     scale_f = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def with_all_blocks_kept(dense):
+        if not with_kept:
+            return (*dense, None)
         if not launch.is_static(L, S):  # traced: block counts as unbacked sizes (live_blocks)
             return (*dense, torch.ops.aether.live_blocks(query, key, is_causal, block_m, block_n))
         return (*dense, kernel_plan.all_live_blocks(L, S, block_m, block_n, is_causal, B, H,
@@ -137,7 +140,7 @@ def forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps
                                                       route.sample, route.gate)
     return triton_forward.triton_attention(query, key, value, attn_mask, is_causal, scale,
                                            enable_gqa, eps, block_m, block_n,
-                                           dense_fraction=fraction)
+                                           dense_fraction=fraction, with_kept=with_kept)
 
 
 _SITE_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -366,9 +369,27 @@ torch.library.define(
 @torch.library.impl("aether::attention", "CompositeImplicitAutograd")
 def attention_op(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                  eps=None):
+    if _eager_inference(query, key, value, attn_mask):
+        # nothing reads the kept map: not built (attention_with_stats' body, without its map)
+        return forward_impl(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps,
+                            with_kept=False)[0]
     with _discarding_unbacked_sizes(query):
         return torch.ops.aether.attention_with_stats(query, key, value, attn_mask, is_causal,
                                                      scale, enable_gqa, eps)[0]
+
+
+def _eager_inference(query, key, value, attn_mask) -> bool:
+    """An eager call on the Triton path whose output nobody differentiates: plain tensors
+    outside any trace, dispatch mode or functorch transform, and no input that autograd would
+    follow. There ``aether::attention`` returns out alone, so the kept map (a scatter over every
+    block) is not built; traced graphs drop it themselves where only out is used."""
+    tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    if any(type(t) is not Tensor for t in tensors) or launch.tracing_now() \
+            or torch._C._are_functorch_transforms_active():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return use_triton(query, key, value)
 
 
 def _discarding_unbacked_sizes(query):

@@ -163,7 +163,7 @@ def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale
 
 
 def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | None = None,
-                  dense_fraction: float | None = None):
+                  dense_fraction: float | None = None, with_kept: bool = True):
     """Stage 5: certified best-first attention. Returns (out, lse, kept).
 
     mode "twopass" (default): a probe computes the first PROBE_BLOCKS blocks of every tile, the
@@ -174,7 +174,9 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
     fewest blocks, but the data-dependent loop is not software-pipelined).
     dense_fraction: if the certified visit would cover more than this fraction of the live
     blocks, run the fastest dense SDPA kernel instead (twopass, ``dense_policy.gate_applies``);
-    ``kept`` then marks every live block."""
+    ``kept`` then marks every live block.
+    with_kept=False: ``kept`` is None (an eager call nobody differentiates or asks stats of: the
+    map is a scatter over every block, 0.46 ms of W2's 10.5 ms pass at 128K on an H100)."""
     mode = forward_mode(mode)
     nqt, nkb = plan.order.shape[-2], plan.order.shape[-1]
     if mode == "stop":
@@ -186,23 +188,24 @@ def run_attention(query, key, value, plan: VisitPlan, eps: float, mode: str | No
         # probe, certified count and the rest in one launch
         n_visit = torch.zeros(plan.B, plan.H, nqt, device=query.device, dtype=torch.int32)
         out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, certify=True)
-        return out, lse, kept_map(plan, n_visit)
+        return out, lse, kept_map(plan, n_visit) if with_kept else None
     # The dense gate needs the certified count before the pass: probe, gate, fixed-count pass.
     out, lse, n_visit, use_dense = dense_policy.probe_and_gate(query, key, value, plan, eps,
                                                                dense_fraction)
     out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, use_dense)
-    return out, lse, kept_map(plan, n_visit)
+    return out, lse, kept_map(plan, n_visit) if with_kept else None
 
 
 def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                      enable_gqa=False, eps=0.0, block_m=None, block_n=None, mode=None,
-                     dense_fraction=None):
+                     dense_fraction=None, with_kept: bool = True):
     """Certified block-sparse attention on the Triton path, eager (compiled graphs split it into
     ``prepare_pass`` and ``attention_after_prepare``).
 
     Same contract as ``reference.reference_attention``: returns (out, lse, kept). With a dense
     crossover, a mask that turns out exactly top-left causal is run as is_causal without it
-    (``prepare_pass`` does the same for compiled graphs)."""
+    (``prepare_pass`` does the same for compiled graphs). with_kept=False: kept is None where
+    building it costs anything (``run_attention``)."""
     mask_stats = None
     if dense_fraction is not None and causal_mask_may_skip_the_plan(query, key, value, attn_mask):
         B, H, L, D = query.shape
@@ -217,11 +220,11 @@ def triton_attention(query, key, value, attn_mask=None, is_causal=False, scale=N
                 out = kernel_dense.dense_sdpa_with_lse(query, key, value, True, scale)
                 if out is not None:
                     return (*out, all_live_blocks(L, S, block_m, block_n, True, B, H,
-                                                  query.device))
+                                                  query.device) if with_kept else None)
             plan = kernel_plan.plan_attention(query, key, value, None, True, scale, block_m,
                                               block_n)
             return run_attention(query, key, value, plan, eps, mode,
-                                 None if dense is not None else dense_fraction)
+                                 None if dense is not None else dense_fraction, with_kept)
     plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
                                       block_n, mask_stats=mask_stats)
-    return run_attention(query, key, value, plan, eps, mode, dense_fraction)
+    return run_attention(query, key, value, plan, eps, mode, dense_fraction, with_kept)
