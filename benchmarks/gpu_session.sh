@@ -37,6 +37,9 @@
 #                       same blocks; 32K on 128-key blocks too); the issue-6 suite's W2
 #                       (SUITE_ONLY=uniform,clustered adds W1). Named for the unmasked variant
 #                       it first measured (5c1f3a2), since removed
+#   w2_no_kept_map      GPU tests of eager inference without the kept map and of dynamic lengths;
+#                       the issue-6 suite's W2 at 32K and 128K (tag _w2)
+#   generate_b8         generate at batch 8, 32K (CKPT); the masked decode dense path's defaults
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -233,6 +236,24 @@ case "${1:-zoo}" in
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-280} python3 benchmarks/bench_attention.py \
       --suite issue6 --only ${SUITE_ONLY:-clustered} ${SIZES:+--sizes $SIZES} --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 22 "$OUT/issue6.txt"
+    ;;
+  w2_no_kept_map)  # stop 36: eager inference without the kept map (the GPU test of it, the
+                  # dynamic-length tests of stop 35's last commits), then W2 at 32K and 128K
+    $T ${TEST_S:-150} $PYTEST -m "" tests/aether_compile/test_inductor_gpu.py tests/kernels/test_forward.py \
+      -k "recompile or dynamic or eager_inference" > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-330} python3 benchmarks/bench_attention.py \
+      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2 --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    tail -n 14 "$OUT/issue6.txt"
+    ;;
+  generate_b8)  # stop 36: generate at batch 8 and 32K (the size from which decode may certify),
+                # then the masked decode dense path's defaults (fill_steps at batch 1, 8K)
+    timeout ${GENERATE_S:-330} python3 benchmarks/bench_generate.py --ckpt "$CKPT" --batch 8 \
+      --mode default --row-timeout-s 100 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+    tail -n 14 "$OUT/bench_generate.txt"
+    timeout 80 python3 benchmarks/sweep_decode_dense.py --quick --no-clustered --out "$OUT" \
+      > "$OUT/sweep_decode_dense.txt" 2>&1
+    grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
