@@ -38,7 +38,7 @@
 #                       (SUITE_ONLY=uniform,clustered adds W1). Named for the unmasked variant
 #                       it first measured (5c1f3a2), since removed
 #   w2_no_kept_map      GPU tests of eager inference without the kept map and of dynamic lengths;
-#                       the issue-6 suite's W2 at 32K and 128K (tag _w2)
+#                       the issue-6 suite's W2 at 32K and 128K (tag _w2_inference)
 #   generate_b8         generate at batch 8, 32K (CKPT); the masked decode dense path's defaults
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
@@ -243,7 +243,7 @@ case "${1:-zoo}" in
       -k "recompile or dynamic or eager_inference" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-330} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2 --out "$OUT" > "$OUT/issue6.txt" 2>&1
+      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_inference --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 14 "$OUT/issue6.txt"
     ;;
   generate_b8)  # stop 36: generate at batch 8 and 32K (the size from which decode may certify),
