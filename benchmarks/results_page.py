@@ -1,4 +1,5 @@
-"""The tables of docs/results.md, generated from the result files they cite.
+"""The tables of docs/results.md and docs/results-history.md, generated from the result files they
+cite.
 
 A table in the page sits between two markers naming its kind and file:
 
@@ -27,7 +28,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGE = os.path.join(ROOT, "docs", "results.md")
+PAGES = [os.path.join(ROOT, "docs", name) for name in ("results.md", "results-history.md")]
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 MARKED = re.compile(r"(<!-- table: (\w+) ([\w.\-]+)(?: (\S+))? -->\n)(.*?)(<!-- end table -->)",
                     re.S)
@@ -221,7 +222,7 @@ def render(page: str) -> str:
     def table(m):
         kind, name, arg = m.group(2), m.group(3), m.group(4)
         if kind not in KINDS:
-            raise SystemExit(f"unknown table kind {kind!r} in {PAGE}; known: {sorted(KINDS)}")
+            raise SystemExit(f"unknown table kind {kind!r}; known: {sorted(KINDS)}")
         with open(os.path.join(RESULTS, name)) as f:
             record = json.load(f)
         body = "\n".join(KINDS[kind](record, arg))
@@ -232,21 +233,23 @@ def render(page: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail where the page is out of date")
+    ap.add_argument("--check", action="store_true", help="fail where a page is out of date")
     args = ap.parse_args(argv)
-    with open(PAGE) as f:
-        page = f.read()
-    fresh = render(page)
-    if args.check:
+    stale = []
+    for path in PAGES:
+        with open(path) as f:
+            page = f.read()
+        fresh = render(page)
         if fresh != page:
-            print(f"{PAGE}: tables differ from their result files; run "
-                  "python benchmarks/results_page.py", file=sys.stderr)
-            return 1
-        return 0
-    if fresh != page:
-        with open(PAGE, "w") as f:
-            f.write(fresh)
-    print(f"{len(MARKED.findall(page))} tables -> {PAGE}")
+            stale.append(path)
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(fresh)
+        print(f"{len(MARKED.findall(page))} tables -> {path}")
+    if args.check and stale:
+        print(f"{', '.join(stale)}: tables differ from their result files; run "
+              "python benchmarks/results_page.py", file=sys.stderr)
+        return 1
     return 0
 
 
