@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import dense_policy
 from . import ops as _ops
+from .kernels import launch
 from .validation import check_arguments, check_inputs
 
 log = logging.getLogger("aether_compile")
@@ -104,9 +105,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 def _eager_on_cuda(query, key, value) -> bool:
     """Plain CUDA tensors outside any trace or functorch transform: the public function may
     choose dense itself (one host read) and call the dense kernel without the op."""
-    return (query.device.type == "cuda" and type(query) is Tensor and type(key) is Tensor
-            and type(value) is Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+    return query.device.type == "cuda" and launch.plain_eager(query, key, value)
 
 
 def _is_4d_batch_aligned(query, key, value) -> bool:

@@ -384,8 +384,7 @@ def _eager_inference(query, key, value, attn_mask) -> bool:
     follow. There ``aether::attention`` returns out alone, so the kept map (a scatter over every
     block) is not built; traced graphs drop it themselves where only out is used."""
     tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
-    if any(type(t) is not Tensor for t in tensors) or launch.tracing_now() \
-            or torch._C._are_functorch_transforms_active():
+    if not launch.plain_eager(*tensors) or launch.tracing_now():  # tracing_now: dispatch modes
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False

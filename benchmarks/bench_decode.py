@@ -199,6 +199,21 @@ def sweep(q, k, v, summary, eps: float, scale: float) -> dict:
     return out
 
 
+def op_time(op) -> tuple[float, dict]:
+    """``_bench`` of a decode op call on a fresh cache (summaries forgotten) after two warm-up
+    calls (the first summarises the cache and samples the site's choice), and the paths its
+    timed warm-up and captured calls took (``kv_cache.CALLS``: dense_cudnn, dense_sdpa,
+    certified)."""
+    from aether_compile import kv_cache
+
+    kv_cache.forget_summaries()
+    for _ in range(2):
+        op()
+    before = collections.Counter(kv_cache.CALLS)
+    us = _bench(op)
+    return us, dict(kv_cache.CALLS - before)
+
+
 def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
     summary = decode.summarize_keys(k)
     out, lse, keep_rows = decode.decode_attention(q, k, v, summary, eps, scale)
@@ -217,15 +232,8 @@ def measure(q, k, v, eps: float, scale: float, layers: int = 0) -> dict:
            "max_abs_err_vs_fp32": (out.float() - ref).abs().max().item()}
     rec["ours_us"] = _bench(lambda: decode.decode_attention(q, k, v, summary, eps, scale))
     # the op as a compiled model calls it: certified, or dense where its lagged choice says so
-    from aether_compile import kv_cache
-    kv_cache.forget_summaries()
-    op = lambda: torch.ops.aether.decode_attention(q, k, v, None, False, scale, eps)  # noqa: E731
-    for _ in range(2):
-        op()  # the first call summarises the cache and samples the site's choice
-    before = collections.Counter(kv_cache.CALLS)
-    rec["op_us"] = _bench(op)
-    # the paths its warm-up and captured calls took (dense_cudnn, dense_sdpa, certified)
-    rec["op_paths"] = dict(kv_cache.CALLS - before)
+    rec["op_us"], rec["op_paths"] = op_time(
+        lambda: torch.ops.aether.decode_attention(q, k, v, None, False, scale, eps))
     if layers:
         rec.update(per_layer_op(q, k, v, eps, scale, layers))
     # with the all-true bool mask transformers passes at each decode step: SDPA then has no

@@ -7,7 +7,6 @@ cuDNN backend, each replayed from a CUDA graph, on both kinds of keys, in one pr
 """
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import _bench, synthetic  # noqa: E402
+from bench_decode import _bench, op_time, synthetic  # noqa: E402
 from provenance import card_tag, env_record, write_json  # noqa: E402
 
 from aether_compile import kv_cache  # noqa: E402
@@ -41,14 +40,8 @@ def main():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             row["sdpa_cudnn_us"] = _bench(lambda: F.scaled_dot_product_attention(
                 q, k, v, scale=scale, enable_gqa=True))
-        kv_cache.forget_summaries()
         op = lambda: torch.ops.aether.decode_attention(q, k, v, None, False, scale, eps)  # noqa
-        for _ in range(2):
-            op()
-        torch.cuda.synchronize()
-        before = collections.Counter(kv_cache.CALLS)
-        row["op_us"] = _bench(op)
-        row["op_paths"] = dict(kv_cache.CALLS - before)
+        row["op_us"], row["op_paths"] = op_time(op)  # as bench_decode times it
         row["dense_decode_us"] = _bench(lambda: kv_cache.dense_decode(q, k, v, None, False, scale))
         row["op_again_us"] = _bench(op)
         print(json.dumps(row), flush=True)

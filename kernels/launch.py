@@ -66,6 +66,14 @@ def tracing_now() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def plain_eager(*tensors) -> bool:
+    """Plain tensors (no subclass: fake, functional, DTensor, Parameter) outside Dynamo and any
+    functorch transform: an eager call whose host-side choices (a host read, skipping a dispatch
+    or an output) are safe."""
+    return (all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
