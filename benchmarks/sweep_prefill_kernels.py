@@ -140,19 +140,26 @@ def sweep_attention(N: int) -> dict:
     step = launch.key_step(plan.block_n, "cuda")
     # the probe's length and the re-certification step (forward.PROBE_BLOCKS, RECERT_BLOCKS):
     # the visit is cut into loops of that many blocks, each pipelined apart
+    # and whether re-certification tests each row's own tail (AETHER_ROW_TAILS; "_tile": only
+    # the tile's), the first pair the row tails' own measurement
     recert = {}
     real_probe = kernel_forward.PROBE_BLOCKS
     try:
-        for probe, every in ((8, 0), (8, 8), (8, 16), (4, 8), (16, 8)):
+        for probe, every, rows in ((8, 8, "0"), (8, 8, "1"), (8, 0, "1"), (8, 16, "1"),
+                                   (8, 4, "1"), (4, 8, "1"), (16, 8, "1"), (8, 16, "0")):
             kernel_forward.PROBE_BLOCKS = probe
             os.environ["AETHER_RECERT_BLOCKS"] = str(every)
+            os.environ["AETHER_ROW_TAILS"] = rows
             ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
                                                                certify=True), rep=20)
             kept = float(kernel_plan.kept_map(plan, n_visit).float().mean())
-            recert[f"probe{probe}_recert{every}"] = {"ms": ms, "kept": kept}
+            name = f"probe{probe}_recert{every}" + ("_tile" if rows == "0" and every else "")
+            recert[name] = {"ms": ms, "kept": kept}
+            print(f"recert {N} {name}: {ms} ms, kept {kept:.4f}", flush=True)
     finally:
         kernel_forward.PROBE_BLOCKS = real_probe
         os.environ.pop("AETHER_RECERT_BLOCKS", None)
+        os.environ.pop("AETHER_ROW_TAILS", None)
     # FlexAttention on exactly the blocks this pass visited, in the same run (issue 22's
     # kernel_vs_flex_same_blocks)
     from bench_attention import flex_anchors

@@ -49,6 +49,16 @@ BOUND_REL_SLACK = 1.5e-3
 EPS_MARGIN = 0.98
 # Radii are inflated by this relative amount to absorb fp32 rounding in ||k - mu||.
 RADIUS_INFLATE = 1e-5
+# The attention kernel's per-row bounds (re-certification with row tails) take the dot product
+# of the raw query with the block's fp16 unit centroid, so BOUND_REL_SLACK covers them as it does
+# the bounds kernel's (one input rounded, not two). A bf16 query meets the centroid in bf16: its
+# rounding, at most 2^-9 of the unit vector, is added at twice that, in units of |q'| |mu|.
+ROW_BOUND_BF16_SLACK = 2.0 ** -8
+# Row tails start from an anchor past the tile's certified count: the first position whose tile
+# tail is below 2^-ROW_ANCHOR_LOG2 of the tile's threshold (room left for each row's own sums),
+# at most ROW_ANCHOR_BLOCKS positions on. Every position between is bounded row by row once.
+ROW_ANCHOR_LOG2 = 3.0
+ROW_ANCHOR_BLOCKS = 256
 
 LOG2E = 1.4426950408889634
 # float32's smallest normal: the floor of a live block's mass relative to its row's largest in the

@@ -15,7 +15,9 @@ import triton.language as tl
 
 from aether_compile import settings
 
-from .certificate import LOG2E, MASK_FLOOR, UNCERTIFIABLE_MAX_LOG2, num_blocks, stop_threshold_log2
+from .certificate import (BOUND_REL_SLACK, LOG2E, MASK_FLOOR, ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2,
+                          ROW_BOUND_BF16_SLACK, SMALLEST_NORMAL, UNCERTIFIABLE_MAX_LOG2, num_blocks,
+                          stop_threshold_log2)
 from .jit_common import scores_log2
 from .launch import (INTERPRET, is_static, key_step, launch_config, pad_pow2, read_only_flag,
                      traceable)
@@ -24,9 +26,13 @@ from .plan import VisitPlan, certified_visit_count
 # Globals read inside @triton.jit must be constexpr.
 _MASK_FLOOR = tl.constexpr(MASK_FLOOR)
 _UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
+_SMALLEST_NORMAL = tl.constexpr(SMALLEST_NORMAL)
+_ROW_ANCHOR_LOG2 = tl.constexpr(ROW_ANCHOR_LOG2)
+_ROW_ANCHOR_BLOCKS = tl.constexpr(ROW_ANCHOR_BLOCKS)
 
 
 _SCAN_BLOCKS = tl.constexpr(256)  # tail entries per step of VISIT_CERTIFY's search
+_BOUND_REL_SLACK = tl.constexpr(BOUND_REL_SLACK)
 
 
 class Skip(enum.IntEnum):
@@ -115,19 +121,90 @@ def _first_certified(TailLog2, plan, lo, hi, thr):
 
 
 @triton.jit
+def _row_log2_norms(m_i, l_i):
+    """Each row's log2(Z) so far; -inf for rows that saw only floored keys, none, or NaN."""
+    has = l_i > 0
+    z = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -float("inf"))
+    return tl.where((z != z) | (m_i <= _UNCERTIFIABLE_MAX_LOG2), -float("inf"), z)
+
+
+@triton.jit
+def _row_certified(
+    b_q, q_norm, o_m, m_m, Order, plan, lo, hi, carry, room,
+    Geo16, GeoNorm, geo_row0, MaskMax, mask_row0, ref, sm_scale, S, n_kb,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, EXTRA_SLACK: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, ROW_SCAN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Row tails: the first position n in [lo, hi] of the tile's order at which every row's own
+    bounded mass of the blocks from n on, sum_j n_j exp(b_ij), is within its ``room``.
+
+    ``carry`` [BM] bounds each row's mass of the positions from ``hi`` on; everything is in units
+    of 2^ref (log2), so ``room`` is 2^(threshold_i - ref). Positions are bounded row by row
+    (b_ij: the ball of ``_bounds_kernel``, evaluated on this row's raw query) from hi down, ROW_SCAN
+    at a time, stopping at the first chunk where some row runs out of room. Returns (n, the
+    carry at n). The search never needs to look past its stop again: the next one starts at n
+    with its carry, and a normaliser that has grown only adds room."""
+    o_d = tl.arange(0, D_PAD)
+    o_s = tl.arange(0, ROW_SCAN)
+    n = hi
+    go = hi > lo
+    while go:
+        o_p = n - ROW_SCAN + o_s
+        valid = o_p >= lo
+        j = tl.load(Order + plan + o_p, mask=valid, other=0).to(tl.int64)
+        g = geo_row0 + j
+        g_mu = tl.load(Geo16 + g[None, :] * (3 * D_PAD) + o_d[:, None], mask=valid[None, :],
+                       other=0.0)  # [D_PAD, RS] unit centroids
+        n_mu = tl.load(GeoNorm + g * 4, mask=valid, other=0.0)
+        rad = tl.load(GeoNorm + g * 4 + 1, mask=valid, other=0.0)
+        dot = tl.dot(b_q, g_mu.to(b_q.dtype), input_precision=DOT_PRECISION)  # [BM, RS]
+        # q'.mu + |q'| (r + slack): the bounds kernel's ball for each row instead of their max
+        bound = (sm_scale * n_mu)[None, :] * dot + q_norm[:, None] * (
+            rad + _BOUND_REL_SLACK * (n_mu + rad) + EXTRA_SLACK * n_mu)[None, :]
+        bound = tl.where(((n_mu < float("inf")) & (rad < float("inf")))[None, :], bound,
+                         float("inf"))
+        if HAS_MASK:
+            bound = bound + tl.load(MaskMax + mask_row0 + j, mask=valid, other=0.0)[None, :]
+        if IS_CAUSAL:  # a block wholly after the row holds none of its keys
+            bound = tl.where(j[None, :] * BLOCK_N > o_m[:, None], -float("inf"), bound)
+        keys = tl.where(j == n_kb - 1, S - (n_kb - 1) * BLOCK_N, BLOCK_N).to(tl.float32)
+        x = bound * 1.4426950408889634 + tl.log2(keys)[None, :] - ref
+        x = tl.where(x != x, float("inf"), x)  # NaN (from NaN or inf in q): must be visited
+        finite = (x > -float("inf")) & (x < float("inf"))
+        # never below the smallest normal for a live entry: a tail must never undercount
+        mass = tl.where(finite, tl.maximum(tl.exp2(x), _SMALLEST_NORMAL),
+                        tl.where(x > 0, float("inf"), 0.0))
+        mass = tl.where(valid[None, :] & m_m[:, None], mass, 0.0)
+        tail = tl.cumsum(mass, 1, reverse=True) + carry[:, None]  # [BM, RS]: from each position
+        fits = (tail <= room[:, None]) | ~m_m[:, None]
+        all_fit = tl.min(fits.to(tl.int32), 0)  # [RS]
+        last_short = tl.max(tl.where(valid & (all_fit == 0), o_p, -1), 0)
+        failed = last_short >= 0
+        n_new = tl.where(failed, last_short + 1, tl.maximum(lo, n - ROW_SCAN))
+        at = tl.sum(tl.where(o_p[None, :] == n_new, tail, 0.0), 1)
+        carry = tl.where(n_new < n, at, carry)
+        go = (last_short < 0) & (n_new > lo)
+        n = n_new
+    return n, carry
+
+
+@triton.jit
 def _attention_kernel(
-    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit, Skip,
+    Q, K, V, Mask, Out, Lse, Kept, Order, TailLog2, NLive, NVisit, Skip, Geo16, GeoNorm, MaskMax,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
+    stride_xb, stride_xh,  # MaskMax's (batch, head) strides, 0 where broadcast
+    sm_scale, sm_scale_log2, stop_log2, EXACT, L, S, D, DV, n_qt, n_kb, H, GROUP,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_STEP: tl.constexpr, D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     VISIT: tl.constexpr,
-    PROBE: tl.constexpr, RECERT: tl.constexpr,
+    PROBE: tl.constexpr, RECERT: tl.constexpr, ROW_TAILS: tl.constexpr,
+    EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -137,7 +214,8 @@ def _attention_kernel(
     or EXACT for eps == 0), store it in NVisit and visit the rest: the two-pass result without
     recomputing the probe's blocks. With RECERT > 0 the count is certified again as the visit
     goes on, with the grown normalisers (fewer blocks, never more), and NVisit ends as the count
-    visited.
+    visited. With ROW_TAILS each re-certification also tests every row against its own bounded
+    tail (``_row_certified``: per-row balls from Geo16/GeoNorm, MaskMax), not only the tile's.
     Skip[0] == 1 means a dense kernel already wrote Out and Lse; return at once. Skip[0] == 2
     (VISIT_CERTIFY): count only, returning once NVisit is stored (the row sample of the runtime
     dense choice). Every launch passes Skip (zero where there is no dense choice), so the probe and
@@ -145,7 +223,8 @@ def _attention_kernel(
     skip = tl.load(Skip)
     if skip == 1:
         return
-    sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)  # Inductor: fp64 or constant floats
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor: fp64 or constant floats
+    sm_scale_log2 = tl.cast(sm_scale_log2, tl.float32)
     stop_log2 = tl.cast(stop_log2, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     t = pid % n_qt
@@ -197,6 +276,31 @@ def _attention_kernel(
             # where it is spread over many blocks (long clustered sequences): a count fixed from
             # them alone visits up to half again as many blocks as the in-kernel stop.
             p0 = first
+            if ROW_TAILS:
+                # Row tails (docs/certificate.md): each row's own bounds and normaliser, in units
+                # of the probe's tile threshold ``ref``. They start at an anchor past the tile's
+                # count whose tile tail leaves every row room, and are searched now and after
+                # every step of the loop below.
+                ref = thr
+                rows_on = (ref > -float("inf")) & (ref < float("inf"))
+                ref = tl.where(rows_on, ref, 0.0)
+                b_qf = b_q.to(tl.float32)
+                q_norm = tl.abs(sm_scale) * tl.sqrt(tl.sum(b_qf * b_qf, 1))
+                geo_row0 = (b * (H // GROUP) + hk) * n_kb
+                mask_row0 = b * stride_xb + h * stride_xh + t * n_kb
+                row_n = _first_certified(TailLog2, plan, n_visit,
+                                         tl.minimum(n_live, n_visit + _ROW_ANCHOR_BLOCKS),
+                                         ref - _ROW_ANCHOR_LOG2)
+                anchor = tl.load(TailLog2 + plan + row_n, mask=row_n < n_live,
+                                 other=-float("inf"))
+                carry = tl.zeros([BLOCK_M], tl.float32) + tl.exp2(anchor - ref)
+                if rows_on:
+                    room = tl.exp2(stop_log2 + _row_log2_norms(m_i, l_i) - ref)
+                    row_n, carry = _row_certified(
+                        b_q, q_norm, o_m, m_m, Order, plan, p0, row_n, carry, room,
+                        Geo16, GeoNorm, geo_row0, MaskMax, mask_row0, ref, sm_scale, S, n_kb,
+                        HAS_MASK, IS_CAUSAL, EXTRA_SLACK, BLOCK_N, D_PAD, ROW_SCAN, DOT_PRECISION)
+                    n_visit = tl.minimum(n_visit, row_n)
             while p0 < n_visit:
                 p1 = tl.minimum(n_visit, p0 + tl.maximum(RECERT, (n_visit - p0) // 2))
                 for p in range(p0, p1):
@@ -210,6 +314,15 @@ def _attention_kernel(
                 thr = tl.where(EXACT != 0, -float("inf"),
                                stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
                 n_visit = tl.minimum(n_visit, _first_certified(TailLog2, plan, p0, n_visit, thr))
+                if ROW_TAILS:
+                    if rows_on & (row_n > p0) & (p0 < n_visit):
+                        room = tl.exp2(stop_log2 + _row_log2_norms(m_i, l_i) - ref)
+                        row_n, carry = _row_certified(
+                            b_q, q_norm, o_m, m_m, Order, plan, p0, row_n, carry, room,
+                            Geo16, GeoNorm, geo_row0, MaskMax, mask_row0, ref, sm_scale, S, n_kb,
+                            HAS_MASK, IS_CAUSAL, EXTRA_SLACK, BLOCK_N, D_PAD, ROW_SCAN,
+                            DOT_PRECISION)
+                        n_visit = tl.minimum(n_visit, row_n)
             tl.store(NVisit + pid, n_visit)
         else:
             for p in range(first, n_visit):
@@ -259,6 +372,9 @@ FORWARD_MODES = settings.FORWARD_MODES
 # hold most of each row's mass and the extra loop boundaries cost more than they save.
 RECERT_BLOCKS = 8
 RECERT_MIN_KEY_BLOCKS = 1024
+# Positions of a tile's order that the row-tail search bounds at a time (one [BLOCK_M, D] x
+# [D, ROW_SCAN] product): about 1/256 of a visited block's multiply-adds per position.
+ROW_SCAN_BLOCKS = 32
 
 
 def recert_blocks(n_key_blocks=None) -> int:
@@ -338,19 +454,27 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
     # VISIT_CERTIFY reads eps == 0 from EXACT instead.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
     visit = VISIT_CERTIFY if certify else VISIT_FIXED if n_visit is not None else VISIT_STOP
+    recert = recert_blocks(nkb) if certify else 0
+    geometry = plan.geometry if recert > 0 and settings.row_tails() else None
+    mask_max = geometry.mask_max if geometry is not None else None
     traceable(_attention_kernel)[(B * H * nqt,)](
         query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
         plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,
-        skip,
+        skip, *(geometry[:2] if geometry is not None else (query, query)),
+        mask_max if mask_max is not None else query,
         *query.stride(), *key.stride(), *value.stride(), *mask_elem_strides, *out.stride(),
-        plan.scale * LOG2E, stop_log2, int(eps <= 0.0), L, S, D, DV, nqt, nkb, H, plan.group,
+        *(geometry.mask_strides if mask_max is not None else (0, 0)),
+        plan.scale, plan.scale * LOG2E, stop_log2, int(eps <= 0.0), L, S, D, DV, nqt, nkb, H,
+        plan.group,
         HAS_MASK=has_mask, MASK_IS_BOOL=has_mask and mask4.dtype == torch.bool,
         IS_CAUSAL=plan.is_causal, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         KEY_STEP=key_step(plan.block_n, dev.type), D_PAD=d_pad,
         DV_PAD=dv_pad, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly; upcast there (CPU tests only).
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
-        RECERT=recert_blocks(nkb) if certify else 0,
+        RECERT=recert, ROW_TAILS=geometry is not None,
+        EXTRA_SLACK=ROW_BOUND_BF16_SLACK if query.dtype == torch.bfloat16 else 0.0,
+        ROW_SCAN=ROW_SCAN_BLOCKS,
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

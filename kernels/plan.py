@@ -195,6 +195,17 @@ def plan_visits_fused(bounds, S, block_m, block_n, is_causal, L, top=None):
     return order, tail, n_live
 
 
+class KeyGeometry(NamedTuple):
+    """What the bounds kernel read, kept for the attention kernel's per-row bounds (row tails):
+    the key blocks' fp16 unit centroids and fp32 norms (``_geometry_kernel``'s Geo16, GeoNorm)
+    and the mask's per-(tile, block) maximum with its (batch, head) strides, or None."""
+
+    unit: torch.Tensor  # fp16 [B * Hkv * nKB, 3, D_PAD]
+    norms: torch.Tensor  # fp32 [B * Hkv * nKB, 4]
+    mask_max: torch.Tensor | None  # fp32 [Bm, Hm, nQT, nKB]
+    mask_strides: tuple  # mask_max's (batch, head) strides, 0 where broadcast
+
+
 class VisitPlan(NamedTuple):
     """Everything the attention kernel needs besides q, k, v: shapes, tiles and the visit order."""
 
@@ -214,6 +225,7 @@ class VisitPlan(NamedTuple):
     tail_log2: torch.Tensor  # float32 [B, H, nQT, nKB]
     n_live: torch.Tensor  # int32 [B, H, nQT]
     mask_not_causal: torch.Tensor | None = None  # int32 [Bm*Hm*nQT]: entries unlike causal
+    geometry: KeyGeometry | None = None  # where the plan was made here: row tails can use it
 
 
 # The geometry kernel's warps: one 64 x 128 block a program, whose reductions cross fewer warps
@@ -256,6 +268,13 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
     units; -inf: nothing live, +inf: must be visited). Returns (bounds, the mask as a 4-D view
     or None, its per-tile count of entries unlike causal or None). ``mask_stats``: the mask's
     ``mask_statistics`` where the caller has them already."""
+    return tile_bounds_and_geometry(query, key, attn_mask, is_causal, scale, block_m, block_n,
+                                    mask_stats)[:3]
+
+
+def tile_bounds_and_geometry(query, key, attn_mask, is_causal: bool, scale: float, block_m: int,
+                             block_n: int, mask_stats=None):
+    """``tile_bounds``' three results and the ``KeyGeometry`` they were computed from."""
     B, H, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     D = int(D)
@@ -285,7 +304,8 @@ def tile_bounds(query, key, attn_mask, is_causal: bool, scale: float, block_m: i
         HAS_MASK=mask4 is not None, IS_CAUSAL=is_causal, SLACK=BOUND_REL_SLACK,
         USE_BOX=with_box, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
         **bounds_config(d_pad, dev.type, with_box))
-    return bounds, mask4, mask_not_causal
+    geometry = KeyGeometry(geo16, geo_norm, None if mask4 is None else mask_max, mask_strides)
+    return bounds, mask4, mask_not_causal, geometry
 
 
 def plan_blocks(query, key, value, attn_mask=None, block_m=None, block_n=None) -> tuple[int, int]:
@@ -304,13 +324,13 @@ def plan_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
     D, DV = int(D), int(DV)  # head dims pick constexpr tiles: specialise them under dynamic shapes
     block_m, block_n = plan_blocks(query, key, value, attn_mask, block_m, block_n)
     scale = D ** -0.5 if scale is None else float(scale)
-    bounds, mask4, mask_not_causal = tile_bounds(query, key, attn_mask, is_causal, scale, block_m,
-                                                 block_n, mask_stats)
+    bounds, mask4, mask_not_causal, geometry = tile_bounds_and_geometry(
+        query, key, attn_mask, is_causal, scale, block_m, block_n, mask_stats)
 
     planned = plan_visits_fused(bounds, S, block_m, block_n, is_causal, L)
     order, tail_log2, n_live = planned or plan_visits(bounds, S, block_m, block_n, is_causal, L)
     return VisitPlan(B, H, L, S, D, DV, H // Hkv, scale, block_m, block_n, is_causal, mask4,
-                     order, tail_log2, n_live, mask_not_causal)
+                     order, tail_log2, n_live, mask_not_causal, geometry)
 
 
 def certified_visit_count(plan: VisitPlan, probe_lse: torch.Tensor, probe: torch.Tensor, eps):

@@ -836,6 +836,49 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
     assert rel_err(out, ref) < REL_TOL[torch.float16]
 
 
+@pytest.mark.parametrize("case", ["full-fp16", "causal-bf16", "float-mask-fp16", "gqa-batch2"])
+def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
+    """Re-certification with row tails (each row against its own bounded tail and normaliser)
+    keeps a subset of what the tile's tail keeps, clearly fewer blocks, and still drops at most
+    eps of every row's mass (float64); the output is attention restricted to the kept blocks.
+    Causal rows, an additive mask, bf16 (its extra slack), GQA and a batch each reach the kernel's
+    per-row bounds."""
+    B, H = (2, 2) if case == "gqa-batch2" else (1, 1)
+    dtype = torch.bfloat16 if case == "causal-bf16" else torch.float16
+    q, k, v = WORKLOADS["clustered"](B, H, 512, 16, dtype=dtype, device=DEVICE, seed=1, run=16,
+                                     centers=2)
+    if case == "gqa-batch2":  # two query heads on one KV head, each batch its own data
+        q, k, v = q[:, :1].repeat(1, 2, 1, 1), k[:, :1], v[:, :1]
+        # the second sequence's keys in reverse: its blocks' geometry unlike the first's
+        k, v = (torch.cat([x[:1], x[1:].flip(2)]).contiguous() for x in (k, v))
+    causal = case == "causal-bf16"
+    mask = None
+    if case == "float-mask-fp16":  # a causal mask with a band of keys pushed down, HF-style
+        g = torch.Generator().manual_seed(4)
+        mask = torch.zeros(512, 512).masked_fill(torch.rand(512, 512, generator=g) < 0.2, -2.0)
+        mask = mask.masked_fill(torch.ones(512, 512, dtype=torch.bool).triu(1),
+                                torch.finfo(torch.float16).min).to(DEVICE, dtype)
+    eps = 1e-2
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")  # the default starts at 1024 key blocks
+    kept = {}
+    for rows in ("0", "1"):
+        monkeypatch.setenv("AETHER_ROW_TAILS", rows)
+        out, _, kept[rows] = triton_attention(q, k, v, mask, causal, None, case == "gqa-batch2",
+                                              eps, BM, BN)
+    assert torch.all(kept["1"] <= kept["0"])
+    assert kept["1"].sum() < 0.95 * kept["0"].sum()  # 573 of 702 blocks without a mask
+    # in every (batch, head): each reads its own KV head's geometry (GQA's second batch 861 of 924)
+    assert (kept["1"].sum((-1, -2)) < kept["0"].sum((-1, -2))).all()
+    kk = k.repeat_interleave(H // k.shape[1], 1)
+    vv = v.repeat_interleave(H // v.shape[1], 1)
+    dropped = dropped_mass(q, kk, kept["1"], BM, BN, attn_mask=mask, is_causal=causal)
+    assert float(dropped.max()) <= eps
+    ref = restricted_attention(q.double(), kk.double(), vv.double(),
+                               None if mask is None else mask.double(), causal, None, kept["1"],
+                               BM, BN)
+    assert rel_err(out, ref) < REL_TOL[dtype]
+
+
 def test_recertification_starts_at_long_rows(monkeypatch):
     """By default only rows of RECERT_MIN_KEY_BLOCKS key blocks or more re-certify (measured
     slower at 32K on an H100), never a symbolic count; the variable overrides it."""
