@@ -227,7 +227,8 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, eps, block_m, 
 def prepare_pass(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                  is_causal: bool, scale: float, eps: float, block_m: int, block_n: int,
                  fraction: Optional[float], sample: bool, gate: bool, out_interleaved: bool,
-                 site: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 site: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                          Tensor, Tensor, Tensor]:
     """Compiled graphs' stages before the attention pass (triton_forward.prepare_pass):
     opaque, so that the dense choice's sample and host read happen when the graph runs, and
     Inductor compiles one Triton launch per site instead of six. The output's layout is fixed when
@@ -245,7 +246,7 @@ def _(query, key, value, attn_mask, is_causal, scale, eps, block_m, block_n, fra
     _precompile.start_for_prepare(query, key, value, attn_mask, is_causal, scale, eps, block_m,
                                   block_n, fraction, sample, gate)
     return triton_forward.new_prepared(
-        query, key, value, block_m, block_n, out_interleaved,
+        query, key, value, attn_mask, block_m, block_n, out_interleaved,
         blocks=(_fake_block_count(query.shape[-2], block_m),
                 _fake_block_count(key.shape[-2], block_n)))
 

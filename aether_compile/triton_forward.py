@@ -13,8 +13,8 @@ from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import plan as kernel_plan
 from aether_compile.kernels.certificate import num_blocks
 from aether_compile.kernels.forward import Skip, forward_mode, launch_attention, new_out
-from aether_compile.kernels.launch import eager_constant, mask_as_4d
-from aether_compile.kernels.plan import VisitPlan, all_live_blocks, kept_map
+from aether_compile.kernels.launch import eager_constant, mask_as_4d, pad_pow2
+from aether_compile.kernels.plan import KeyGeometry, VisitPlan, all_live_blocks, kept_map
 
 
 def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, eps: float,
@@ -31,8 +31,10 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
     and ``dense_gate``; n_visit is the certified count, or every live block where the gate went
     dense. A gated call whose mask turns out exactly top-left causal takes the sampled choice
     instead, as is_causal (``_prepare_as_causal``). Otherwise: the plan.
-    Returns (out, lse, order, tail_log2, n_live, n_visit, skip int32[1]), all new tensors; out and
-    lse hold the dense answer where skip is 1, else the pass fills them."""
+    Returns (out, lse, order, tail_log2, n_live, n_visit, *geometry, skip int32[1]), all new
+    tensors; out and lse hold the dense answer where skip is 1, else the pass fills them.
+    ``geometry`` (``prepared_geometry``) is what the pass's row tails read: the plan's key
+    geometry and the mask's maxima, unwritten where nothing will read them."""
     B, H, L, _ = query.shape
     dev = query.device
     nqt, nkb = num_blocks(L, block_m), num_blocks(key.shape[-2], block_n)
@@ -51,7 +53,8 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
                 nkb, device=dev, dtype=torch.int32)))
             tiles = torch.empty(B, H, nqt, device=dev, dtype=torch.int32)
             return (out, lse, order, torch.empty(order.shape, device=dev), tiles,
-                    torch.empty_like(tiles), skip)
+                    torch.empty_like(tiles), *prepared_geometry(query, key, attn_mask, block_m,
+                                                                block_n), skip)
         plan = kernel_plan.plan_attention(query, key, value, None, is_causal, scale, block_m,
                                           block_n)
     else:
@@ -61,8 +64,8 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
             # the sampled choice decides before any plan, as for an unmasked causal call.
             found_causal, mask_stats = mask_found_causal(query, key, attn_mask, block_m, block_n)
             if found_causal:
-                return _prepare_as_causal(query, key, value, scale, eps, block_m, block_n,
-                                          fraction, site)
+                return _prepare_as_causal(query, key, value, attn_mask, scale, eps, block_m,
+                                          block_n, fraction, site, mask_stats[0])
         plan = kernel_plan.plan_attention(query, key, value, attn_mask, is_causal, scale, block_m,
                                           block_n, mask_stats=mask_stats)
         if gate:
@@ -73,7 +76,31 @@ def prepare_pass(query, key, value, attn_mask, is_causal: bool, scale: float, ep
             skip = dense_policy.new_skip_flag(query)
     if n_visit is None:
         n_visit = torch.zeros(B, H, nqt, device=dev, dtype=torch.int32)
-    return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
+    return (out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit,
+            *prepared_geometry(query, key, attn_mask, block_m, block_n, plan.geometry), skip)
+
+
+def prepared_geometry(query, key, attn_mask, block_m: int, block_n: int, geometry=None,
+                      mask_max=None, blocks=None):
+    """``prepare_pass``'s (unit centroids, norms, mask maxima) for the pass's row tails, shaped
+    alike on every route (the op's fake cannot know the route): the plan's ``KeyGeometry`` where
+    there is one, the given ``mask_max`` (the mask's statistics where the plan was made without
+    the mask), else new unwritten tensors; the mask maxima are [Bm, Hm, nQT, nKB] with a mask,
+    an empty [0] without. ``blocks``: (query tiles, key blocks) as ``new_prepared`` takes them."""
+    B, H, L, D = query.shape
+    Hkv, S = key.shape[1], key.shape[-2]
+    nqt, nkb = blocks if blocks is not None else (num_blocks(L, block_m), num_blocks(S, block_n))
+    if geometry is not None:
+        unit, norms = geometry.unit, geometry.norms
+        mask_max = geometry.mask_max if geometry.mask_max is not None else mask_max
+    else:
+        unit = query.new_empty(B * Hkv * nkb, 3, pad_pow2(int(D)), dtype=torch.float16)
+        norms = query.new_empty(B * Hkv * nkb, 4, dtype=torch.float32)
+    if mask_max is None:
+        shape = (0,) if attn_mask is None else (*mask_as_4d(attn_mask, B, H, L, S).shape[:2],
+                                                nqt, nkb)
+        mask_max = query.new_empty(shape, dtype=torch.float32)
+    return unit, norms, mask_max
 
 
 def causal_mask_may_skip_the_plan(query, key, value, attn_mask) -> bool:
@@ -97,12 +124,14 @@ def mask_found_causal(query, key, attn_mask, block_m: int, block_n: int):
     return not int(stats[1].sum()), stats
 
 
-def _prepare_as_causal(query, key, value, scale, eps, block_m, block_n, fraction, site):
+def _prepare_as_causal(query, key, value, attn_mask, scale, eps, block_m, block_n, fraction, site,
+                       mask_max):
     """``prepare_pass``'s outputs for a call whose mask is exactly top-left causal: the sampled
     dense choice with is_causal, then either the dense answer (the pass returns at once; the
     kept map is the causal blocks: identity order, n_visit the causal count) or the causal plan
     without the mask, its probe and gate. The pass still applies the mask, which equals what
-    the causal plan assumed, so its visit order and tail sums hold."""
+    the causal plan assumed, so its visit order and tail sums hold; its row tails read the mask's
+    own maxima (``mask_max``, from the statistics that found it causal)."""
     B, H, L, _ = query.shape
     S, dev = key.shape[-2], query.device
     nqt, nkb = num_blocks(L, block_m), num_blocks(S, block_n)
@@ -116,13 +145,16 @@ def _prepare_as_causal(query, key, value, scale, eps, block_m, block_n, fraction
         n_visit = causal.sum(-1, dtype=torch.int32).expand(B, H, nqt).contiguous()
         skip = torch.full((1,), int(Skip.DENSE), device=dev, dtype=torch.int32)
         return (out, lse, order, torch.empty(order.shape, device=dev), n_visit.clone(), n_visit,
+                *prepared_geometry(query, key, attn_mask, block_m, block_n, mask_max=mask_max),
                 skip)
     plan = kernel_plan.plan_attention(query, key, value, None, True, scale, block_m, block_n)
     out, lse, n_visit, skip = dense_policy.probe_and_gate(query, key, value, plan, eps, fraction)
-    return out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit, skip
+    return (out, lse, plan.order, plan.tail_log2, plan.n_live, n_visit,
+            *prepared_geometry(query, key, attn_mask, block_m, block_n, plan.geometry, mask_max),
+            skip)
 
 
-def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved: bool,
+def new_prepared(query, key, value, attn_mask, block_m: int, block_n: int, out_interleaved: bool,
                  blocks=None):
     """New buffers shaped as ``prepare_pass``'s outputs (the op's fake; the precompile replay).
     ``blocks``: (query tiles, key blocks) to shape them with (the fake's, unbacked where the
@@ -135,7 +167,9 @@ def new_prepared(query, key, value, block_m: int, block_n: int, out_interleaved:
             query.new_empty(B, H, L, dtype=torch.float32),
             query.new_empty(B, H, nqt, nkb, dtype=torch.int32),
             query.new_empty(B, H, nqt, nkb, dtype=torch.float32),
-            tiles, torch.empty_like(tiles), query.new_empty(1, dtype=torch.int32))
+            tiles, torch.empty_like(tiles),
+            *prepared_geometry(query, key, attn_mask, block_m, block_n, blocks=(nqt, nkb)),
+            query.new_empty(1, dtype=torch.int32))
 
 
 def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale: float,
@@ -144,12 +178,16 @@ def attention_after_prepare(query, key, value, attn_mask, is_causal: bool, scale
     """The pass after ``prepare_pass`` (traced: the one Triton launch of a compiled site):
     (out, lse, kept). Gated: a fixed-count pass over n_visit; otherwise one launch that probes,
     certifies and finishes (VISIT_CERTIFY). Either returns at once where skip is 1."""
-    out, lse, order, tail_log2, n_live, n_visit, skip = prepared
+    out, lse, order, tail_log2, n_live, n_visit, unit, norms, mask_max, skip = prepared
     B, H, L, D = query.shape
     Hkv, S, DV = key.shape[1], key.shape[2], value.shape[-1]
     mask4 = None if attn_mask is None else mask_as_4d(attn_mask, B, H, L, S)
+    geometry = KeyGeometry(unit, norms, None, (0, 0))
+    if mask4 is not None:
+        geometry = KeyGeometry(unit, norms, mask_max, tuple(
+            st if n > 1 else 0 for st, n in zip(mask_max.stride()[:2], mask_max.shape[:2])))
     plan = VisitPlan(B, H, L, S, int(D), int(DV), H // Hkv, scale, block_m, block_n, is_causal,
-                     mask4, order, tail_log2, n_live, None)
+                     mask4, order, tail_log2, n_live, None, geometry)
     out, lse = launch_attention(query, key, value, plan, eps, n_visit, None, out, lse, skip,
                                  certify=not gate)
     kept = kept_map(plan, n_visit)

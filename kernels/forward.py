@@ -457,6 +457,8 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
     recert = recert_blocks(nkb) if certify else 0
     geometry = plan.geometry if recert > 0 and settings.row_tails() else None
     mask_max = geometry.mask_max if geometry is not None else None
+    if has_mask and mask_max is None:  # no maxima of this mask: the tile's tail alone
+        geometry = None
     traceable(_attention_kernel)[(B * H * nqt,)](
         query, key, value, mask4 if has_mask else query, out, lse, kept if kept is not None else lse,
         plan.order, plan.tail_log2, plan.n_live, n_visit if n_visit is not None else plan.n_live,

@@ -370,8 +370,8 @@ def replay_pass(query, key, value, attn_mask, is_causal, scale, eps, block_m, bl
     op's fake: the launch whose C launcher Inductor builds for its copy of the kernel (in this
     process, with gcc, after its workers compiled the kernel: 0.5 s of the compile's critical
     path on the H100; 16adb64's probe showed the signatures differ in the float types only)."""
-    prepared = triton_forward.new_prepared(query, key, value, block_m, block_n,
-                                 kernel_forward.heads_interleaved(query))
+    prepared = triton_forward.new_prepared(query, key, value, attn_mask, block_m, block_n,
+                                           kernel_forward.heads_interleaved(query))
     triton_forward.attention_after_prepare(query, key, value, attn_mask, is_causal, scale, eps,
                                            block_m, block_n, prepared, sample, gate)
 

@@ -879,6 +879,30 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "float-mask"])
+def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
+    """Compiled graphs' pass gets the plan's key geometry and mask maxima from ``prepare_pass``:
+    with row tails it keeps what the eager forward keeps (out, lse, kept bit for bit), fewer
+    blocks than the tile's tail alone keeps."""
+    q, k, v = WORKLOADS["clustered"](1, 1, 512, 16, dtype=torch.float16, device=DEVICE, seed=1,
+                                     run=16, centers=2)
+    mask = None
+    if masked:
+        g = torch.Generator().manual_seed(4)
+        mask = torch.zeros(512, 512).masked_fill(torch.rand(512, 512, generator=g) < 0.2, -2.0)
+        mask = mask.to(DEVICE, torch.float16)
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")
+    args = (q, k, v, mask, False, 16 ** -0.5, 1e-2, BM, BN)
+    prepared = triton_forward.prepare_pass(*args, None, False, False)
+    out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, False, False)
+    want_out, want_lse, want_kept = triton_attention(q, k, v, mask, False, None, False, 1e-2,
+                                                     BM, BN)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert torch.equal(kept, want_kept)
+    monkeypatch.setenv("AETHER_ROW_TAILS", "0")
+    assert kept.sum() < triton_attention(q, k, v, mask, False, None, False, 1e-2, BM, BN)[2].sum()
+
+
 def test_recertification_starts_at_long_rows(monkeypatch):
     """By default only rows of RECERT_MIN_KEY_BLOCKS key blocks or more re-certify (measured
     slower at 32K on an H100), never a symbolic count; the variable overrides it."""
