@@ -40,9 +40,9 @@
 #   w2_no_kept_map      GPU tests of eager inference without the kept map and of dynamic lengths;
 #                       the issue-6 suite's W2 at 32K and 128K (tag _w2_inference)
 #   generate_b8         generate at batch 8, 32K (CKPT); the masked decode dense path's defaults
-#   row_tails           GPU tests of re-certification with row tails; the pass's re-certification
-#                       variants at 128K and 32K (row tails on and off); W2 at 32K and 128K
-#                       (tag _w2_row_tails)
+#   row_tails           GPU tests of re-certification with row tails; W2 at 32K and 128K (tag
+#                       _w2_row_tails); the pass's re-certification variants at 128K and 32K (row
+#                       tails on and off)
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -250,17 +250,17 @@ case "${1:-zoo}" in
     tail -n 14 "$OUT/issue6.txt"
     ;;
   row_tails)  # stop 37: the pass's re-certification with row tails: its GPU tests (soundness on
-              # every row at the kernel's real tiles), the pass's variants at 128K and 32K
-              # (row tails against the tile's tail alone), then W2 at 32K and 128K
-    $T ${TEST_S:-150} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
+              # every row at the kernel's real tiles), W2 at 32K and 128K, then the pass's
+              # variants at 128K and 32K (row tails against the tile's tail alone)
+    $T ${TEST_S:-110} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
       -k "row_tails or recert or eager_inference or certificate_every_row" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-290} python3 benchmarks/bench_attention.py \
+      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_row_tails --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    tail -n 14 "$OUT/issue6.txt"
     timeout ${PREFILL_S:-150} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^recert|^attention|Error" "$OUT/sweep_prefill.txt"
-    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-300} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_row_tails --out "$OUT" > "$OUT/issue6.txt" 2>&1
-    tail -n 14 "$OUT/issue6.txt"
     ;;
   generate_b8)  # stop 36: generate at batch 8 and 32K (the size from which decode may certify),
                 # then the masked decode dense path's defaults (fill_steps at batch 1, 8K)

@@ -15,7 +15,8 @@ Kinds: ``summary`` (a results file's summary keys), ``issue6`` (the attention su
 kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
 ``prefill_selection`` (W2's kept fractions per selection against the oracle), ``decode_dense``
 (the decode op's masked dense paths, sweep_decode_dense.py), ``prefill_pass`` (the prefill pass's
-launch variants and Flex on the same blocks, sweep_prefill_kernels.py). The prose around
+launch variants and Flex on the same blocks, sweep_prefill_kernels.py), ``row_tails`` (what the
+pass's kernels keep with row tails and without, research/row_tails_kept.py). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -152,6 +153,26 @@ def prefill_selection_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def row_tails_table(record: dict, _arg=None) -> list[str]:
+    """research/row_tails_kept.py: what the op's kernels keep with row tails and without."""
+    env, cfg = record["env"], record["config"]
+    names = list(dict.fromkeys(n for r in record["rows"] for n in r["kept_fraction"]))
+    rows = [f"commit {env.get('commit')}, torch {env['torch']}, Triton {env.get('triton')} "
+            f"(interpreter) on the CPU; {cfg['workload']}, eps {cfg['eps']}, heads "
+            f"{', '.join(map(str, cfg['heads']))} x {cfg['tiles']} query tiles of {cfg['block_m']} "
+            "rows; kept = blocks visited / blocks; worst tile = the most blocks one tile kept", "",
+            "| N | key block | " + " | ".join(names) + " | worst tile: " + " / ".join(names)
+            + " | max dropped / eps |", "|---|---|" + "---|" * (len(names) + 2)]
+    for r in record["rows"]:
+        kept = r["kept_fraction"]
+        worst = " / ".join(str(max(r["kept_per_tile"][n])) if n in kept else "—" for n in names)
+        dropped = ", ".join(f"{n} {v:.3f}" for n, v in r["max_dropped_over_eps"].items())
+        rows.append(f"| {r['N'] // 1024}K | {r['block_n']} | "
+                    + " | ".join(f"{kept[n]:.4f}" if n in kept else "—" for n in names)
+                    + f" | {worst} | {dropped} |")
+    return rows
+
+
 def decode_dense_table(record: dict, _arg=None) -> list[str]:
     """sweep_decode_dense: the decode op's masked dense paths against cuDNN without the mask."""
     env = record["env"]
@@ -215,7 +236,7 @@ def prefill_pass_table(record: dict, _arg=None) -> list[str]:
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
          "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table,
-         "prefill_pass": prefill_pass_table}
+         "prefill_pass": prefill_pass_table, "row_tails": row_tails_table}
 
 
 def render(page: str) -> str:
