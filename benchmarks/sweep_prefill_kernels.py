@@ -190,6 +190,41 @@ def sweep_attention(N: int) -> dict:
             "attention_default": f"k{step}_w{default['num_warps']}_s{default['num_stages']}"}
 
 
+def sweep_row_tails(N: int) -> dict:
+    """The pass's row tails on W2's plan (VISIT_CERTIFY, the op's re-certification step): ms and
+    kept for the anchor's reach past the tile's count (forward.ROW_ANCHOR_BLOCKS, its tile tail
+    2^-ROW_ANCHOR_LOG2 of the threshold) and the positions bounded per step (ROW_SCAN_BLOCKS),
+    against the tile's tail alone."""
+    from aether_compile.kernels import forward as kernel_forward
+
+    q, k, v = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
+    plan = kernel_plan.plan_attention(q, k, v)
+    n_visit = torch.empty(1, H, plan.order.shape[-2], device="cuda", dtype=torch.int32)
+    eps, out = 1e-3, {}
+    real = (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
+            kernel_forward.ROW_SCAN_BLOCKS)
+    grid = [("tile", None), ("a256_l3_s32", (256, 3.0, 32)), ("a64_l3_s32", (64, 3.0, 32)),
+            ("a16_l3_s32", (16, 3.0, 32)), ("a0_l3_s32", (0, 3.0, 32)),
+            ("a64_l1_s32", (64, 1.0, 32)), ("a64_l3_s16", (64, 3.0, 16)),
+            ("a16_l1_s16", (16, 1.0, 16))]
+    try:
+        for name, cfg in grid:
+            os.environ["AETHER_ROW_TAILS"] = "0" if cfg is None else "1"
+            if cfg is not None:
+                (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
+                 kernel_forward.ROW_SCAN_BLOCKS) = cfg
+            ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
+                                                               certify=True), rep=20)
+            kept = float(kernel_plan.kept_map(plan, n_visit).float().mean())
+            out[name] = {"ms": ms, "kept": kept}
+            print(f"row_tails {N} {name}: {ms} ms, kept {kept:.4f}", flush=True)
+    finally:
+        (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
+         kernel_forward.ROW_SCAN_BLOCKS) = real
+        os.environ.pop("AETHER_ROW_TAILS", None)
+    return {"N": N, "block_n": plan.block_n, "row_tails": out}
+
+
 @triton.jit
 def _mask_stats_per_entry_kernel(
     Mask, MaskMax, NotCausal,
@@ -276,7 +311,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--parts", nargs="*", default=["mask", "bounds", "attention"],
-                    choices=["mask", "bounds", "attention"])
+                    choices=["mask", "bounds", "attention", "row_tails"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the sweep needs a CUDA GPU")
@@ -297,6 +332,11 @@ def main(argv=None):
         record["attention"].append(sweep_attention(N))
         write_json(path, record)
         print(f"attention {N}:", record["attention"][-1], flush=True)
+        torch.cuda.empty_cache()
+    record["row_tails"] = []
+    for N in args.lengths if "row_tails" in args.parts else ():
+        record["row_tails"].append(sweep_row_tails(N))
+        write_json(path, record)
         torch.cuda.empty_cache()
     print(f"-> {path}")
 

@@ -27,8 +27,6 @@ from .plan import VisitPlan, certified_visit_count
 _MASK_FLOOR = tl.constexpr(MASK_FLOOR)
 _UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
 _SMALLEST_NORMAL = tl.constexpr(SMALLEST_NORMAL)
-_ROW_ANCHOR_LOG2 = tl.constexpr(ROW_ANCHOR_LOG2)
-_ROW_ANCHOR_BLOCKS = tl.constexpr(ROW_ANCHOR_BLOCKS)
 
 
 _SCAN_BLOCKS = tl.constexpr(256)  # tail entries per step of VISIT_CERTIFY's search
@@ -204,7 +202,8 @@ def _attention_kernel(
     DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     VISIT: tl.constexpr,
     PROBE: tl.constexpr, RECERT: tl.constexpr, ROW_TAILS: tl.constexpr,
-    EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr,
+    EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr, ROW_ANCHOR: tl.constexpr,
+    ROW_ANCHOR_LOG2: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -289,8 +288,8 @@ def _attention_kernel(
                 geo_row0 = (b * (H // GROUP) + hk) * n_kb
                 mask_row0 = b * stride_xb + h * stride_xh + t * n_kb
                 row_n = _first_certified(TailLog2, plan, n_visit,
-                                         tl.minimum(n_live, n_visit + _ROW_ANCHOR_BLOCKS),
-                                         ref - _ROW_ANCHOR_LOG2)
+                                         tl.minimum(n_live, n_visit + ROW_ANCHOR),
+                                         ref - ROW_ANCHOR_LOG2)
                 anchor = tl.load(TailLog2 + plan + row_n, mask=row_n < n_live,
                                  other=-float("inf"))
                 carry = tl.zeros([BLOCK_M], tl.float32) + tl.exp2(anchor - ref)
@@ -480,7 +479,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         DOT_UPCAST=INTERPRET and query.dtype == torch.bfloat16, VISIT=visit, PROBE=PROBE_BLOCKS,
         RECERT=recert, ROW_TAILS=geometry is not None,
         EXTRA_SLACK=ROW_BOUND_BF16_SLACK if query.dtype == torch.bfloat16 else 0.0,
-        ROW_SCAN=ROW_SCAN_BLOCKS,
+        ROW_SCAN=ROW_SCAN_BLOCKS, ROW_ANCHOR=ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2=ROW_ANCHOR_LOG2,
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

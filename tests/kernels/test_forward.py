@@ -698,8 +698,8 @@ def test_eager_inference_builds_no_kept_map(masked, monkeypatch):
     from aether_compile import ops
 
     monkeypatch.setattr(ops, "use_triton", lambda q, k, v: True)  # the Triton path on the CPU too
-    monkeypatch.setattr(dense_policy, "route", lambda *a: dense_policy.Route(False, None, False,
-                                                                               False))
+    monkeypatch.setattr(dense_policy, "route",
+                        lambda *a, **kw: dense_policy.Route(False, None, False, False))
     built = []
     real = triton_forward.kept_map
     monkeypatch.setattr(triton_forward, "kept_map", lambda *a: built.append(1) or real(*a))
