@@ -15,7 +15,7 @@ cache key covers (``context.code_fingerprint``).
 | ``AETHER_FORWARD_MODE`` | trace | ``twopass`` (default) or ``stop`` (one pass, in-kernel stop) |
 | ``AETHER_BOX_BOUND=1`` | trace | bounds take the min of the ball and the box (default: the ball) |
 | ``AETHER_RECERT_BLOCKS`` | trace | the pass's re-certification step for every length (0: off) |
-| ``AETHER_ROW_TAILS=0`` | trace | re-certification tests the tile's tail only, not each row's |
+| ``AETHER_ROW_TAILS=1`` | trace | re-certification also tests each row's own tail (off: slower) |
 | ``AETHER_PLAN=torch`` | trace | plan with torch ops instead of the fused plan kernel |
 | ``AETHER_PLAN_SORTED`` | trace | blocks the plan kernel sorts per row (a power of two; 0: all) |
 | ``AETHER_TRITON_OP=0`` | import | register the op's bodies as opaque custom ops, not triton_ops |
@@ -55,7 +55,7 @@ static_dense = _switch("AETHER_STATIC_DENSE")
 dense_sample = _switch("AETHER_DENSE_SAMPLE")
 dense_lag = _switch("AETHER_DENSE_LAG")
 box_bound = _switch("AETHER_BOX_BOUND", on_by_default=False)
-row_tails = _switch("AETHER_ROW_TAILS")
+row_tails = _switch("AETHER_ROW_TAILS", on_by_default=False)
 triton_op = _switch("AETHER_TRITON_OP")
 access_memo = _switch("AETHER_ACCESS_MEMO")
 early_compile = _switch("AETHER_EARLY_COMPILE")

@@ -13,7 +13,7 @@ the full call. Variants (``AETHER_RECERT_BLOCKS``, ``AETHER_ROW_TAILS``):
   probe_only    no re-certification: the count fixed from the probe's 8 blocks
   tile          the op's re-certification (from 64K keys, a step of 8 blocks) with the tile's
                 tail alone
-  rows          the same with row tails: what the op runs
+  rows          the same with row tails (AETHER_ROW_TAILS=1; off by default)
 
 Each row's dropped mass under ``rows`` is recomputed in float64 (``reference.dropped_mass``) and
 reported as its maximum over eps.

@@ -892,6 +892,7 @@ def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
         mask = torch.zeros(512, 512).masked_fill(torch.rand(512, 512, generator=g) < 0.2, -2.0)
         mask = mask.to(DEVICE, torch.float16)
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")
+    monkeypatch.setenv("AETHER_ROW_TAILS", "1")
     args = (q, k, v, mask, False, 16 ** -0.5, 1e-2, BM, BN)
     prepared = triton_forward.prepare_pass(*args, None, False, False)
     out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, False, False)
