@@ -194,7 +194,8 @@ def sweep_row_tails(N: int) -> dict:
     """The pass's row tails on W2's plan (VISIT_CERTIFY, the op's re-certification step): ms and
     kept for the anchor's reach past the tile's count (forward.ROW_ANCHOR_BLOCKS, its tile tail
     2^-ROW_ANCHOR_LOG2 of the threshold) and the positions bounded per step (ROW_SCAN_BLOCKS),
-    against the tile's tail alone."""
+    against the tile's tail alone ("tile", the op's default) and no re-certification at all
+    ("probe_only")."""
     from aether_compile.kernels import forward as kernel_forward
 
     q, k, v = WORKLOADS["clustered"](1, H, N, D, dtype=torch.float16, device="cuda", seed=0)
@@ -203,14 +204,18 @@ def sweep_row_tails(N: int) -> dict:
     eps, out = 1e-3, {}
     real = (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
             kernel_forward.ROW_SCAN_BLOCKS)
-    grid = [("tile", None), ("a256_l3_s32", (256, 3.0, 32)), ("a64_l3_s32", (64, 3.0, 32)),
+    grid = [("tile", None), ("probe_only", "no recert"), ("a256_l3_s32", (256, 3.0, 32)), ("a64_l3_s32", (64, 3.0, 32)),
             ("a16_l3_s32", (16, 3.0, 32)), ("a0_l3_s32", (0, 3.0, 32)),
             ("a64_l1_s32", (64, 1.0, 32)), ("a64_l3_s16", (64, 3.0, 16)),
             ("a16_l1_s16", (16, 1.0, 16))]
     try:
         for name, cfg in grid:
-            os.environ["AETHER_ROW_TAILS"] = "0" if cfg is None else "1"
-            if cfg is not None:
+            os.environ["AETHER_ROW_TAILS"] = "1" if isinstance(cfg, tuple) else "0"
+            if cfg == "no recert":  # the count fixed from the probe alone
+                os.environ["AETHER_RECERT_BLOCKS"] = "0"
+            else:
+                os.environ.pop("AETHER_RECERT_BLOCKS", None)
+            if isinstance(cfg, tuple):
                 (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
                  kernel_forward.ROW_SCAN_BLOCKS) = cfg
             ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
@@ -222,6 +227,7 @@ def sweep_row_tails(N: int) -> dict:
         (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
          kernel_forward.ROW_SCAN_BLOCKS) = real
         os.environ.pop("AETHER_ROW_TAILS", None)
+        os.environ.pop("AETHER_RECERT_BLOCKS", None)
     return {"N": N, "block_n": plan.block_n, "row_tails": out}
 
 
