@@ -365,30 +365,28 @@ FORWARD_MODES = settings.FORWARD_MODES
 
 
 # VISIT_CERTIFY re-certifies after visiting half of what is left, at least this many blocks,
-# where a row of tiles has at least RECERT_MIN_KEYS keys. With the tile's tail alone, on the H100
-# (W2 clustered, 64-key blocks, the retired benchmarks/bench_recert.py at 1cc4367) the pass took
-# 20% less time at 128K (kept 3.3% -> 2.5%) and 5% less at 64K, but 2.6% more at 32K and the same
-# at 16K, where the probe's blocks already hold most of each row's mass and the extra loop
-# boundaries cost more than they save. Row tails ride on it: through the interpreter
-# (research/row_tails_kept.py) they keep 11.6% fewer blocks at 64K (128-key blocks) and 4.4% fewer
-# at 128K. A rule on keys, not blocks: 64K takes 128-key blocks (launch.LONG_KEYS), 512 of them.
+# where a row of tiles has at least RECERT_MIN_KEY_BLOCKS key blocks. On the H100 (W2 clustered,
+# the retired benchmarks/bench_recert.py at 1cc4367) the pass took 20% less time at 128K (kept
+# 3.3% -> 2.5%) and 5% less at 64K, but 2.6% more at 32K and the same at 16K, where the probe's
+# blocks already hold most of each row's mass and the extra loop boundaries cost more than they
+# save. At d751ef9 (sweep_prefill_kernels, 128-key blocks at 128K, 64-key at 32K): 9.91 against
+# 10.68 ms at 128K, 3.78 against 3.82 at 32K (forced).
 RECERT_BLOCKS = 8
-RECERT_MIN_KEYS = 65536
+RECERT_MIN_KEY_BLOCKS = 1024
 # Positions of a tile's order that the row-tail search bounds at a time (one [BLOCK_M, D] x
 # [D, ROW_SCAN] product): about 1/256 of a visited block's multiply-adds per position.
 ROW_SCAN_BLOCKS = 32
 
 
-def recert_blocks(n_key_blocks=None, block_n: int = 1) -> int:
-    """VISIT_CERTIFY's re-certification step for a row of ``n_key_blocks`` key blocks of
-    ``block_n`` keys: 0 (the count fixed from the probe alone) below RECERT_MIN_KEYS keys or where
-    the count is symbolic, else ``RECERT_BLOCKS``. AETHER_RECERT_BLOCKS sets the step (0: off)
-    for every length. Read when a launch is issued or traced."""
+def recert_blocks(n_key_blocks=None) -> int:
+    """VISIT_CERTIFY's re-certification step for a row of ``n_key_blocks`` key blocks: 0 (the
+    count fixed from the probe alone) below RECERT_MIN_KEY_BLOCKS or where the count is symbolic,
+    else ``RECERT_BLOCKS``. AETHER_RECERT_BLOCKS sets the step (0: off) for every length. Read when
+    a launch is issued or traced."""
     override = settings.recert_blocks_override()
     if override is not None:
         return override
-    if n_key_blocks is None or not is_static(n_key_blocks) \
-            or n_key_blocks * block_n < RECERT_MIN_KEYS:
+    if n_key_blocks is None or not is_static(n_key_blocks) or n_key_blocks < RECERT_MIN_KEY_BLOCKS:
         return 0
     return RECERT_BLOCKS
 
@@ -457,7 +455,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
     # VISIT_CERTIFY reads eps == 0 from EXACT instead.
     stop_log2 = max(stop_threshold_log2(eps), MASK_FLOOR)
     visit = VISIT_CERTIFY if certify else VISIT_FIXED if n_visit is not None else VISIT_STOP
-    recert = recert_blocks(nkb, plan.block_n) if certify else 0
+    recert = recert_blocks(nkb) if certify else 0
     geometry = plan.geometry if recert > 0 and settings.row_tails() else None
     mask_max = geometry.mask_max if geometry is not None else None
     if has_mask and mask_max is None:  # no maxima of this mask: the tile's tail alone

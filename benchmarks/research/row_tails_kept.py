@@ -11,8 +11,8 @@ kept fraction of a tile depends on its own rows alone, so the sampled tiles keep
 the full call. Variants (``AETHER_RECERT_BLOCKS``, ``AETHER_ROW_TAILS``):
 
   probe_only    no re-certification: the count fixed from the probe's 8 blocks
-  tile          the op's re-certification (from 64K keys, a step of 8 blocks) with the tile's
-                tail alone
+  tile          re-certification every 8 blocks (the op's from 1024 key blocks; at d751ef9,
+                which wrote the committed counts, from 64K keys) with the tile's tail alone
   rows          the same with row tails (AETHER_ROW_TAILS=1; off by default)
 
 Each row's dropped mass under ``rows`` is recomputed in float64 (``reference.dropped_mass``) and

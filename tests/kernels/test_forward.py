@@ -905,13 +905,11 @@ def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
 
 
 def test_recertification_starts_at_long_rows(monkeypatch):
-    """By default only rows of RECERT_MIN_KEYS keys or more re-certify (measured slower at 32K
-    on an H100), whatever their blocks, never a symbolic count; the variable overrides it."""
+    """By default only rows of RECERT_MIN_KEY_BLOCKS key blocks or more re-certify (measured
+    slower at 32K on an H100), never a symbolic count; the variable overrides it."""
     rb = kernel_forward.recert_blocks
     monkeypatch.delenv("AETHER_RECERT_BLOCKS", raising=False)
-    assert rb(512, 64) == 0 and rb(1024, 64) == kernel_forward.RECERT_BLOCKS
-    assert rb(512, 128) == kernel_forward.RECERT_BLOCKS and rb(256, 128) == 0
-    assert rb(None, 128) == 0
+    assert rb(512) == 0 and rb(1024) == kernel_forward.RECERT_BLOCKS and rb(None) == 0
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "4")
     assert rb(16) == 4
 
