@@ -43,6 +43,8 @@
 #   row_tails           GPU tests of re-certification with row tails; W2 at 32K and 128K (tag
 #                       _w2_row_tails); the pass's re-certification variants at 128K and 32K (row
 #                       tails on and off)
+#   row_tails_sweep     the pass at 128K and 64K over the row tails' anchor and scan chunk, against
+#                       the tile's tail and no re-certification
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -261,6 +263,13 @@ case "${1:-zoo}" in
     timeout ${PREFILL_S:-150} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^recert|^attention|Error" "$OUT/sweep_prefill.txt"
+    ;;
+  row_tails_sweep)  # what might make row tails pay (they are off): the pass at 128K and 64K over
+                    # the anchor's reach and tail, the scan's chunk; the tile's tail and no
+                    # re-certification beside them (about 3 minutes)
+    timeout ${PREFILL_S:-300} python3 benchmarks/sweep_prefill_kernels.py --parts row_tails \
+      --lengths ${LENGTHS:-131072 65536} --out "$OUT" > "$OUT/sweep_row_tails.txt" 2>&1
+    grep -E "^row_tails|Error" "$OUT/sweep_row_tails.txt"
     ;;
   generate_b8)  # stop 36: generate at batch 8 and 32K (the size from which decode may certify),
                 # then the masked decode dense path's defaults (fill_steps at batch 1, 8K)

@@ -16,17 +16,16 @@ import triton.language as tl
 from aether_compile import settings
 
 from .certificate import (BOUND_REL_SLACK, LOG2E, MASK_FLOOR, ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2,
-                          ROW_BOUND_BF16_SLACK, SMALLEST_NORMAL, UNCERTIFIABLE_MAX_LOG2, num_blocks,
+                          ROW_BOUND_BF16_SLACK, UNCERTIFIABLE_MAX_LOG2, num_blocks,
                           stop_threshold_log2)
 from .jit_common import scores_log2
 from .launch import (INTERPRET, is_static, key_step, launch_config, pad_pow2, read_only_flag,
                      traceable)
-from .plan import VisitPlan, certified_visit_count
+from .plan import VisitPlan, _log2_mass, _relative_mass, certified_visit_count
 
 # Globals read inside @triton.jit must be constexpr.
 _MASK_FLOOR = tl.constexpr(MASK_FLOOR)
 _UNCERTIFIABLE_MAX_LOG2 = tl.constexpr(UNCERTIFIABLE_MAX_LOG2)
-_SMALLEST_NORMAL = tl.constexpr(SMALLEST_NORMAL)
 
 
 _SCAN_BLOCKS = tl.constexpr(256)  # tail entries per step of VISIT_CERTIFY's search
@@ -166,13 +165,9 @@ def _row_certified(
             bound = bound + tl.load(MaskMax + mask_row0 + j, mask=valid, other=0.0)[None, :]
         if IS_CAUSAL:  # a block wholly after the row holds none of its keys
             bound = tl.where(j[None, :] * BLOCK_N > o_m[:, None], -float("inf"), bound)
-        keys = tl.where(j == n_kb - 1, S - (n_kb - 1) * BLOCK_N, BLOCK_N).to(tl.float32)
-        x = bound * 1.4426950408889634 + tl.log2(keys)[None, :] - ref
-        x = tl.where(x != x, float("inf"), x)  # NaN (from NaN or inf in q): must be visited
-        finite = (x > -float("inf")) & (x < float("inf"))
-        # never below the smallest normal for a live entry: a tail must never undercount
-        mass = tl.where(finite, tl.maximum(tl.exp2(x), _SMALLEST_NORMAL),
-                        tl.where(x > 0, float("inf"), 0.0))
+        # n_j exp(b_ij) relative to 2^ref, as the plan's suffix sums take each block's: NaN (from
+        # NaN or inf in q) +inf, never below the smallest normal where live
+        mass = _relative_mass(_log2_mass(bound, j[None, :], n_kb, S, BLOCK_N), ref)
         mass = tl.where(valid[None, :] & m_m[:, None], mass, 0.0)
         tail = tl.cumsum(mass, 1, reverse=True) + carry[:, None]  # [BM, RS]: from each position
         fits = (tail <= room[:, None]) | ~m_m[:, None]
