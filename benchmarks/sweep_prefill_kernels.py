@@ -193,7 +193,8 @@ def sweep_attention(N: int) -> dict:
 def sweep_row_tails(N: int) -> dict:
     """The pass's row tails on W2's plan (VISIT_CERTIFY, the op's re-certification step): ms and
     kept for the anchor's reach past the tile's count (forward.ROW_ANCHOR_BLOCKS, its tile tail
-    2^-ROW_ANCHOR_LOG2 of the threshold) and the positions bounded per step (ROW_SCAN_BLOCKS),
+    2^-ROW_ANCHOR_LOG2 of the threshold), the positions bounded per step (ROW_SCAN_BLOCKS) and
+    the least probe-certified count of a tile that searches (ROW_MIN_VISIT_BLOCKS),
     against the tile's tail alone ("tile", the op's default) and no re-certification at all
     ("probe_only")."""
     from aether_compile.kernels import forward as kernel_forward
@@ -203,11 +204,14 @@ def sweep_row_tails(N: int) -> dict:
     n_visit = torch.empty(1, H, plan.order.shape[-2], device="cuda", dtype=torch.int32)
     eps, out = 1e-3, {}
     real = (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
-            kernel_forward.ROW_SCAN_BLOCKS)
-    grid = [("tile", None), ("probe_only", "no recert"), ("a256_l3_s32", (256, 3.0, 32)), ("a64_l3_s32", (64, 3.0, 32)),
-            ("a16_l3_s32", (16, 3.0, 32)), ("a0_l3_s32", (0, 3.0, 32)),
-            ("a64_l1_s32", (64, 1.0, 32)), ("a64_l3_s16", (64, 3.0, 16)),
-            ("a16_l1_s16", (16, 1.0, 16))]
+            kernel_forward.ROW_SCAN_BLOCKS, kernel_forward.ROW_MIN_VISIT_BLOCKS)
+    # aA_lL_sS[_mM]: anchor reach A positions, its tile tail 2^-L of the threshold, S positions a
+    # step, only tiles whose probe certified at least M blocks
+    grid = [("tile", None), ("probe_only", "no recert"), ("a256_l3_s32", (256, 3.0, 32, 0)),
+            ("a256_l3_s32_m32", (256, 3.0, 32, 32)), ("a64_l3_s32_m32", (64, 3.0, 32, 32)),
+            ("a64_l3_s32", (64, 3.0, 32, 0)), ("a16_l3_s32", (16, 3.0, 32, 0)),
+            ("a0_l3_s32", (0, 3.0, 32, 0)), ("a64_l1_s32", (64, 1.0, 32, 0)),
+            ("a64_l3_s16", (64, 3.0, 16, 0)), ("a256_l3_s32_m48", (256, 3.0, 32, 48))]
     try:
         for name, cfg in grid:
             os.environ["AETHER_ROW_TAILS"] = "1" if isinstance(cfg, tuple) else "0"
@@ -217,7 +221,7 @@ def sweep_row_tails(N: int) -> dict:
                 os.environ.pop("AETHER_RECERT_BLOCKS", None)
             if isinstance(cfg, tuple):
                 (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
-                 kernel_forward.ROW_SCAN_BLOCKS) = cfg
+                 kernel_forward.ROW_SCAN_BLOCKS, kernel_forward.ROW_MIN_VISIT_BLOCKS) = cfg
             ms = bench(lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
                                                                certify=True), rep=20)
             kept = float(kernel_plan.kept_map(plan, n_visit).float().mean())
@@ -225,7 +229,7 @@ def sweep_row_tails(N: int) -> dict:
             print(f"row_tails {N} {name}: {ms} ms, kept {kept:.4f}", flush=True)
     finally:
         (kernel_forward.ROW_ANCHOR_BLOCKS, kernel_forward.ROW_ANCHOR_LOG2,
-         kernel_forward.ROW_SCAN_BLOCKS) = real
+         kernel_forward.ROW_SCAN_BLOCKS, kernel_forward.ROW_MIN_VISIT_BLOCKS) = real
         os.environ.pop("AETHER_ROW_TAILS", None)
         os.environ.pop("AETHER_RECERT_BLOCKS", None)
     return {"N": N, "block_n": plan.block_n, "row_tails": out}

@@ -198,7 +198,7 @@ def _attention_kernel(
     VISIT: tl.constexpr,
     PROBE: tl.constexpr, RECERT: tl.constexpr, ROW_TAILS: tl.constexpr,
     EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr, ROW_ANCHOR: tl.constexpr,
-    ROW_ANCHOR_LOG2: tl.constexpr,
+    ROW_ANCHOR_LOG2: tl.constexpr, ROW_MIN_VISIT: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -276,7 +276,10 @@ def _attention_kernel(
                 # count whose tile tail leaves every row room, and are searched now and after
                 # every step of the loop below.
                 ref = thr
-                rows_on = (ref > -float("inf")) & (ref < float("inf"))
+                # only tiles whose probe-certified count is at least ROW_MIN_VISIT blocks: the
+                # search is latency every searching tile pays, its savings sit in a few tiles
+                rows_on = (ref > -float("inf")) & (ref < float("inf")) \
+                    & (n_visit >= ROW_MIN_VISIT)
                 ref = tl.where(rows_on, ref, 0.0)
                 b_qf = b_q.to(tl.float32)
                 q_norm = tl.abs(sm_scale) * tl.sqrt(tl.sum(b_qf * b_qf, 1))
@@ -371,6 +374,10 @@ RECERT_MIN_KEY_BLOCKS = 1024
 # Positions of a tile's order that the row-tail search bounds at a time (one [BLOCK_M, D] x
 # [D, ROW_SCAN] product): about 1/256 of a visited block's multiply-adds per position.
 ROW_SCAN_BLOCKS = 32
+# Row tails search only tiles whose count certified from the probe is at least this many blocks
+# (0: every tile). On W2 at 128K most tiles certify 10-24 blocks, and row tails change none of
+# them; the blocks they save are in tiles of 30-50 (research/row_tails_kept.py).
+ROW_MIN_VISIT_BLOCKS = 0
 
 
 def recert_blocks(n_key_blocks=None) -> int:
@@ -473,6 +480,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         RECERT=recert, ROW_TAILS=geometry is not None,
         EXTRA_SLACK=ROW_BOUND_BF16_SLACK if query.dtype == torch.bfloat16 else 0.0,
         ROW_SCAN=ROW_SCAN_BLOCKS, ROW_ANCHOR=ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2=ROW_ANCHOR_LOG2,
+        ROW_MIN_VISIT=ROW_MIN_VISIT_BLOCKS,
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

@@ -879,6 +879,24 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
+def test_row_tails_search_only_tiles_past_the_least_count(monkeypatch):
+    """forward.ROW_MIN_VISIT_BLOCKS: a tile searches its rows' tails only where the count its
+    probe certified reaches it. Above every tile's count the pass is the tile's tail alone, bit
+    for bit; at 0 every tile searches."""
+    q, k, v = WORKLOADS["clustered"](1, 1, 512, 16, dtype=torch.float16, device=DEVICE, seed=1,
+                                     run=16, centers=2)
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")
+    monkeypatch.setenv("AETHER_ROW_TAILS", "0")
+    out_tile, _, kept_tile = triton_attention(q, k, v, None, False, None, False, 1e-2, BM, BN)
+    monkeypatch.setenv("AETHER_ROW_TAILS", "1")
+    monkeypatch.setattr(kernel_forward, "ROW_MIN_VISIT_BLOCKS", 10 ** 6)
+    out, _, kept = triton_attention(q, k, v, None, False, None, False, 1e-2, BM, BN)
+    assert torch.equal(out, out_tile) and torch.equal(kept, kept_tile)
+    monkeypatch.setattr(kernel_forward, "ROW_MIN_VISIT_BLOCKS", 0)
+    assert triton_attention(q, k, v, None, False, None, False, 1e-2, BM, BN)[2].sum() \
+        < kept_tile.sum()
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "float-mask"])
 def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
     """Compiled graphs' pass gets the plan's key geometry and mask maxima from ``prepare_pass``:
