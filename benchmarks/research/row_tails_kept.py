@@ -14,6 +14,8 @@ the full call. Variants (``AETHER_RECERT_BLOCKS``, ``AETHER_ROW_TAILS``):
   tile          re-certification every 8 blocks (the op's from 1024 key blocks; at d751ef9,
                 which wrote the committed counts, from 64K keys) with the tile's tail alone
   rows          the same with row tails (AETHER_ROW_TAILS=1; off by default)
+  rows_m32      row tails searched only in tiles whose probe certified 32 blocks or more
+                (forward.ROW_MIN_VISIT_BLOCKS)
 
 Each row's dropped mass under ``rows`` is recomputed in float64 (``reference.dropped_mass``) and
 reported as its maximum over eps.
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from provenance import env_record, write_json  # noqa: E402
 
+from aether_compile.kernels import forward as kernel_forward  # noqa: E402
 from aether_compile.kernels import launch  # noqa: E402
 from aether_compile.kernels.reference import dropped_mass  # noqa: E402
 from aether_compile.triton_forward import triton_attention  # noqa: E402
@@ -42,8 +45,10 @@ EPS = 1e-3  # the suite's for fp16
 BLOCK_M = 128
 
 
-# name -> (AETHER_RECERT_BLOCKS, None for the op's default; AETHER_ROW_TAILS)
-VARIANTS = {"probe_only": ("0", "0"), "tile": (None, "0"), "rows": (None, "1")}
+# name -> (AETHER_RECERT_BLOCKS, None for the op's default; AETHER_ROW_TAILS;
+# forward.ROW_MIN_VISIT_BLOCKS)
+VARIANTS = {"probe_only": ("0", "0", 0), "tile": (None, "0", 0), "rows": (None, "1", 0),
+            "rows_m32": (None, "1", 32)}
 
 
 def sample_rows(N: int, tiles: int) -> torch.Tensor:
@@ -61,8 +66,9 @@ def run_length(N: int, heads: list[int], tiles: int) -> dict:
     for h in heads:
         qs = q[:, h:h + 1, rows].contiguous()
         ks, vs = k[:, h:h + 1].contiguous(), v[:, h:h + 1].contiguous()
-        for name, (recert, row_tails) in VARIANTS.items():
+        for name, (recert, row_tails, min_visit) in VARIANTS.items():
             os.environ["AETHER_ROW_TAILS"] = row_tails
+            kernel_forward.ROW_MIN_VISIT_BLOCKS = min_visit
             if recert is None:
                 os.environ.pop("AETHER_RECERT_BLOCKS", None)
             else:
@@ -70,7 +76,7 @@ def run_length(N: int, heads: list[int], tiles: int) -> dict:
             _, _, kept_map = triton_attention(qs, ks, vs, None, False, None, False, EPS, BLOCK_M,
                                               block_n)
             kept[name] += kept_map[0, 0].sum(-1).tolist()  # blocks kept per sampled tile
-            if name == "rows":
+            if name.startswith("rows"):
                 dropped = dropped_mass(qs, ks, kept_map, BLOCK_M, block_n)
                 worst[name] = max(worst.get(name, 0.0), float(dropped.max()) / EPS)
         print(f"N {N} head {h}: " + ", ".join(f"{n} {sum(c) / (len(c) * n_kb):.4f}"
