@@ -127,8 +127,9 @@ def run_isolated(args, S, backend, eps, mode):
         return tokens, stats
 
 
-GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_ratio_eps0", "decode_tokens_match",
-                 "decode_logits_within_noise", "decode_certified_calls")
+GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_tokens_per_s_ratio_32k_within_noise",
+                 "generate_ratio_eps0", "decode_tokens_match", "decode_logits_within_noise",
+                 "decode_certified_calls")
 
 
 def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:
@@ -149,6 +150,32 @@ def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:
                           generate_commit=gen["env"].get("commit"))
     write_json(dec_path, dec)
     return dec["summary"]
+
+
+def summarize(rows: list, have_noise: bool) -> dict:
+    """Issue 21's generate keys from the rows: the headline counts only rows where certified decode
+    ran (dense sites match trivially; eps 0 measures the ops' dense path alone, reported apart)."""
+    ok = [r for r in rows if "ratio" in r]
+    certified = [r for r in ok if r["aether"].get("decode_calls", {}).get("certified")]
+    best = max((r for r in certified if r["tokens_match"]), key=lambda r: r["ratio"],
+               default=None)
+    # bf16 dense paths themselves part at near-ties (eager against the default compile): a row
+    # whose tokens part only at a near-tie, with logits within that noise, matches up to it
+    within_noise = max((r for r in certified if r["tokens_match"] or (
+        r.get("near_tie") and r.get("logits_within_noise"))), key=lambda r: r["ratio"],
+        default=None)
+    dense_path = [r["ratio"] for r in ok if r["eps"] == 0]
+    return {"generate_tokens_per_s_ratio_32k": best and best["ratio"],
+            "generate_eps": best and best["eps"],
+            "generate_tokens_per_s_ratio_32k_within_noise": within_noise and within_noise["ratio"],
+            "generate_eps_within_noise": within_noise and within_noise["eps"],
+            "generate_ratio_eps0": dense_path[0] if dense_path else None,
+            "decode_certified_calls": sum(r["aether"]["decode_calls"]["certified"]
+                                          for r in certified),
+            "decode_tokens_match": (all(r["tokens_match"] for r in certified)
+                                    if certified else None),
+            "decode_logits_within_noise": (all(r.get("logits_within_noise") for r in certified)
+                                           if certified and have_noise else None)}
 
 
 def main(argv=None):
@@ -217,23 +244,7 @@ def main(argv=None):
                 print(f"S {S} eps {eps:g}: {ours['error']}", flush=True)
             record["rows"].append(row)
             write_json(path, record)
-    ok = [r for r in record["rows"] if "ratio" in r]
-    # only rows where certified decode ran count (dense sites match trivially, and eps 0 measures
-    # the ops' dense path alone: reported apart)
-    certified = [r for r in ok if r["aether"].get("decode_calls", {}).get("certified")]
-    best = max((r for r in certified if r["tokens_match"]), key=lambda r: r["ratio"],
-               default=None)
-    dense_path = [r["ratio"] for r in ok if r["eps"] == 0]
-    record["summary"] = {"generate_tokens_per_s_ratio_32k": best and best["ratio"],
-                         "generate_eps": best and best["eps"],
-                         "generate_ratio_eps0": dense_path[0] if dense_path else None,
-                         "decode_certified_calls": sum(r["aether"]["decode_calls"]["certified"]
-                                                       for r in certified),
-                         "decode_tokens_match": (all(r["tokens_match"] for r in certified)
-                                                 if certified else None),
-                         "decode_logits_within_noise": (
-                             all(r.get("logits_within_noise") for r in certified)
-                             if certified and "dense_noise" in record else None)}
+    record["summary"] = summarize(record["rows"], "dense_noise" in record)
     write_json(path, record)
     attach_to_decode_summary(args.out, card_tag(env))
     print(record["summary"], f"-> {path}")

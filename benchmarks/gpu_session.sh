@@ -45,6 +45,10 @@
 #                       tails on and off)
 #   row_tails_sweep     the pass at 128K and 64K over the row tails' anchor and scan chunk, against
 #                       the tile's tail and no re-certification
+#   generate_b8_fresh   a fresh machine: train_long_lm, generate at batch 8 and 32K with its weights,
+#                       then profile_decode_dense (the dense cuDNN path on clustered keys)
+#   prefill_head        GPU tests of eager inference, row tails and dynamic lengths; the row tails'
+#                       sweep at 128K; the suite's W2 at 32K and 128K (tag _w2_head)
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -279,6 +283,29 @@ case "${1:-zoo}" in
     timeout 80 python3 benchmarks/sweep_decode_dense.py --quick --no-clustered --out "$OUT" \
       > "$OUT/sweep_decode_dense.txt" 2>&1
     grep -E "^B[0-9]" "$OUT/sweep_decode_dense.txt"
+    ;;
+  generate_b8_fresh)  # a fresh machine: train the long LM (2 min), generate at batch 8 and 32K
+                      # with it (its weights come back in $OUT), then why the decode op's dense
+                      # cuDNN path read 0.84x on clustered keys (profile_decode_dense)
+    TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm
+    timeout ${GENERATE_S:-300} python3 benchmarks/bench_generate.py --ckpt "$OUT/long_lm.pt" --batch 8 \
+      --mode default --row-timeout-s 90 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+    tail -n 14 "$OUT/bench_generate.txt"
+    timeout 90 python3 benchmarks/profile_decode_dense.py --out "$OUT" > "$OUT/profile_decode_dense.txt" 2>&1
+    tail -n 6 "$OUT/profile_decode_dense.txt"
+    ;;
+  prefill_head)  # the prefill pass at this commit: GPU tests of eager inference, row tails and
+                 # dynamic lengths; the row tails' sweep at 128K; the suite's W2 at 32K and 128K
+                 # (row tails off, the default; tag _w2_head)
+    $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
+      -k "recompile or dynamic or eager_inference or row_tails or recert" > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    timeout ${PREFILL_S:-240} python3 benchmarks/sweep_prefill_kernels.py --parts row_tails \
+      --lengths 131072 --out "$OUT" > "$OUT/sweep_row_tails.txt" 2>&1
+    grep -E "^row_tails|Error" "$OUT/sweep_row_tails.txt"
+    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-200} python3 benchmarks/bench_attention.py \
+      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_head --out "$OUT" > "$OUT/issue6.txt" 2>&1
+    tail -n 8 "$OUT/issue6.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \

@@ -239,6 +239,33 @@ def test_generate_keys_join_the_decode_summary(tmp_path, monkeypatch):
     assert summary["generate_ratio_eps0"] is None  # named by the issue, absent from this run
 
 
+def test_generate_summary_counts_only_certified_rows_and_noise_level_matches(monkeypatch):
+    """The headline needs certified decode calls and equal tokens; the within-noise ratio also
+    takes a row parting only at a near-tie with logits within the dense paths' own noise."""
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_generate
+
+    def row(eps, ratio, certified, match, near_tie=None, in_noise=None):
+        return {"eps": eps, "ratio": ratio, "tokens_match": match, "near_tie": near_tie,
+                "logits_within_noise": in_noise,
+                "aether": {"decode_calls": {"certified": certified, "dense": 6}}}
+
+    rows = [row(0.0, 0.9, 0, False, True, True),  # the ops' dense path: never the headline
+            row(0.01, 1.2, 30, True, None, True),
+            row(0.1, 1.5, 60, False, True, True),  # parts at a near-tie: within noise only
+            row(0.3, 2.0, 90, False, False, False),  # parts for real: neither
+            {"eps": 0.5, "aether": {"error": "timeout"}}]
+    s = bench_generate.summarize(rows, have_noise=True)
+    assert s["generate_tokens_per_s_ratio_32k"] == 1.2 and s["generate_eps"] == 0.01
+    assert s["generate_tokens_per_s_ratio_32k_within_noise"] == 1.5
+    assert s["generate_eps_within_noise"] == 0.1
+    assert s["generate_ratio_eps0"] == 0.9 and s["decode_certified_calls"] == 180
+    assert s["decode_tokens_match"] is False and s["decode_logits_within_noise"] is False
+    dense_only = bench_generate.summarize(rows[:1], have_noise=True)
+    assert dense_only["generate_tokens_per_s_ratio_32k"] is None
+    assert dense_only["decode_tokens_match"] is None
+
+
 def test_prefill_selection_study_counts_what_the_op_keeps(monkeypatch):
     """The study's ``ball`` selection is the op's: on sampled W2 tiles it keeps the blocks the
     reference forward keeps for those rows (same bound, order and stop rule); the oracle keeps
