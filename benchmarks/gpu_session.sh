@@ -289,7 +289,7 @@ case "${1:-zoo}" in
                       # cuDNN path read 0.84x on clustered keys (profile_decode_dense)
     TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm
     timeout ${GENERATE_S:-300} python3 benchmarks/bench_generate.py --ckpt "$OUT/long_lm.pt" --batch 8 \
-      --mode default --row-timeout-s 90 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
+      --mode default --row-timeout-s 90 --eps ${GENERATE_EPS:-0 0.01 0.1} --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 14 "$OUT/bench_generate.txt"
     timeout 90 python3 benchmarks/profile_decode_dense.py --out "$OUT" > "$OUT/profile_decode_dense.txt" 2>&1
     tail -n 6 "$OUT/profile_decode_dense.txt"
