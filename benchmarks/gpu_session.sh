@@ -300,12 +300,13 @@ case "${1:-zoo}" in
     $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
       -k "recompile or dynamic or eager_inference or row_tails or recert" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
-    timeout ${PREFILL_S:-240} python3 benchmarks/sweep_prefill_kernels.py --parts row_tails \
-      --lengths 131072 --out "$OUT" > "$OUT/sweep_row_tails.txt" 2>&1
-    grep -E "^row_tails|Error" "$OUT/sweep_row_tails.txt"
     AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-200} python3 benchmarks/bench_attention.py \
       --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_head --out "$OUT" > "$OUT/issue6.txt" 2>&1
     tail -n 8 "$OUT/issue6.txt"
+    # last: a cut-short sweep still prints each variant it finished
+    timeout ${PREFILL_S:-240} python3 benchmarks/sweep_prefill_kernels.py --parts row_tails \
+      --lengths 131072 --out "$OUT" > "$OUT/sweep_row_tails.txt" 2>&1
+    grep -E "^row_tails|Error" "$OUT/sweep_row_tails.txt"
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
