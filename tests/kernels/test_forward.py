@@ -851,6 +851,7 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
         q, k, v = q[:, :1].repeat(1, 2, 1, 1), k[:, :1], v[:, :1]
         # the second sequence's keys in reverse: its blocks' geometry unlike the first's
         k, v = (torch.cat([x[:1], x[1:].flip(2)]).contiguous() for x in (k, v))
+        q = q[:, :, :256].contiguous()  # half the query tiles: four (batch, head) pairs to run
     causal = case == "causal-bf16"
     mask = None
     if case == "float-mask-fp16":  # a causal mask with a band of keys pushed down, HF-style
@@ -867,7 +868,7 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
                                               eps, BM, BN)
     assert torch.all(kept["1"] <= kept["0"])
     assert kept["1"].sum() < 0.95 * kept["0"].sum()  # 573 of 702 blocks without a mask
-    # in every (batch, head): each reads its own KV head's geometry (GQA's second batch 861 of 924)
+    # in every (batch, head): each reads its own KV head's geometry (GQA's second batch 426 of 462)
     assert (kept["1"].sum((-1, -2)) < kept["0"].sum((-1, -2))).all()
     kk = k.repeat_interleave(H // k.shape[1], 1)
     vv = v.repeat_interleave(H // v.shape[1], 1)
