@@ -40,8 +40,13 @@ def main():
         row["cudnn_unmasked_us"] = _bench(lambda: kernel_dense.cudnn_unmasked(q, k, v, scale))
         # cudnn_unmasked asks for the log-sum-exp; SDPA's inference call does not: whether that
         # picks a different (data-dependent) cuDNN engine
-        row["cudnn_no_lse_us"] = _bench(lambda: kernel_dense._cudnn_sdpa(
-            q, k, v, False, scale, with_lse=False)[0])
+        no_lse = lambda: kernel_dense._cudnn_sdpa(q, k, v, False, scale, with_lse=False)[0]  # noqa
+        try:
+            want = kernel_dense.cudnn_unmasked(q, k, v, scale)
+            row["cudnn_no_lse_equal"] = want is not None and torch.equal(no_lse(), want)
+            row["cudnn_no_lse_us"] = _bench(no_lse)
+        except RuntimeError as e:  # cuDNN refuses these inputs without the lse
+            row["cudnn_no_lse_us"] = f"error: {str(e).splitlines()[0][:120]}"
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             row["sdpa_cudnn_us"] = _bench(lambda: F.scaled_dot_product_attention(
                 q, k, v, scale=scale, enable_gqa=True))
