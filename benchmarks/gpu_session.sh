@@ -68,6 +68,12 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 PYTEST="python3 -m pytest -v -m gpu -p no:cacheprovider -p no:logging -W ignore -rf --tb=short"
 T="timeout -s INT -k 20"
 
+w2_suite() {  # the issue-6 suite's W2 at 32K and 128K: w2_suite TAG SECONDS
+  AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout "$2" python3 benchmarks/bench_attention.py \
+    --suite issue6 --only clustered --sizes 32768,131072 --tag "$1" --out "$OUT" > "$OUT/issue6.txt" 2>&1
+  tail -n 14 "$OUT/issue6.txt"
+}
+
 case "${1:-zoo}" in
   zoo)  # the inductor GPU tests and the model zoo on CUDA
     $T 150 $PYTEST tests/aether_compile/test_inductor_gpu.py > "$OUT/inductor_gpu.txt" 2>&1
@@ -251,9 +257,7 @@ case "${1:-zoo}" in
     $T ${TEST_S:-150} $PYTEST -m "" tests/aether_compile/test_inductor_gpu.py tests/kernels/test_forward.py \
       -k "recompile or dynamic or eager_inference" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
-    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-330} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_inference --out "$OUT" > "$OUT/issue6.txt" 2>&1
-    tail -n 14 "$OUT/issue6.txt"
+    w2_suite _w2_inference ${SUITE_S:-330}
     ;;
   row_tails)  # stop 37: the pass's re-certification with row tails: its GPU tests (soundness on
               # every row at the kernel's real tiles), W2 at 32K and 128K, then the pass's
@@ -261,9 +265,7 @@ case "${1:-zoo}" in
     $T ${TEST_S:-110} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
       -k "row_tails or recert or eager_inference or certificate_every_row" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
-    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-290} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_row_tails --out "$OUT" > "$OUT/issue6.txt" 2>&1
-    tail -n 14 "$OUT/issue6.txt"
+    w2_suite _w2_row_tails ${SUITE_S:-290}
     timeout ${PREFILL_S:-150} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^recert|^attention|Error" "$OUT/sweep_prefill.txt"
@@ -300,13 +302,9 @@ case "${1:-zoo}" in
     $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
       -k "recompile or dynamic or eager_inference or row_tails or recert" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
-    AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout ${SUITE_S:-200} python3 benchmarks/bench_attention.py \
-      --suite issue6 --only clustered --sizes 32768,131072 --tag _w2_head --out "$OUT" > "$OUT/issue6.txt" 2>&1
-    tail -n 8 "$OUT/issue6.txt"
+    w2_suite _w2_head ${SUITE_S:-200}
     # last: a cut-short sweep still prints each variant it finished
-    timeout ${PREFILL_S:-240} python3 benchmarks/sweep_prefill_kernels.py --parts row_tails \
-      --lengths 131072 --out "$OUT" > "$OUT/sweep_row_tails.txt" 2>&1
-    grep -E "^row_tails|Error" "$OUT/sweep_row_tails.txt"
+    LENGTHS=131072 PREFILL_S=${PREFILL_S:-240} bash "$0" row_tails_sweep
     ;;
   compile_time)  # the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats each
     timeout 560 python3 benchmarks/compile_time.py --repeats ${REPEATS:-3} --budget-s 470 \
