@@ -47,8 +47,8 @@
 #                       the tile's tail and no re-certification
 #   generate_b8_fresh   a fresh machine: train_long_lm, generate at batch 8 and 32K with its weights,
 #                       then profile_decode_dense (the dense cuDNN path on clustered keys)
-#   prefill_head        GPU tests of eager inference, row tails and dynamic lengths; the row tails'
-#                       sweep at 128K; the suite's W2 at 32K and 128K (tag _w2_head)
+#   prefill_head        GPU tests of eager inference, row tails and dynamic lengths; the suite's W2
+#                       at 32K and 128K (tag _w2_head); the row tails' sweep at 128K
 #   compile_time        the recorded compile-time ratios: 8 models, cold, forced sparse, 3 repeats
 #   compile_time_modes  cold forced sparse, cold default choices, warm (one run each)
 #   precompile          precompile GPU tests; cold compiles with Inductor's workers, threads, off
@@ -297,8 +297,8 @@ case "${1:-zoo}" in
     tail -n 6 "$OUT/profile_decode_dense.txt"
     ;;
   prefill_head)  # the prefill pass at this commit: GPU tests of eager inference, row tails and
-                 # dynamic lengths; the row tails' sweep at 128K; the suite's W2 at 32K and 128K
-                 # (row tails off, the default; tag _w2_head)
+                 # dynamic lengths; the suite's W2 at 32K and 128K (row tails off, the default;
+                 # tag _w2_head); the row tails' sweep at 128K
     $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py tests/aether_compile/test_inductor_gpu.py \
       -k "recompile or dynamic or eager_inference or row_tails or recert" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -10

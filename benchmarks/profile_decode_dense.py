@@ -42,8 +42,11 @@ def main():
         # picks a different (data-dependent) cuDNN engine
         no_lse = lambda: kernel_dense._cudnn_sdpa(q, k, v, False, scale, with_lse=False)[0]  # noqa
         try:
+            # another engine may round differently: the largest difference from the op's dense
+            # output, not bit equality, tells whether it reads the right heads
             want = kernel_dense.cudnn_unmasked(q, k, v, scale)
-            row["cudnn_no_lse_equal"] = want is not None and torch.equal(no_lse(), want)
+            row["cudnn_no_lse_max_diff"] = None if want is None else \
+                (no_lse().float() - want.float()).abs().max().item()
             row["cudnn_no_lse_us"] = _bench(no_lse)
         except RuntimeError as e:  # cuDNN refuses these inputs without the lse
             row["cudnn_no_lse_us"] = f"error: {str(e).splitlines()[0][:120]}"
