@@ -54,9 +54,11 @@ def generate(model, ids, new_tokens: int):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores).float(), seconds
 
 
-def run(ckpt, S, B, new_tokens, backend, options, mode, device=None):
+def run(ckpt, S, B, new_tokens, backend, options, mode, repeats=3, device=None):
     """One configuration: backend "inductor" (the default compile), "eager" (no compile: the
-    dense reference's own noise against the default compile) or "aether"."""
+    dense reference's own noise against the default compile) or "aether". After the first
+    (compiling) call, ``repeats`` timed calls: their median is the row's time, since a host-bound
+    step (mode "default" launches every kernel from Python) varies call to call."""
     import train_stdlib_lm as lm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,11 +77,17 @@ def run(ckpt, S, B, new_tokens, backend, options, mode, device=None):
     warm_s = time.perf_counter() - t0
     kv_cache.STATS.clear()
     kv_cache.CALLS.clear()
-    tokens, logits, seconds = generate(model, ids, new_tokens)
+    each = []
+    for _ in range(max(1, repeats)):
+        tokens, logits, seconds = generate(model, ids, new_tokens)
+        each.append(seconds)
+    seconds = sorted(each)[len(each) // 2]
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return (tokens, logits), {"seconds": seconds, "tokens_per_s": B * new_tokens / seconds,
+    # the counts cover every timed call: divide by len(seconds_each) for one generate's
+    return (tokens, logits), {"seconds": seconds, "seconds_each": each,
+                              "tokens_per_s": B * new_tokens / seconds,
                               "first_call_s": warm_s, "summaries": dict(kv_cache.STATS),
                               "decode_calls": dict(kv_cache.CALLS)}
 
@@ -114,7 +122,8 @@ def run_isolated(args, S, backend, eps, mode):
         out = os.path.join(tmp, "row.pt")
         cmd = [sys.executable, os.path.abspath(__file__), "--ckpt", args.ckpt, "--child", out,
                "--lengths", str(S), "--batch", str(args.batch), "--new-tokens",
-               str(args.new_tokens), "--mode", mode, "--backend", backend, "--eps", str(eps)]
+               str(args.new_tokens), "--mode", mode, "--backend", backend, "--eps", str(eps),
+               "--repeats", str(args.repeats)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   timeout=args.row_timeout_s)
@@ -150,6 +159,24 @@ def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:
                           generate_commit=gen["env"].get("commit"))
     write_json(dec_path, dec)
     return dec["summary"]
+
+
+def bracket(rows: list, dense: dict, dense_after: dict | None) -> dict:
+    """Each row's ratio against the faster of the two default-compile runs that bracket the
+    aether rows (one before them, one after): a drift over the run (clocks, the host) then
+    counts against us, not for us. The first run's ratio stays as ``ratio_first_dense``.
+    Returns the bracket's record: both runs' tokens/s and their ratio (the drift)."""
+    best = dense["tokens_per_s"]
+    if dense_after is not None and "tokens_per_s" in dense_after:
+        best = max(best, dense_after["tokens_per_s"])
+    for r in rows:
+        if "ratio" in r:
+            r.setdefault("ratio_first_dense", r["ratio"])
+            r["ratio"] = r["aether"]["tokens_per_s"] / best
+    after = dense_after.get("tokens_per_s") if dense_after else None
+    return {"before_tokens_per_s": dense["tokens_per_s"], "after_tokens_per_s": after,
+            "after_over_before": after and after / dense["tokens_per_s"],
+            "reference_tokens_per_s": best}
 
 
 def summarize(rows: list, have_noise: bool) -> dict:
@@ -194,6 +221,10 @@ def main(argv=None):
     ap.add_argument("--mode", nargs="+", default=["reduce-overhead", "default"],
                     help="compile modes, tried in order until the default compile runs")
     ap.add_argument("--row-timeout-s", type=float, default=240)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed generate calls per configuration after the compiling one (median)")
+    ap.add_argument("--no-dense-after", action="store_true",
+                    help="leave out the default compile's second run after the aether rows")
     ap.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -201,7 +232,7 @@ def main(argv=None):
         options = {"eps": args.eps[0], "decode": True,
                    "allow_cpu": not torch.cuda.is_available()}  # CPU: a smoke run
         tokens, stats = run(args.ckpt, args.lengths[0], args.batch, args.new_tokens,
-                            args.backend, options, args.mode[0])
+                            args.backend, options, args.mode[0], args.repeats)
         torch.save(((tokens[0].cpu(), tokens[1].cpu()), stats), args.child)
         return
     env = env_record()
@@ -243,6 +274,14 @@ def main(argv=None):
             else:
                 print(f"S {S} eps {eps:g}: {ours['error']}", flush=True)
             record["rows"].append(row)
+            write_json(path, record)
+        if not args.no_dense_after:
+            _, after = run_isolated(args, S, "inductor", 0.0, mode)
+            S_rows = [r for r in record["rows"] if r["prompt"] == S]
+            record.setdefault("dense_bracket", {})[str(S)] = brk = bracket(S_rows, dense, after)
+            print(f"S {S}: default compile again {brk['after_tokens_per_s']} tok/s "
+                  f"(after/before {brk['after_over_before']}); ratios against the faster: "
+                  f"{[round(r['ratio'], 3) for r in S_rows if 'ratio' in r]}", flush=True)
             write_json(path, record)
     record["summary"] = summarize(record["rows"], "dense_noise" in record)
     write_json(path, record)

@@ -322,3 +322,23 @@ def test_mask_stats_sweep_launches_equal_the_op(monkeypatch):
                 got = torch.empty(B, 1, nqt, nkb), torch.zeros(B * nqt, dtype=torch.int32)
                 launch_stats(mask, *got, L, S, nqt, nkb)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_generate_ratio_against_the_faster_bracketing_dense_run(monkeypatch):
+    """Rows are compared with the faster of the default-compile runs before and after them, so a
+    slow first baseline cannot make aether look fast; the first run's ratio is kept beside it."""
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_generate
+
+    rows = [{"eps": 0.01, "ratio": 1.5, "aether": {"tokens_per_s": 150.0}},
+            {"eps": 0.1, "aether": {"error": "timeout"}}]
+    brk = bench_generate.bracket(rows, {"tokens_per_s": 100.0}, {"tokens_per_s": 125.0})
+    assert rows[0]["ratio"] == 150.0 / 125.0 and rows[0]["ratio_first_dense"] == 1.5
+    assert "ratio" not in rows[1]
+    assert brk["after_over_before"] == 1.25 and brk["reference_tokens_per_s"] == 125.0
+    slower_after = [{"eps": 0.01, "ratio": 1.5, "aether": {"tokens_per_s": 150.0}}]
+    bench_generate.bracket(slower_after, {"tokens_per_s": 100.0}, {"tokens_per_s": 80.0})
+    assert slower_after[0]["ratio"] == 1.5
+    failed_after = [{"eps": 0.01, "ratio": 1.5, "aether": {"tokens_per_s": 150.0}}]
+    brk = bench_generate.bracket(failed_after, {"tokens_per_s": 100.0}, {"error": "exit 1"})
+    assert failed_after[0]["ratio"] == 1.5 and brk["after_tokens_per_s"] is None
