@@ -16,7 +16,9 @@ kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
 ``prefill_selection`` (W2's kept fractions per selection against the oracle), ``decode_dense``
 (the decode op's masked dense paths, sweep_decode_dense.py), ``prefill_pass`` (the prefill pass's
 launch variants and Flex on the same blocks, sweep_prefill_kernels.py), ``row_tails`` (what the
-pass's kernels keep with row tails and without, research/row_tails_kept.py). The prose around
+pass's kernels keep with row tails and without, research/row_tails_kept.py), ``row_tails_sweep``
+(the pass's time at each row-tail setting, sweep_prefill_kernels.py), ``decode_dense_probe``
+(the decode op's dense route against cuDNN's, profile_decode_dense.py). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -233,10 +235,55 @@ def prefill_pass_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def row_tails_sweep_table(record: dict, _arg=None) -> list[str]:
+    """sweep_prefill_kernels' row_tails part: the pass at each row-tail setting, fastest first,
+    against the tile's tail alone (``tile``)."""
+    env = record["env"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; W2 clustered, fp16, H 16, D 128, eps 1e-3; the pass alone on "
+            "the op's plan. Variants: aA_lL_sS[_mM]: rows anchored A positions past the tile's count, "
+            "where its tail is 2^-L of the threshold; S positions bounded a step; only tiles whose "
+            "probe certified at least M blocks search; "
+            "`tile`, the tile's tail alone; `probe_only`, no re-certification", "",
+            "| N | key block | variant | ms | over tile | kept | kept over tile |",
+            "|---|---|---|---|---|---|---|"]
+    for r in record.get("row_tails") or []:
+        runs = {n: v for n, v in r["row_tails"].items() if isinstance(v.get("ms"), float)}
+        tile = runs.get("tile")
+        for n, v in sorted(runs.items(), key=lambda kv: kv[1]["ms"]):
+            rows.append(f"| {r['N'] // 1024}K | {r['block_n']} | {n} | {v['ms']:.2f} | "
+                        + (f"{v['ms'] / tile['ms']:.3f}" if tile else "—")
+                        + f" | {v['kept']:.4f} | "
+                        + (f"{v['kept'] / tile['kept']:.3f}" if tile else "—") + " |")
+    return rows
+
+
+def decode_dense_probe_table(record: dict, _arg=None) -> list[str]:
+    """profile_decode_dense: the decode op's dense route against cuDNN (with and without the
+    log-sum-exp) and SDPA's cuDNN backend, on uniform and clustered keys, in run order."""
+    env, cfg = record["env"], record["config"]
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
+            f"{env.get('commit')}; batch {cfg['batch']}, {cfg['keys'] // 1024}K keys, GQA 32/8, "
+            "D 128, bf16, no mask; µs of CUDA-graph replays, in the order run", "",
+            "| keys | op | op again | dense_decode | cuDNN (lse) | cuDNN (no lse) | no lse: max diff "
+            "| SDPA cuDNN | op's paths |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def us(x):
+        return f"{x:.1f}" if isinstance(x, float) else str(x)
+    for r in record["rows"]:
+        paths = ", ".join(f"{k} {v}" for k, v in (r.get("op_paths") or {}).items())
+        rows.append(f"| {r['kind']} | {us(r['op_us'])} | {us(r['op_again_us'])} | "
+                    f"{us(r['dense_decode_us'])} | {us(r['cudnn_unmasked_us'])} | "
+                    f"{us(r['cudnn_no_lse_us'])} | {_fmt(r.get('cudnn_no_lse_max_diff'), 3)} | "
+                    f"{us(r['sdpa_cudnn_us'])} | {paths} |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
          "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table,
-         "prefill_pass": prefill_pass_table, "row_tails": row_tails_table}
+         "prefill_pass": prefill_pass_table, "row_tails": row_tails_table,
+         "row_tails_sweep": row_tails_sweep_table, "decode_dense_probe": decode_dense_probe_table}
 
 
 def render(page: str) -> str:
