@@ -376,8 +376,10 @@ RECERT_MIN_KEY_BLOCKS = 1024
 ROW_SCAN_BLOCKS = 32
 # Row tails search only tiles whose count certified from the probe is at least this many blocks
 # (0: every tile). On W2 at 128K most tiles certify 10-24 blocks, and row tails change none of
-# them; the blocks they save are in tiles of 30-50 (research/row_tails_kept.py).
-ROW_MIN_VISIT_BLOCKS = 0
+# them; the blocks they save are in tiles of 30-50 (research/row_tails_kept.py). H100, 5e9efcc,
+# the pass at 128K against the tile's tail alone: ungated 1.199x the time for 0.787x the blocks,
+# 32: 1.036x for 0.790x, 48: 1.016x for 0.797x (sweep_prefill_kernels' row_tails part).
+ROW_MIN_VISIT_BLOCKS = 48
 
 
 def recert_blocks(n_key_blocks=None) -> int:

@@ -866,6 +866,8 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
                                 torch.finfo(torch.float16).min).to(DEVICE, dtype)
     eps = 1e-2
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")  # the default starts at 1024 key blocks
+    # every tile searches (these tiles certify fewer blocks than the default gate's 48)
+    monkeypatch.setattr(kernel_forward, "ROW_MIN_VISIT_BLOCKS", 0)
     kept = {}
     for rows in ("0", "1"):
         monkeypatch.setenv("AETHER_ROW_TAILS", rows)
@@ -885,6 +887,7 @@ def test_row_tails_keep_fewer_blocks_within_the_certificate(case, monkeypatch):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
+@pytest.mark.slow  # 15 s through the interpreter, for a knob of a feature off by default
 def test_row_tails_search_only_tiles_past_the_least_count(monkeypatch):
     """forward.ROW_MIN_VISIT_BLOCKS: a tile searches its rows' tails only where the count its
     probe certified reaches it. Above every tile's count the pass is the tile's tail alone, bit
@@ -918,6 +921,7 @@ def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
         mask = mask.to(DEVICE, torch.float16)
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")
     monkeypatch.setenv("AETHER_ROW_TAILS", "1")
+    monkeypatch.setattr(kernel_forward, "ROW_MIN_VISIT_BLOCKS", 0)  # below the gate here
     args = (q, k, v, mask, False, 16 ** -0.5, 1e-2, BM, BN)
     prepared = triton_forward.prepare_pass(*args, None, False, False)
     out, lse, kept = triton_forward.attention_after_prepare(*args, prepared, False, False)
