@@ -3,6 +3,11 @@ generation (``cache_implementation="static"``, ``torch.compile(model.forward,
 mode="reduce-overhead")``), against the same with ``backend="aether"``: tokens/s and whether
 the tokens equal. Issue 21's ``generate_tokens_per_s_ratio_32k`` and ``decode_tokens_match``.
 
+Each configuration runs in its own process: one compiling call, three timed calls (median), then
+one split call (the prompt's prefill to the first new token, and the mean step after it). The
+default compile runs again after the aether rows, and each ratio is against the faster of its two
+runs.
+
 The model is the long-context byte LM (``train_stdlib_lm.py --mlp swiglu``) converted to a
 LlamaForCausalLM (``to_llama``), in bf16, prompted with validation text.
 
@@ -41,17 +46,48 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def generate(model, ids, new_tokens: int):
+def generate(model, ids, new_tokens: int, streamer=None):
     """(tokens [B, new], logits [new, B, vocab] float32, seconds)."""
     _sync()
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, cache_implementation="static",
-                             output_scores=True, return_dict_in_generate=True)
+                             output_scores=True, return_dict_in_generate=True, streamer=streamer)
     _sync()
     seconds = time.perf_counter() - t
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores).float(), seconds
+
+
+class FirstTokenClock:
+    """A transformers streamer that notes when the first new token reaches it: generate hands it
+    the prompt, then each token as a CPU tensor (a copy that waits for the GPU), so the second
+    hand-over marks the end of the prompt's prefill."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def prefill_and_steps(model, ids, new_tokens: int) -> dict:
+    """One more generate, split: the prompt's prefill (to the first new token) and the mean step
+    after it. Apart from the timed calls, since the streamer's copy of every token waits for the
+    GPU each step, which the timed calls need not do."""
+    clock = FirstTokenClock()
+    _sync()
+    t = time.perf_counter()
+    _, _, seconds = generate(model, ids, new_tokens, streamer=clock)
+    if clock.first is None or new_tokens < 2:
+        return {"prefill_s": None, "step_ms": None}
+    prefill = clock.first - t
+    return {"prefill_s": prefill, "step_ms": (seconds - prefill) / (new_tokens - 1) * 1e3}
 
 
 def run(ckpt, S, B, new_tokens, backend, options, mode, repeats=3, device=None):
@@ -82,11 +118,12 @@ def run(ckpt, S, B, new_tokens, backend, options, mode, repeats=3, device=None):
         tokens, logits, seconds = generate(model, ids, new_tokens)
         each.append(seconds)
     seconds = sorted(each)[len(each) // 2]
+    split = prefill_and_steps(model, ids, new_tokens)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     # the counts cover every timed call: divide by len(seconds_each) for one generate's
-    return (tokens, logits), {"seconds": seconds, "seconds_each": each,
+    return (tokens, logits), {"seconds": seconds, "seconds_each": each, **split,
                               "tokens_per_s": B * new_tokens / seconds,
                               "first_call_s": warm_s, "summaries": dict(kv_cache.STATS),
                               "decode_calls": dict(kv_cache.CALLS)}
@@ -137,6 +174,7 @@ def run_isolated(args, S, backend, eps, mode):
 
 
 GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_tokens_per_s_ratio_32k_within_noise",
+                 "generate_step_ratio_within_noise",
                  "generate_ratio_eps0", "decode_tokens_match", "decode_logits_within_noise",
                  "decode_certified_calls")
 
@@ -159,6 +197,16 @@ def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:
                           generate_commit=gen["env"].get("commit"))
     write_json(dec_path, dec)
     return dec["summary"]
+
+
+def split_ratios(dense: dict, ours: dict) -> dict:
+    """The default compile's prefill and step time over ours (above 1: ours faster), where both
+    runs split their generate (``prefill_and_steps``); a 32K prompt's prefill is a large part of
+    256 tokens' generate, and the decode op only touches the steps."""
+    def ratio(key):
+        a, b = dense.get(key), ours.get(key)
+        return a / b if a and b else None
+    return {"prefill_ratio": ratio("prefill_s"), "step_ratio": ratio("step_ms")}
 
 
 def bracket(rows: list, dense: dict, dense_after: dict | None) -> dict:
@@ -196,6 +244,8 @@ def summarize(rows: list, have_noise: bool) -> dict:
             "generate_eps": best and best["eps"],
             "generate_tokens_per_s_ratio_32k_within_noise": within_noise and within_noise["ratio"],
             "generate_eps_within_noise": within_noise and within_noise["eps"],
+            # the same row's decode steps alone (its prompt's prefill taken out)
+            "generate_step_ratio_within_noise": within_noise and within_noise.get("step_ratio"),
             "generate_ratio_eps0": dense_path[0] if dense_path else None,
             "decode_certified_calls": sum(r["aether"]["decode_calls"]["certified"]
                                           for r in certified),
@@ -247,7 +297,8 @@ def main(argv=None):
             print(f"S {S}: default compile with mode={mode} failed: {dense['error']}", flush=True)
         if dense_tokens is None:
             continue
-        print(f"S {S} mode {mode}: default compile {dense['tokens_per_s']:.1f} tok/s", flush=True)
+        print(f"S {S} mode {mode}: default compile {dense['tokens_per_s']:.1f} tok/s (prefill "
+              f"{dense.get('prefill_s')} s, step {dense.get('step_ms')} ms)", flush=True)
         noise = None
         if not args.no_eager:  # eager SDPA against the default compile: what dense alone varies
             eager_tokens, eager = run_isolated(args, S, "eager", 0.0, mode)
@@ -262,12 +313,13 @@ def main(argv=None):
             row["aether"] = ours
             if tokens is not None:
                 row.update(ratio=ours["tokens_per_s"] / dense["tokens_per_s"],
-                           **compare(tokens, dense_tokens))
+                           **split_ratios(dense, ours), **compare(tokens, dense_tokens))
                 if noise is not None:  # within the dense reference's own variation
                     row["logits_within_noise"] = row["max_logit_diff"] <= 2 * max(
                         noise["max_logit_diff"], 1e-6)
                 print(f"S {S} eps {eps:g}: aether {ours['tokens_per_s']:.1f} tok/s, ratio "
-                      f"{row['ratio']:.3f}, tokens match {row['tokens_match']} (first mismatch "
+                      f"{row['ratio']:.3f} (prefill {row['prefill_ratio']}, step "
+                      f"{row['step_ratio']}), tokens match {row['tokens_match']} (first mismatch "
                       f"{row['first_mismatch']}, max |dlogit| {row['max_logit_diff']:.3g}, "
                       f"near-tie {row.get('near_tie')}), summaries {ours['summaries']}, "
                       f"decode calls {ours['decode_calls']}", flush=True)

@@ -252,13 +252,13 @@ def test_generate_summary_counts_only_certified_rows_and_noise_level_matches(mon
 
     rows = [row(0.0, 0.9, 0, False, True, True),  # the ops' dense path: never the headline
             row(0.01, 1.2, 30, True, None, True),
-            row(0.1, 1.5, 60, False, True, True),  # parts at a near-tie: within noise only
+            {**row(0.1, 1.5, 60, False, True, True), "step_ratio": 1.1},  # parts at a near-tie
             row(0.3, 2.0, 90, False, False, False),  # parts for real: neither
             {"eps": 0.5, "aether": {"error": "timeout"}}]
     s = bench_generate.summarize(rows, have_noise=True)
     assert s["generate_tokens_per_s_ratio_32k"] == 1.2 and s["generate_eps"] == 0.01
     assert s["generate_tokens_per_s_ratio_32k_within_noise"] == 1.5
-    assert s["generate_eps_within_noise"] == 0.1
+    assert s["generate_eps_within_noise"] == 0.1 and s["generate_step_ratio_within_noise"] == 1.1
     assert s["generate_ratio_eps0"] == 0.9 and s["decode_certified_calls"] == 180
     assert s["decode_tokens_match"] is False and s["decode_logits_within_noise"] is False
     dense_only = bench_generate.summarize(rows[:1], have_noise=True)
@@ -342,3 +342,32 @@ def test_generate_ratio_against_the_faster_bracketing_dense_run(monkeypatch):
     failed_after = [{"eps": 0.01, "ratio": 1.5, "aether": {"tokens_per_s": 150.0}}]
     brk = bench_generate.bracket(failed_after, {"tokens_per_s": 100.0}, {"error": "exit 1"})
     assert failed_after[0]["ratio"] == 1.5 and brk["after_tokens_per_s"] is None
+
+
+def test_generate_splits_the_prompts_prefill_from_the_steps(monkeypatch):
+    """``prefill_and_steps`` times one generate to its first new token (the prompt's prefill) and
+    the mean step after it, on a small Llama on the CPU; ``split_ratios`` puts ours against the
+    default compile's."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_generate
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    clock = bench_generate.FirstTokenClock()
+    tokens, logits, seconds = bench_generate.generate(model, ids, 5, streamer=clock)
+    assert tokens.shape == (2, 5) and logits.shape == (5, 2, 64)
+    assert clock.puts == 6  # the prompt, then each new token
+    split = bench_generate.prefill_and_steps(model, ids, 5)
+    assert 0 < split["prefill_s"] and 0 < split["step_ms"]
+    assert bench_generate.prefill_and_steps(model, ids, 1) == {"prefill_s": None, "step_ms": None}
+    r = bench_generate.split_ratios({"prefill_s": 0.8, "step_ms": 4.0},
+                                    {"prefill_s": 0.2, "step_ms": 5.0})
+    assert r == {"prefill_ratio": 4.0, "step_ratio": 0.8}
+    assert bench_generate.split_ratios({"prefill_s": None}, {"prefill_s": 0.2}) == {
+        "prefill_ratio": None, "step_ratio": None}
