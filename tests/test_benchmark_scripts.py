@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -365,6 +366,22 @@ def test_generate_splits_the_prompts_prefill_from_the_steps(monkeypatch):
     assert clock.puts == 6  # the prompt, then each new token
     split = bench_generate.prefill_and_steps(model, ids, 5)
     assert 0 < split["prefill_s"] and 0 < split["step_ms"]
+
+    # the split's arithmetic on a clock that generate advances: the prompt handed over at 0 s,
+    # the first new token at 1 s (the prefill), then one token every 0.5 s
+    now = [0.0]
+    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: now[0])
+
+    class Timed:
+        def generate(self, ids, max_new_tokens, streamer=None, **kw):
+            streamer.put(ids)
+            for i in range(max_new_tokens):
+                now[0] = 1.0 + 0.5 * i
+                streamer.put(ids[:, :1])
+            return types.SimpleNamespace(sequences=torch.zeros(2, 24 + max_new_tokens),
+                                         scores=[torch.zeros(2, 64)] * max_new_tokens)
+    assert bench_generate.prefill_and_steps(Timed(), ids, 5) == {"prefill_s": 1.0,
+                                                                 "step_ms": 500.0}
     assert bench_generate.prefill_and_steps(model, ids, 1) == {"prefill_s": None, "step_ms": None}
     r = bench_generate.split_ratios({"prefill_s": 0.8, "step_ms": 4.0},
                                     {"prefill_s": 0.2, "step_ms": 5.0})
