@@ -837,8 +837,8 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
 
 
 # Row tails are off by default (they cost more time than they save on the H100): CPU CI keeps
-# two cases through the interpreter; the mask and GQA/batch ones (40 s there) run with -m "" and
-# on the GPU (gpu_session.sh prefill_head)
+# these two cases through the interpreter; the mask and GQA/batch ones (40 s there), the gate's
+# and the prepared pass's run with -m "" and on the GPU (gpu_session.sh prefill_head)
 @pytest.mark.parametrize("case", ["full-fp16", "causal-bf16",
                                   pytest.param("float-mask-fp16", marks=pytest.mark.slow),
                                   pytest.param("gqa-batch2", marks=pytest.mark.slow)])
@@ -906,8 +906,8 @@ def test_row_tails_search_only_tiles_past_the_least_count(monkeypatch):
         < kept_tile.sum()
 
 
-@pytest.mark.parametrize("masked", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["no-mask", "float-mask"])
+@pytest.mark.slow  # row tails are off by default; 15-28 s a case through the interpreter
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "float-mask"])
 def test_prepared_pass_row_tails_read_the_plans_geometry(masked, monkeypatch):
     """Compiled graphs' pass gets the plan's key geometry and mask maxima from ``prepare_pass``:
     with row tails it keeps what the eager forward keeps (out, lse, kept bit for bit), fewer
