@@ -214,14 +214,12 @@ def bracket(rows: list, dense: dict, dense_after: dict | None) -> dict:
     aether rows (one before them, one after): a drift over the run (clocks, the host) then
     counts against us, not for us. The first run's ratio stays as ``ratio_first_dense``.
     Returns the bracket's record: both runs' tokens/s and their ratio (the drift)."""
-    best = dense["tokens_per_s"]
-    if dense_after is not None and "tokens_per_s" in dense_after:
-        best = max(best, dense_after["tokens_per_s"])
+    after = (dense_after or {}).get("tokens_per_s")  # None where the second run failed
+    best = max(dense["tokens_per_s"], after or 0.0)
     for r in rows:
         if "ratio" in r:
             r.setdefault("ratio_first_dense", r["ratio"])
             r["ratio"] = r["aether"]["tokens_per_s"] / best
-    after = dense_after.get("tokens_per_s") if dense_after else None
     return {"before_tokens_per_s": dense["tokens_per_s"], "after_tokens_per_s": after,
             "after_over_before": after and after / dense["tokens_per_s"],
             "reference_tokens_per_s": best}
