@@ -17,6 +17,7 @@
 #   decode_fresh        train_long_lm, then decode with its weights, in one call
 #   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
 #                       prompt's prefill apart from the steps; aether with decode=False profiled)
+#   generate_profile_b8 generate's prefill and steps split and profiled at batch 8, 32K (CKPT)
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -152,6 +153,17 @@ case "${1:-zoo}" in
     timeout 300 python3 benchmarks/profile_generate.py --ckpt "${CKPT:-$OUT/long_lm.pt}" --length 32768 \
       --batch 4 --steps 32 --profile aether_prefill --out "$OUT" > "$OUT/profile_generate.txt" 2>&1
     tail -n 20 "$OUT/profile_generate.txt"
+    ;;
+  generate_profile_b8)  # the decode step's host time in generate at batch 8, 32K (CKPT): the
+                       # default compile against aether with decode=True at eps 1e-2 and at
+                       # eps 0, each profiled (host time per op, with callees)
+    for eps in 0.01 0; do
+      timeout 270 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
+        --steps 32 --eps $eps --profile aether \
+        --backends $([ $eps = 0 ] && echo aether || echo inductor aether) \
+        --out "$OUT/eps$eps" > "$OUT/profile_generate_eps$eps.txt" 2>&1
+      grep -E "^(inductor|aether)" "$OUT/profile_generate_eps$eps.txt"
+    done
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
