@@ -47,6 +47,15 @@ except ImportError:  # pragma: no cover - older torch
         return hasher.digest()
 
 
+# Tags of an op whose Python must run at every call: the key summary's version checks (a cache
+# written behind our back is noticed only there) and the decode path's lagged choice. A CUDA
+# graph would replay the kernels its capture launched and skip that Python, so Inductor leaves
+# such an op out of its CUDA graphs: with graph partitions (Inductor's default) the op runs
+# between two partitions' replays, without them the graph runs without CUDA graphs.
+HOST_EVERY_CALL_TAGS = ((torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe")
+                        else ())
+
+
 def custom_passes(value: Any) -> list[Callable]:
     """The passes a ``pre_grad_custom_pass`` config value stands for (None, callable or list)."""
     if value is None:

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from aether_compile import settings
+from aether_compile import _compat, settings
 from aether_compile.kernels import decode as kernel_decode
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import decode_reference
@@ -100,7 +100,8 @@ def _version(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
-@torch.library.custom_op("aether::key_cache_index_copy_", mutates_args=("cache",))
+@torch.library.custom_op("aether::key_cache_index_copy_", mutates_args=("cache",),
+                         tags=_compat.HOST_EVERY_CALL_TAGS)
 def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor,
                           graph_bumps: int = 0) -> None:
     """``cache.index_copy_(dim, index, source)``, keeping ``cache``'s summary up to date: a
@@ -142,7 +143,8 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
         summary_for(cache, pending_bumps=post)
 
 
-@torch.library.custom_op("aether::key_cache_cat", mutates_args=())
+@torch.library.custom_op("aether::key_cache_cat", mutates_args=(),
+                         tags=_compat.HOST_EVERY_CALL_TAGS)
 def key_cache_cat(past: Tensor, new: Tensor) -> Tensor:
     """``torch.cat([past, new], dim=-2)`` for a cache that grows by concatenation (transformers'
     default dynamic cache), carrying ``past``'s summary over to the result when it still
@@ -241,7 +243,8 @@ def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) ->
     return None
 
 
-@torch.library.custom_op("aether::decode_attention", mutates_args=())
+@torch.library.custom_op("aether::decode_attention", mutates_args=(),
+                         tags=_compat.HOST_EVERY_CALL_TAGS)
 def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                      is_causal: bool, scale: Optional[float], eps: Optional[float]) -> Tensor:
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True) for a few query

@@ -154,16 +154,25 @@ case "${1:-zoo}" in
       --batch 4 --steps 32 --profile aether_prefill --out "$OUT" > "$OUT/profile_generate.txt" 2>&1
     tail -n 20 "$OUT/profile_generate.txt"
     ;;
-  generate_profile_b8)  # the decode step's host time in generate at batch 8, 32K (CKPT): the
-                       # default compile against aether with decode=True at eps 1e-2 and at
-                       # eps 0, each profiled (host time per op, with callees)
-    for eps in 0.01 0; do
-      timeout 270 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
-        --steps 32 --eps $eps --profile aether \
-        --backends $([ $eps = 0 ] && echo aether || echo inductor aether) \
-        --out "$OUT/eps$eps" > "$OUT/profile_generate_eps$eps.txt" 2>&1
-      grep -E "^(inductor|aether)" "$OUT/profile_generate_eps$eps.txt"
-    done
+  generate_profile_b8)  # generate at batch 8, 32K (CKPT): the GPU test of generate under CUDA
+                       # graphs; the prompt's prefill and the steps split, the default compile
+                       # against aether (eps 1e-2) profiled per op in the default mode; aether
+                       # with Inductor's CUDA graphs (its decode ops run between graphs) at eps
+                       # 1e-2 and 0; last the default compile with reduce-overhead (it crashed
+                       # at 922ec31 on torch 2.11)
+    $T 150 $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
+      -k "cuda_graphs" > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    split() {  # tag timeout backend eps [--profile backends]
+      timeout $2 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
+        --steps 32 --backends $3 --eps $4 "${@:5}" --tag "_b8_$1" --out "$OUT" \
+        > "$OUT/profile_generate_$1.txt" 2>&1
+      echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
+    }
+    split default_eps0.01 220 "inductor aether" 0.01 --profile inductor aether
+    split cudagraphs_eps0.01 120 aether_cudagraphs 0.01 --profile aether_cudagraphs
+    split cudagraphs_eps0 90 aether_cudagraphs 0 --profile
+    split inductor_cudagraphs 100 inductor_cudagraphs 0 --profile
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with

@@ -48,20 +48,29 @@ def _generate(model, ids, new_tokens: int, streamer=None):
 def split(ckpt, S, B, backend, eps, steps, profile, device):
     """(prefill seconds, decode ms per step, profile table or None) for one backend:
     "inductor" (the default compile), "aether_prefill" (aether without decode=True: the
-    prompt's attention rewritten, decode steps SDPA) or "aether" (decode=True). Every generate
+    prompt's attention rewritten, decode steps SDPA) or "aether" (decode=True); with
+    "_cudagraphs" appended (the default compile's "inductor_cudagraphs", "aether_cudagraphs"),
+    under mode="reduce-overhead" (aether: that mode's Inductor options). Every generate
     makes the same number of tokens: the static cache's length, hence the graphs, stay."""
     import train_stdlib_lm as lm
 
     torch._dynamo.reset()
     kv_cache.forget_summaries()
     model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
+    graphs = backend.endswith("_cudagraphs")  # mode="reduce-overhead": Inductor's CUDA graphs
     if backend.startswith("aether"):  # "aether_prefill": decode calls left to SDPA
-        options = {"eps": eps, "decode": backend == "aether", "allow_cpu": device == "cpu"}
+        from aether_compile import _compat
+
+        options = {"eps": eps, "decode": backend != "aether_prefill",
+                   "allow_cpu": device == "cpu",
+                   **(_compat.mode_options("reduce-overhead") if graphs else {})}
         model.forward = torch.compile(model.forward, backend="aether", options=options)
     else:
-        model.forward = torch.compile(model.forward)
+        model.forward = torch.compile(model.forward, mode="reduce-overhead" if graphs else None)
     ids = bg.prompt_ids(S, B, device) if B > 1 else bg.prompt_ids(S, 2, device)[:1]
     _generate(model, ids, steps)  # compiles prefill and decode
+    if graphs:
+        _generate(model, ids, steps)  # records the CUDA graphs (the first call warmed up)
     kv_cache.CALLS.clear()
     clock = _Clock()
     bg._sync()
@@ -86,6 +95,9 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
     return rec, table
 
 
+BACKENDS = ["inductor", "aether_prefill", "aether", "inductor_cudagraphs", "aether_cudagraphs"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
@@ -93,12 +105,13 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--profile", nargs="*", default=["aether"],
-                    choices=["inductor", "aether_prefill", "aether"],
+                    choices=BACKENDS,
                     help="the backends whose steps are profiled (none: --profile alone)")
     ap.add_argument("--backends", nargs="+", default=["inductor", "aether_prefill", "aether"],
-                    choices=["inductor", "aether_prefill", "aether"])
+                    choices=BACKENDS)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"env": env_record(), "config": vars(args), "rows": {}}
@@ -110,8 +123,8 @@ def main(argv=None):
         if table:
             print(f"== profile: {backend}\n{table}", flush=True)
     if args.out:
-        write_json(os.path.join(args.out, f"profile_generate_{card_tag(record['env'])}.json"),
-                   record)
+        write_json(os.path.join(args.out, f"profile_generate_{card_tag(record['env'])}"
+                                          f"{args.tag}.json"), record)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,23 @@ def test_inside_torch_compile_the_summary_is_updated_not_rebuilt():
     assert _summaries_equal(kv_cache.summary_for(k), decode.summarize_keys(k))
 
 
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"),
+                    reason="this torch has no cudagraph_unsafe tag")
+@pytest.mark.parametrize("name", ["key_cache_index_copy_", "key_cache_cat", "decode_attention"])
+def test_the_decode_ops_stay_out_of_cuda_graphs(name):
+    """Their Python (the version checks that notice a cache written behind our back, the lagged
+    choice) must run every step: a CUDA graph would replay only the kernels a capture launched.
+    Inductor leaves ops with this tag out of its graphs (tests/passes/test_rewrite_decode.py
+    runs generate under CUDA graphs on the GPU)."""
+    import torch._inductor.utils as inductor_utils
+
+    op = getattr(torch.ops.aether, name).default
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    if hasattr(inductor_utils, "is_cudagraph_unsafe_fx_node"):  # what Inductor asks (2.13)
+        node = torch.fx.Graph().call_function(op, ())
+        assert inductor_utils.is_cudagraph_unsafe_fx_node(node)
+
+
 def test_the_dispatchers_version_bumps_were_measured_outside_any_op():
     """Measured from inside another op's body the dispatcher shows no bump at all, and every
     write would then look like one made behind our back."""

@@ -92,6 +92,38 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
     assert kv_cache.STATS["rebuilt"] + kv_cache.STATS["dropped"] >= LAYERS
 
 
+@pytest.mark.gpu
+def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh):
+    """With Inductor's CUDA graphs (what mode="reduce-overhead" turns on) the rest of each step
+    replays from graphs while the decode ops run their Python every step, between two graphs:
+    every key write updates the summary (counted per step, so the checks ran), a second prompt
+    in the same buffers is noticed, and the tokens equal dense decoding's."""
+    from torch._dynamo.utils import counters
+
+    model = _lm("llama").cuda().half()
+    prompt = {k: v.cuda() for k, v in _prompt().items()}
+    want, want_scores = _generate(model, prompt, cache_implementation="static")
+    model.forward = torch.compile(
+        model.forward, backend="aether",
+        options={"eps": 1e-3, "decode": True, "triton.cudagraphs": True})
+    counters.clear()
+    for _ in range(3):  # warm-up, capture, replay
+        kv_cache.STATS.clear()
+        got, scores = _generate(model, prompt, cache_implementation="static")
+        assert torch.equal(got, want)
+        assert (scores - want_scores).abs().max() < 2e-2 * want_scores.abs().max()
+    # the last generate replayed: its writes still went through the op's Python, one per layer
+    # and decode step (the prompt's own write too), each finding its summary current or, the
+    # first after transformers reset the buffers, re-summarising
+    assert kv_cache.STATS["updated"] >= LAYERS * (NEW_TOKENS - 1), dict(kv_cache.STATS)
+    assert kv_cache.STATS["rebuilt"] + kv_cache.STATS["dropped"] >= LAYERS, dict(kv_cache.STATS)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    prompt2 = {k: v.cuda() for k, v in _prompt(seed=1).items()}
+    want2, _ = _generate(_lm("llama").cuda().half(), prompt2, cache_implementation="static")
+    got2, _ = _generate(model, prompt2, cache_implementation="static")
+    assert torch.equal(got2, want2)
+
+
 def test_dynamic_cache_generate_matches_dense(_fresh):
     """Without decode=True the default cache's decode calls are ordinary SDPA sites
     (aether::attention), and the tokens still equal dense decoding's."""
