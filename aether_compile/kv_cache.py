@@ -15,9 +15,9 @@ which every in-place write bumps (``index_copy_``, ``zero_``, ``copy_``: a new p
 same buffers, beam reordering). The write op updates the summary only when the cache is still at
 the version it recorded, and records the new one; the decode op re-summarises from scratch (one
 read of K) whenever the versions differ. So a cache written behind our back costs one full read,
-never a wrong certificate. Under CUDA-graph replay no host code runs and versions are not
-checked: there every write must go through the compiled graphs (transformers' generate does;
-docs/decode.md lists what does not).
+never a wrong certificate. The three ops carry torch's ``cudagraph_unsafe`` tag: under
+Inductor's CUDA graphs (``mode="reduce-overhead"``) they run, Python and all, between two
+graphs' replays, so the checks hold there too.
 """
 
 from __future__ import annotations
