@@ -18,7 +18,8 @@ kept fraction per layer), ``decode_sweep`` (its kernels' meta-parameter sweep),
 launch variants and Flex on the same blocks, sweep_prefill_kernels.py), ``row_tails`` (what the
 pass's kernels keep with row tails and without, research/row_tails_kept.py), ``row_tails_sweep``
 (the pass's time at each row-tail setting, sweep_prefill_kernels.py), ``decode_dense_probe``
-(the decode op's dense route against cuDNN's, profile_decode_dense.py). The prose around
+(the decode op's dense route against cuDNN's, profile_decode_dense.py), ``generate``
+(bench_generate's rows: tokens/s, prefill and step apart). The prose around
 the tables is written by hand; the numbers in the tables are not.
 """
 
@@ -279,11 +280,48 @@ def decode_dense_probe_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def generate_table(record: dict, _arg=None) -> list[str]:
+    """bench_generate: each aether row's generate against the default compile (tokens/s of the
+    timed calls' median, against the faster of the two default-compile runs bracketing the
+    aether rows), and one more call of each split into the prompt's prefill and the mean step."""
+    env, cfg = record["env"], record["config"]
+    brackets = "; ".join(
+        f"default compile at {int(S) // 1024}K {b['before_tokens_per_s']:.0f} and "
+        + (f"{b['after_tokens_per_s']:.0f}" if b.get("after_tokens_per_s") else "—")
+        + " tok/s (before and after the aether rows)"
+        for S, b in (record.get("dense_bracket") or {}).items())
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, transformers "
+            f"{env.get('transformers')}, commit {env.get('commit')}; batch {cfg['batch']}, "
+            f"{cfg['new_tokens']} new tokens; {brackets}", "",
+            "| prompt | mode | ε | tok/s | ratio | prefill s (default, ours) | step ms (default, "
+            "ours) | decode calls certified / all | tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        ours, dense = r["aether"], r["dense"]
+        if "ratio" not in r:
+            rows.append(f"| {r['prompt'] // 1024}K | {r['mode']} | {r['eps']:g} | "
+                        f"{ours.get('error', '—')} | | | | | |")
+            continue
+        calls = ours.get("decode_calls") or {}
+        n_calls = calls.get("certified", 0) + calls.get("dense", 0) or sum(calls.values())
+        tokens = ("match" if r["tokens_match"] else
+                  f"differ from token {r['first_mismatch']}"
+                  + (" (near-tie)" if r.get("near_tie") else ""))
+
+        def pair(key, scale=1.0, digits=3):
+            a, b = dense.get(key), ours.get(key)
+            return "—" if a is None or b is None else f"{a * scale:.{digits}g}, {b * scale:.{digits}g}"
+        rows.append(f"| {r['prompt'] // 1024}K | {r['mode']} | {r['eps']:g} | "
+                    f"{ours['tokens_per_s']:.0f} | {r['ratio']:.3f} | {pair('prefill_s')} | "
+                    f"{pair('step_ms')} | {calls.get('certified', 0)} / {n_calls} | {tokens} |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
          "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table,
          "prefill_pass": prefill_pass_table, "row_tails": row_tails_table,
-         "row_tails_sweep": row_tails_sweep_table, "decode_dense_probe": decode_dense_probe_table}
+         "row_tails_sweep": row_tails_sweep_table, "decode_dense_probe": decode_dense_probe_table,
+         "generate": generate_table}
 
 
 def render(page: str) -> str:
