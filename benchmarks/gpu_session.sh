@@ -160,7 +160,7 @@ case "${1:-zoo}" in
                        # with Inductor's CUDA graphs (its decode ops run between graphs) at eps
                        # 1e-2; with GRAPHS_BASELINE=1 last the default compile with
                        # reduce-overhead (it crashed at 922ec31 on torch 2.11)
-    $T 90 $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
+    $T ${TEST_S:-90} $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
       -k "cuda_graphs" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     split() {  # tag timeout backend eps [--profile backends]
@@ -169,8 +169,8 @@ case "${1:-zoo}" in
         > "$OUT/profile_generate_$1.txt" 2>&1
       echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
     }
-    split default_eps0.01 170 "inductor aether" 0.01 --profile inductor aether
-    split cudagraphs_eps0.01 110 aether_cudagraphs 0.01 --profile aether_cudagraphs
+    split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 --profile inductor aether
+    [ -z "${DEFAULT_ONLY:-}" ] && split cudagraphs_eps0.01 110 aether_cudagraphs 0.01 --profile aether_cudagraphs
     [ -n "${GRAPHS_BASELINE:-}" ] && split inductor_cudagraphs 80 inductor_cudagraphs 0 --profile
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
