@@ -18,6 +18,7 @@
 #   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
 #                       prompt's prefill apart from the steps; aether with decode=False profiled)
 #   generate_profile_b8 generate's prefill and steps split and profiled at batch 8, 32K (CKPT)
+#   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -172,6 +173,18 @@ case "${1:-zoo}" in
     split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 --profile inductor aether
     [ -z "${DEFAULT_ONLY:-}" ] && split cudagraphs_eps0.01 110 aether_cudagraphs 0.01 --profile aether_cudagraphs
     [ -n "${GRAPHS_BASELINE:-}" ] && split inductor_cudagraphs 80 inductor_cudagraphs 0 --profile
+    ;;
+  generate_graphs_short)  # little device time: the default compile (default mode) and aether
+                         # under Inductor's CUDA graphs (eps 1e-2) at batch 8, 32K (CKPT),
+                         # prefill and step apart; its decode_calls count the decode op's
+                         # Python running at every step of a replayed generate
+    split() {
+      timeout $2 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
+        --steps 32 --backends $3 --eps $4 --profile --tag "_b8_$1" --out "$OUT" \
+        > "$OUT/profile_generate_$1.txt" 2>&1
+      echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
+    }
+    split graphs_eps0.01 ${SPLIT_S:-170} "inductor aether_cudagraphs" 0.01
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
