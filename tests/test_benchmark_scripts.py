@@ -256,7 +256,13 @@ def test_generate_summary_counts_only_certified_rows_and_noise_level_matches(mon
             {**row(0.1, 1.5, 60, False, True, True), "step_ratio": 1.1},  # parts at a near-tie
             row(0.3, 2.0, 90, False, False, False),  # parts for real: neither
             {"eps": 0.5, "aether": {"error": "timeout"}}]
-    s = bench_generate.summarize(rows, have_noise=True)
+    # --graphs rows (aether under CUDA graphs, the default compile without): apart, never the
+    # headline, however fast
+    graphs = [{**row(0.01, 3.0, 30, True), "mode": "reduce-overhead", "dense_mode": "default"},
+              {**row(0.1, 4.0, 60, False, False, False), "mode": "reduce-overhead",
+               "dense_mode": "default"}]
+    s = bench_generate.summarize(rows + graphs, have_noise=True)
+    assert s["generate_ratio_cudagraphs"] == 3.0  # the 4.0 row parts for real
     assert s["generate_tokens_per_s_ratio_32k"] == 1.2 and s["generate_eps"] == 0.01
     assert s["generate_tokens_per_s_ratio_32k_within_noise"] == 1.5
     assert s["generate_eps_within_noise"] == 0.1 and s["generate_step_ratio_within_noise"] == 1.1
@@ -264,6 +270,7 @@ def test_generate_summary_counts_only_certified_rows_and_noise_level_matches(mon
     assert s["decode_tokens_match"] is False and s["decode_logits_within_noise"] is False
     dense_only = bench_generate.summarize(rows[:1], have_noise=True)
     assert dense_only["generate_tokens_per_s_ratio_32k"] is None
+    assert dense_only["generate_ratio_cudagraphs"] is None
     assert dense_only["decode_tokens_match"] is None
 
 
