@@ -314,9 +314,10 @@ case "${1:-zoo}" in
   generate_b8)  # generate at batch 8 and 32K (the size from which decode may certify), CKPT: the
                 # long LM's weights carried as .ckpt. Six child processes (default compile,
                 # eager, eps 0 / 0.01 / 0.1, default compile again), each compiling cold on a
-                # fresh machine (a row took over 60 s there: 110 s each)
+                # fresh machine (a row took over 60 s there: 110 s each). GRAPHS=1: the eps
+                # rows again under CUDA graphs (GENERATE_EPS=0.1 GRAPHS=1 fits one call)
     timeout ${GENERATE_S:-560} python3 benchmarks/bench_generate.py --ckpt "$CKPT" --batch 8 \
-      --mode default --row-timeout-s 110 --eps ${GENERATE_EPS:-0 0.01 0.1} --out "$OUT" \
+      --mode default --row-timeout-s 110 --eps ${GENERATE_EPS:-0 0.01 0.1} ${GRAPHS:+--graphs} --out "$OUT" \
       > "$OUT/bench_generate.txt" 2>&1
     tail -n 16 "$OUT/bench_generate.txt"
     ;;

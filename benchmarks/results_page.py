@@ -280,13 +280,17 @@ def decode_dense_probe_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def generate_table(record: dict, _arg=None) -> list[str]:
     """bench_generate: each aether row's generate against the default compile (tokens/s of the
     timed calls' median, against the faster of the two default-compile runs bracketing the
     aether rows), and one more call of each split into the prompt's prefill and the mean step."""
     env, cfg = record["env"], record["config"]
     brackets = "; ".join(
-        f"default compile at {int(S) // 1024}K {b['before_tokens_per_s']:.0f} and "
+        f"default compile at {_tokens(int(S))} {b['before_tokens_per_s']:.0f} and "
         + (f"{b['after_tokens_per_s']:.0f}" if b.get("after_tokens_per_s") else "—")
         + " tok/s (before and after the aether rows)"
         for S, b in (record.get("dense_bracket") or {}).items())
@@ -298,7 +302,7 @@ def generate_table(record: dict, _arg=None) -> list[str]:
     for r in record["rows"]:
         ours, dense = r["aether"], r["dense"]
         if "ratio" not in r:
-            rows.append(f"| {r['prompt'] // 1024}K | {r['mode']} | {r['eps']:g} | "
+            rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {r['eps']:g} | "
                         f"{ours.get('error', '—')} | | | | | |")
             continue
         calls = ours.get("decode_calls") or {}
@@ -310,7 +314,7 @@ def generate_table(record: dict, _arg=None) -> list[str]:
         def pair(key, scale=1.0, digits=3):
             a, b = dense.get(key), ours.get(key)
             return "—" if a is None or b is None else f"{a * scale:.{digits}g}, {b * scale:.{digits}g}"
-        rows.append(f"| {r['prompt'] // 1024}K | {r['mode']} | {r['eps']:g} | "
+        rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {r['eps']:g} | "
                     f"{ours['tokens_per_s']:.0f} | {r['ratio']:.3f} | {pair('prefill_s')} | "
                     f"{pair('step_ms')} | {calls.get('certified', 0)} / {n_calls} | {tokens} |")
     return rows
