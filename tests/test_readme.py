@@ -50,3 +50,26 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if not target.startswith("http"):
             assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_test_shards_split_the_selected_tests_between_them():
+    """CI runs the test command as shards at once (AETHER_TEST_SHARD=i/n, tests/conftest.py):
+    together they select exactly what the command alone selects, each test once; a bad value
+    is an error naming it."""
+    def collected(shard):
+        env = {**os.environ, "AETHER_TEST_SHARD": shard}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "--collect-only", "-m", "not slow", "tests/test_readme.py",
+                               "tests/test_layout.py"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        ids = [line for line in proc.stdout.splitlines() if "::" in line]
+        return proc, ids
+
+    _, everything = collected("")
+    _, first = collected("0/2")
+    _, second = collected("1/2")
+    assert len(everything) >= 6 and first and second
+    assert sorted(first + second) == sorted(everything) and not set(first) & set(second)
+    proc, _ = collected("2/2")
+    assert proc.returncode != 0 and "AETHER_TEST_SHARD" in proc.stdout + proc.stderr
+    assert "'2/2'" in proc.stdout + proc.stderr
