@@ -4,10 +4,10 @@ import pytest
 import torch
 
 
-def _shard(config) -> tuple[int, int] | None:
+def _shard(value: str) -> tuple[int, int] | None:
     """AETHER_TEST_SHARD=i/n: run every n-th selected test from the i-th (CI runs the README's
     test command as two such shards at once, one per core). Unset: every test."""
-    value = os.environ.get("AETHER_TEST_SHARD", "").strip()
+    value = value.strip()
     if not value:
         return None
     try:
@@ -19,9 +19,15 @@ def _shard(config) -> tuple[int, int] | None:
     return index, count
 
 
+def pytest_configure(config):
+    # taken out of the environment: a test that runs pytest in a child process (on the whole
+    # of a file) must not have the child shard it again
+    config.aether_shard = _shard(os.environ.pop("AETHER_TEST_SHARD", ""))
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected: shards split what runs
 def pytest_collection_modifyitems(config, items):
-    shard = _shard(config)
+    shard = config.aether_shard
     if shard is not None:
         index, count = shard
         # round robin in collection order: each shard gets every file's cheap and costly cases
