@@ -137,6 +137,17 @@ def sweep_attention(N: int) -> dict:
                                                                 certify=True), rep=20)
     finally:
         kernel_forward.launch_config, launch.KEY_STEP = real, real_step
+    # the visit loops warp-specialized (forward.WARP_SPECIALIZE; loads in producer warps), at the
+    # op's own launch configuration: an error string where this Triton or card refuses it
+    real_ws = kernel_forward.WARP_SPECIALIZE
+    try:
+        kernel_forward.WARP_SPECIALIZE = True
+        times["warp_specialized"] = bench(
+            lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
+                                                    certify=True), rep=20)
+        print(f"attention {N} warp_specialized: {times['warp_specialized']}", flush=True)
+    finally:
+        kernel_forward.WARP_SPECIALIZE = real_ws
     step = launch.key_step(plan.block_n, "cuda")
     # the probe's length and the re-certification step (forward.PROBE_BLOCKS, RECERT_BLOCKS):
     # the visit is cut into loops of that many blocks, each pipelined apart

@@ -199,6 +199,7 @@ def _attention_kernel(
     PROBE: tl.constexpr, RECERT: tl.constexpr, ROW_TAILS: tl.constexpr,
     EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr, ROW_ANCHOR: tl.constexpr,
     ROW_ANCHOR_LOG2: tl.constexpr, ROW_MIN_VISIT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -300,7 +301,7 @@ def _attention_kernel(
                     n_visit = tl.minimum(n_visit, row_n)
             while p0 < n_visit:
                 p1 = tl.minimum(n_visit, p0 + tl.maximum(RECERT, (n_visit - p0) // 2))
-                for p in range(p0, p1):
+                for p in tl.range(p0, p1, warp_specialize=WARP_SPECIALIZE):
                     j = tl.load(Order + plan + p).to(tl.int64)
                     m_i, l_i, acc = _visit_block(
                         m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
@@ -322,7 +323,7 @@ def _attention_kernel(
                         n_visit = tl.minimum(n_visit, row_n)
             tl.store(NVisit + pid, n_visit)
         else:
-            for p in range(first, n_visit):
+            for p in tl.range(first, n_visit, warp_specialize=WARP_SPECIALIZE):
                 j = tl.load(Order + plan + p).to(tl.int64)
                 m_i, l_i, acc = _visit_block(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
@@ -380,6 +381,11 @@ ROW_SCAN_BLOCKS = 32
 # the pass at 128K against the tile's tail alone: ungated 1.199x the time for 0.787x the blocks,
 # 32: 1.036x for 0.790x, 48: 1.016x for 0.797x (sweep_prefill_kernels' row_tails part).
 ROW_MIN_VISIT_BLOCKS = 48
+# The visit loops as Triton warp-specialized loops (``tl.range(..., warp_specialize=True)``:
+# loads in producer warps, the dots and softmax in consumer warps). Off until measured on the
+# GPU against the plain pipelined loops and Flex on the same blocks (sweep_prefill_kernels'
+# attention part times both); issue 22 needs the pass nearer cuDNN's throughput per block.
+WARP_SPECIALIZE = False
 
 
 def recert_blocks(n_key_blocks=None) -> int:
@@ -482,7 +488,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         RECERT=recert, ROW_TAILS=geometry is not None,
         EXTRA_SLACK=ROW_BOUND_BF16_SLACK if query.dtype == torch.bfloat16 else 0.0,
         ROW_SCAN=ROW_SCAN_BLOCKS, ROW_ANCHOR=ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2=ROW_ANCHOR_LOG2,
-        ROW_MIN_VISIT=ROW_MIN_VISIT_BLOCKS,
+        ROW_MIN_VISIT=ROW_MIN_VISIT_BLOCKS, WARP_SPECIALIZE=WARP_SPECIALIZE,
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

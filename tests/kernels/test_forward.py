@@ -836,6 +836,45 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
     assert rel_err(out, ref) < REL_TOL[torch.float16]
 
 
+def test_warp_specialized_visit_loops_keep_the_same_blocks_and_output(monkeypatch):
+    """forward.WARP_SPECIALIZE reaches the attention kernel's launch, and the warp-specialized
+    visit loops (re-certified and fixed) keep the same blocks and give the same output as the
+    plain loops, within the certificate (float64). Triton's interpreter runs both loops alike;
+    on CUDA this compares the two compiled kernels (sweep_prefill_kernels times them)."""
+    q, k, v = WORKLOADS["clustered"](1, 2, 512, 32, dtype=torch.float16, device=DEVICE, seed=3,
+                                     run=16, centers=2)
+    eps = 1e-2
+    monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")  # the re-certified loop at this length
+    seen, launch_real = [], launch.traceable
+
+    def traceable(kernel):
+        if kernel is kernel_forward._attention_kernel:
+            launcher = launch_real(kernel)
+
+            class Recording:
+                def __getitem__(self, grid):
+                    def run(*args, **kwargs):
+                        seen.append(kwargs["WARP_SPECIALIZE"])
+                        return launcher[grid](*args, **kwargs)
+                    return run
+            return Recording()
+        return launch_real(kernel)
+
+    monkeypatch.setattr(kernel_forward, "traceable", traceable)
+    results = {}
+    for ws in (False, True):
+        monkeypatch.setattr(kernel_forward, "WARP_SPECIALIZE", ws)
+        out, _, kept = triton_attention(q, k, v, None, False, None, False, eps, BM, BN)
+        results[ws] = out, kept
+    assert seen and set(seen) == {False, True}
+    assert torch.equal(results[True][1], results[False][1])
+    assert rel_err(results[True][0], results[False][0]) < REL_TOL[torch.float16]
+    assert float(dropped_mass(q, k, results[True][1], BM, BN).max()) <= eps
+    ref = restricted_attention(q.double(), k.double(), v.double(), None, False, None,
+                               results[True][1], BM, BN)
+    assert rel_err(results[True][0], ref) < REL_TOL[torch.float16]
+
+
 # Row tails are off by default (they cost more time than they save on the H100): CPU CI keeps
 # these two cases through the interpreter; the mask and GQA/batch ones (40 s there), the gate's
 # and the prepared pass's run with -m "" and on the GPU (gpu_session.sh prefill_head)
