@@ -18,6 +18,8 @@
 #   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
 #                       prompt's prefill apart from the steps; aether with decode=False profiled)
 #   generate_profile_b8 generate's prefill and steps split and profiled at batch 8, 32K (CKPT)
+#   prefill_ws          the warp-specialized visit loops: their GPU test, then the pass's variants
+#                       and Flex on the same blocks at 128K and 32K (issue 22)
 #   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
@@ -303,6 +305,16 @@ case "${1:-zoo}" in
     timeout ${PREFILL_S:-150} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^recert|^attention|Error" "$OUT/sweep_prefill.txt"
+    ;;
+  prefill_ws)  # issue 22's next lever: the GPU test of the warp-specialized visit loops, then
+               # the pass's variants at 128K and 32K with the warp-specialized one among them and
+               # Flex on the same blocks (sweep_prefill_kernels' attention part)
+    $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
+      > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -6
+    timeout ${PREFILL_S:-400} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
+      --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_attention.txt" 2>&1
+    grep -E "^attention [0-9]+ warp|^attention [0-9]+:|Error" "$OUT/sweep_attention.txt" | cut -c1-600
     ;;
   row_tails_sweep)  # what might make row tails pay (they are off): the pass at 128K and 64K over
                     # the anchor's reach and tail, the scan's chunk; the tile's tail and no
