@@ -18,8 +18,8 @@
 #   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
 #                       prompt's prefill apart from the steps; aether with decode=False profiled)
 #   generate_profile_b8 generate's prefill and steps split and profiled at batch 8, 32K (CKPT)
-#   prefill_ws          the warp-specialized visit loops: their GPU test, then the pass's variants
-#                       and Flex on the same blocks at 128K and 32K (issue 22)
+#   prefill_ws          the warp-specialized visit loops and TMA loads: their GPU tests, then the
+#                       pass's variants and Flex on the same blocks at 128K and 32K (issue 22)
 #   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
@@ -306,9 +306,9 @@ case "${1:-zoo}" in
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_prefill.txt" 2>&1
     grep -E "^recert|^attention|Error" "$OUT/sweep_prefill.txt"
     ;;
-  prefill_ws)  # issue 22's next lever: the GPU test of the warp-specialized visit loops, then
-               # the pass's variants at 128K and 32K with the warp-specialized one among them and
-               # Flex on the same blocks (sweep_prefill_kernels' attention part)
+  prefill_ws)  # issue 22's next lever: the GPU tests of the warp-specialized visit loops and of
+               # K and V through tensor descriptors, then the pass's variants at 128K and 32K with
+               # those among them and Flex on the same blocks (sweep_prefill_kernels' attention)
     $T ${TEST_S:-120} $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
       > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -6

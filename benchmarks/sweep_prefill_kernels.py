@@ -137,17 +137,20 @@ def sweep_attention(N: int) -> dict:
                                                                 certify=True), rep=20)
     finally:
         kernel_forward.launch_config, launch.KEY_STEP = real, real_step
-    # the visit loops warp-specialized (forward.WARP_SPECIALIZE; loads in producer warps), at the
-    # op's own launch configuration: an error string where this Triton or card refuses it
-    real_ws = kernel_forward.WARP_SPECIALIZE
+    # the visit loops warp-specialized (forward.WARP_SPECIALIZE; loads in producer warps), K and
+    # V through tensor descriptors (forward.TMA_LOADS), and both, at the op's own launch
+    # configuration: an error string where this Triton or card refuses one
+    real_flags = kernel_forward.WARP_SPECIALIZE, kernel_forward.TMA_LOADS
     try:
-        kernel_forward.WARP_SPECIALIZE = True
-        times["warp_specialized"] = bench(
-            lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
-                                                    certify=True), rep=20)
-        print(f"attention {N} warp_specialized: {times['warp_specialized']}", flush=True)
+        for name, ws, tma in (("warp_specialized", True, False), ("tma", False, True),
+                              ("tma_warp_specialized", True, True)):
+            kernel_forward.WARP_SPECIALIZE, kernel_forward.TMA_LOADS = ws, tma
+            times[name] = bench(
+                lambda: kernel_forward.launch_attention(q, k, v, plan, eps, n_visit, None,
+                                                        certify=True), rep=20)
+            print(f"attention {N} {name}: {times[name]}", flush=True)
     finally:
-        kernel_forward.WARP_SPECIALIZE = real_ws
+        kernel_forward.WARP_SPECIALIZE, kernel_forward.TMA_LOADS = real_flags
     step = launch.key_step(plan.block_n, "cuda")
     # the probe's length and the re-certification step (forward.PROBE_BLOCKS, RECERT_BLOCKS):
     # the visit is cut into loops of that many blocks, each pipelined apart

@@ -52,29 +52,36 @@ def _visit_block(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Key block ``j`` (BLOCK_N keys) of online softmax, in steps of o_n0's length: returns the
-    updated (m_i, l_i, acc); log2 units."""
+    updated (m_i, l_i, acc); log2 units. With TMA, k_base and v_base are tensor descriptors."""
     for step in tl.static_range(BLOCK_N // o_n0.shape[0]):
+        n0 = j * BLOCK_N + step * o_n0.shape[0]
         m_i, l_i, acc = _visit_keys(
-            m_i, l_i, acc, b_q, j * BLOCK_N + step * o_n0.shape[0] + o_n0, o_m, m_m, o_d, o_dv,
+            m_i, l_i, acc, b_q, n0, n0 + o_n0, o_m, m_m, o_d, o_dv,
             k_base, v_base, m_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
             stride_mn, sm_scale_log2, S, D, DV,
-            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST)
+            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, TMA)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _visit_keys(
-    m_i, l_i, acc, b_q, o_n, o_m, m_m, o_d, o_dv, k_base, v_base, m_base,
+    m_i, l_i, acc, b_q, n0, o_n, o_m, m_m, o_d, o_dv, k_base, v_base, m_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2, S, D, DV,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Keys ``o_n`` of online softmax: returns the updated (m_i, l_i, acc); log2 units."""
+    """Keys ``o_n`` (= n0 + 0, 1, ...) of online softmax: returns the updated (m_i, l_i, acc);
+    log2 units. With TMA, K and V come through tensor descriptors (k_base, v_base), which fill
+    keys past S and channels past D with zeros; the scores mask those keys all the same."""
     m_n = o_n < S
-    p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
-    b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
+    if TMA:
+        b_kt = k_base.load([n0.to(tl.int32), 0]).T  # [D, BN]
+    else:
+        p_k = k_base + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)  # [D, BN]
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
     s = scores_log2(b_q, b_kt, o_m, o_n, m_m, m_n, m_base, stride_mm, stride_mn, sm_scale_log2,
@@ -84,8 +91,11 @@ def _visit_keys(
     b_p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
-    b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
+    if TMA:
+        b_v = v_base.load([n0.to(tl.int32), 0])  # [BN, DV]
+    else:
+        p_v = v_base + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd
+        b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, DV]
     if DOT_UPCAST:
         b_v = b_v.to(tl.float32)
     # the rescaled accumulator as the product's own accumulator (one MMA chain, as Flex and
@@ -199,7 +209,7 @@ def _attention_kernel(
     PROBE: tl.constexpr, RECERT: tl.constexpr, ROW_TAILS: tl.constexpr,
     EXTRA_SLACK: tl.constexpr, ROW_SCAN: tl.constexpr, ROW_ANCHOR: tl.constexpr,
     ROW_ANCHOR_LOG2: tl.constexpr, ROW_MIN_VISIT: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, TMA: tl.constexpr,
 ):
     """VISIT_FIXED (1): visit exactly NVisit[tile] blocks of the order (a plain loop that Triton
     can pipeline; the count comes from the certificate, see ``run_attention``). VISIT_STOP (0):
@@ -238,6 +248,11 @@ def _attention_kernel(
         b_q = b_q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if TMA:  # the host checked: last dims contiguous, bases and strides 16-byte aligned
+        k_base = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_kn, 1],
+                                           block_shape=[KEY_STEP, D_PAD])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[S, DV], strides=[stride_vn, 1],
+                                           block_shape=[KEY_STEP, DV_PAD])
     m_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max, log2 units
@@ -257,7 +272,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N, TMA)
             thr = tl.where(EXACT != 0, -float("inf"), stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
             n_visit = tl.minimum(_first_certified(TailLog2, plan, n_probe, n_kb, thr), n_live)
             tl.store(NVisit + pid, n_visit)
@@ -307,7 +322,7 @@ def _attention_kernel(
                         m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                         sm_scale_log2, S, D, DV,
-                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+                        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N, TMA)
                 p0 = p1
                 thr = tl.where(EXACT != 0, -float("inf"),
                                stop_log2 + _tile_min_log2_norm(m_i, l_i, m_m))
@@ -329,7 +344,7 @@ def _attention_kernel(
                     m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     sm_scale_log2, S, D, DV,
-                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+                    HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N, TMA)
     else:
         n_live = tl.load(NLive + pid)
         p = n_live * 0
@@ -340,7 +355,7 @@ def _attention_kernel(
                 m_i, l_i, acc, b_q, j, o_m, m_m, o_n0, o_d, o_dv, k_base, v_base, m_base,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, sm_scale_log2,
                 S, D, DV,
-                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+                HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, DOT_PRECISION, DOT_UPCAST, BLOCK_N, TMA)
             tl.store(Kept + plan + j, 1)
             p += 1
             # Stop once every row's remaining bounded mass is <= margin * eps * its normaliser.
@@ -386,6 +401,34 @@ ROW_MIN_VISIT_BLOCKS = 48
 # GPU against the plain pipelined loops and Flex on the same blocks (sweep_prefill_kernels'
 # attention part times both); issue 22 needs the pass nearer cuDNN's throughput per block.
 WARP_SPECIALIZE = False
+# K and V read through tensor descriptors (TMA on Hopper) rather than pointer loads, where their
+# layout allows it (``_tma_loads_serve``); Triton's Hopper warp specialization wants them. Off
+# until the same sweep measures it.
+TMA_LOADS = False
+
+
+def _tma_loads_serve(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether K and V can be read through tensor descriptors: last dim contiguous, every other
+    stride and the base 16-byte aligned (the per-head bases the kernel offsets to are then
+    aligned too). Sets Triton's scratch allocator for the descriptors a kernel builds, where
+    none is set."""
+    for t in (key, value):
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
+                (st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if current is None or type(current).__name__ == "NullAllocator":
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def recert_blocks(n_key_blocks=None) -> int:
@@ -489,6 +532,7 @@ def launch_attention(query, key, value, plan: VisitPlan, eps: float, n_visit, ke
         EXTRA_SLACK=ROW_BOUND_BF16_SLACK if query.dtype == torch.bfloat16 else 0.0,
         ROW_SCAN=ROW_SCAN_BLOCKS, ROW_ANCHOR=ROW_ANCHOR_BLOCKS, ROW_ANCHOR_LOG2=ROW_ANCHOR_LOG2,
         ROW_MIN_VISIT=ROW_MIN_VISIT_BLOCKS, WARP_SPECIALIZE=WARP_SPECIALIZE,
+        TMA=TMA_LOADS and _tma_loads_serve(key, value),
         **launch_config(plan.block_m, d_pad, dv_pad, dev.type))
     return out, lse
 

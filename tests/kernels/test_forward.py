@@ -836,15 +836,19 @@ def test_recertifying_visits_fewer_blocks_within_the_certificate(monkeypatch):
     assert rel_err(out, ref) < REL_TOL[torch.float16]
 
 
-def test_warp_specialized_visit_loops_keep_the_same_blocks_and_output(monkeypatch):
-    """forward.WARP_SPECIALIZE reaches the attention kernel's launch, and the warp-specialized
-    visit loops (re-certified and fixed) keep the same blocks and give the same output as the
-    plain loops, within the certificate (float64). Triton's interpreter runs both loops alike;
-    on CUDA this compares the two compiled kernels (sweep_prefill_kernels times them)."""
-    q, k, v = WORKLOADS["clustered"](1, 2, 512, 32, dtype=torch.float16, device=DEVICE, seed=3,
+@pytest.mark.parametrize("flag", ["WARP_SPECIALIZE", "TMA_LOADS"])
+def test_warp_specialized_visit_loops_keep_the_same_blocks_and_output(flag, monkeypatch):
+    """forward.WARP_SPECIALIZE (TMA_LOADS) reaches the attention kernel's launch, and the
+    warp-specialized visit loops (K and V read through tensor descriptors) keep the same blocks
+    and give the same output as the plain ones, within the certificate (float64). Triton's
+    interpreter runs both loops alike, but reads descriptors as such; on CUDA this compares
+    the compiled kernels (sweep_prefill_kernels times them). 500 keys: the last block is
+    partial, so the descriptors' zero fill past S is exercised."""
+    q, k, v = WORKLOADS["clustered"](1, 2, 500, 32, dtype=torch.float16, device=DEVICE, seed=3,
                                      run=16, centers=2)
     eps = 1e-2
     monkeypatch.setenv("AETHER_RECERT_BLOCKS", "8")  # the re-certified loop at this length
+    kwarg = {"WARP_SPECIALIZE": "WARP_SPECIALIZE", "TMA_LOADS": "TMA"}[flag]
     seen, launch_real = [], launch.traceable
 
     def traceable(kernel):
@@ -854,7 +858,7 @@ def test_warp_specialized_visit_loops_keep_the_same_blocks_and_output(monkeypatc
             class Recording:
                 def __getitem__(self, grid):
                     def run(*args, **kwargs):
-                        seen.append(kwargs["WARP_SPECIALIZE"])
+                        seen.append(kwargs[kwarg])
                         return launcher[grid](*args, **kwargs)
                     return run
             return Recording()
@@ -863,7 +867,7 @@ def test_warp_specialized_visit_loops_keep_the_same_blocks_and_output(monkeypatc
     monkeypatch.setattr(kernel_forward, "traceable", traceable)
     results = {}
     for ws in (False, True):
-        monkeypatch.setattr(kernel_forward, "WARP_SPECIALIZE", ws)
+        monkeypatch.setattr(kernel_forward, flag, ws)
         out, _, kept = triton_attention(q, k, v, None, False, None, False, eps, BM, BN)
         results[ws] = out, kept
     assert seen and set(seen) == {False, True}
