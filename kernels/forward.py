@@ -411,7 +411,11 @@ def _tma_loads_serve(key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether K and V can be read through tensor descriptors: last dim contiguous, every other
     stride and the base 16-byte aligned (the per-head bases the kernel offsets to are then
     aligned too). Sets Triton's scratch allocator for the descriptors a kernel builds, where
-    none is set."""
+    none is set. Eager launches only for now: traced tensors have no address to check."""
+    from .launch import tracing_now
+
+    if tracing_now():
+        return False
     for t in (key, value):
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
@@ -422,10 +426,13 @@ def _tma_loads_serve(key: torch.Tensor, value: torch.Tensor) -> bool:
 
 
 def _ensure_allocator() -> None:
-    from triton.runtime import _allocation
+    try:  # where this Triton keeps it (3.6-3.9); otherwise set ours
+        from triton.runtime import _allocation
 
-    current = getattr(_allocation, "_allocator", None)
-    current = current.get() if hasattr(current, "get") else current
+        current = getattr(_allocation, "_allocator", None)
+        current = current.get() if hasattr(current, "get") else current
+    except ImportError:
+        current = None
     if current is None or type(current).__name__ == "NullAllocator":
         triton.set_allocator(lambda size, align, stream: torch.empty(
             size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu"))
