@@ -73,6 +73,14 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 PYTEST="python3 -m pytest -v -m gpu -p no:cacheprovider -p no:logging -W ignore -rf --tb=short"
 T="timeout -s INT -k 20"
 
+generate_split() {  # profile_generate at batch 8, 32K (CKPT), prefill and step apart:
+                   # generate_split TAG SECONDS "BACKENDS" EPS [--profile BACKENDS...]
+  timeout "$2" python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
+    --steps 32 --backends $3 --eps "$4" "${@:5}" --tag "_b8_$1" --out "$OUT" \
+    > "$OUT/profile_generate_$1.txt" 2>&1
+  echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
+}
+
 w2_suite() {  # the issue-6 suite's W2 at 32K and 128K: w2_suite TAG SECONDS
   AETHER_BENCH_PARTIAL="$OUT/issue6_partial.json" timeout "$2" python3 benchmarks/bench_attention.py \
     --suite issue6 --only clustered --sizes 32768,131072 --tag "$1" --out "$OUT" > "$OUT/issue6.txt" 2>&1
@@ -166,27 +174,16 @@ case "${1:-zoo}" in
     $T ${TEST_S:-90} $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
       -k "cuda_graphs" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    split() {  # tag timeout backend eps [--profile backends]
-      timeout $2 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
-        --steps 32 --backends $3 --eps $4 "${@:5}" --tag "_b8_$1" --out "$OUT" \
-        > "$OUT/profile_generate_$1.txt" 2>&1
-      echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
-    }
-    split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 --profile inductor aether
-    [ -z "${DEFAULT_ONLY:-}" ] && split cudagraphs_eps0.01 110 aether_cudagraphs 0.01 --profile aether_cudagraphs
-    [ -n "${GRAPHS_BASELINE:-}" ] && split inductor_cudagraphs 80 inductor_cudagraphs 0 --profile
+    generate_split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 --profile inductor aether
+    [ -z "${DEFAULT_ONLY:-}" ] && generate_split cudagraphs_eps0.01 110 aether_cudagraphs 0.01 \
+      --profile aether_cudagraphs
+    [ -n "${GRAPHS_BASELINE:-}" ] && generate_split inductor_cudagraphs 80 inductor_cudagraphs 0 --profile
     ;;
   generate_graphs_short)  # little device time: the default compile (default mode) and aether
                          # under Inductor's CUDA graphs (eps 1e-2) at batch 8, 32K (CKPT),
                          # prefill and step apart; its decode_calls count the decode op's
                          # Python running at every step of a replayed generate
-    split() {
-      timeout $2 python3 benchmarks/profile_generate.py --ckpt "$CKPT" --length 32768 --batch 8 \
-        --steps 32 --backends $3 --eps $4 --profile --tag "_b8_$1" --out "$OUT" \
-        > "$OUT/profile_generate_$1.txt" 2>&1
-      echo "== $1 (rc $?)"; grep -E "^(inductor|aether)" "$OUT/profile_generate_$1.txt"
-    }
-    split graphs_eps0.01 ${SPLIT_S:-170} "inductor aether_cudagraphs" 0.01
+    generate_split graphs_eps0.01 ${SPLIT_S:-170} "inductor aether_cudagraphs" 0.01 --profile
     ;;
   generate)  # end-to-end greedy generation on the long LM as a LlamaForCausalLM (CKPT needed)
     # --mode default: reduce-overhead's default-compile baseline segfaults on torch 2.11 with
@@ -314,7 +311,7 @@ case "${1:-zoo}" in
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -6
     timeout ${PREFILL_S:-400} python3 benchmarks/sweep_prefill_kernels.py --parts attention \
       --lengths ${LENGTHS:-131072 32768} --out "$OUT" > "$OUT/sweep_attention.txt" 2>&1
-    grep -E "^attention [0-9]+ warp|^attention [0-9]+:|Error" "$OUT/sweep_attention.txt" | cut -c1-600
+    grep -E "^attention [0-9]+ (warp|tma)|^attention [0-9]+:|Error" "$OUT/sweep_attention.txt" | cut -c1-600
     ;;
   row_tails_sweep)  # what might make row tails pay (they are off): the pass at 128K and 64K over
                     # the anchor's reach and tail, the scan's chunk; the tile's tail and no
