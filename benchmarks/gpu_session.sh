@@ -18,7 +18,7 @@
 #   generate_split      a fresh machine: train_long_lm, then profile_generate with its weights (the
 #                       prompt's prefill apart from the steps; aether with decode=False profiled)
 #   generate_profile_b8 generate's prefill and steps split and profiled at batch 8, 32K (CKPT;
-#                       without it the long LM is trained first)
+#                       without it the long LM untrained, TRAIN=1 trains it first)
 #   prefill_ws          the warp-specialized visit loops and TMA loads: their GPU tests, then the
 #                       pass's variants and Flex on the same blocks at 128K and 32K (issue 22)
 #   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
@@ -171,11 +171,13 @@ case "${1:-zoo}" in
                        # against aether (eps 1e-2) profiled per op in the default mode; aether
                        # with Inductor's CUDA graphs (its decode ops run between graphs) at eps
                        # 1e-2; with GRAPHS_BASELINE=1 last the default compile with
-                       # reduce-overhead (it crashed at 922ec31 on torch 2.11). Without CKPT
-                       # it trains the long LM first (TRAIN_MIN, 2 min; weights back in $OUT)
-    if [ -z "${CKPT:-}" ]; then
+                       # reduce-overhead (it crashed at 922ec31 on torch 2.11). Without CKPT,
+                       # the long LM untrained (host time and launches are the same where every
+                       # decode call goes dense, as at eps 1e-2); TRAIN=1 trains it first
+    if [ -n "${TRAIN:-}" ]; then
       TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm; CKPT=$OUT/long_lm.pt
     fi
+    CKPT=${CKPT:-untrained}
     $T ${TEST_S:-90} $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
       -k "cuda_graphs" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8

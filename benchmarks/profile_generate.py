@@ -56,7 +56,12 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
 
     torch._dynamo.reset()
     kv_cache.forget_summaries()
-    model = lm.to_llama(lm.load_checkpoint(ckpt)[0]).to(device, torch.bfloat16)
+    if ckpt == UNTRAINED:  # the long LM's shape with its initial weights: the same kernels,
+        torch.manual_seed(0)  # launches and host time, for steps no decode call certifies
+        net = lm.ByteLM(lm.LMConfig(n_kv_head=2, mlp="swiglu"))
+    else:
+        net = lm.load_checkpoint(ckpt)[0]
+    model = lm.to_llama(net).to(device, torch.bfloat16)
     graphs = backend.endswith("_cudagraphs")  # mode="reduce-overhead": Inductor's CUDA graphs
     if backend.startswith("aether"):  # "aether_prefill": decode calls left to SDPA
         from aether_compile import _compat
@@ -95,12 +100,16 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
     return rec, table
 
 
+UNTRAINED = "untrained"
 BACKENDS = ["inductor", "aether_prefill", "aether", "inductor_cudagraphs", "aether_cudagraphs"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt", required=True,
+                    help=f"the long LM's weights, or '{UNTRAINED}': its shape, initial weights "
+                         "(where every decode call goes dense whatever the weights: profiles of "
+                         "host time without two minutes of training)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=4)
