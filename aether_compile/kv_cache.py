@@ -100,8 +100,45 @@ def _version(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
-@torch.library.custom_op("aether::key_cache_index_copy_", mutates_args=("cache",),
-                         tags=_compat.HOST_EVERY_CALL_TAGS)
+# The three ops run at every layer of every decode step, and outside CUDA graphs the step waits
+# on their Python. torch.library.custom_op wraps a kernel in Python layers (autograd, the
+# in-place/view bookkeeping of a mutating op, its defaults' filling, dynamo's disable): more
+# than half a cache write's host time (CPU, launches hooked: benchmarks/decode_host_time.py).
+# So they are defined through the low-level API instead: one Python
+# kernel for every device, and a small autograd kernel that refuses what it cannot
+# differentiate (so that a training graph's trace fails and the backend compiles it without the
+# rewrite, as it did before) and otherwise goes straight below autograd.
+_LIB = torch.library.Library("aether", "FRAGMENT")
+
+
+def _host_op(schema: str):
+    """Define ``aether::<schema>`` with the decorated function as its kernel on every device.
+    The op is inference-only: called where autograd would record it, it raises."""
+    name = schema.split("(", 1)[0]
+
+    def define(fn):
+        _LIB.define(schema, tags=_compat.HOST_EVERY_CALL_TAGS)
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        op = getattr(torch.ops.aether, name).default
+
+        def no_grad_only(*args):
+            if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
+                                               for a in args):
+                raise RuntimeError(f"aether::{name} has no backward: it serves inference "
+                                   "(decode under torch.no_grad); an input requires grad")
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+
+        _LIB.impl(name, no_grad_only, "Autograd")
+        fn.register_fake = lambda fake: torch.library.register_fake(f"aether::{name}", fake,
+                                                                    lib=_LIB)
+        return fn
+
+    return define
+
+
+@_host_op("key_cache_index_copy_(Tensor(a!) cache, int dim, Tensor index, Tensor source, "
+          "int graph_bumps=0) -> ()")
 def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor,
                           graph_bumps: int = 0) -> None:
     """``cache.index_copy_(dim, index, source)``, keeping ``cache``'s summary up to date: a
@@ -143,8 +180,7 @@ def key_cache_index_copy_(cache: Tensor, dim: int, index: Tensor, source: Tensor
         summary_for(cache, pending_bumps=post)
 
 
-@torch.library.custom_op("aether::key_cache_cat", mutates_args=(),
-                         tags=_compat.HOST_EVERY_CALL_TAGS)
+@_host_op("key_cache_cat(Tensor past, Tensor new) -> Tensor")
 def key_cache_cat(past: Tensor, new: Tensor) -> Tensor:
     """``torch.cat([past, new], dim=-2)`` for a cache that grows by concatenation (transformers'
     default dynamic cache), carrying ``past``'s summary over to the result when it still
@@ -243,8 +279,8 @@ def decode_dense_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask) ->
     return None
 
 
-@torch.library.custom_op("aether::decode_attention", mutates_args=(),
-                         tags=_compat.HOST_EVERY_CALL_TAGS)
+@_host_op("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+          "bool is_causal, float? scale, float? eps) -> Tensor")
 def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                      is_causal: bool, scale: Optional[float], eps: Optional[float]) -> Tensor:
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True) for a few query

@@ -8,7 +8,8 @@ Every Triton launch goes to a hook that records it and returns (``launches_to``)
 runs: the time is the op's own Python and torch's allocations and small ops, on CPU tensors of
 the long LM's decode shape (batch 4, 8 query / 2 KV heads, D 64, 32K + 256 cache, bf16, the
 all-true bool mask transformers passes). Routes: ``dense`` (the lagged choice says dense, the
-split kernel over every block), ``certified`` (bounds, selection, attention, combine). On a GPU
+split kernel over every block), ``certified`` (bounds, selection, attention, combine); the key
+write, ``write`` (aether::key_cache_index_copy_) beside ``index_copy_`` (the default compile's). On a GPU
 each launch adds Triton's own launcher time on top, and each torch op its dispatch. Best of
 ``--repeats`` runs of ``--calls`` calls (the box's other work only adds). Writes decode_host_time_cpu.json.
 """
@@ -58,6 +59,42 @@ def time_route(route: str, calls: int, repeats: int) -> dict:
             "launches_per_call": len(launches) / calls}
 
 
+def time_write(route: str, calls: int, repeats: int) -> dict:
+    """The key write of a decode step: ``write`` (aether::key_cache_index_copy_, its summary
+    current: one fused launch) or ``index_copy_`` (what the default compile's graph calls)."""
+    from aether_compile import kv_cache
+    from aether_compile.kernels import launch
+
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(B, HKV, S, D, generator=gen).to(torch.bfloat16)
+    new = torch.randn(B, HKV, 1, D, generator=gen).to(torch.bfloat16)
+    position = torch.tensor([S // 2])
+    launches = []
+    if route == "write":
+        def call():
+            torch.ops.aether.key_cache_index_copy_(cache, 2, position, new, 0)
+    else:
+        def call():
+            cache.index_copy_(2, position, new)
+    try:
+        with launch.launches_to(lambda kernel, grid, args, kwargs: launches.append(kernel)):
+            for _ in range(5):  # the first write summarises the cache
+                call()
+            runs = []
+            for _ in range(repeats):
+                launches.clear()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                runs.append((time.perf_counter() - t0) / calls * 1e6)
+        stats = dict(kv_cache.STATS)
+    finally:
+        kv_cache.forget_summaries()
+        kv_cache.STATS.clear()
+    return {"route": route, "host_us_per_call": min(runs), "runs_us": runs,
+            "launches_per_call": len(launches) / calls, "summaries": stats}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -71,6 +108,7 @@ def main(argv=None):
     import aether_compile.ops  # noqa: F401  (registers torch.ops.aether.*)
 
     rows = [time_route(route, args.calls, args.repeats) for route in ("dense", "certified")]
+    rows += [time_write(route, args.calls, args.repeats) for route in ("write", "index_copy_")]
     for r in rows:
         print(f"{r['route']}: {r['host_us_per_call']:.0f} us a call, "
               f"{r['launches_per_call']:.0f} launches", flush=True)

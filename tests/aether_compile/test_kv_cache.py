@@ -217,10 +217,21 @@ def test_the_decode_ops_stay_out_of_cuda_graphs(name):
         assert inductor_utils.is_cudagraph_unsafe_fx_node(node)
 
 
-def test_the_dispatchers_version_bumps_were_measured_outside_any_op():
-    """Measured from inside another op's body the dispatcher shows no bump at all, and every
-    write would then look like one made behind our back."""
-    assert sum(kv_cache._DISPATCH_BUMPS) == 1
+def test_a_write_bumps_the_version_once_as_index_copy_does():
+    """Each write through the op moves the cache's version by one, as index_copy_ does (autograd's
+    saved-tensor checks read it), whether it summarises the cache afresh or updates a current
+    summary; the dispatcher adds no bump of its own (the op is not a custom_op), as the import's
+    calibration measured. Any other count would make every write look like one made behind our
+    back."""
+    assert kv_cache._DISPATCH_BUMPS == (0, 0)
+    g = torch.Generator().manual_seed(0)
+    cache = torch.zeros(2, 2, 256, 16)
+    for step in range(3):
+        before = cache._version
+        torch.ops.aether.key_cache_index_copy_(cache, 2, torch.tensor([step]),
+                                               torch.randn(2, 2, 1, 16, generator=g))
+        assert cache._version == before + 1
+    assert kv_cache.STATS["rebuilt"] == 1 and kv_cache.STATS["updated"] == 2, dict(kv_cache.STATS)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool_b1", "float_2d", "per_head", "causal",
