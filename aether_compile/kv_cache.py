@@ -35,7 +35,7 @@ from aether_compile import _compat, settings
 from aether_compile.kernels import decode as kernel_decode
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import decode_reference
-from aether_compile.kernels.launch import unsupported_reason
+from aether_compile.kernels.launch import INTERPRET, unsupported_reason
 
 # Query rows per sequence the decode path serves: one generation step, or a few (speculative
 # decoding, short continuations). Longer calls are prefill: aether::attention's business.
@@ -286,18 +286,17 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True) for a few query
     rows against a key/value cache, certified to drop at most ``eps`` of each row's softmax mass
     (None: the dtype's default, as aether::attention)."""
-    from aether_compile.ops import default_eps
+    if eps is None:
+        from aether_compile.ops import default_eps
 
-    eps = default_eps(query.dtype) if eps is None else float(eps)
+        eps = default_eps(query.dtype)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    reason = decode_dense_reason(query, key, value, attn_mask)
-    if reason is None and eps > 0:
+    kernels = _kernels_serve(query, key, value)
+    if eps > 0 and decode_dense_reason(query, key, value, attn_mask) is None:
         B, Hq, Lq, D = query.shape
         # the bias and the summary only where a certified step (or its sample) runs: a call the
         # lagged choice sends dense costs what dense costs
         inputs = {}
-
-        kernels = _kernels_serve(query, key, value)
 
         def bias_and_summary():
             if not inputs:
@@ -314,11 +313,11 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         out = _certified_or_dense(query, key, value, bias_and_summary, eps, scale)
         if out is not None:
             return out.contiguous()
-    return dense_decode(query, key, value, attn_mask, is_causal, scale).contiguous()
+    return dense_decode(query, key, value, attn_mask, is_causal, scale, kernels).contiguous()
 
 
 def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                 is_causal: bool, scale: float) -> Tensor:
+                 is_causal: bool, scale: float, kernels: Optional[bool] = None) -> Tensor:
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), exact, by the
     fastest path for a few query rows against a long cache:
 
@@ -349,7 +348,9 @@ def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
             or (is_causal and attn_mask is not None)):  # the last: SDPA's own error
         return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                     enable_gqa=Hq != Hkv)
-    if not _per_head(attn_mask) and _kernels_serve(query, key, value):
+    if kernels is None:  # whether the decode kernels run here (_kernels_serve), if known
+        kernels = _kernels_serve(query, key, value)
+    if kernels and not _per_head(attn_mask):
         if (attn_mask is not None and not is_causal and B * S >= SDPA_MASKED_MIN_KEYS
                 and _sdpa_fused_takes_mask(query, key, value, attn_mask)):
             CALLS["dense_sdpa_masked"] += 1
@@ -411,7 +412,7 @@ def _per_head(attn_mask: Optional[Tensor]) -> bool:
 def _kernels_serve(query: Tensor, key: Tensor, value: Tensor) -> bool:
     """Whether the decode kernels run on these tensors: CUDA in a dtype and layout they take, or
     the CPU under Triton's interpreter (tests)."""
-    return (query.device.type == "cuda" or settings.interpret()) and unsupported_reason(
+    return (query.device.type == "cuda" or INTERPRET) and unsupported_reason(
         query, key, value) is None
 
 
