@@ -24,7 +24,8 @@
 #   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
 #   first_call          a session's first call: the GPU tests not yet run (decode under CUDA
 #                       graphs, the warp-specialized and TMA loops), the generate step profiled
-#                       (untrained LM), the pass's variants and Flex at 32K
+#                       (untrained LM), the dense decode routes at its shape, the pass's
+#                       variants and Flex at 32K
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -200,6 +201,12 @@ case "${1:-zoo}" in
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     CKPT=${CKPT:-untrained} generate_split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 \
       --profile inductor aether
+    # the dense decode routes at the long LM's shape (8 query / 2 KV heads, D 64, the static
+    # cache's 32K + 256 slots): which SDPA kernel the mask with GQA gets, against attend_all and
+    # against the default compile's repeat_kv and SDPA
+    timeout 90 python3 benchmarks/sweep_decode_dense.py --quick --no-clustered --heads 8 2 64 \
+      --shapes 8x33024 1x33024 --out "$OUT" > "$OUT/sweep_decode_dense_lm.txt" 2>&1
+    grep -E "^B[0-9]|Error" "$OUT/sweep_decode_dense_lm.txt" | cut -c1-400
     LENGTHS=${LENGTHS:-32768} PREFILL_S=${PREFILL_S:-180} SKIP_TESTS=1 bash "$0" prefill_ws
     ;;
   generate_graphs_short)  # little device time: the default compile (default mode) and aether

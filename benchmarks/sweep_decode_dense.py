@@ -31,6 +31,16 @@ HQ, HKV, D = 32, 8, 128
 SHAPES = [(1, 8192), (1, 32768), (1, 131072), (8, 32768), (8, 8192), (32, 32768)]
 
 
+def _repeat_kv(x, n: int):
+    """transformers' repeat_kv: each KV head's cache once per query head of its group (a copy)."""
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, n, S, D).reshape(B, H * n, S, D)
+
+
+def _us(t) -> str:
+    return f"{t:.1f}" if isinstance(t, float) else str(t)
+
+
 def timed(fn):
     try:
         return _bench(fn)
@@ -47,8 +57,17 @@ def sweep_shape(B: int, S: int, quick: bool = False) -> dict:
            "cudnn_unmasked_us": timed(lambda: dense.cudnn_unmasked(q, k, v, scale)),
            "sdpa_masked_us": timed(lambda: F.scaled_dot_product_attention(
                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)),
+           # what the default compile runs where transformers repeats K and V per query head
+           # (its SDPA path with a mask): the expansion's copy and SDPA, then SDPA alone
+           "sdpa_repeat_kv_us": timed(lambda: F.scaled_dot_product_attention(
+               q, _repeat_kv(k, HQ // HKV), _repeat_kv(v, HQ // HKV), attn_mask=mask,
+               scale=scale)),
            "default": dict(decode.ATTEND_ALL_CONFIG),
            "default_us": timed(lambda: decode.attend_all(q, k, v, scale, bias))}
+    k_all, v_all = _repeat_kv(k, HQ // HKV), _repeat_kv(v, HQ // HKV)
+    row["sdpa_expanded_us"] = timed(lambda: F.scaled_dot_product_attention(
+        q, k_all, v_all, attn_mask=mask, scale=scale))
+    del k_all, v_all
     grid = []
     # keys per split = min_steps * keys: the split count follows from it (default_splits)
     for keys, warps, stages, split_keys, per_sm in () if quick else itertools.product(
@@ -68,9 +87,11 @@ def sweep_shape(B: int, S: int, quick: bool = False) -> dict:
                default={**row["default"], "us": row["default_us"]})
     row["best"] = best
     print({n: r for n, r in row.items() if n.startswith("sdpa")}, flush=True)
-    print(f"B{B} S{S}: cudnn unmasked {row['cudnn_unmasked_us']:.1f} us, SDPA masked "
-          f"{row['sdpa_masked_us']:.1f}, attend_all default {row['default_us']:.1f}, best "
-          f"{best['us']:.1f} {best}", flush=True)
+    print(f"B{B} S{S} H{HQ}/{HKV} D{D}: cudnn unmasked {_us(row['cudnn_unmasked_us'])} us, "
+          f"SDPA masked {_us(row['sdpa_masked_us'])}, attend_all default "
+          f"{_us(row['default_us'])}, best {_us(best['us'])} {best}; repeat_kv and SDPA "
+          f"{_us(row['sdpa_repeat_kv_us'])} (SDPA alone {_us(row['sdpa_expanded_us'])})",
+          flush=True)
     return row
 
 
@@ -96,16 +117,26 @@ def clustered_against_uniform(B: int, S: int) -> dict:
 
 
 def main(argv=None):
+    global HQ, HKV, D
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", nargs="*", default=[f"{b}x{s}" for b, s in SHAPES])
     ap.add_argument("--quick", action="store_true",
                     help="the defaults and SDPA's backends only, no meta-parameter grid")
+    ap.add_argument("--heads", type=int, nargs=3, metavar=("HQ", "HKV", "D"), default=None,
+                    help=f"query heads, KV heads, head dim (default {HQ} {HKV} {D}; the long LM "
+                         "that bench_generate runs: 8 2 64); another than the default tags the "
+                         "file")
     ap.add_argument("--no-clustered", action="store_true",
                     help="leave out the op on clustered against uniform keys")
     args = ap.parse_args(argv)
-    record = {"env": env_record(), "shapes": [], "clustered": None}
-    path = os.path.join(args.out, f"sweep_decode_dense_{card_tag(record['env'])}.json")
+    tag = ""
+    if args.heads and tuple(args.heads) != (HQ, HKV, D):
+        HQ, HKV, D = args.heads
+        tag = f"_h{HQ}_{HKV}_d{D}"
+    record = {"env": env_record(), "heads": {"query": HQ, "kv": HKV, "dim": D}, "shapes": [],
+              "clustered": None}
+    path = os.path.join(args.out, f"sweep_decode_dense_{card_tag(record['env'])}{tag}.json")
     for shape in args.shapes:
         B, S = map(int, shape.split("x"))
         record["shapes"].append(sweep_shape(B, S, args.quick))
