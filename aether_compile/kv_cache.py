@@ -9,6 +9,9 @@ rewritten generation step calls.
 * ``aether::decode_attention(query, key, value, attn_mask, scale, eps)`` — SDPA on a few query
   rows against the cache, reading only the key blocks the summary cannot rule out
   (``kernels/decode.py``); dense SDPA where the call is not one it serves.
+* ``aether::exact_decode_attention(query, key, value, attn_mask, is_causal, scale)`` — the
+  same at eps = 0: exact, on the cache itself (no ``repeat_kv`` copies), with no summary kept
+  for it and no state between calls, so CUDA graphs capture it.
 
 **Trusting a summary.** A summary describes its cache as of a version: ``Tensor._version``,
 which every in-place write bumps (``index_copy_``, ``zero_``, ``copy_``: a new prompt in the
@@ -111,13 +114,13 @@ def _version(t: Tensor) -> Optional[int]:
 _LIB = torch.library.Library("aether", "FRAGMENT")
 
 
-def _host_op(schema: str):
+def _host_op(schema: str, tags=_compat.HOST_EVERY_CALL_TAGS):
     """Define ``aether::<schema>`` with the decorated function as its kernel on every device.
     The op is inference-only: called where autograd would record it, it raises."""
     name = schema.split("(", 1)[0]
 
     def define(fn):
-        _LIB.define(schema, tags=_compat.HOST_EVERY_CALL_TAGS)
+        _LIB.define(schema, tags=tags)
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         op = getattr(torch.ops.aether, name).default
 
@@ -314,6 +317,23 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
         if out is not None:
             return out.contiguous()
     return dense_decode(query, key, value, attn_mask, is_causal, scale, kernels).contiguous()
+
+
+@_host_op("exact_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+          "bool is_causal, float? scale) -> Tensor", tags=())
+def exact_decode_attention(query: Tensor, key: Tensor, value: Tensor,
+                           attn_mask: Optional[Tensor], is_causal: bool,
+                           scale: Optional[float]) -> Tensor:
+    """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), exact: a decode
+    site compiled at eps = 0, where no summary is kept or read. It reads the cache itself (no
+    repeat_kv copies) and keeps no state between calls, so CUDA graphs capture it."""
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return dense_decode(query, key, value, attn_mask, is_causal, scale).contiguous()
+
+
+@exact_decode_attention.register_fake
+def _(query, key, value, attn_mask, is_causal, scale):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
 def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],

@@ -134,18 +134,31 @@ def _order(gm: GraphModule):
     return lambda n: position[n]
 
 
+def keeps_summaries(options) -> bool:
+    """Whether decode sites compiled with ``options`` read key summaries: not at eps = 0, where
+    they are exact (``aether::exact_decode_attention``) and the key writes stay as they are."""
+    return options.eps is None or options.eps > 0
+
+
 def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -> None:
     """Replace the SDPA with ``aether::decode_attention`` on the caches themselves (the
-    ``repeat_kv`` copies die) and route the key writes through the summary-keeping op."""
-    if site.grows_by_cat:
+    ``repeat_kv`` copies die) and route the key writes through the summary-keeping op; at
+    eps = 0 with ``aether::exact_decode_attention``, leaving the writes alone."""
+    certified = keeps_summaries(options)
+    if site.grows_by_cat and certified:
         rewrite_key_cat(gm, site)
     b = Builder(gm.graph, m.replace, m.anchor, [m.q.value(), ev(m.replace)])
     with rolled_back_on_failure(b, "decode rewrite"):
         q = m.q.build(b)
         scale = build_scale(b, m.scale, m.scale_nodes)
-        out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
-                   site.value_cache, m.mask(b), bool(m.is_causal), scale, options.eps)
+        if certified:
+            out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
+                       site.value_cache, m.mask(b), bool(m.is_causal), scale, options.eps)
+        else:
+            out = b.fn(torch.ops.aether.exact_decode_attention.default, q, site.key_cache,
+                       site.value_cache, m.mask(b), bool(m.is_causal), scale)
         check_replacement(ev(m.replace), ev(out), "decode")
     m.replace.replace_all_uses_with(out)
     erase_dead(gm.graph, [m.replace, *reversed(m.visited)])
-    rewrite_key_writes(gm, site)
+    if certified:
+        rewrite_key_writes(gm, site)

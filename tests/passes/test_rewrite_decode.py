@@ -92,6 +92,29 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
     assert kv_cache.STATS["rebuilt"] + kv_cache.STATS["dropped"] >= LAYERS
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_decode_at_eps_0_is_exact_and_keeps_no_summary(cache, _fresh):
+    """At eps = 0 nothing reads a key summary: the decode sites become the exact op on the cache
+    itself (no repeat_kv copies, no state, so CUDA graphs capture it), the key writes and
+    concatenations stay as the model wrote them, and no summary is ever built."""
+    model = _lm("llama")
+    prompt = _prompt()
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    want, want_scores = _generate(model, prompt, **kw)
+    model.forward = torch.compile(model.forward, backend="aether",
+                                  options={"allow_cpu": True, "eps": 0.0, "decode": True})
+    (got, scores), code = run_and_get_code(lambda: _generate(model, prompt, **kw))
+    generated = "\n".join(code)
+    assert "torch.ops.aether.exact_decode_attention" in generated
+    for op in ("decode_attention", "key_cache_index_copy_", "key_cache_cat"):
+        assert f"torch.ops.aether.{op}" not in generated, op
+    decode_sites = [s for s in _fresh if s.reason.startswith("decode")]
+    assert decode_sites and all(s.rewritten and "exact" in s.reason for s in decode_sites)
+    assert torch.equal(got, want)
+    assert (scores - want_scores).abs().max() < 1e-4 * want_scores.abs().max()
+    assert not kv_cache.STATS, dict(kv_cache.STATS)
+
+
 @pytest.mark.gpu
 def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh):
     """With Inductor's CUDA graphs (what mode="reduce-overhead" turns on) the rest of each step
@@ -122,6 +145,33 @@ def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh):
     want2, _ = _generate(_lm("llama").cuda().half(), prompt2, cache_implementation="static")
     got2, _ = _generate(model, prompt2, cache_implementation="static")
     assert torch.equal(got2, want2)
+
+
+@pytest.mark.gpu
+def test_exact_decode_stays_inside_cuda_graphs(_fresh):
+    """At eps = 0 the decode op carries no cudagraph_unsafe tag: Inductor's CUDA graphs split no
+    step around it (fewer graph partitions than at eps > 0, whose ops run between graphs), and
+    the tokens equal dense decoding's."""
+    from torch._dynamo.utils import counters
+
+    model = _lm("llama").cuda().half()
+    forward = model.forward
+    prompt = {k: v.cuda() for k, v in _prompt().items()}
+    want, _ = _generate(model, prompt, cache_implementation="static")
+    partitions = {}
+    for eps in (0.0, 1e-3):
+        torch._dynamo.reset()
+        counters.clear()
+        model.forward = torch.compile(forward, backend="aether", options={
+            "eps": eps, "decode": True, "triton.cudagraphs": True})
+        for _ in range(3):  # warm-up, capture, replay
+            got, _ = _generate(model, prompt, cache_implementation="static")
+            assert torch.equal(got, want), eps
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+        partitions[eps] = counters["inductor"]["cudagraph_partitions"]
+    if not partitions[1e-3]:
+        pytest.skip(f"torch {torch.__version__} counts no CUDA graph partitions")
+    assert partitions[0.0] < partitions[1e-3], partitions
 
 
 def test_dynamic_cache_generate_matches_dense(_fresh):
