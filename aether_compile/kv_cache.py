@@ -18,7 +18,7 @@ which every in-place write bumps (``index_copy_``, ``zero_``, ``copy_``: a new p
 same buffers, beam reordering). The write op updates the summary only when the cache is still at
 the version it recorded, and records the new one; the decode op re-summarises from scratch (one
 read of K) whenever the versions differ. So a cache written behind our back costs one full read,
-never a wrong certificate. The three ops carry torch's ``cudagraph_unsafe`` tag: under
+never a wrong certificate. The first three ops carry torch's ``cudagraph_unsafe`` tag: under
 Inductor's CUDA graphs (``mode="reduce-overhead"``) they run, Python and all, between two
 graphs' replays, so the checks hold there too.
 """
@@ -103,14 +103,14 @@ def _version(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
-# The three ops run at every layer of every decode step, and outside CUDA graphs the step waits
+# The decode ops run at every layer of every decode step, and outside CUDA graphs the step waits
 # on their Python. torch.library.custom_op wraps a kernel in Python layers (autograd, the
 # in-place/view bookkeeping of a mutating op, its defaults' filling, dynamo's disable): more
 # than half a cache write's host time (CPU, launches hooked: benchmarks/decode_host_time.py).
-# So they are defined through the low-level API instead: one Python
-# kernel for every device, and a small autograd kernel that refuses what it cannot
-# differentiate (so that a training graph's trace fails and the backend compiles it without the
-# rewrite, as it did before) and otherwise goes straight below autograd.
+# So they are defined through the low-level API instead: one Python kernel for every device, and
+# a small autograd kernel that refuses what it cannot differentiate (so that a training graph's
+# trace fails and the backend compiles it without the rewrite, as it did before) and otherwise
+# goes straight below autograd.
 _LIB = torch.library.Library("aether", "FRAGMENT")
 
 
