@@ -319,6 +319,11 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
     return dense_decode(query, key, value, attn_mask, is_causal, scale, kernels).contiguous()
 
 
+def _decode_output(query: Tensor, value: Tensor) -> Tensor:
+    """The decode ops' output as their fake implementations give it: [B, Hq, Lq, value dim]."""
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
 @_host_op("exact_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
           "bool is_causal, float? scale) -> Tensor", tags=())
 def exact_decode_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -333,7 +338,7 @@ def exact_decode_attention(query: Tensor, key: Tensor, value: Tensor,
 
 @exact_decode_attention.register_fake
 def _(query, key, value, attn_mask, is_causal, scale):
-    return query.new_empty(*query.shape[:-1], value.shape[-1])
+    return _decode_output(query, value)
 
 
 def dense_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
@@ -506,4 +511,4 @@ def _certified_or_dense(query, key, value, bias_and_summary, eps: float, scale: 
 
 @decode_attention.register_fake
 def _(query, key, value, attn_mask, is_causal, scale, eps):
-    return query.new_empty(*query.shape[:-1], value.shape[-1])
+    return _decode_output(query, value)

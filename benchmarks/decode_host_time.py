@@ -29,56 +29,16 @@ from provenance import env_record, write_json  # noqa: E402
 B, HQ, HKV, S, D = 4, 8, 2, 32768 + 256, 64
 
 
-def time_route(route: str, calls: int, repeats: int) -> dict:
-    from aether_compile import dense_policy, kv_cache
-    from aether_compile.kernels import launch
-
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(B, HQ, 1, D, generator=gen).to(torch.bfloat16)
-    k, v = (torch.randn(B, HKV, S, D, generator=gen).to(torch.bfloat16) for _ in range(2))
-    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    launches = []
-    real_choice = dense_policy.choose_dense
-    dense_policy.choose_dense = lambda *a, **kw: route == "dense"
-    try:
-        with launch.launches_to(lambda kernel, grid, args, kwargs: launches.append(kernel)):
-            op = torch.ops.aether.decode_attention
-            for _ in range(5):  # first calls: the key summary, the site's entry
-                op(q, k, v, mask, False, None, 1e-2)
-            runs = []
-            for _ in range(repeats):
-                launches.clear()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    op(q, k, v, mask, False, None, 1e-2)
-                runs.append((time.perf_counter() - t0) / calls * 1e6)
-    finally:
-        dense_policy.choose_dense = real_choice
-        kv_cache.forget_summaries()
-    return {"route": route, "host_us_per_call": min(runs), "runs_us": runs,
-            "launches_per_call": len(launches) / calls}
-
-
-def time_write(route: str, calls: int, repeats: int) -> dict:
-    """The key write of a decode step: ``write`` (aether::key_cache_index_copy_, its summary
-    current: one fused launch) or ``index_copy_`` (what the default compile's graph calls)."""
+def _time_calls(route: str, call, calls: int, repeats: int) -> dict:
+    """``call``'s host time with every Triton launch hooked: five calls first (the key summary,
+    the site's entry), then the best of ``repeats`` runs of ``calls``; summaries dropped after."""
     from aether_compile import kv_cache
     from aether_compile.kernels import launch
 
-    gen = torch.Generator().manual_seed(0)
-    cache = torch.randn(B, HKV, S, D, generator=gen).to(torch.bfloat16)
-    new = torch.randn(B, HKV, 1, D, generator=gen).to(torch.bfloat16)
-    position = torch.tensor([S // 2])
     launches = []
-    if route == "write":
-        def call():
-            torch.ops.aether.key_cache_index_copy_(cache, 2, position, new, 0)
-    else:
-        def call():
-            cache.index_copy_(2, position, new)
     try:
         with launch.launches_to(lambda kernel, grid, args, kwargs: launches.append(kernel)):
-            for _ in range(5):  # the first write summarises the cache
+            for _ in range(5):
                 call()
             runs = []
             for _ in range(repeats):
@@ -93,6 +53,38 @@ def time_write(route: str, calls: int, repeats: int) -> dict:
         kv_cache.STATS.clear()
     return {"route": route, "host_us_per_call": min(runs), "runs_us": runs,
             "launches_per_call": len(launches) / calls, "summaries": stats}
+
+
+def time_route(route: str, calls: int, repeats: int) -> dict:
+    from aether_compile import dense_policy
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(B, HKV, S, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    real_choice = dense_policy.choose_dense
+    dense_policy.choose_dense = lambda *a, **kw: route == "dense"
+    try:
+        return _time_calls(route, lambda: torch.ops.aether.decode_attention(
+            q, k, v, mask, False, None, 1e-2), calls, repeats)
+    finally:
+        dense_policy.choose_dense = real_choice
+
+
+def time_write(route: str, calls: int, repeats: int) -> dict:
+    """The key write of a decode step: ``write`` (aether::key_cache_index_copy_, its summary
+    current: one fused launch) or ``index_copy_`` (what the default compile's graph calls)."""
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(B, HKV, S, D, generator=gen).to(torch.bfloat16)
+    new = torch.randn(B, HKV, 1, D, generator=gen).to(torch.bfloat16)
+    position = torch.tensor([S // 2])
+    if route == "write":
+        def call():
+            torch.ops.aether.key_cache_index_copy_(cache, 2, position, new, 0)
+    else:
+        def call():
+            cache.index_copy_(2, position, new)
+    return _time_calls(route, call, calls, repeats)
 
 
 def main(argv=None):

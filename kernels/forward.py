@@ -20,7 +20,7 @@ from .certificate import (BOUND_REL_SLACK, LOG2E, MASK_FLOOR, ROW_ANCHOR_BLOCKS,
                           stop_threshold_log2)
 from .jit_common import scores_log2
 from .launch import (INTERPRET, is_static, key_step, launch_config, pad_pow2, read_only_flag,
-                     traceable)
+                     traceable, tracing_now)
 from .plan import VisitPlan, _log2_mass, _relative_mass, certified_visit_count
 
 # Globals read inside @triton.jit must be constexpr.
@@ -412,8 +412,6 @@ def _tma_loads_serve(key: torch.Tensor, value: torch.Tensor) -> bool:
     stride and the base 16-byte aligned (the per-head bases the kernel offsets to are then
     aligned too). Sets Triton's scratch allocator for the descriptors a kernel builds, where
     none is set. Eager launches only for now: traced tensors have no address to check."""
-    from .launch import tracing_now
-
     if tracing_now():
         return False
     for t in (key, value):
