@@ -134,17 +134,43 @@ def _order(gm: GraphModule):
     return lambda n: position[n]
 
 
-def keeps_summaries(options) -> bool:
-    """Whether decode sites compiled with ``options`` read key summaries: not at eps = 0, where
-    they are exact (``aether::exact_decode_attention``) and the key writes stay as they are."""
-    return options.eps is None or options.eps > 0
+def exact_reason(site: CacheSite, options) -> Optional[str]:
+    """Why a decode site compiles to the exact op (``aether::exact_decode_attention``: no key
+    summary, key writes left as the model wrote them, inside CUDA graphs), or None where it is
+    certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
+    certified step ever to pay (``kv_cache.decode_dense_fraction`` is 0 at its batch x KV heads
+    x keys) would run every call dense anyway, with the summary's upkeep and the certified op's
+    host time on top. Symbolic sizes (a dynamic cache) are decided at run time instead;
+    AETHER_STATIC_DENSE=0 turns the size rule off, as it does for prefill."""
+    if options.eps is not None and options.eps <= 0:
+        return "eps 0"
+    from aether_compile import settings
+    from aether_compile.kernels.launch import is_static
+    from aether_compile.kv_cache import decode_dense_fraction
+
+    k = ev(site.key_cache)
+    B, Hkv, S = k.shape[:3]
+    if k.device.type != "cuda" or not settings.static_dense() or not is_static(B, Hkv, S):
+        return None
+    if settings.dense_fraction(decode_dense_fraction(B, Hkv, S)) != 0.0:
+        return None
+    return (f"a certified step never pays at {B * Hkv * S} cached key rows "
+            "(batch x KV heads x keys)")
 
 
-def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -> None:
+def keeps_summaries(site: CacheSite, options) -> bool:
+    """Whether a decode site of ``site``'s cache compiled with ``options`` reads key summaries
+    (so its key writes keep them): not where it is exact (``exact_reason``)."""
+    return exact_reason(site, options) is None
+
+
+def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -> Optional[str]:
     """Replace the SDPA with ``aether::decode_attention`` on the caches themselves (the
-    ``repeat_kv`` copies die) and route the key writes through the summary-keeping op; at
-    eps = 0 with ``aether::exact_decode_attention``, leaving the writes alone."""
-    certified = keeps_summaries(options)
+    ``repeat_kv`` copies die) and route the key writes through the summary-keeping op; where
+    ``exact_reason`` says so, with ``aether::exact_decode_attention``, leaving the writes alone.
+    Returns that reason, or None for a certified site."""
+    exact = exact_reason(site, options)
+    certified = exact is None
     if site.grows_by_cat and certified:
         rewrite_key_cat(gm, site)
     b = Builder(gm.graph, m.replace, m.anchor, [m.q.value(), ev(m.replace)])
@@ -162,3 +188,4 @@ def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -
     erase_dead(gm.graph, [m.replace, *reversed(m.visited)])
     if certified:
         rewrite_key_writes(gm, site)
+    return exact

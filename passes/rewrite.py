@@ -78,12 +78,12 @@ def _site_for(gm: GraphModule, node, matcher, options) -> Site | None:
                 problem = check_common(m, options, module, module_type, decode=True)
                 if problem is not None:
                     raise problem
-                decode.apply_decode(gm, m, cache, options)
-                exact = "" if decode.keeps_summaries(options) else ", exact (eps 0)"
+                exact = decode.apply_decode(gm, m, cache, options)
+                exact = "" if exact is None else f", exact ({exact})"
                 return Site(m.pattern, SPARSE, f"decode: kv cache, mask={m.mask_kind}{exact}",
                             "rewritten", **where)
             problem = check_common(m, options, module, module_type)
-            if cache is not None and decode.keeps_summaries(options) and (
+            if cache is not None and decode.keeps_summaries(cache, options) and (
                     problem is None or problem.code == "short"):
                 # prefill of a cache that decode sites read: its writes keep the summary too
                 decode.rewrite_key_writes(gm, cache)

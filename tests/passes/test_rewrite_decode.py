@@ -116,12 +116,14 @@ def test_decode_at_eps_0_is_exact_and_keeps_no_summary(cache, _fresh):
 
 
 @pytest.mark.gpu
-def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh):
+def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh, monkeypatch):
     """With Inductor's CUDA graphs (what mode="reduce-overhead" turns on) the rest of each step
     replays from graphs while the decode ops run their Python every step, between two graphs:
     every key write updates the summary (counted per step, so the checks ran), a second prompt
     in the same buffers is noticed, and the tokens equal dense decoding's."""
     from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # a tiny cache: else left dense or exact
 
     model = _lm("llama").cuda().half()
     prompt = {k: v.cuda() for k, v in _prompt().items()}
@@ -148,11 +150,13 @@ def test_static_cache_generate_under_cuda_graphs_checks_every_step(_fresh):
 
 
 @pytest.mark.gpu
-def test_exact_decode_stays_inside_cuda_graphs(_fresh):
+def test_exact_decode_stays_inside_cuda_graphs(_fresh, monkeypatch):
     """At eps = 0 the decode op carries no cudagraph_unsafe tag: Inductor's CUDA graphs split no
     step around it (fewer graph partitions than at eps > 0, whose ops run between graphs), and
     the tokens equal dense decoding's."""
     from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")  # a tiny cache: else left dense or exact
 
     model = _lm("llama").cuda().half()
     forward = model.forward
@@ -172,6 +176,86 @@ def test_exact_decode_stays_inside_cuda_graphs(_fresh):
     if not partitions[1e-3]:
         pytest.skip(f"torch {torch.__version__} counts no CUDA graph partitions")
     assert partitions[0.0] < partitions[1e-3], partitions
+
+
+def _cache_site(B, Hkv, S, device="cuda"):
+    """A decode site's CacheSite whose key cache node carries a fake [B, Hkv, S, 64] bf16 cache
+    on ``device`` (fake tensors need no GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aether_compile.passes import decode
+
+    graph = torch.fx.Graph()
+    k, v = graph.placeholder("k"), graph.placeholder("v")
+    with FakeTensorMode():
+        for node in (k, v):
+            node.meta["val"] = torch.empty(B, Hkv, S, 64, device=device, dtype=torch.bfloat16)
+    return decode.CacheSite(k, v, [])
+
+
+def test_a_static_cache_too_small_to_pay_compiles_to_the_exact_op(monkeypatch):
+    """Below the cached key rows (batch x KV heads x keys) where a certified step ever pays
+    (kv_cache.decode_dense_fraction is 0), a CUDA static cache's decode site is exact: its every
+    call would run dense anyway, and the exact op keeps no summary and stays inside CUDA graphs.
+    Larger caches, the CPU (the interpreter's tests), eps = 0 and AETHER_STATIC_DENSE=0 as
+    stated."""
+    from aether_compile.options import AetherOptions
+    from aether_compile.passes import decode
+
+    monkeypatch.delenv("AETHER_STATIC_DENSE", raising=False)
+    monkeypatch.delenv("AETHER_DENSE_FRACTION", raising=False)
+    certified, exact0 = AetherOptions(eps=1e-2, decode=True), AetherOptions(eps=0.0, decode=True)
+    small = _cache_site(1, 2, 33024)  # batch 1 of the long LM: 66K rows
+    assert kv_cache.decode_dense_fraction(1, 2, 33024) == 0.0
+    reason = decode.exact_reason(small, certified)
+    assert reason is not None and "66048 cached key rows" in reason
+    assert not decode.keeps_summaries(small, certified)
+    large = _cache_site(8, 2, 33024)  # batch 8: 528K rows, a certified step can pay
+    assert kv_cache.decode_dense_fraction(8, 2, 33024) > 0
+    assert decode.exact_reason(large, certified) is None
+    assert decode.exact_reason(large, AetherOptions(decode=True)) is None  # the dtype's eps
+    assert decode.exact_reason(large, exact0) == "eps 0"
+    assert decode.exact_reason(_cache_site(1, 2, 33024, device="cpu"), certified) is None
+    monkeypatch.setenv("AETHER_DENSE_FRACTION", "0.5")
+    assert decode.exact_reason(small, certified) is None
+    monkeypatch.delenv("AETHER_DENSE_FRACTION")
+    monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
+    assert decode.exact_reason(small, certified) is None
+
+
+@pytest.mark.gpu
+def test_a_static_cache_too_small_to_pay_is_exact_on_the_gpu(_fresh):
+    """Compiled on CUDA, a static cache of 64K cached key rows (large enough not to be left as
+    written, too small for skipping to pay) decodes through the exact op: no key summary, the
+    write left as index_copy_, the output SDPA's."""
+    import torch.nn.functional as F
+
+    def step(q, k_cache, v_cache, pos, k_new, v_new, mask):
+        k_cache.index_copy_(2, pos, k_new)
+        v_cache.index_copy_(2, pos, v_new)
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                              enable_gqa=True)
+
+    B, Hq, Hkv, S, D = 1, 32, 8, 8192, 128  # K and V: 32 MiB, DECODE_MIN_CACHE_BYTES
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.float16, generator=g)
+            for _ in range(2))
+    q, k_new, v_new = (torch.randn(B, h, 1, D, device="cuda", dtype=torch.float16, generator=g)
+                       for h in (Hq, Hkv, Hkv))
+    pos = torch.tensor([5000], device="cuda")
+    mask = (torch.arange(S, device="cuda") <= 5000).expand(B, 1, 1, S)
+    compiled = torch.compile(step, backend="aether", options={"eps": 1e-2, "decode": True})
+    k2, v2 = k.clone(), v.clone()
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, q, k, v, pos, k_new, v_new, mask)
+    want = step(q.double(), k2.double(), v2.double(), pos, k_new.double(), v_new.double(), mask)
+    generated = "\n".join(code)
+    assert "torch.ops.aether.exact_decode_attention" in generated
+    assert "torch.ops.aether.key_cache_index_copy_" not in generated
+    sites = [s for s in _fresh if s.reason.startswith("decode")]
+    assert sites and all("never pays at 65536 cached key rows" in s.reason for s in sites), sites
+    assert torch.equal(k, k2.index_copy_(2, pos, k_new)) and not kv_cache.STATS
+    assert (got.double() - want).abs().max() < 2e-3
 
 
 def test_dynamic_cache_generate_matches_dense(_fresh):
