@@ -24,8 +24,8 @@
 #   generate_graphs_short the default compile against aether under CUDA graphs, split (CKPT)
 #   first_call          a session's first call: the GPU tests not yet run (decode under CUDA
 #                       graphs, the warp-specialized and TMA loops), the generate step profiled
-#                       (untrained LM), the dense decode routes at its shape, the pass's
-#                       variants and Flex at 32K
+#                       (untrained LM; eps 0's exact op split too), the dense decode routes at
+#                       its shape
 #   generate            transformers generate with a static cache, default compile vs aether (CKPT)
 #   suite               the issue-6 suite (W1 uniform, W2 clustered, W3 LLM-like)
 #   suite_w4            issue-6 W4 alone (1M tokens), which the suite cannot reach in time
@@ -190,24 +190,23 @@ case "${1:-zoo}" in
       --profile aether_cudagraphs
     [ -n "${GRAPHS_BASELINE:-}" ] && generate_split inductor_cudagraphs 80 inductor_cudagraphs 0 --profile
     ;;
-  first_call)  # the most this repository's open work learns from one call (about 520 s): the
+  first_call)  # the most this repository's open work learns from one call (about 480 s): the
               # GPU tests nothing has run yet (decode under CUDA graphs, warp-specialized and
               # TMA visit loops), the default-mode generate step profiled against the default
-              # compile (the long LM untrained, every decode call dense), then the pass's
-              # kernel variants and Flex at 32K (issue 22)
+              # compile (the long LM untrained, every decode call dense) and split at eps 0
+              # (the exact op), then the dense decode routes at its shape. prefill_ws next
     $T ${TEST_S:-150} $PYTEST -m "" tests/passes/test_rewrite_decode.py tests/aether_compile/test_kv_cache.py \
       tests/kernels/test_forward.py -k "cuda_graphs or warp_specialized or recertifying or too_small_to_pay" \
       > "$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    CKPT=${CKPT:-untrained} generate_split default_eps0.01 ${SPLIT_S:-170} "inductor aether" 0.01 \
-      --profile inductor aether
+    CKPT=${CKPT:-untrained} generate_split default_eps0.01 ${SPLIT_S:-240} \
+      "inductor aether aether_exact" 0.01 --profile inductor aether
     # the dense decode routes at the long LM's shape (8 query / 2 KV heads, D 64, the static
     # cache's 32K + 256 slots): which SDPA kernel the mask with GQA gets, against attend_all and
     # against the default compile's repeat_kv and SDPA
     timeout 90 python3 benchmarks/sweep_decode_dense.py --quick --no-clustered --heads 8 2 64 \
       --shapes 8x33024 1x33024 --out "$OUT" > "$OUT/sweep_decode_dense_lm.txt" 2>&1
     grep -E "^B[0-9]|Error" "$OUT/sweep_decode_dense_lm.txt" | cut -c1-400
-    LENGTHS=${LENGTHS:-32768} PREFILL_S=${PREFILL_S:-180} SKIP_TESTS=1 bash "$0" prefill_ws
     ;;
   generate_graphs_short)  # little device time: the default compile (default mode) and aether
                          # under Inductor's CUDA graphs (eps 1e-2) at batch 8, 32K (CKPT),

@@ -48,7 +48,8 @@ def _generate(model, ids, new_tokens: int, streamer=None):
 def split(ckpt, S, B, backend, eps, steps, profile, device):
     """(prefill seconds, decode ms per step, profile table or None) for one backend:
     "inductor" (the default compile), "aether_prefill" (aether without decode=True: the
-    prompt's attention rewritten, decode steps SDPA) or "aether" (decode=True); with
+    prompt's attention rewritten, decode steps SDPA), "aether" (decode=True) or "aether_exact"
+    (decode=True at eps 0: the exact decode op, no summaries, inside CUDA graphs); with
     "_cudagraphs" appended (the default compile's "inductor_cudagraphs", "aether_cudagraphs"),
     under mode="reduce-overhead" (aether: that mode's Inductor options). Every generate
     makes the same number of tokens: the static cache's length, hence the graphs, stay."""
@@ -66,7 +67,8 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
     if backend.startswith("aether"):  # "aether_prefill": decode calls left to SDPA
         from aether_compile import _compat
 
-        options = {"eps": eps, "decode": backend != "aether_prefill",
+        options = {"eps": 0.0 if backend.startswith("aether_exact") else eps,
+                   "decode": backend != "aether_prefill",
                    "allow_cpu": device == "cpu",
                    **(_compat.mode_options("reduce-overhead") if graphs else {})}
         model.forward = torch.compile(model.forward, backend="aether", options=options)
@@ -101,7 +103,8 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
 
 
 UNTRAINED = "untrained"
-BACKENDS = ["inductor", "aether_prefill", "aether", "inductor_cudagraphs", "aether_cudagraphs"]
+BACKENDS = ["inductor", "aether_prefill", "aether", "aether_exact", "inductor_cudagraphs",
+            "aether_cudagraphs", "aether_exact_cudagraphs"]
 
 
 def main(argv=None):
