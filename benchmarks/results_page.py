@@ -322,12 +322,39 @@ def generate_table(record: dict, _arg=None) -> list[str]:
     return rows
 
 
+SPLIT_BACKENDS = {"inductor": "the default compile", "aether_prefill": "aether, decode off",
+                  "aether": "aether, decode=True", "aether_exact": "aether, decode=True at ε 0",
+                  "inductor_cudagraphs": "the default compile, CUDA graphs",
+                  "aether_cudagraphs": "aether, decode=True, CUDA graphs",
+                  "aether_exact_cudagraphs": "aether, decode=True at ε 0, CUDA graphs"}
+
+
+def generate_split_table(record: dict, _arg=None) -> list[str]:
+    """profile_generate: one generate per backend split into the prompt's prefill and the mean
+    decode step, and what the decode op's calls did."""
+    env, cfg = record["env"], record["config"]
+    weights = "initial weights" if cfg["ckpt"] == "untrained" else "trained weights"
+    rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, transformers "
+            f"{env.get('transformers')}, commit {env.get('commit')}; the long LM ({weights}), "
+            f"batch {cfg['batch']}, {_tokens(cfg['length'])}-token prompt, {cfg['steps']} steps, "
+            f"ε {cfg['eps']:g} unless stated", "",
+            "| backend | prefill s | step ms | step over the default compile's | decode calls |",
+            "|---|---|---|---|---|"]
+    base = record["rows"].get("inductor", {}).get("step_ms")
+    for name, r in record["rows"].items():
+        calls = ", ".join(f"{k} {v}" for k, v in sorted((r.get("decode_calls") or {}).items()))
+        ratio = f"{r['step_ms'] / base:.3f}" if base else "—"
+        rows.append(f"| {SPLIT_BACKENDS.get(name, name)} | {r['prefill_s']:.3f} | "
+                    f"{r['step_ms']:.2f} | {ratio} | {calls or '—'} |")
+    return rows
+
+
 KINDS = {"summary": summary_table, "issue6": issue6_table, "decode": decode_table,
          "decode_layers": decode_layers_table, "decode_sweep": decode_sweep_table,
          "prefill_selection": prefill_selection_table, "decode_dense": decode_dense_table,
          "prefill_pass": prefill_pass_table, "row_tails": row_tails_table,
          "row_tails_sweep": row_tails_sweep_table, "decode_dense_probe": decode_dense_probe_table,
-         "generate": generate_table}
+         "generate": generate_table, "generate_split": generate_split_table}
 
 
 def render(page: str) -> str:
