@@ -158,6 +158,21 @@ def exact_reason(site: CacheSite, options) -> Optional[str]:
             "(batch x KV heads x keys)")
 
 
+def _fused_sdpa_takes(q: Node, site: CacheSite, mask: Optional[Node]) -> bool:
+    """Whether one of SDPA's fused CUDA kernels takes the exact site as it will run: the query
+    heads of a GQA group against the cache itself (``enable_gqa``) with the model's mask. Then
+    the site stays SDPA, on the cache instead of ``repeat_kv``'s copies, and Inductor calls that
+    kernel straight from the graph: no Python at run time (a default-mode step waits on host
+    time at every layer) and nothing CUDA graphs leave out. Else the exact op does it."""
+    from aether_compile._compat import sdpa_fused_takes
+
+    qv, k, v = ev(q), ev(site.key_cache), ev(site.value_cache)
+    if qv.device.type != "cuda":
+        return False
+    return sdpa_fused_takes(qv, k, v, None if mask is None else ev(mask),
+                            qv.shape[1] != k.shape[1])
+
+
 def keeps_summaries(site: CacheSite, options) -> bool:
     """Whether a decode site of ``site``'s cache compiled with ``options`` reads key summaries
     (so its key writes keep them): not where it is exact (``exact_reason``)."""
@@ -177,12 +192,17 @@ def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -
     with rolled_back_on_failure(b, "decode rewrite"):
         q = m.q.build(b)
         scale = build_scale(b, m.scale, m.scale_nodes)
+        mask = m.mask(b)
         if certified:
             out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
-                       site.value_cache, m.mask(b), bool(m.is_causal), scale, options.eps)
+                       site.value_cache, mask, bool(m.is_causal), scale, options.eps)
+        elif _fused_sdpa_takes(q, site, mask):
+            out = b.fn(torch.nn.functional.scaled_dot_product_attention, q, site.key_cache,
+                       site.value_cache, attn_mask=mask, is_causal=bool(m.is_causal),
+                       scale=scale, enable_gqa=True)
         else:
             out = b.fn(torch.ops.aether.exact_decode_attention.default, q, site.key_cache,
-                       site.value_cache, m.mask(b), bool(m.is_causal), scale)
+                       site.value_cache, mask, bool(m.is_causal), scale)
         check_replacement(ev(m.replace), ev(out), "decode")
     m.replace.replace_all_uses_with(out)
     erase_dead(gm.graph, [m.replace, *reversed(m.visited)])
