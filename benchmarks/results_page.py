@@ -179,12 +179,16 @@ def row_tails_table(record: dict, _arg=None) -> list[str]:
 def decode_dense_table(record: dict, _arg=None) -> list[str]:
     """sweep_decode_dense: the decode op's masked dense paths against cuDNN without the mask."""
     env = record["env"]
+    heads = record.get("heads") or {"query": 32, "kv": 8, "dim": 128}
+    repeat = any("sdpa_repeat_kv_us" in r for r in record["shapes"])
     rows = [f"{env['card']}, torch {env['torch']}, Triton {env.get('triton')}, commit "
-            f"{env.get('commit')}; uniform keys, GQA 32/8, D 128, bf16, transformers' all-true "
-            "bool mask; µs of CUDA-graph replays, and each over cuDNN without the mask", "",
+            f"{env.get('commit')}; uniform keys, GQA {heads['query']}/{heads['kv']}, "
+            f"D {heads['dim']}, bf16, transformers' all-true bool mask; µs of CUDA-graph "
+            "replays, and each over cuDNN without the mask", "",
             "| batch | KV | cuDNN, no mask | SDPA, mask | attend_all, default | attend_all, best "
-            "| best: keys a step, warps, stages, least keys a split, programs per SM |",
-            "|---|---|---|---|---|---|---|"]
+            "| best: keys a step, warps, stages, least keys a split, programs per SM |"
+            + (" repeat_kv + SDPA (the default compile's) |" if repeat else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if repeat else "")]
     for r in record["shapes"]:
         base, best = r["cudnn_unmasked_us"], r["best"]
         split = best.get("min_steps", 0) * best.get("keys", 0)
@@ -194,7 +198,8 @@ def decode_dense_table(record: dict, _arg=None) -> list[str]:
         rows.append(f"| {r['batch']} | {r['kv'] // 1024}K | {base:.1f} | "
                     f"{cell(r['sdpa_masked_us'])} | {cell(r['default_us'])} | "
                     f"{cell(best['us'])} | {best.get('keys')}, {best.get('num_warps')}, "
-                    f"{best.get('stages')}, {split}, {best.get('programs_per_sm')} |")
+                    f"{best.get('stages')}, {split}, {best.get('programs_per_sm')} |"
+                    + (f" {cell(r.get('sdpa_repeat_kv_us'))} |" if repeat else ""))
     return rows
 
 
