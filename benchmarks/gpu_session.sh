@@ -212,14 +212,15 @@ case "${1:-zoo}" in
               # Inductor's static launcher on 2.11: without it here) apart from the forward
               # loops' tests; the exact route as SDPA on the cache against the default compile
               # (untrained LM); the pass's variants and Flex at 32K
-    TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 $T 130 $PYTEST -m "" tests/passes/test_rewrite_decode.py \
+    TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 $T ${TEST_S:-130} $PYTEST -m "" tests/passes/test_rewrite_decode.py \
       -k "cuda_graphs or too_small_to_pay" > "$OUT/gpu_tests_decode.txt" 2>&1
-    $T 100 $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
+    $T ${FORWARD_S:-100} $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
       > "$OUT/gpu_tests_forward.txt" 2>&1
     for f in gpu_tests_decode gpu_tests_forward; do
       echo "== $f"; grep -E "passed|failed|^FAILED|Error|Segmentation" "$OUT/$f.txt" | tail -6; done
     CKPT=${CKPT:-untrained} generate_split exact_sdpa ${SPLIT_S:-150} "inductor aether_exact" 0
-    LENGTHS=${LENGTHS:-32768} PREFILL_S=${PREFILL_S:-170} SKIP_TESTS=1 bash "$0" prefill_ws
+    [ "${PREFILL_S:-170}" = 0 ] ||  # PREFILL_S=0: without the prefill variants
+      LENGTHS=${LENGTHS:-32768} PREFILL_S=${PREFILL_S:-170} SKIP_TESTS=1 bash "$0" prefill_ws
     ;;
   generate_graphs_short)  # little device time: the default compile (default mode) and aether
                          # under Inductor's CUDA graphs (eps 1e-2) at batch 8, 32K (CKPT),
