@@ -92,11 +92,18 @@ def test_static_cache_generate_decodes_through_the_summary(arch, _fresh):
     assert kv_cache.STATS["rebuilt"] + kv_cache.STATS["dropped"] >= LAYERS
 
 
+@pytest.mark.parametrize("route", ["exact_op", "sdpa"])
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_decode_at_eps_0_is_exact_and_keeps_no_summary(cache, _fresh):
-    """At eps = 0 nothing reads a key summary: the decode sites become the exact op on the cache
-    itself (no repeat_kv copies, no state, so CUDA graphs capture it), the key writes and
-    concatenations stay as the model wrote them, and no summary is ever built."""
+def test_decode_at_eps_0_is_exact_and_keeps_no_summary(cache, route, _fresh, monkeypatch):
+    """At eps = 0 nothing reads a key summary: the decode sites become exact attention on the
+    cache itself (no repeat_kv copies, no state, so CUDA graphs capture it), the key writes and
+    concatenations stay as the model wrote them, and no summary is ever built. The exact op
+    does it, or, where one of SDPA's fused CUDA kernels takes GQA with the mask (on the CPU:
+    made to say so), SDPA itself with enable_gqa, called from the graph."""
+    from aether_compile.passes import decode
+
+    if route == "sdpa":
+        monkeypatch.setattr(decode, "_fused_sdpa_takes", lambda q, site, mask: True)
     model = _lm("llama")
     prompt = _prompt()
     kw = {"cache_implementation": "static"} if cache == "static" else {}
@@ -105,7 +112,14 @@ def test_decode_at_eps_0_is_exact_and_keeps_no_summary(cache, _fresh):
                                   options={"allow_cpu": True, "eps": 0.0, "decode": True})
     (got, scores), code = run_and_get_code(lambda: _generate(model, prompt, **kw))
     generated = "\n".join(code)
-    assert "torch.ops.aether.exact_decode_attention" in generated
+    assert ("torch.ops.aether.exact_decode_attention" in generated) == (route == "exact_op")
+    if route == "sdpa" and cache == "static":
+        # SDPA's kernel reads the caches themselves (graph inputs), not repeat_kv's copies
+        import re
+
+        reads_cache = re.findall(r"aten\._scaled_dot_product_\w+\.default\(\w+, arg\d+_1, "
+                                 r"arg\d+_1", generated)
+        assert len(reads_cache) >= LAYERS, generated[-3000:]
     for op in ("decode_attention", "key_cache_index_copy_", "key_cache_cat"):
         assert f"torch.ops.aether.{op}" not in generated, op
     decode_sites = [s for s in _fresh if s.reason.startswith("decode")]
