@@ -135,9 +135,9 @@ def _order(gm: GraphModule):
 
 
 def exact_reason(site: CacheSite, options) -> Optional[str]:
-    """Why a decode site compiles to the exact op (``aether::exact_decode_attention``: no key
-    summary, key writes left as the model wrote them, inside CUDA graphs), or None where it is
-    certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
+    """Why a decode site compiles exact (SDPA on the cache, or ``aether::exact_decode_attention``:
+    no key summary, key writes left as the model wrote them, inside CUDA graphs), or None where
+    it is certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
     certified step ever to pay (``kv_cache.decode_dense_fraction`` is 0 at its batch x KV heads
     x keys) would run every call dense anyway, with the summary's upkeep and the certified op's
     host time on top. Symbolic sizes (a dynamic cache) are decided at run time instead;
@@ -197,9 +197,10 @@ def apply_decode(gm: GraphModule, m: AttentionMatch, site: CacheSite, options) -
             out = b.fn(torch.ops.aether.decode_attention.default, q, site.key_cache,
                        site.value_cache, mask, bool(m.is_causal), scale, options.eps)
         elif _fused_sdpa_takes(q, site, mask):
+            gqa = ev(q).shape[1] != ev(site.key_cache).shape[1]  # as sdpa_fused_takes asked
             out = b.fn(torch.nn.functional.scaled_dot_product_attention, q, site.key_cache,
                        site.value_cache, attn_mask=mask, is_causal=bool(m.is_causal),
-                       scale=scale, enable_gqa=True)
+                       scale=scale, enable_gqa=gqa)
         else:
             out = b.fn(torch.ops.aether.exact_decode_attention.default, q, site.key_cache,
                        site.value_cache, mask, bool(m.is_causal), scale)
