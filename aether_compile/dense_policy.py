@@ -81,6 +81,20 @@ def decode_dense_reason(B, Hkv, S, D, DV, element_size: int) -> Optional[str]:
     return None
 
 
+def decode_exact_reason(B, Hkv, S) -> Optional[str]:
+    """Why a decode site's static sizes make every certified call run dense anyway
+    (``kv_cache.decode_dense_fraction`` is 0 at B x Hkv x S cached key rows: no measured call of
+    that size had a certified step beat dense), so that it is better compiled exact, or None.
+    Symbolic sizes never take it."""
+    if not settings.static_dense() or not is_static(B, Hkv, S):
+        return None
+    from aether_compile.kv_cache import decode_dense_fraction
+
+    if settings.dense_fraction(decode_dense_fraction(B, Hkv, S)) != 0.0:
+        return None
+    return f"a certified step never pays at {B * Hkv * S} cached key rows (batch x KV heads x keys)"
+
+
 @dataclass(frozen=True)
 class Route:
     """How one call of the op chooses between dense and sparse (``route``).

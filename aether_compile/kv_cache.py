@@ -10,8 +10,9 @@ rewritten generation step calls.
   rows against the cache, reading only the key blocks the summary cannot rule out
   (``kernels/decode.py``); dense SDPA where the call is not one it serves.
 * ``aether::exact_decode_attention(query, key, value, attn_mask, is_causal, scale)`` — the
-  same at eps = 0: exact, on the cache itself (no ``repeat_kv`` copies), with no summary kept
-  for it and no state between calls, so CUDA graphs capture it.
+  same, exact (eps = 0, or a cache too small for skipping to pay), on the cache itself (no
+  ``repeat_kv`` copies), with no summary kept for it and no state between calls, so CUDA graphs
+  capture it. On CUDA the pass prefers SDPA itself on the cache where a fused kernel takes it.
 
 **Trusting a summary.** A summary describes its cache as of a version: ``Tensor._version``,
 which every in-place write bumps (``index_copy_``, ``zero_``, ``copy_``: a new prompt in the
@@ -330,8 +331,9 @@ def exact_decode_attention(query: Tensor, key: Tensor, value: Tensor,
                            attn_mask: Optional[Tensor], is_causal: bool,
                            scale: Optional[float]) -> Tensor:
     """SDPA(query, key, value, attn_mask, is_causal, scale, enable_gqa=True), exact: a decode
-    site compiled at eps = 0, where no summary is kept or read. It reads the cache itself (no
-    repeat_kv copies) and keeps no state between calls, so CUDA graphs capture it."""
+    site compiled exact (``passes/decode.exact_reason``), where no summary is kept or read. It
+    reads the cache itself (no repeat_kv copies) and keeps no state between calls, so CUDA
+    graphs capture it."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     return dense_decode(query, key, value, attn_mask, is_causal, scale).contiguous()
 

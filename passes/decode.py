@@ -138,24 +138,18 @@ def exact_reason(site: CacheSite, options) -> Optional[str]:
     """Why a decode site compiles exact (SDPA on the cache, or ``aether::exact_decode_attention``:
     no key summary, key writes left as the model wrote them, inside CUDA graphs), or None where
     it is certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
-    certified step ever to pay (``kv_cache.decode_dense_fraction`` is 0 at its batch x KV heads
-    x keys) would run every call dense anyway, with the summary's upkeep and the certified op's
-    host time on top. Symbolic sizes (a dynamic cache) are decided at run time instead;
-    AETHER_STATIC_DENSE=0 turns the size rule off, as it does for prefill."""
+    certified step ever to pay (``dense_policy.decode_exact_reason``) would run every call dense
+    anyway, with the summary's upkeep and the certified op's host time on top. Symbolic sizes (a
+    dynamic cache) are decided at run time instead; AETHER_STATIC_DENSE=0 turns the size rule
+    off, as it does for prefill."""
     if options.eps is not None and options.eps <= 0:
         return "eps 0"
-    from aether_compile import settings
-    from aether_compile.kernels.launch import is_static
-    from aether_compile.kv_cache import decode_dense_fraction
+    from aether_compile import dense_policy
 
     k = ev(site.key_cache)
-    B, Hkv, S = k.shape[:3]
-    if k.device.type != "cuda" or not settings.static_dense() or not is_static(B, Hkv, S):
+    if k.device.type != "cuda":
         return None
-    if settings.dense_fraction(decode_dense_fraction(B, Hkv, S)) != 0.0:
-        return None
-    return (f"a certified step never pays at {B * Hkv * S} cached key rows "
-            "(batch x KV heads x keys)")
+    return dense_policy.decode_exact_reason(*k.shape[:3])
 
 
 def _fused_sdpa_takes(q: Node, site: CacheSite, mask: Optional[Node]) -> bool:
