@@ -81,18 +81,42 @@ def decode_dense_reason(B, Hkv, S, D, DV, element_size: int) -> Optional[str]:
     return None
 
 
-def decode_exact_reason(B, Hkv, S) -> Optional[str]:
-    """Why a decode site's static sizes make every certified call run dense anyway
-    (``kv_cache.decode_dense_fraction`` is 0 at B x Hkv x S cached key rows: no measured call of
-    that size had a certified step beat dense), so that it is better compiled exact, or None.
-    Symbolic sizes never take it."""
+# A certified decode site's ops run their Python at every layer of every step, in every compile
+# mode (their checks of the cache keep them outside CUDA graphs), and a decode step waits on the
+# larger of its host and GPU time. On an H100 host they added 0.47 ms a layer to the default
+# compile's step, the exact op 0.35 (profile_generate at fe46cc8, the long LM at batch 8 and 32K,
+# 6 layers: 4.83 ms a step, 7.64 with certified sites, 6.95 with the exact op). Skipping can
+# only save part of the cache's one dense read, so below the bytes that read takes about that
+# long (1.5 GiB of K and V: 0.48 ms at an H100's 3.35 TB/s, 0.33 at an H200's 4.8) a certified
+# site can only make the step slower, whatever the data.
+DECODE_HOST_BOUND_BYTES = 3 * 2 ** 29
+
+
+def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
+    """Why a decode site's static sizes make a certified site slower than an exact one, whatever
+    the data, so that it is better compiled exact (SDPA on the cache, or the exact op), or None:
+    every certified call would run dense anyway (``kv_cache.decode_dense_fraction`` is 0 at
+    B x Hkv x S cached key rows: no measured call of that size had a certified step beat dense),
+    or the cache's K and V (``row_bytes`` a cached key row of both) read in less time than the
+    certified ops' host work adds to a step (DECODE_HOST_BOUND_BYTES). Symbolic sizes never take
+    it; AETHER_STATIC_DENSE=0 or a dense fraction set by hand (AETHER_DENSE_FRACTION) leaves the
+    choice to the run time."""
     if not settings.static_dense() or not is_static(B, Hkv, S):
         return None
     from aether_compile.kv_cache import decode_dense_fraction
 
-    if settings.dense_fraction(decode_dense_fraction(B, Hkv, S)) != 0.0:
+    fraction = decode_dense_fraction(B, Hkv, S)
+    if settings.dense_fraction(fraction) != fraction:  # set by hand: the run time decides
         return None
-    return f"a certified step never pays at {B * Hkv * S} cached key rows (batch x KV heads x keys)"
+    if fraction == 0.0:
+        return (f"a certified step never pays at {B * Hkv * S} cached key rows "
+                "(batch x KV heads x keys)")
+    cache_bytes = B * Hkv * S * row_bytes
+    if cache_bytes < DECODE_HOST_BOUND_BYTES:
+        return (f"the step waits on host time: the cache's {cache_bytes / 2 ** 20:.0f} MiB of K "
+                "and V read faster than a certified site's host work (about 0.5 ms a layer) "
+                "costs the step")
+    return None
 
 
 @dataclass(frozen=True)

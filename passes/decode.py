@@ -138,18 +138,19 @@ def exact_reason(site: CacheSite, options) -> Optional[str]:
     """Why a decode site compiles exact (SDPA on the cache, or ``aether::exact_decode_attention``:
     no key summary, key writes left as the model wrote them, inside CUDA graphs), or None where
     it is certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
-    certified step ever to pay (``dense_policy.decode_exact_reason``) would run every call dense
-    anyway, with the summary's upkeep and the certified op's host time on top. Symbolic sizes (a
-    dynamic cache) are decided at run time instead; AETHER_STATIC_DENSE=0 turns the size rule
-    off, as it does for prefill."""
+    certified step to pay (``dense_policy.decode_exact_reason``: every call would run dense, or
+    its dense read is shorter than the certified ops' host time a step waits on) compiles exact
+    too. Symbolic sizes (a dynamic cache) are decided at run time instead; AETHER_STATIC_DENSE=0
+    turns the size rules off, as it does for prefill."""
     if options.eps is not None and options.eps <= 0:
         return "eps 0"
     from aether_compile import dense_policy
 
-    k = ev(site.key_cache)
+    k, v = ev(site.key_cache), ev(site.value_cache)
     if k.device.type != "cuda":
         return None
-    return dense_policy.decode_exact_reason(*k.shape[:3])
+    row_bytes = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+    return dense_policy.decode_exact_reason(*k.shape[:3], row_bytes)
 
 
 def _fused_sdpa_takes(q: Node, site: CacheSite, mask: Optional[Node]) -> bool:

@@ -205,8 +205,8 @@ def test_exact_decode_stays_inside_cuda_graphs(_fresh, monkeypatch):
     assert partitions[0.0] < partitions[1e-3], partitions
 
 
-def _cache_site(B, Hkv, S, device="cuda"):
-    """A decode site's CacheSite whose key cache node carries a fake [B, Hkv, S, 64] bf16 cache
+def _cache_site(B, Hkv, S, device="cuda", D=64):
+    """A decode site's CacheSite whose key cache node carries a fake [B, Hkv, S, D] bf16 cache
     on ``device`` (fake tensors need no GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -216,16 +216,18 @@ def _cache_site(B, Hkv, S, device="cuda"):
     k, v = graph.placeholder("k"), graph.placeholder("v")
     with FakeTensorMode():
         for node in (k, v):
-            node.meta["val"] = torch.empty(B, Hkv, S, 64, device=device, dtype=torch.bfloat16)
+            node.meta["val"] = torch.empty(B, Hkv, S, D, device=device, dtype=torch.bfloat16)
     return decode.CacheSite(k, v, [])
 
 
 def test_a_static_cache_too_small_to_pay_compiles_to_the_exact_op(monkeypatch):
-    """Below the cached key rows (batch x KV heads x keys) where a certified step ever pays
-    (kv_cache.decode_dense_fraction is 0), a CUDA static cache's decode site is exact: its every
-    call would run dense anyway, and the exact op keeps no summary and stays inside CUDA graphs.
-    Larger caches, the CPU (the interpreter's tests), eps = 0 and AETHER_STATIC_DENSE=0 as
-    stated."""
+    """A CUDA static cache's decode site is exact where a certified site cannot pay: below the
+    cached key rows (batch x KV heads x keys) where a certified call ever beats dense
+    (kv_cache.decode_dense_fraction is 0), and below the K and V bytes whose dense read takes
+    longer than the certified ops' host time a step waits on (DECODE_HOST_BOUND_BYTES). The
+    exact route keeps no summary and stays inside CUDA graphs. Larger caches, the CPU (the
+    interpreter's tests), eps = 0, AETHER_DENSE_FRACTION and AETHER_STATIC_DENSE=0 as stated."""
+    from aether_compile import dense_policy
     from aether_compile.options import AetherOptions
     from aether_compile.passes import decode
 
@@ -237,17 +239,30 @@ def test_a_static_cache_too_small_to_pay_compiles_to_the_exact_op(monkeypatch):
     reason = decode.exact_reason(small, certified)
     assert reason is not None and "66048 cached key rows" in reason
     assert not decode.keeps_summaries(small, certified)
-    large = _cache_site(8, 2, 33024)  # batch 8: 528K rows, a certified step can pay
+    # batch 8 of the long LM: 528K rows, where a certified call can beat dense, but 129 MiB of
+    # K and V, read in far less time than the certified ops' Python adds to the step
+    host_bound = _cache_site(8, 2, 33024)
     assert kv_cache.decode_dense_fraction(8, 2, 33024) > 0
+    reason = decode.exact_reason(host_bound, certified)
+    assert reason is not None and "host time" in reason and "129 MiB" in reason, reason
+    assert not decode.keeps_summaries(host_bound, certified)
+    # the issue's anchor (GQA 32/8, D 128, batch 8, 32K keys): 1 GiB, still under the host time
+    assert "1024 MiB" in decode.exact_reason(_cache_site(8, 8, 32768, D=128), certified)
+    # batch 32 at 128K keys: 16 GiB, 4.9 ms to read on an H100: certified
+    large = _cache_site(32, 8, 131072, D=128)
+    assert 32 * 8 * 131072 * 2 * 128 * 2 >= dense_policy.DECODE_HOST_BOUND_BYTES
     assert decode.exact_reason(large, certified) is None
+    assert decode.keeps_summaries(large, certified)
     assert decode.exact_reason(large, AetherOptions(decode=True)) is None  # the dtype's eps
     assert decode.exact_reason(large, exact0) == "eps 0"
     assert decode.exact_reason(_cache_site(1, 2, 33024, device="cpu"), certified) is None
     monkeypatch.setenv("AETHER_DENSE_FRACTION", "0.5")
     assert decode.exact_reason(small, certified) is None
+    assert decode.exact_reason(host_bound, certified) is None
     monkeypatch.delenv("AETHER_DENSE_FRACTION")
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     assert decode.exact_reason(small, certified) is None
+    assert decode.exact_reason(host_bound, certified) is None
 
 
 @pytest.mark.gpu
