@@ -49,7 +49,9 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
     """(prefill seconds, decode ms per step, profile table or None) for one backend:
     "inductor" (the default compile), "aether_prefill" (aether without decode=True: the
     prompt's attention rewritten, decode steps SDPA), "aether" (decode=True) or "aether_exact"
-    (decode=True at eps 0: the exact decode op, no summaries, inside CUDA graphs); with
+    (decode=True at eps 0: the exact decode op, no summaries, inside CUDA graphs),
+    "aether_certified" (decode=True with every decode site certified, AETHER_STATIC_DENSE=0,
+    where the default rules make a cache too small to pay exact); with
     "_cudagraphs" appended (the default compile's "inductor_cudagraphs", "aether_cudagraphs"),
     under mode="reduce-overhead" (aether: that mode's Inductor options). Every generate
     makes the same number of tokens: the static cache's length, hence the graphs, stay."""
@@ -103,8 +105,9 @@ def split(ckpt, S, B, backend, eps, steps, profile, device):
 
 
 UNTRAINED = "untrained"
-BACKENDS = ["inductor", "aether_prefill", "aether", "aether_exact", "inductor_cudagraphs",
-            "aether_cudagraphs", "aether_exact_cudagraphs"]
+BACKENDS = ["inductor", "aether_prefill", "aether", "aether_exact", "aether_certified",
+            "inductor_cudagraphs", "aether_cudagraphs", "aether_exact_cudagraphs",
+            "aether_certified_cudagraphs"]
 
 
 def main(argv=None):
@@ -128,8 +131,19 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"env": env_record(), "config": vars(args), "rows": {}}
     for backend in args.backends:
-        rec, table = split(args.ckpt, args.length, args.batch, backend, args.eps, args.steps,
-                           backend in args.profile, device)
+        certified = "_certified" in backend  # read while the pass traces: set around the run
+        previous = os.environ.get("AETHER_STATIC_DENSE")
+        if certified:
+            os.environ["AETHER_STATIC_DENSE"] = "0"
+        try:
+            rec, table = split(args.ckpt, args.length, args.batch,
+                               backend.replace("_certified", ""), args.eps, args.steps,
+                               backend in args.profile, device)
+        finally:
+            if certified and previous is None:
+                os.environ.pop("AETHER_STATIC_DENSE")
+            elif certified:
+                os.environ["AETHER_STATIC_DENSE"] = previous
         record["rows"][backend] = rec
         print(backend, json.dumps(rec), flush=True)
         if table:
