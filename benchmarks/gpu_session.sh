@@ -208,19 +208,19 @@ case "${1:-zoo}" in
       --shapes 8x33024 1x33024 --out "$OUT" > "$OUT/sweep_decode_dense_lm.txt" 2>&1
     grep -E "^B[0-9]|Error" "$OUT/sweep_decode_dense_lm.txt" | cut -c1-400
     ;;
-  exact_sdpa)  # after first_call (fe46cc8): the decode CUDA-graph tests (one segfaulted in
-              # Inductor's static launcher on 2.11: without it here) apart from the forward
-              # loops' tests; the exact route as SDPA on the cache against the default compile
-              # (untrained LM); the pass's variants and Flex at 32K
+  exact_sdpa)  # after first_call (fe46cc8): the exact route as SDPA on the cache against the
+              # default compile and certified sites (untrained LM); the decode CUDA-graph tests
+              # (one segfaulted in Inductor's static launcher on 2.11: without it here) apart
+              # from the forward loops' tests; the pass's variants and Flex at 32K
+    # aether at eps 1e-2: exact since the host-time rule (dense_policy.decode_exact_reason), the
+    # same route as eps 0; aether_certified: its sites certified as before the rule
+    CKPT=${CKPT:-untrained} generate_split exact_sdpa ${SPLIT_S:-150} "inductor aether aether_certified" 0.01
     TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 $T ${TEST_S:-130} $PYTEST -m "" tests/passes/test_rewrite_decode.py \
       -k "cuda_graphs or too_small_to_pay" > "$OUT/gpu_tests_decode.txt" 2>&1
     $T ${FORWARD_S:-100} $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
       > "$OUT/gpu_tests_forward.txt" 2>&1
     for f in gpu_tests_decode gpu_tests_forward; do
       echo "== $f"; grep -E "passed|failed|^FAILED|Error|Segmentation" "$OUT/$f.txt" | tail -6; done
-    # aether at eps 1e-2: exact since the host-time rule (dense_policy.decode_exact_reason), the
-    # same route as eps 0; aether_certified: its sites certified as before the rule
-    CKPT=${CKPT:-untrained} generate_split exact_sdpa ${SPLIT_S:-150} "inductor aether aether_certified" 0.01
     [ "${PREFILL_S:-170}" = 0 ] ||  # PREFILL_S=0: without the prefill variants
       LENGTHS=${LENGTHS:-32768} PREFILL_S=${PREFILL_S:-170} SKIP_TESTS=1 bash "$0" prefill_ws
     ;;
