@@ -101,14 +101,12 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
     certified ops' host work adds to a step (DECODE_HOST_BOUND_BYTES). Symbolic sizes never take
     it; AETHER_STATIC_DENSE=0 or a dense fraction set by hand (AETHER_DENSE_FRACTION) leaves the
     choice to the run time."""
-    if not settings.static_dense() or not is_static(B, Hkv, S):
+    if not settings.static_dense() or settings.dense_fraction_set() \
+            or not is_static(B, Hkv, S, row_bytes):
         return None
     from aether_compile.kv_cache import decode_dense_fraction
 
-    fraction = decode_dense_fraction(B, Hkv, S)
-    if settings.dense_fraction(fraction) != fraction:  # set by hand: the run time decides
-        return None
-    if fraction == 0.0:
+    if decode_dense_fraction(B, Hkv, S) == 0.0:
         return (f"a certified step never pays at {B * Hkv * S} cached key rows "
                 "(batch x KV heads x keys)")
     cache_bytes = B * Hkv * S * row_bytes

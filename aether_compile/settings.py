@@ -70,6 +70,12 @@ def dense_fraction(default: float) -> Optional[float]:
     return None if env.lower() in ("off", "none", "") else float(env)
 
 
+def dense_fraction_set() -> bool:
+    """Whether the dense choice's crossover was set by hand (AETHER_DENSE_FRACTION, "off"
+    included): then the run time's choice decides, not the static size rules."""
+    return os.environ.get("AETHER_DENSE_FRACTION") is not None
+
+
 def dense_resample_every() -> int:
     return max(1, int(_get("AETHER_DENSE_RESAMPLE", "16")))
 

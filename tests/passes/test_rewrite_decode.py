@@ -256,9 +256,11 @@ def test_a_static_cache_too_small_to_pay_compiles_to_the_exact_op(monkeypatch):
     assert decode.exact_reason(large, AetherOptions(decode=True)) is None  # the dtype's eps
     assert decode.exact_reason(large, exact0) == "eps 0"
     assert decode.exact_reason(_cache_site(1, 2, 33024, device="cpu"), certified) is None
-    monkeypatch.setenv("AETHER_DENSE_FRACTION", "0.5")
-    assert decode.exact_reason(small, certified) is None
-    assert decode.exact_reason(host_bound, certified) is None
+    # a fraction set by hand, even the size's own, leaves the choice to the run time
+    for by_hand in ("0.5", "off", str(kv_cache.decode_dense_fraction(8, 2, 33024))):
+        monkeypatch.setenv("AETHER_DENSE_FRACTION", by_hand)
+        assert decode.exact_reason(small, certified) is None
+        assert decode.exact_reason(host_bound, certified) is None
     monkeypatch.delenv("AETHER_DENSE_FRACTION")
     monkeypatch.setenv("AETHER_STATIC_DENSE", "0")
     assert decode.exact_reason(small, certified) is None
