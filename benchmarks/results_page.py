@@ -307,7 +307,7 @@ def generate_table(record: dict, _arg=None) -> list[str]:
     for r in record["rows"]:
         ours, dense = r["aether"], r["dense"]
         if "ratio" not in r:
-            rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {r['eps']:g} | "
+            rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {_eps_sites(r)} | "
                         f"{ours.get('error', '—')} | | | | | |")
             continue
         calls = ours.get("decode_calls") or {}
@@ -321,17 +321,27 @@ def generate_table(record: dict, _arg=None) -> list[str]:
         def pair(key):
             a, b = dense.get(key), ours.get(key)
             return "—" if a is None or b is None else f"{a:.3g}, {b:.3g}"
-        rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {r['eps']:g} | "
+        rows.append(f"| {_tokens(r['prompt'])} | {r['mode']} | {_eps_sites(r)} | "
                     f"{ours['tokens_per_s']:.0f} | {r['ratio']:.3f} | {pair('prefill_s')} | "
                     f"{pair('step_ms')} | {calls.get('certified', 0)} / {n_calls} | {tokens} |")
     return rows
 
 
+def _eps_sites(row: dict) -> str:
+    """A generate row's eps, and "every site certified" where bench_generate forced that (rows
+    without the key ran under the default rules)."""
+    forced = row.get("sites") == "certified"
+    return f"{row['eps']:g}" + (", every site certified" if forced else "")
+
+
 SPLIT_BACKENDS = {"inductor": "the default compile", "aether_prefill": "aether, decode off",
                   "aether": "aether, decode=True", "aether_exact": "aether, decode=True at ε 0",
+                  "aether_certified": "aether, decode=True, every site certified",
                   "inductor_cudagraphs": "the default compile, CUDA graphs",
                   "aether_cudagraphs": "aether, decode=True, CUDA graphs",
-                  "aether_exact_cudagraphs": "aether, decode=True at ε 0, CUDA graphs"}
+                  "aether_exact_cudagraphs": "aether, decode=True at ε 0, CUDA graphs",
+                  "aether_certified_cudagraphs":
+                      "aether, decode=True, every site certified, CUDA graphs"}
 
 
 def generate_split_table(record: dict, _arg=None) -> list[str]:

@@ -268,7 +268,16 @@ def test_generate_summary_counts_only_certified_rows_and_noise_level_matches(mon
     assert s["generate_eps_within_noise"] == 0.1 and s["generate_step_ratio_within_noise"] == 1.1
     assert s["generate_ratio_eps0"] == 0.9 and s["decode_certified_calls"] == 180
     assert s["decode_tokens_match"] is False and s["decode_logits_within_noise"] is False
+    # what decode=True gives a user: the default rules' rows at eps > 0 with matching tokens
+    # (here every row ran under them); rows with every site forced certified do not count
+    assert s["generate_ratio_default_rules"] == 1.2
+    forced = [{**row(0.01, 1.1, 0, True), "sites": "default"},
+              {**row(0.01, 0.8, 30, True), "sites": "certified"}]
+    split = bench_generate.summarize(forced, have_noise=True)
+    assert split["generate_ratio_default_rules"] == 1.1
+    assert split["generate_tokens_per_s_ratio_32k"] == 0.8  # the headline: certified calls
     dense_only = bench_generate.summarize(rows[:1], have_noise=True)
+    assert dense_only["generate_ratio_default_rules"] is None
     assert dense_only["generate_tokens_per_s_ratio_32k"] is None
     assert dense_only["generate_ratio_cudagraphs"] is None
     assert dense_only["decode_tokens_match"] is None
@@ -395,3 +404,23 @@ def test_generate_splits_the_prompts_prefill_from_the_steps(monkeypatch):
     assert r == {"prefill_ratio": 4.0, "step_ratio": 0.8}
     assert bench_generate.split_ratios({"prefill_s": None}, {"prefill_s": 0.2}) == {
         "prefill_ratio": None, "step_ratio": None}
+
+
+def test_generate_table_names_rows_with_every_site_certified(monkeypatch):
+    """bench_generate's rows forced certified (``--sites``) read as such on the results page;
+    rows under the default rules (and older files without the key) as their eps alone."""
+    monkeypatch.syspath_prepend(BENCH)
+    import results_page
+
+    dense = {"tokens_per_s": 100.0, "prefill_s": 1.0, "step_ms": 4.0}
+
+    def row(sites=None):
+        r = {"prompt": 32768, "mode": "default", "eps": 0.01, "dense": dense, "ratio": 1.0,
+             "tokens_match": True, "aether": {**dense, "decode_calls": {"certified": 3}}}
+        return r if sites is None else {**r, "sites": sites}
+
+    record = {"env": {"card": "CARD", "torch": "t"}, "config": {"batch": 8, "new_tokens": 256},
+              "rows": [row(), row("default"), row("certified")]}
+    body = results_page.generate_table(record)[4:]
+    assert [line.split(" | ")[2] for line in body] == ["0.01", "0.01",
+                                                       "0.01, every site certified"]
