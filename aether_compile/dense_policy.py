@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from aether_compile import settings
+from aether_compile import _compat, settings
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import forward as kernel_forward
 from aether_compile.kernels import plan as kernel_plan
@@ -98,12 +98,20 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
     every certified call would run dense anyway (``kv_cache.decode_dense_fraction`` is 0 at
     B x Hkv x S cached key rows: no measured call of that size had a certified step beat dense),
     or the cache's K and V (``row_bytes`` a cached key row of both) read in less time than the
-    certified ops' host work adds to a step (DECODE_HOST_BOUND_BYTES). Symbolic sizes never take
-    it; AETHER_STATIC_DENSE=0 or a dense fraction set by hand (AETHER_DENSE_FRACTION) leaves the
-    choice to the run time."""
-    if not settings.static_dense() or settings.dense_fraction_set() \
-            or not is_static(B, Hkv, S, row_bytes):
+    certified ops' host work adds to a step (DECODE_HOST_BOUND_BYTES). A cache that grows (a
+    symbolic length: transformers' dynamic cache) takes the second rule as a guard on its bytes,
+    so that its graph recompiles certified once the cache grows past the bound (the first rule
+    is inside the second at any head dim up to 6 KiB a row). AETHER_STATIC_DENSE=0 or a dense
+    fraction set by hand (AETHER_DENSE_FRACTION) leaves the choice to the run time."""
+    if not settings.static_dense() or settings.dense_fraction_set():
         return None
+    if not is_static(B, Hkv, S, row_bytes):
+        if not _compat.guarded_true(B * Hkv * S * row_bytes < DECODE_HOST_BOUND_BYTES):
+            return None
+        return (f"the step waits on host time: the cache's K and V stay under "
+                f"{DECODE_HOST_BOUND_BYTES // 2 ** 20} MiB (a guard: a longer cache recompiles "
+                "certified), read faster than a certified site's host work (about 0.5 ms a "
+                "layer) costs the step")
     from aether_compile.kv_cache import decode_dense_fraction
 
     if decode_dense_fraction(B, Hkv, S) == 0.0:

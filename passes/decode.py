@@ -134,20 +134,25 @@ def _order(gm: GraphModule):
     return lambda n: position[n]
 
 
+# Where the size rules apply: the host and launch costs they stand for are CUDA's. (The CPU's
+# certified path exists for tests, which add "cpu" to see the rules act on a real compile.)
+SIZE_RULE_DEVICES = ("cuda",)
+
+
 def exact_reason(site: CacheSite, options) -> Optional[str]:
     """Why a decode site compiles exact (SDPA on the cache, or ``aether::exact_decode_attention``:
     no key summary, key writes left as the model wrote them, inside CUDA graphs), or None where
     it is certified. At eps = 0 nothing reads a summary. On CUDA, a static cache too small for a
     certified step to pay (``dense_policy.decode_exact_reason``: every call would run dense, or
     its dense read is shorter than the certified ops' host time a step waits on) compiles exact
-    too. Symbolic sizes (a dynamic cache) are decided at run time instead; AETHER_STATIC_DENSE=0
+    too; a dynamic cache's (symbolic length) by its bytes alone, as a guard. AETHER_STATIC_DENSE=0
     turns the size rules off, as it does for prefill."""
     if options.eps is not None and options.eps <= 0:
         return "eps 0"
     from aether_compile import dense_policy
 
     k, v = ev(site.key_cache), ev(site.value_cache)
-    if k.device.type != "cuda":
+    if k.device.type not in SIZE_RULE_DEVICES:
         return None
     row_bytes = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
     return dense_policy.decode_exact_reason(*k.shape[:3], row_bytes)

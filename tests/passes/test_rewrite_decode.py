@@ -346,6 +346,40 @@ def test_dynamic_cache_generate_decodes_through_the_grown_summary(_fresh):
     assert torch.equal(got2, want2)
 
 
+def test_dynamic_cache_is_exact_until_it_grows_past_the_host_bound(_fresh, monkeypatch):
+    """The default cache's length is symbolic after its second step: the host-time rule becomes a
+    guard on the cache's bytes. Under the bound the sites compile exact (no summary, no
+    key_cache_cat); once the cache grows past it the guard fails and the graph recompiles
+    certified, which summarises the cache once and hands the summary on. Tokens equal dense
+    decoding's throughout. (The rules act on CUDA only; the CPU is added here to see them.)"""
+    from aether_compile import dense_policy
+    from aether_compile.passes import decode
+
+    monkeypatch.delenv("AETHER_STATIC_DENSE", raising=False)
+    monkeypatch.delenv("AETHER_DENSE_FRACTION", raising=False)
+    monkeypatch.setattr(decode, "SIZE_RULE_DEVICES", ("cuda", "cpu"))
+    model = _lm("llama")
+    prompt = _prompt()  # 80 tokens; decode steps see caches of 81 ... 85 keys
+    want, want_scores = _generate(model, prompt)
+    # K and V: batch 2 x 2 KV heads x (16 + 16) fp32 channels = 512 bytes a key: the bound
+    # falls between the third and fourth decode steps (83 and 84 keys)
+    monkeypatch.setattr(dense_policy, "DECODE_HOST_BOUND_BYTES", 512 * 84)
+    model.forward = torch.compile(model.forward, backend="aether",
+                                  options={"allow_cpu": True, "eps": 1e-3, "decode": True})
+    (got, scores), code = run_and_get_code(lambda: _generate(model, prompt))
+    reasons = [s.reason for s in _fresh if s.reason.startswith("decode")]
+    assert any("never pays at 324 cached key rows" in r for r in reasons), reasons  # static S
+    assert any("stay under 0 MiB (a guard" in r for r in reasons), reasons  # symbolic S
+    assert any("exact" not in r for r in reasons), reasons  # recompiled certified past it
+    generated = "\n".join(code)
+    assert "torch.ops.aether.decode_attention" in generated
+    assert torch.equal(got, want)
+    assert (scores - want_scores).abs().max() < 1e-3 * want_scores.abs().max()
+    # summarised once at the first certified step (84 keys), handed on at the next (85)
+    assert kv_cache.STATS["rebuilt"] == LAYERS, dict(kv_cache.STATS)
+    assert kv_cache.STATS["extended"] == LAYERS, dict(kv_cache.STATS)
+
+
 def test_decode_is_opt_in(_fresh):
     """Without decode=True a static-cache decode site is an ordinary SDPA site: no summaries."""
     model = _lm("llama")
