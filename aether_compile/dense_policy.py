@@ -90,10 +90,12 @@ def decode_dense_reason(B, Hkv, S, D, DV, element_size: int) -> Optional[str]:
 # long (1.5 GiB of K and V: 0.48 ms at an H100's 3.35 TB/s, 0.33 at an H200's 4.8) a certified
 # site can only make the step slower, whatever the data.
 DECODE_HOST_BOUND_BYTES = 3 * 2 ** 29
+_HOST_BOUND = ("read faster than a certified site's host work (about 0.5 ms a layer) costs the "
+               "step")
 
 
 def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
-    """Why a decode site's static sizes make a certified site slower than an exact one, whatever
+    """Why a CUDA decode site's sizes make a certified site slower than an exact one, whatever
     the data, so that it is better compiled exact (SDPA on the cache, or the exact op), or None:
     every certified call would run dense anyway (``kv_cache.decode_dense_fraction`` is 0 at
     B x Hkv x S cached key rows: no measured call of that size had a certified step beat dense),
@@ -110,8 +112,7 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
             return None
         return (f"the step waits on host time: the cache's K and V stay under "
                 f"{DECODE_HOST_BOUND_BYTES // 2 ** 20} MiB (a guard: a longer cache recompiles "
-                "certified), read faster than a certified site's host work (about 0.5 ms a "
-                "layer) costs the step")
+                f"certified), {_HOST_BOUND}")
     from aether_compile.kv_cache import decode_dense_fraction
 
     if decode_dense_fraction(B, Hkv, S) == 0.0:
@@ -120,8 +121,7 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
     cache_bytes = B * Hkv * S * row_bytes
     if cache_bytes < DECODE_HOST_BOUND_BYTES:
         return (f"the step waits on host time: the cache's {cache_bytes / 2 ** 20:.0f} MiB of K "
-                "and V read faster than a certified site's host work (about 0.5 ms a layer) "
-                "costs the step")
+                f"and V {_HOST_BOUND}")
     return None
 
 

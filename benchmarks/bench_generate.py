@@ -174,9 +174,10 @@ def run_isolated(args, S, backend, eps, mode):
 
 
 GENERATE_KEYS = ("generate_tokens_per_s_ratio_32k", "generate_tokens_per_s_ratio_32k_within_noise",
-                 "generate_step_ratio_within_noise",
-                 "generate_ratio_eps0", "generate_ratio_default_rules", "decode_tokens_match", "decode_logits_within_noise",
-                 "decode_certified_calls", "generate_ratio_cudagraphs")
+                 "generate_step_ratio_within_noise", "generate_ratio_eps0",
+                 "generate_ratio_default_rules", "decode_tokens_match",
+                 "decode_logits_within_noise", "decode_certified_calls",
+                 "generate_ratio_cudagraphs")
 
 
 def attach_to_decode_summary(out_dir: str, tag: str) -> dict | None:

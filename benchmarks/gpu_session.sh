@@ -154,7 +154,8 @@ case "${1:-zoo}" in
     timeout 200 python3 benchmarks/bench_decode.py --ckpt "$CKPT" --sweep --kv 8192 32768 \
       --batch 1 8 --kinds learned uniform --deadline-min 2.7 --out "$OUT" > "$OUT/bench_decode.txt" 2>&1
     grep -E "kind|learned|uniform|sweep|per layer|decode_" "$OUT/bench_decode.txt" | tail -n 24
-    timeout 230 python3 benchmarks/bench_generate.py --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" --mode default --eps 0 0.01 \
+    timeout 230 python3 benchmarks/bench_generate.py \
+      --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" --mode default --eps 0 0.01 \
       --row-timeout-s 75 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 5 "$OUT/bench_generate.txt"
     ;;
@@ -218,7 +219,8 @@ case "${1:-zoo}" in
               # from the forward loops' tests; the pass's variants and Flex at 32K
     # aether at eps 1e-2: exact since the host-time rule (dense_policy.decode_exact_reason), the
     # same route as eps 0; aether_certified: its sites certified as before the rule
-    CKPT=${CKPT:-untrained} generate_split exact_sdpa ${SPLIT_S:-150} "inductor aether aether_certified" 0.01
+    CKPT=${CKPT:-untrained} generate_split exact_sdpa ${SPLIT_S:-150} \
+      "inductor aether aether_certified" 0.01
     TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 $T ${TEST_S:-130} $PYTEST -m "" tests/passes/test_rewrite_decode.py \
       -k "cuda_graphs or too_small_to_pay" > "$OUT/gpu_tests_decode.txt" 2>&1
     $T ${FORWARD_S:-100} $PYTEST -m "" tests/kernels/test_forward.py -k "warp_specialized or recertifying" \
@@ -239,7 +241,8 @@ case "${1:-zoo}" in
     # transformers 5.17 (logs/decode_8b7d79d); bench_generate tries it first when asked
     # rows: the default compile, eager (the dense reference's own noise), aether at eps 0 (its
     # dense path alone), 0.01 and 0.1; each in its own process, about a minute each
-    timeout "${GENERATE_S:-560}" python3 benchmarks/bench_generate.py --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" \
+    timeout "${GENERATE_S:-560}" python3 benchmarks/bench_generate.py \
+      --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" \
       --mode ${GENERATE_MODE:-default} --row-timeout-s 100 --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 12 "$OUT/bench_generate.txt"
     ;;
@@ -376,7 +379,8 @@ case "${1:-zoo}" in
                 # eager, eps 0 / 0.01 / 0.1, default compile again), each compiling cold on a
                 # fresh machine (a row took over 60 s there: 110 s each). GRAPHS=1: the eps
                 # rows again under CUDA graphs (GENERATE_EPS=0.1 GRAPHS=1 fits one call)
-    timeout ${GENERATE_S:-560} python3 benchmarks/bench_generate.py --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" --batch 8 \
+    timeout ${GENERATE_S:-560} python3 benchmarks/bench_generate.py \
+      --sites ${GENERATE_SITES:-certified} --ckpt "$CKPT" --batch 8 \
       --mode default --row-timeout-s 110 --eps ${GENERATE_EPS:-0 0.01 0.1} ${GRAPHS:+--graphs} --out "$OUT" \
       > "$OUT/bench_generate.txt" 2>&1
     tail -n 16 "$OUT/bench_generate.txt"
@@ -385,7 +389,8 @@ case "${1:-zoo}" in
                       # 32K with it (its weights come back in $OUT): three timed calls a
                       # configuration, the default compile before and after the aether rows
     TRAIN_MIN=${TRAIN_MIN:-2} bash "$0" train_long_lm
-    timeout ${GENERATE_S:-400} python3 benchmarks/bench_generate.py --sites ${GENERATE_SITES:-certified} --ckpt "$OUT/long_lm.pt" --batch 8 \
+    timeout ${GENERATE_S:-400} python3 benchmarks/bench_generate.py \
+      --sites ${GENERATE_SITES:-certified} --ckpt "$OUT/long_lm.pt" --batch 8 \
       --mode default --row-timeout-s 110 --eps ${GENERATE_EPS:-0 0.01 0.1} --out "$OUT" > "$OUT/bench_generate.txt" 2>&1
     tail -n 16 "$OUT/bench_generate.txt"
     ;;
