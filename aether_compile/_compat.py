@@ -135,20 +135,6 @@ def size_hint(x) -> Optional[int]:
     return None
 
 
-def guarded_true(cond) -> bool:
-    """``bool(cond)`` for a bool or a SymBool of backed sizes, which guards the compiled graph on
-    it (a call where it flips recompiles); False where it cannot be decided without data (an
-    unbacked size), adding no guard."""
-    if isinstance(cond, bool):
-        return cond
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    try:
-        return bool(cond)
-    except GuardOnDataDependentSymNode:
-        return False
-
-
 def module_path(node: torch.fx.Node) -> tuple[str, str]:
     """(dotted module path, module class name) of the innermost module a node came from."""
     stack = node.meta.get("nn_module_stack") or {}

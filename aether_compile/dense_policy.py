@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from aether_compile import _compat, settings
+from aether_compile import settings
 from aether_compile.kernels import dense as kernel_dense
 from aether_compile.kernels import forward as kernel_forward
 from aether_compile.kernels import plan as kernel_plan
@@ -107,8 +107,13 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
     fraction set by hand (AETHER_DENSE_FRACTION) leaves the choice to the run time."""
     if not settings.static_dense() or settings.dense_fraction_set():
         return None
+    cache_bytes = B * Hkv * S * row_bytes
     if not is_static(B, Hkv, S, row_bytes):
-        if not _compat.guarded_true(B * Hkv * S * row_bytes < DECODE_HOST_BOUND_BYTES):
+        # guards the graph on the comparison (a step where it flips recompiles); an unbacked
+        # size gives False, adding no guard
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+        if not guard_or_false(cache_bytes < DECODE_HOST_BOUND_BYTES):
             return None
         return (f"the step waits on host time: the cache's K and V stay under "
                 f"{DECODE_HOST_BOUND_BYTES // 2 ** 20} MiB (a guard: a longer cache recompiles "
@@ -118,7 +123,6 @@ def decode_exact_reason(B, Hkv, S, row_bytes: int) -> Optional[str]:
     if decode_dense_fraction(B, Hkv, S) == 0.0:
         return (f"a certified step never pays at {B * Hkv * S} cached key rows "
                 "(batch x KV heads x keys)")
-    cache_bytes = B * Hkv * S * row_bytes
     if cache_bytes < DECODE_HOST_BOUND_BYTES:
         return (f"the step waits on host time: the cache's {cache_bytes / 2 ** 20:.0f} MiB of K "
                 f"and V {_HOST_BOUND}")

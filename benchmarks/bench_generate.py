@@ -332,8 +332,7 @@ def main(argv=None):
         # with --graphs, each eps once more with Inductor's CUDA graphs (the decode ops run
         # between them) against the same default compile: reported apart (summarize)
         extra = ["reduce-overhead"] if args.graphs and mode != "reduce-overhead" else []
-        sites = {"default": ["default"], "certified": ["certified"],
-                 "both": ["default", "certified"]}[args.sites]
+        sites = ["default", "certified"] if args.sites == "both" else [args.sites]
         for eps, aether_mode, site_rule in [(e, m, r) for m in [mode, *extra] for e in args.eps
                                             for r in (sites if e > 0 else ["default"])]:
             row = {"prompt": S, "batch": args.batch, "new_tokens": args.new_tokens, "eps": eps,

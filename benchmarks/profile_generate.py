@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -131,19 +132,12 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"env": env_record(), "config": vars(args), "rows": {}}
     for backend in args.backends:
-        certified = "_certified" in backend  # read while the pass traces: set around the run
-        previous = os.environ.get("AETHER_STATIC_DENSE")
-        if certified:
-            os.environ["AETHER_STATIC_DENSE"] = "0"
-        try:
+        # every site certified: the size rules off while the pass traces
+        certified = {"AETHER_STATIC_DENSE": "0"} if "_certified" in backend else {}
+        with mock.patch.dict(os.environ, certified):
             rec, table = split(args.ckpt, args.length, args.batch,
                                backend.replace("_certified", ""), args.eps, args.steps,
                                backend in args.profile, device)
-        finally:
-            if certified and previous is None:
-                os.environ.pop("AETHER_STATIC_DENSE")
-            elif certified:
-                os.environ["AETHER_STATIC_DENSE"] = previous
         record["rows"][backend] = rec
         print(backend, json.dumps(rec), flush=True)
         if table:
